@@ -1,0 +1,229 @@
+"""Configuration: one YAML file, overridden by the standard OTEL_* variables, overridden by
+command-line flags. Validated once at start; every error names the key, where the value came
+from, and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+DEFAULT_CONFIG_PATHS = (Path("config/otel-ebpf.yaml"), Path("/etc/otel-ebpf/otel-ebpf.yaml"))
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """'250ms', '10s', '2m', '1h' or a bare number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        return value  # let pydantic reject it as not a number
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    raise ValueError("expected a duration such as 500ms, 10s, 2m or a number of seconds")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ExporterConfig(_Strict):
+    enabled: bool = True
+    # None: the OTLP default for the protocol (localhost:4317 gRPC, localhost:4318 HTTP)
+    endpoint: str | None = None
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    headers: dict[str, str] = Field(default_factory=dict)
+    insecure: bool | None = None
+    compression: Literal["none", "gzip", "deflate"] | None = None
+    timeout: Duration = 10.0
+    interval: Duration = 10.0
+
+    def resolved_endpoint(self) -> str:
+        if self.endpoint:
+            return self.endpoint
+        return "http://localhost:4318" if self.protocol == "http/protobuf" else (
+            "http://localhost:4317"
+        )
+
+
+class SummaryConfig(_Strict):
+    enabled: bool = True
+    interval: Duration = 30.0
+    top: int = Field(default=10, ge=1, le=1000)
+
+
+class SyscallFilter(_Strict):
+    """A task is traced when it matches every non-empty list (OR within a list)."""
+
+    pids: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    comms: list[Annotated[str, Field(min_length=1, max_length=15)]] = Field(
+        default_factory=list
+    )
+    # cgroup v2 ids, or paths (absolute or relative to /sys/fs/cgroup)
+    cgroups: list[int | str] = Field(default_factory=list)
+
+
+class SyscallLatencyConfig(_Strict):
+    enabled: bool = True
+    interval: Duration = 5.0
+    max_entries: int = Field(default=8192, ge=64, le=1 << 20)
+    aggregation: Literal["process", "cgroup", "system"] = "process"
+    filter: SyscallFilter = Field(default_factory=SyscallFilter)
+
+
+class ProbesConfig(_Strict):
+    syscall_latency: SyscallLatencyConfig = Field(default_factory=SyscallLatencyConfig)
+
+
+class Config(_Strict):
+    service_name: str = "otel-ebpf"
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    exporter: ExporterConfig = Field(default_factory=ExporterConfig)
+    summary: SummaryConfig = Field(default_factory=SummaryConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; str() is the full, user-facing explanation."""
+
+
+def _parse_kv_list(text: str) -> dict[str, str]:
+    """OTEL_RESOURCE_ATTRIBUTES / OTEL_EXPORTER_OTLP_HEADERS: k=v,k2=v2, percent-encoded."""
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"'{item}' is not key=value")
+        out[unquote(key.strip())] = unquote(value.strip())
+    return out
+
+
+def _ms(text: str) -> float:
+    return float(text) / 1000.0
+
+
+# variable -> (config path, converter); applied in this order, later wins
+_ENV: tuple[tuple[str, tuple[str, ...], Any], ...] = (
+    ("OTEL_SERVICE_NAME", ("service_name",), str),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", ("exporter", "endpoint"), str),
+    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", ("exporter", "endpoint"), str),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", ("exporter", "protocol"), str),
+    ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", ("exporter", "protocol"), str),
+    ("OTEL_EXPORTER_OTLP_HEADERS", ("exporter", "headers"), _parse_kv_list),
+    ("OTEL_EXPORTER_OTLP_INSECURE", ("exporter", "insecure"), str),
+    ("OTEL_EXPORTER_OTLP_COMPRESSION", ("exporter", "compression"), str),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", ("exporter", "timeout"), _ms),
+    ("OTEL_METRIC_EXPORT_INTERVAL", ("exporter", "interval"), _ms),
+    ("OTEL_RESOURCE_ATTRIBUTES", ("resource_attributes",), _parse_kv_list),
+)
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+        node[path[-1]] = {**node[path[-1]], **value}  # env adds to file attributes
+    else:
+        node[path[-1]] = value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(
+    exc: ValidationError, origins: Mapping[tuple[str, ...], str], default_origin: str
+) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        origin = next(
+            (origins[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origins),
+            default_origin,
+        )
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc)
+            near = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else "remove it"
+            lines.append(
+                f"  {dotted}: unknown key (in {origin}); {hint} "
+                f"Known keys here: {', '.join(allowed)}"
+            )
+            continue
+        got = err.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"  {dotted}: {msg}{shown} (from {origin})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> tuple[Config, Path | None]:
+    """Build the effective config. Returns it with the file it was read from (None: the
+    embedded defaults). Raises ConfigError with a message fit for the user."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    source: Path | None = None
+    if path is None:
+        path = next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
+    elif not path.is_file():
+        raise ConfigError(f"config file {path} does not exist. Fix: pass an existing file to "
+                          "--config, or leave it out to run on the embedded defaults")
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+        raw, source = loaded or {}, path
+
+    origins: dict[tuple[str, ...], str] = {}
+    for var, target, convert in _ENV:
+        if (text := env.get(var)) is None or text == "":
+            continue
+        try:
+            value = convert(text)
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {var}={text!r}: {exc}") from exc
+        _set(raw, target, value)
+        origins[target] = f"environment variable {var}"
+    for target, value in (overrides or {}).items():
+        _set(raw, target, value)
+        origins[target] = "--" + target[-1].replace("_", "-")
+    try:
+        return Config.model_validate(raw), source
+    except ValidationError as exc:
+        message = _explain(exc, origins, f"config file {source}" if source else "defaults")
+        where = f" in {source}" if source else ""
+        raise ConfigError(message + f"\nFix the keys above{where}; `otel-ebpf run --help` and "
+                          "README.md list every key.") from exc

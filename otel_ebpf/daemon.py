@@ -1,0 +1,250 @@
+"""The agent's event loop: load probes, drain them on their intervals, export, summarise,
+and on SIGTERM/SIGINT (or the end of --duration) collect and flush once more, detach
+everything and exit.
+
+Blocking work never runs on the loop: map drains go to one worker thread, exports to
+another, so a collector that hangs cannot delay the kernel-side drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TextIO
+
+from otel_ebpf import __version__
+from otel_ebpf.aggregate import CumulativeStore
+from otel_ebpf.config import Config
+from otel_ebpf.enrich.process import ProcessEnricher, pid_alive
+from otel_ebpf.export.metrics import MetricsShipper, build_metrics_data
+from otel_ebpf.export.summary import HistogramSummary
+from otel_ebpf.kernel.engine import Engine
+from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
+from otel_ebpf.probes.base import Probe
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BUDGET_S = 4.0  # the final flush gives up after this; SIGTERM-to-exit stays < 5 s
+AGENT = Workload(pid=-1, comm="otel-ebpf")  # the agent's own resource
+LOST_EVENTS = MetricDescriptor(
+    "otel_ebpf.probe.lost_events", "{event}",
+    "Kernel events a probe could not record, by reason (map_full, no_start, ...).")
+
+
+class Agent:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        probes: list[Probe],
+        shipper: MetricsShipper | None,
+        host: Mapping[str, AttributeValue],
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.probes = probes
+        self.shipper = shipper
+        self.host = dict(host)
+        self.out = out
+        self.store = CumulativeStore()
+        self.processes = ProcessEnricher()
+        self.summary = HistogramSummary(config.summary.top)
+        self._started_ns: dict[str, int] = {}
+        self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
+        self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
+        self._export_future: asyncio.Future[bool] | None = None
+        self._summary_started = time.monotonic()
+        self._stop = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def run(self, duration: float | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            if not await self._start_probes():
+                return 1
+            tasks = [asyncio.create_task(self._collect_loop(p), name=f"collect-{p.name}")
+                     for p in self.probes]
+            if self.shipper is not None:
+                tasks.append(asyncio.create_task(self._export_loop(), name="export"))
+            if self.config.summary.enabled:
+                tasks.append(asyncio.create_task(self._summary_loop(), name="summary"))
+            log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
+                     ", ".join(p.name for p in self.probes) or "none",
+                     self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)",
+                     f", for {duration:g}s" if duration else "")
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=duration)
+            except TimeoutError:
+                log.info("--duration reached, stopping")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._final_flush()
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self._stop_probes()
+            self._bpf_pool.shutdown(wait=False, cancel_futures=True)
+            self._export_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s received, flushing and detaching", sig.name)
+        self._stop.set()
+
+    async def _start_probes(self) -> bool:
+        loop = asyncio.get_running_loop()
+        for probe in self.probes:
+            began = time.monotonic()
+            try:
+                await loop.run_in_executor(self._bpf_pool, probe.start, self.engine)
+            except Exception as exc:
+                log.error("probe %s failed to start: %s", probe.name, exc)
+                return False
+            self._started_ns[probe.name] = time.time_ns()
+            log.info("probe %s attached (%s) in %.1fs", probe.name,
+                     ", ".join(str(h) for h in probe.hooks), time.monotonic() - began)
+        return True
+
+    def _stop_probes(self) -> None:
+        for probe in self.probes:
+            try:
+                probe.stop()
+            except Exception as exc:  # detaching the others matters more
+                log.error("probe %s did not detach cleanly: %s", probe.name, exc)
+
+    # ---- collection ------------------------------------------------------------------
+
+    def _interval(self, probe: Probe) -> float:
+        return float(getattr(self.config.probes, probe.name).interval)
+
+    async def _collect_loop(self, probe: Probe) -> None:
+        while True:
+            await asyncio.sleep(self._interval(probe))
+            await self._collect(probe)
+
+    async def _collect(self, probe: Probe) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            collection = await loop.run_in_executor(self._bpf_pool, probe.collect)
+        except Exception:
+            log.exception("probe %s: collection failed; will retry next interval", probe.name)
+            return
+        self._absorb(collection)
+
+    def _absorb(self, collection: Collection) -> None:
+        now = time.time_ns()
+        start = self._started_ns.get(collection.probe, now)
+        self.store.add(collection.records, start, now)
+        self.summary.add(collection.records)
+        lost = [CounterDelta(LOST_EVENTS, AGENT, {"probe": collection.probe, "reason": r}, n)
+                for r, n in collection.lost_events.items()]
+        self.store.add(lost, start, now)
+
+    # ---- export ----------------------------------------------------------------------
+
+    def _resource_of(self, identities: Mapping[Workload, Mapping[str, AttributeValue]]
+                     ) -> Callable[[Workload], Mapping[str, AttributeValue]]:
+        user = {k: v for k, v in self.config.resource_attributes.items() if k != "service.name"}
+        agent = {**self.host, **user, "service.name": self.config.service_name,
+                 "service.version": __version__, "process.pid": os.getpid()}
+        base = {**self.host, **user}
+
+        def resource_of(workload: Workload) -> Mapping[str, AttributeValue]:
+            if workload == AGENT:
+                return agent
+            ident = identities.get(workload, {})
+            name = ident.get("process.executable.name")
+            return {**base, **ident, **({"service.name": name} if name else {})}
+
+        return resource_of
+
+    def _identities(self) -> dict[Workload, dict[str, AttributeValue]]:
+        """Blocking /proc lookups for every workload in the store."""
+        out: dict[Workload, dict[str, AttributeValue]] = {}
+        for series in self.store.series():
+            w = series.workload
+            if w not in out and w.pid > 0:
+                out[w] = self.processes.lookup(w).attributes()
+        return out
+
+    def _export_once(self) -> bool:
+        assert self.shipper is not None
+        data = build_metrics_data(self.store.series(), self._resource_of(self._identities()))
+        ok = self.shipper.ship(data)
+        if ok:
+            self.store.mark_exported()
+            self.store.expire(pid_alive)
+        return ok
+
+    @property
+    def _export_busy(self) -> bool:
+        return self._export_future is not None and not self._export_future.done()
+
+    def _start_export(self) -> asyncio.Future[bool]:
+        loop = asyncio.get_running_loop()
+        self._export_future = loop.run_in_executor(self._export_pool, self._export_once)
+        return self._export_future
+
+    async def _export_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.exporter.interval)
+            if self._export_busy:
+                continue  # the previous export is still retrying; cumulative data waits
+            try:
+                # shield: cancelling this loop at shutdown must not forget a running export
+                await asyncio.shield(self._start_export())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("metrics export failed unexpectedly; retrying next interval")
+
+    async def _summary_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.summary.interval)
+            self._print_summary()
+
+    def _print_summary(self) -> None:
+        elapsed = time.monotonic() - self._summary_started
+        self._summary_started = time.monotonic()
+
+        def name_of(w: Workload) -> str:
+            return str(self.processes.lookup(w).executable_name) if w.pid > 0 else "(all)"
+
+        print(self.summary.render(elapsed, name_of), file=self.out, flush=True)
+
+    async def _final_flush(self) -> None:
+        """Last drain and export within SHUTDOWN_BUDGET_S; a collector that does not answer
+        in time is abandoned (its retries are cancelled by shutting the exporter down)."""
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_S
+        for probe in self.probes:
+            try:
+                await asyncio.wait_for(self._collect(probe), deadline - time.monotonic())
+            except TimeoutError:
+                log.warning("final collection of %s timed out", probe.name)
+        if self.config.summary.enabled:
+            self._print_summary()
+        if self.shipper is None:
+            return
+        if self._export_busy:
+            # the collector is not answering: waiting for it would only delay the exit
+            log.warning("an export to %s was still retrying at shutdown; final flush skipped",
+                        self.shipper.endpoint)
+        else:
+            try:
+                await asyncio.wait_for(self._start_export(),
+                                       max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                log.warning("final export to %s did not finish in time; dropped",
+                            self.shipper.endpoint)
+        self.shipper.shutdown()

@@ -1,0 +1,1 @@
+"""Who is this pid / cgroup: lookups with caches, never blocking the event loop."""

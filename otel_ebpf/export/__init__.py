@@ -1,0 +1,2 @@
+"""Records -> OTLP (and the human summary). Exporters never know which probe produced a
+record."""

@@ -1,0 +1,207 @@
+"""Cumulative series -> OTLP metrics, through the official OTLP exporters.
+
+Data points are built directly as the SDK's export data classes (never replayed through
+instruments) and handed to `OTLPMetricExporter`, so endpoint, TLS, headers, compression,
+retries and every OTEL_EXPORTER_OTLP_* variable behave as in any OpenTelemetry component.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Buckets,
+    ExponentialHistogram,
+    ExponentialHistogramDataPoint,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from otel_ebpf import __version__
+from otel_ebpf.aggregate import Series
+from otel_ebpf.config import ExporterConfig
+from otel_ebpf.model import AttributeValue, Workload
+
+log = logging.getLogger(__name__)
+
+SCOPE = InstrumentationScope("otel-ebpf", __version__)
+CUMULATIVE = AggregationTemporality.CUMULATIVE
+
+# resource attributes of a workload -> the attributes copied onto its data points
+POINT_IDENTITY_KEYS = ("process.pid", "process.executable.name")
+
+
+def _point(series: Series, attrs: Mapping[str, AttributeValue], now_ns: int) -> Any:
+    if series.is_histogram:
+        return ExponentialHistogramDataPoint(
+            attributes=dict(attrs),
+            start_time_unix_nano=series.start_ns,
+            time_unix_nano=now_ns,
+            count=series.count,
+            sum=series.sum,
+            scale=series.scale,
+            zero_count=series.zero_count,
+            positive=Buckets(offset=series.offset, bucket_counts=list(series.bucket_counts or [])),
+            negative=Buckets(offset=0, bucket_counts=[]),
+            flags=0,
+            min=series.min,
+            max=series.max,
+        )
+    return NumberDataPoint(
+        attributes=dict(attrs),
+        start_time_unix_nano=series.start_ns,
+        time_unix_nano=now_ns,
+        value=series.value,
+    )
+
+
+def build_metrics_data(
+    series: Iterable[Series],
+    resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
+    now_ns: int | None = None,
+) -> MetricsData:
+    """One ResourceMetrics per workload resource, one Metric per name within it."""
+    now_ns = now_ns or time.time_ns()
+    # resource attrs (frozen) -> metric name -> (series, points)
+    grouped: dict[frozenset[tuple[str, AttributeValue]], dict[str, list[Any]]] = {}
+    first_of: dict[tuple[frozenset[tuple[str, AttributeValue]], str], Series] = {}
+    for s in series:
+        resource = resource_of(s.workload)
+        rkey = frozenset(resource.items())
+        attrs = dict(s.attributes)
+        attrs.update({k: resource[k] for k in POINT_IDENTITY_KEYS if k in resource})
+        grouped.setdefault(rkey, {}).setdefault(s.descriptor.name, []).append(
+            _point(s, attrs, now_ns)
+        )
+        first_of.setdefault((rkey, s.descriptor.name), s)
+
+    resource_metrics = []
+    for rkey, by_name in grouped.items():
+        metrics = []
+        for name, points in by_name.items():
+            head = first_of[(rkey, name)]
+            data: Any
+            if head.is_histogram:
+                data = ExponentialHistogram(data_points=points, aggregation_temporality=CUMULATIVE)
+            else:
+                data = Sum(data_points=points, aggregation_temporality=CUMULATIVE,
+                           is_monotonic=True)
+            metrics.append(Metric(name=name, description=head.descriptor.description,
+                                  unit=head.descriptor.unit, data=data))
+        resource_metrics.append(ResourceMetrics(
+            resource=Resource(dict(rkey)),
+            scope_metrics=[ScopeMetrics(scope=SCOPE, metrics=metrics, schema_url="")],
+            schema_url="",
+        ))
+    return MetricsData(resource_metrics=resource_metrics)
+
+
+class _QuietExporterLogs(logging.Filter):
+    """Keeps the OTLP exporters from logging every failed attempt; hands the first reason
+    of an outage to the shipper, which says it once."""
+
+    def __init__(self, on_failure: Callable[[str], None]) -> None:
+        super().__init__()
+        self.on_failure = on_failure
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.on_failure(record.getMessage())
+            return False
+        return True
+
+
+def make_otlp_exporter(config: ExporterConfig) -> MetricExporter:
+    endpoint = config.resolved_endpoint()
+    kwargs: dict[str, Any] = {"timeout": config.timeout}
+    if config.headers:
+        kwargs["headers"] = dict(config.headers)
+    if config.protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HttpExporter,
+        )
+
+        if config.compression:
+            kwargs["compression"] = HttpCompression(config.compression)
+        if not endpoint.rstrip("/").endswith("/v1/metrics"):
+            endpoint = endpoint.rstrip("/") + "/v1/metrics"
+        return HttpExporter(endpoint=endpoint, **kwargs)
+
+    from grpc import Compression as GrpcCompression
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+        OTLPMetricExporter as GrpcExporter,
+    )
+
+    if config.compression:
+        kwargs["compression"] = {"none": GrpcCompression.NoCompression,
+                                 "gzip": GrpcCompression.Gzip,
+                                 "deflate": GrpcCompression.Deflate}[config.compression]
+    if config.insecure is not None:
+        kwargs["insecure"] = config.insecure
+    return GrpcExporter(endpoint=endpoint, **kwargs)
+
+
+class MetricsShipper:
+    """Sends MetricsData and tells the operator about an unreachable collector once per
+    outage, not on every export."""
+
+    def __init__(self, exporter: MetricExporter, endpoint: str) -> None:
+        self.exporter = exporter
+        self.endpoint = endpoint
+        self.exported = 0
+        self.failed = 0
+        self._outage_failures: int | None = None  # None: healthy
+        self._closing = False
+        self._quiet = _QuietExporterLogs(self._report_outage)
+        for name in ("opentelemetry.exporter.otlp.proto.grpc.exporter",
+                     "opentelemetry.exporter.otlp.proto.http.metric_exporter"):
+            logging.getLogger(name).addFilter(self._quiet)
+
+    def _report_outage(self, reason: str) -> None:
+        if self._outage_failures is not None or self._closing:
+            return
+        self._outage_failures = 0
+        log.warning(
+            "cannot export metrics to %s (%s). Is a collector listening there? Set "
+            "exporter.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT. Retrying quietly every "
+            "interval; values are cumulative, so nothing is lost once it answers.",
+            self.endpoint, reason)
+
+    def ship(self, data: MetricsData) -> bool:
+        """Blocking: run it in an executor."""
+        if not data.resource_metrics:
+            return True
+        result = self.exporter.export(data)
+        if result == MetricExportResult.SUCCESS:
+            self.exported += 1
+            if self._outage_failures is not None:
+                log.info("metrics export to %s works again after %d failed exports",
+                         self.endpoint, self._outage_failures)
+                self._outage_failures = None
+            return True
+        self.failed += 1
+        self._report_outage("export failed")
+        if self._outage_failures is not None:
+            self._outage_failures += 1
+        return False
+
+    def shutdown(self) -> None:
+        """Ends the exporter, abandoning any retry in progress."""
+        self._closing = True
+        self.exporter.shutdown()
+        if self._outage_failures is not None:
+            log.warning("exiting with metrics undelivered: %s did not answer (%d exports "
+                        "failed)", self.endpoint, self.failed)

@@ -1,0 +1,66 @@
+"""The periodic human-readable summary: top workloads x syscalls by count, with p99 and
+max, over the last window. Works without any collector, so `make run` shows something."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from otel_ebpf.histogram import merge_into, quantile
+from otel_ebpf.model import ExpHistogramDelta, Record, Workload
+
+
+@dataclass(slots=True)
+class _Window:
+    workload: Workload
+    label: str
+    scale: int
+    offset: int = 0
+    counts: list[int] = field(default_factory=list)
+    count: int = 0
+    min: float = float("inf")
+    max: float = 0.0
+
+
+def format_seconds(value: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value / 1e-9:.3g}ns"
+
+
+class HistogramSummary:
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self._windows: dict[tuple[tuple[int, int], str, str], _Window] = {}
+
+    def add(self, records: Iterable[Record]) -> None:
+        for r in records:
+            if not isinstance(r, ExpHistogramDelta) or not r.count:
+                continue
+            label = ",".join(str(v) for v in r.attributes.values())
+            key = (r.workload.identity_key, r.descriptor.name, label)
+            w = self._windows.get(key)
+            if w is None:
+                w = self._windows[key] = _Window(r.workload, label, r.scale)
+            w.offset, w.counts = merge_into(w.offset, w.counts, r.offset, r.bucket_counts)
+            w.count += r.count
+            w.min, w.max = min(w.min, r.min), max(w.max, r.max)
+
+    def render(self, window_s: float, name_of: Callable[[Workload], str]) -> str:
+        """The table for the window so far, then start a new window."""
+        rows = sorted(self._windows.values(), key=lambda w: w.count, reverse=True)[: self.top]
+        total = len(self._windows)
+        self._windows = {}
+        if not rows:
+            return f"otel-ebpf: no syscalls recorded in the last {window_s:.0f}s"
+        lines = [f"otel-ebpf: top {len(rows)} of {total} (process, syscall) by count, "
+                 f"last {window_s:.0f}s",
+                 f"{'PID':>8} {'PROCESS':<16} {'SYSCALL':<20} {'COUNT':>10} {'P99':>9} "
+                 f"{'MAX':>9}"]
+        for w in rows:
+            p99 = quantile(0.99, w.scale, w.offset, w.counts, w.min, w.max)
+            lines.append(f"{w.workload.pid:>8} {name_of(w.workload)[:16]:<16} "
+                         f"{w.label[:20]:<20} {w.count:>10} {format_seconds(p99):>9} "
+                         f"{format_seconds(w.max):>9}")
+        return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""The BCC engine: the one place that imports `bcc`.
+
+Probes ask it to compile a program with some cflags, attach tracepoints or perf events,
+and drain maps. They get back plain ctypes values, so nothing above this module needs BCC
+to be importable (unit tests, `otel-ebpf --help`, config validation).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from otel_ebpf.kernel.headers import HeaderSource
+
+log = logging.getLogger(__name__)
+
+_BATCH = 512  # entries per lookup-and-delete round: bounds the copy buffers
+
+
+class EngineError(RuntimeError):
+    """A BPF program could not be compiled, loaded or attached; the message says why."""
+
+
+def bpf_source(name: str) -> str:
+    """The text of probes/<name>.bpf.c, shipped as package data (otel_ebpf.bpf)."""
+    try:
+        return resources.files("otel_ebpf.bpf").joinpath(f"{name}.bpf.c").read_text()
+    except (FileNotFoundError, ModuleNotFoundError):
+        # running from a source tree that was not installed
+        return (Path(__file__).resolve().parents[2] / "probes" / f"{name}.bpf.c").read_text()
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError as exc:
+        raise EngineError(
+            "the BCC Python module is not importable. Fix: install Debian's python3-bpfcc "
+            "and run from a venv made with --system-site-packages (make setup does both)"
+        ) from exc
+    return bcc
+
+
+class BpfMap:
+    """One BPF map of a loaded program, by name."""
+
+    def __init__(self, table: Any, lib: Any) -> None:
+        self._table = table
+        self._lib = lib
+        self.key_type: type[ct.Structure] = table.Key
+        self.value_type: type[ct.Structure] = table.Leaf
+        self._keys = (self.key_type * _BATCH)()
+        self._values = (self.value_type * _BATCH)()
+        self._batch_ok = True
+
+    def drain(self) -> list[tuple[Any, Any]]:
+        """Look up and delete every entry, in batches where the kernel has them (5.6+).
+
+        Our own loop rather than BCC's: BCC 0.26 shares one integer between the batch
+        token and the count, and allocates max_entries-sized buffers on every call.
+        """
+        if self._batch_ok:
+            try:
+                return list(self._drain_batched())
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                log.info("map batch operations unsupported (%s); using per-key reads", exc)
+                self._batch_ok = False
+        return self._drain_per_key()
+
+    def _drain_batched(self) -> Iterator[tuple[Any, Any]]:
+        token_in, token_out, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        first = True
+        while True:
+            count.value = _BATCH
+            res = self._lib.bpf_lookup_and_delete_batch(
+                self._table.map_fd,
+                None if first else ct.byref(token_in),
+                ct.byref(token_out),
+                ct.byref(self._keys),
+                ct.byref(self._values),
+                ct.byref(count),
+            )
+            err = ct.get_errno()
+            for i in range(count.value):
+                yield (
+                    self.key_type.from_buffer_copy(self._keys[i]),
+                    self.value_type.from_buffer_copy(self._values[i]),
+                )
+            if res != 0:
+                if err == errno.ENOENT:
+                    return
+                raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err)}")
+            token_in.value = token_out.value
+            first = False
+
+    def _drain_per_key(self) -> list[tuple[Any, Any]]:
+        out = []
+        for key in list(self._table.keys()):
+            try:
+                value = self._table[key]
+                del self._table[key]
+            except KeyError:
+                continue
+            out.append((key, value))
+        return out
+
+    def percpu_sums(self) -> list[int]:
+        """For a per-CPU array of counters: the per-index totals over all CPUs."""
+        return [int(sum(self._table[ct.c_int(i)])) for i in range(len(self._table))]
+
+    def set_members(self, keys: Iterable[Any]) -> None:
+        """Fill a hash used as a set (value 1), e.g. an in-kernel filter."""
+        for key in keys:
+            self._table[key] = ct.c_uint8(1)
+
+
+class Program:
+    """A compiled and loaded BPF object. `close()` detaches everything it attached."""
+
+    def __init__(self, bpf: Any, bcc: Any, name: str) -> None:
+        self._bpf = bpf
+        self._bcc = bcc
+        self._lib = bcc.libbcc.lib
+        self.name = name
+        self._maps: dict[str, BpfMap] = {}
+
+    def attach_raw_tracepoint(self, tracepoint: str, fn_name: str) -> None:
+        try:
+            self._bpf.attach_raw_tracepoint(tp=tracepoint.encode(), fn_name=fn_name.encode())
+        except Exception as exc:
+            raise EngineError(
+                f"{self.name}: cannot attach raw tracepoint {tracepoint}: {exc}. "
+                "Run `otel-ebpf doctor` for what is missing"
+            ) from exc
+
+    def attach_tracepoint(self, tracepoint: str, fn_name: str) -> None:
+        try:
+            self._bpf.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn_name.encode())
+        except Exception as exc:
+            raise EngineError(
+                f"{self.name}: cannot attach tracepoint {tracepoint}: {exc}. "
+                "Run `otel-ebpf doctor` for what is missing"
+            ) from exc
+
+    def load_function(self, fn_name: str, kind: str) -> None:
+        prog_type = {"raw_tracepoint": self._bcc.BPF.RAW_TRACEPOINT,
+                     "tracepoint": self._bcc.BPF.TRACEPOINT,
+                     "perf_event": self._bcc.BPF.PERF_EVENT}[kind]
+        try:
+            self._bpf.load_func(fn_name.encode(), prog_type)
+        except Exception as exc:
+            raise EngineError(f"{self.name}: the verifier refused {fn_name}: {exc}") from exc
+
+    def map(self, name: str) -> BpfMap:
+        if name not in self._maps:
+            self._maps[name] = BpfMap(self._bpf.get_table(name.encode()), self._lib)
+        return self._maps[name]
+
+    def close(self) -> None:
+        """Detach and unload; safe to call twice."""
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+
+class Engine:
+    """Compiles and loads BPF programs with the header tree chosen by discovery."""
+
+    def __init__(self, headers: HeaderSource | None) -> None:
+        self.headers = headers
+        if headers is not None and headers.bcc_kernel_source is not None:
+            # BCC reads this when it compiles; set once, before the first program.
+            os.environ["BCC_KERNEL_SOURCE"] = str(headers.bcc_kernel_source)
+
+    def load(self, name: str, cflags: Sequence[str] = ()) -> Program:
+        bcc = _import_bcc()
+        if self.headers is None:
+            raise EngineError(
+                "no kernel headers found for BCC. Fix: install the kernel headers package "
+                "(Debian: linux-headers-amd64; `make setup` links them) or set "
+                "BCC_KERNEL_SOURCE; `otel-ebpf doctor` shows what was searched"
+            )
+        text = bpf_source(name)
+        try:
+            bpf = bcc.BPF(text=text.encode(), cflags=list(cflags))
+        except Exception as exc:
+            raise EngineError(
+                f"{name}: BPF program failed to compile or load: {exc}. The compiler or "
+                "verifier output is above; `otel-ebpf doctor` checks the usual causes"
+            ) from exc
+        return Program(bpf, bcc, name)
+
+    def verify(self, name: str, cflags: Sequence[str], functions: Sequence[tuple[str, str]]
+               ) -> None:
+        """Compile and pass the verifier for each (function, kind), attaching nothing."""
+        program = self.load(name, cflags)
+        try:
+            for fn_name, kind in functions:
+                program.load_function(fn_name, kind)
+        finally:
+            program.close()

@@ -1,0 +1,169 @@
+"""`otel-ebpf doctor`: can this machine run the enabled probes, and if not, what to do.
+
+Each check returns ok / warn / FAIL with a one-line fix. A FAIL in a check that every
+probe needs, or in a probe's own check, means that probe cannot load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from otel_ebpf.kernel import headers as kheaders
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+_BPF_MAP_CREATE, _BPF_MAP_TYPE_ARRAY = 0, 2
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status:<4} {self.name:<32} {self.detail}"
+        return text + (f"\n     fix: {self.fix}" if self.fix and self.status != OK else "")
+
+
+def effective_caps(status: Path = Path("/proc/self/status")) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> Check:
+    caps = effective_caps()
+    has = {n: bool(caps & (1 << bit)) for n, bit in
+           (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))}
+    who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    if has["CAP_SYS_ADMIN"] or (has["CAP_BPF"] and has["CAP_PERFMON"]):
+        held = ", ".join(n for n, v in has.items() if v)
+        return Check("privileges", OK, f"{who} with {held}")
+    return Check("privileges", FAIL, f"{who} without CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN",
+                 "run as root, or grant CAP_BPF, CAP_PERFMON (and CAP_SYS_RESOURCE on old kernels)")
+
+
+def check_bpf_syscall() -> Check:
+    """Create and close a one-entry array map: the cheapest proof that bpf() works."""
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        return Check("bpf() syscall", WARN, f"not probed on {platform.machine()}")
+    attr = (ctypes.c_uint32 * 32)()
+    attr[0], attr[1], attr[2], attr[3] = _BPF_MAP_TYPE_ARRAY, 4, 4, 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(nr, _BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return Check("bpf() syscall", OK, "a test map was created")
+    err = ctypes.get_errno()
+    fixes = {errno.EPERM: "run as root or with CAP_BPF; check kernel.unprivileged_bpf_disabled",
+             errno.ENOSYS: "the kernel was built without CONFIG_BPF_SYSCALL"}
+    return Check("bpf() syscall", FAIL, f"BPF_MAP_CREATE failed: {os.strerror(err)}",
+                 fixes.get(err, "see dmesg"))
+
+
+def tracefs_root() -> Path | None:
+    return next((p for p in TRACEFS_ROOTS if (p / "events").is_dir()), None)
+
+
+def check_tracefs() -> Check:
+    root = tracefs_root()
+    if root is not None:
+        return Check("tracefs", OK, f"mounted at {root}")
+    return Check("tracefs", FAIL, "no tracefs with events/ found",
+                 "mount -t tracefs nodev /sys/kernel/tracing (make setup does it)")
+
+
+def check_btf(path: Path = Path("/sys/kernel/btf/vmlinux")) -> Check:
+    if path.is_file():
+        return Check("BTF", OK, f"{path}")
+    return Check("BTF", FAIL, f"{path} missing: task-local storage needs kernel BTF",
+                 "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distro's is)")
+
+
+def check_headers(source: kheaders.HeaderSource | None) -> Check:
+    if source is None:
+        return Check("kernel headers", FAIL, "none found (BCC_KERNEL_SOURCE, /lib/modules/"
+                     f"{platform.release()}/build, /sys/kernel/kheaders.tar.xz, /usr/src)",
+                     "install linux-headers for this kernel or the distribution's "
+                     "(make setup installs and links them)")
+    return Check("kernel headers", OK if source.exact else WARN, source.describe(),
+                 "fine for these probes; install headers of the running kernel to silence")
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc
+    except ImportError:
+        return Check("BCC", FAIL, "python module bcc not importable",
+                     "apt-get install python3-bpfcc; use a venv with --system-site-packages")
+    version = getattr(bcc, "__version__", "unknown version")
+    return Check("BCC", OK, f"{version} at {os.path.dirname(bcc.__file__)}")
+
+
+def check_lockdown(path: Path = Path("/sys/kernel/security/lockdown")) -> Check:
+    try:
+        text = path.read_text()
+    except OSError:
+        return Check("kernel lockdown", OK, "not enabled (no lockdown LSM)")
+    mode = text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
+    if mode == "none":
+        return Check("kernel lockdown", OK, "none")
+    if mode == "integrity":
+        return Check("kernel lockdown", WARN, "integrity: some BPF helpers are restricted",
+                     "boot with lockdown=none if a probe fails to load")
+    return Check("kernel lockdown", FAIL, f"{mode}: BPF programs that read kernel memory "
+                 "are refused", "boot with lockdown=none or lockdown=integrity")
+
+
+def check_perf_paranoid(path: Path = Path("/proc/sys/kernel/perf_event_paranoid")) -> Check:
+    try:
+        value = int(path.read_text())
+    except (OSError, ValueError):
+        return Check("perf_event_paranoid", WARN, "unreadable")
+    if os.geteuid() == 0 or effective_caps() & (1 << CAP_PERFMON):
+        return Check("perf_event_paranoid", OK, f"{value} (no limit for root/CAP_PERFMON)")
+    return Check("perf_event_paranoid", WARN if value > 1 else OK, f"{value}",
+                 "grant CAP_PERFMON, or sysctl kernel.perf_event_paranoid=1")
+
+
+def check_kprobes() -> Check:
+    root = tracefs_root()
+    has = root is not None and (root / "kprobe_events").exists()
+    return Check("kprobes", OK, "available" if has else
+                 "not available (not needed: every probe uses tracepoints or perf events)")
+
+
+def check_events(probe: str, events: Sequence[str]) -> Check:
+    root = tracefs_root()
+    if root is None:
+        return Check(f"{probe}: tracepoints", FAIL, "tracefs missing", "see tracefs above")
+    missing = [e for e in events if not (root / "events" / e).is_dir()]
+    if missing:
+        return Check(f"{probe}: tracepoints", FAIL, f"missing {', '.join(missing)}",
+                     "this kernel lacks the tracepoints; CONFIG_FTRACE_SYSCALLS for syscalls")
+    return Check(f"{probe}: tracepoints", OK, ", ".join(events))
+
+
+def timed_load_check(probe: str, load: object) -> Check:
+    """Compile and verify without attaching; `load` is a zero-argument callable."""
+    start = time.monotonic()
+    try:
+        load()  # type: ignore[operator]
+    except Exception as exc:
+        return Check(f"{probe}: load", FAIL, str(exc).splitlines()[0][:300],
+                     "the compiler or verifier output is printed above this report")
+    return Check(f"{probe}: load", OK, f"compiled and verified in "
+                 f"{time.monotonic() - start:.1f}s")

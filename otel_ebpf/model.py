@@ -1,0 +1,86 @@
+"""Signal-neutral records: what probes produce and exporters consume.
+
+Probes turn BPF map contents into these plain values; they never know OTLP. Exporters turn
+them into OTLP; they never know which probe produced a record. Records are *deltas* since
+the previous collection of the same probe: the kernel maps are drained on every read, and
+`otel_ebpf.aggregate` keeps the cumulative state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+AttributeValue = str | int | float | bool
+Attributes = Mapping[str, AttributeValue]
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Who produced a measurement, as far as the kernel saw it.
+
+    `pid` is the thread-group id (0 when the probe aggregates above processes), `comm` the
+    kernel's task name at the time (a fallback for processes gone before enrichment), and
+    `cgroup_id` the cgroup v2 id (0 when not recorded).
+    """
+
+    pid: int = 0
+    comm: str = ""
+    cgroup_id: int = 0
+
+    @property
+    def identity_key(self) -> tuple[int, int]:
+        # comm is deliberately not part of the identity: a thread rename or exec must not
+        # split one process's series.
+        return (self.pid, self.cgroup_id)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDescriptor:
+    name: str
+    unit: str
+    description: str
+
+
+@dataclass(slots=True)
+class ExpHistogramDelta:
+    """A base-2 exponential histogram of values in the descriptor's unit.
+
+    `bucket_counts[i]` counts values v with base^(offset+i) < v <= base^(offset+i+1), where
+    base = 2^(2^-scale): exactly the OTLP ExponentialHistogram positive buckets.
+    """
+
+    descriptor: MetricDescriptor
+    workload: Workload
+    attributes: dict[str, AttributeValue]
+    scale: int
+    offset: int
+    bucket_counts: list[int]
+    count: int
+    sum: float
+    min: float
+    max: float
+    zero_count: int = 0
+
+
+@dataclass(slots=True)
+class CounterDelta:
+    """A monotonic count that grew by `value` since the previous collection."""
+
+    descriptor: MetricDescriptor
+    workload: Workload
+    attributes: dict[str, AttributeValue]
+    value: int
+
+
+Record = ExpHistogramDelta | CounterDelta
+
+
+@dataclass(slots=True)
+class Collection:
+    """What one probe produced in one collection, plus the probe's own health counters."""
+
+    probe: str
+    records: list[Record] = field(default_factory=list)
+    # reason -> events lost since the previous collection (map full, no start, ...)
+    lost_events: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,25 @@
+"""The probe registry. Adding a probe: its .bpf.c under probes/, its decoder module here,
+its config class in otel_ebpf.config, one line below."""
+
+from __future__ import annotations
+
+from otel_ebpf.config import Config
+from otel_ebpf.kernel.syscalls import SyscallTable
+from otel_ebpf.probes.base import Probe
+from otel_ebpf.probes.syscall_latency import SyscallLatency
+
+PROBE_TYPES: dict[str, type[Probe]] = {
+    SyscallLatency.name: SyscallLatency,
+}
+
+
+def enabled_names(config: Config) -> list[str]:
+    return [name for name in PROBE_TYPES if getattr(config.probes, name).enabled]
+
+
+def build(config: Config, syscalls: SyscallTable) -> list[Probe]:
+    """The enabled probes, constructed but not started."""
+    probes: list[Probe] = []
+    if config.probes.syscall_latency.enabled:
+        probes.append(SyscallLatency(config.probes.syscall_latency, syscalls))
+    return probes

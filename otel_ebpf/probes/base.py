@@ -1,0 +1,48 @@
+"""What every probe is: a `.bpf.c` under probes/ and the small class that loads it and
+decodes its maps into `otel_ebpf.model` records."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+from otel_ebpf.kernel.engine import Engine
+from otel_ebpf.model import Collection, MetricDescriptor
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A kernel attach point. `event` is the tracefs event ("raw_syscalls/sys_enter") whose
+    presence `doctor` checks, or None for perf events."""
+
+    kind: str  # raw_tracepoint | tracepoint | perf_event
+    event: str | None
+    note: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.event}" if self.event else self.kind
+
+
+class Probe(abc.ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    hooks: ClassVar[tuple[Hook, ...]]
+    exports: ClassVar[tuple[MetricDescriptor, ...]]
+
+    @abc.abstractmethod
+    def start(self, engine: Engine) -> None:
+        """Compile, load and attach. Raises EngineError with an actionable message."""
+
+    @abc.abstractmethod
+    def verify(self, engine: Engine) -> None:
+        """Compile and pass the verifier without attaching (for `doctor`)."""
+
+    @abc.abstractmethod
+    def collect(self) -> Collection:
+        """Drain the kernel maps: the records since the previous call. Blocking (map
+        syscalls); the daemon runs it in an executor."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Detach and unload. Safe to call twice and after a failed start."""

@@ -1,0 +1,138 @@
+"""Decoder for probes/syscall_latency.bpf.c: drained latency maps -> exponential histograms.
+
+The kernel already bucketed every duration at OTLP scale 2 in seconds (see the .bpf.c), so
+decoding is a copy of the populated bucket span, not a re-bucketing.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from otel_ebpf.config import SyscallLatencyConfig
+from otel_ebpf.histogram import trim
+from otel_ebpf.kernel.engine import Engine, Program
+from otel_ebpf.kernel.syscalls import SyscallTable
+from otel_ebpf.model import Collection, ExpHistogramDelta, MetricDescriptor, Workload
+from otel_ebpf.probes.base import Hook, Probe
+
+log = logging.getLogger(__name__)
+
+# Keep in sync with probes/syscall_latency.bpf.c.
+HIST_SCALE = 2
+HIST_MIN_INDEX = -104
+HIST_BUCKETS = 152
+_STAT_REASONS = ("map_full", "no_start")
+
+SYSCALL_DURATION = MetricDescriptor(
+    name="linux.syscall.duration",
+    unit="s",
+    description="Time from syscall entry to exit, measured in the kernel per workload.",
+)
+
+
+def cgroup_id(spec: int | str) -> int:
+    """A cgroup v2 id is the inode number of its directory; accept either form."""
+    if isinstance(spec, int):
+        return spec
+    path = Path(spec)
+    if not path.is_absolute():
+        path = Path("/sys/fs/cgroup") / spec
+    return os.stat(path).st_ino
+
+
+class SyscallLatency(Probe):
+    name = "syscall_latency"
+    summary = "latency of every syscall, histogram per process and syscall, in the kernel"
+    hooks = (
+        Hook("raw_tracepoint", "raw_syscalls/sys_enter"),
+        Hook("raw_tracepoint", "raw_syscalls/sys_exit"),
+    )
+    exports = (SYSCALL_DURATION,)
+
+    def __init__(self, config: SyscallLatencyConfig, syscalls: SyscallTable) -> None:
+        self.config = config
+        self.syscalls = syscalls
+        self._program: Program | None = None
+        self._stats_seen = [0] * len(_STAT_REASONS)
+
+    def cflags(self) -> list[str]:
+        flags = [f"-DMAX_ENTRIES={self.config.max_entries}"]
+        if self.config.aggregation == "process":
+            flags.append("-DKEY_TGID")
+        if self.config.aggregation in ("process", "cgroup"):
+            flags.append("-DKEY_CGROUP")
+        f = self.config.filter
+        flags += [flag for flag, on in (
+            ("-DFILTER_TGID", f.pids), ("-DFILTER_COMM", f.comms), ("-DFILTER_CGROUP", f.cgroups)
+        ) if on]
+        return flags
+
+    def verify(self, engine: Engine) -> None:
+        engine.verify(self.name, self.cflags(),
+                      [("on_sys_enter", "raw_tracepoint"), ("on_sys_exit", "raw_tracepoint")])
+
+    def start(self, engine: Engine) -> None:
+        program = engine.load(self.name, self.cflags())
+        self._program = program
+        try:
+            self._fill_filters(program)
+            program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
+            program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
+        except Exception:
+            self.stop()
+            raise
+
+    def _fill_filters(self, program: Program) -> None:
+        f = self.config.filter
+        if f.pids:
+            program.map("tgid_filter").set_members(ct.c_uint32(p) for p in f.pids)
+        if f.comms:
+            comm_map = program.map("comm_filter")
+            keys = []
+            for comm in f.comms:
+                key = comm_map.key_type()
+                key.comm = comm.encode()[:15]
+                keys.append(key)
+            comm_map.set_members(keys)
+        if f.cgroups:
+            program.map("cgroup_filter").set_members(
+                ct.c_uint64(cgroup_id(c)) for c in f.cgroups
+            )
+
+    def collect(self) -> Collection:
+        if self._program is None:
+            return Collection(self.name)
+        entries = self._program.map("latency").drain()
+        totals = self._program.map("probe_stats").percpu_sums()
+        lost = {
+            reason: total - seen
+            for reason, total, seen in zip(_STAT_REASONS, totals, self._stats_seen, strict=True)
+            if total > seen
+        }
+        self._stats_seen = totals
+        return Collection(self.name, [self.decode(k, v) for k, v in entries], lost)
+
+    def decode(self, key: Any, value: Any) -> ExpHistogramDelta:
+        offset, counts = trim(HIST_MIN_INDEX, value.buckets)
+        return ExpHistogramDelta(
+            descriptor=SYSCALL_DURATION,
+            workload=Workload(int(key.tgid), value.comm.decode(errors="replace"),
+                              int(key.cgroup_id)),
+            attributes={"linux.syscall.name": self.syscalls.name(int(key.nr))},
+            scale=HIST_SCALE,
+            offset=offset,
+            bucket_counts=counts,
+            count=int(value.count),
+            sum=value.sum_ns / 1e9,
+            min=value.min_ns / 1e9,
+            max=value.max_ns / 1e9,
+        )
+
+    def stop(self) -> None:
+        if self._program is not None:
+            self._program.close()
+            self._program = None

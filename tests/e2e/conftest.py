@@ -1,0 +1,35 @@
+"""Fixtures for end-to-end tests: a recording OTLP sink and a rotel collector in front of it.
+
+Both are function-scoped: each starts in milliseconds, and a fresh pair per test means no
+test can see another test's telemetry or inherit a wedged collector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers.otlp_sink import OtlpSink
+from tests.peers.rotel import RotelCollector
+
+
+@pytest.fixture
+def otlp_sink() -> Iterator[OtlpSink]:
+    """A started ``OtlpSink`` on a free loopback port; stopped after the test."""
+    with OtlpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def rotel(otlp_sink: OtlpSink, tmp_path: Path) -> Iterator[RotelCollector]:
+    """A started rotel collector forwarding everything to the ``otlp_sink`` fixture.
+
+    Rotel's output goes to ``tmp_path/rotel.log`` and is printed at teardown, so pytest
+    shows it under "Captured stdout teardown" when a test fails.
+    """
+    collector = RotelCollector(otlp_sink.endpoint, log_path=tmp_path / "rotel.log")
+    with collector:
+        yield collector
+    print(f"--- rotel-agent output ({collector.log_path}) ---\n{collector.read_log()}")

@@ -1,0 +1,174 @@
+"""The agent as a process: real probes, a real collector (rotel) in front of a sink built
+from the official OTLP servicers, and a workload whose syscalls are known."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers.otlp_sink import OtlpSink
+from tests.peers.rotel import RotelCollector
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
+
+N_GETPPID = 4321
+CONFIG = """
+log_level: info
+probes:
+  syscall_latency:
+    interval: 500ms
+    filter:
+      comms: [syscall_workloa]
+summary:
+  interval: 1s
+"""
+
+
+class AgentProcess:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        config = tmp_path / "agent.yaml"
+        config.write_text(CONFIG)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        environ.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otel_ebpf", "run", "--config", str(config), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+        self.stderr: list[str] = []
+        self.stdout: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        for stream, sink in ((self.proc.stderr, self.stderr), (self.proc.stdout, self.stdout)):
+            threading.Thread(target=self._pump, args=(stream, sink), daemon=True).start()
+
+    def _pump(self, stream: object, sink: list[str]) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            sink.append(line)
+            self._lines.put(line)
+
+    def wait_for_log(self, fragment: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(fragment in line for line in self.stderr):
+                return
+            if self.proc.poll() is not None:
+                break
+            try:
+                self._lines.get(timeout=0.2)
+            except queue.Empty:
+                pass
+        pytest.fail(f"agent never logged {fragment!r}:\n{''.join(self.stderr)}")
+
+    def stop(self) -> tuple[int, float]:
+        began = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=15)
+        return code, time.monotonic() - began
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[AgentProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
+        agent = AgentProcess(tmp_path, *args, env=env)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.kill()
+
+
+def loaded_program_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"] for p in json.loads(out) if p.get("name", "").startswith("on_sys_e")}
+
+
+def run_workload(binary: Path) -> int:
+    proc = subprocess.Popen([str(binary), str(N_GETPPID), "3", "20"], stdout=subprocess.PIPE,
+                            text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert out.strip() == "done"
+    return proc.pid
+
+
+def getppid_points(sink: OtlpSink, pid: int) -> list[tuple[dict, object]]:
+    return [
+        (resource, point)
+        for resource, point in sink.metrics_points("linux.syscall.duration")
+        if {a.key: a.value.int_value for a in point.attributes}.get("process.pid") == pid
+        and any(a.key == "linux.syscall.name" and a.value.string_value == "getppid"
+                for a in point.attributes)
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_agent_exports_through_rotel_and_stops_cleanly(
+    agent_factory, rotel: RotelCollector, otlp_sink: OtlpSink, syscall_workload: Path,
+    protocol: str,
+) -> None:
+    endpoint = rotel.grpc_endpoint if protocol == "grpc" else rotel.http_endpoint
+    before = loaded_program_ids()
+    agent = agent_factory("--export-interval", "1s", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=e2e"})
+    agent.wait_for_log("probe syscall_latency attached")
+    pid = run_workload(syscall_workload)
+    agents_programs = loaded_program_ids() - before
+    assert len(agents_programs) == 2  # sys_enter and sys_exit
+
+    def arrived() -> bool:
+        return any(p.count == N_GETPPID for _, p in getppid_points(otlp_sink, pid))
+
+    assert otlp_sink.wait_for(arrived, timeout=20), (
+        f"no getppid count {N_GETPPID} for pid {pid}; agent log:\n{''.join(agent.stderr)}")
+    resource, point = getppid_points(otlp_sink, pid)[-1]
+    assert resource["process.pid"] == pid
+    assert str(resource["process.executable.name"]).startswith("syscall_workloa")
+    assert resource["host.name"] == socket.gethostname()
+    assert resource["deployment.environment"] == "e2e"
+    assert point.scale == 2 and point.count == N_GETPPID
+    assert sum(point.positive.bucket_counts) == N_GETPPID
+    assert 0 < point.min <= point.max and point.sum > 0
+
+    code, took = agent.stop()
+    assert code == 0, "".join(agent.stderr)
+    assert took < 5.0
+    assert not agents_programs & loaded_program_ids()  # detached and unloaded
+    assert "Traceback" not in "".join(agent.stderr)
+
+
+def test_absent_collector_is_reported_once_and_summary_still_prints(
+    agent_factory, syscall_workload: Path
+) -> None:
+    with socket.socket() as s:  # a loopback port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = agent_factory("--export-interval", "500ms", "--duration", "6s",
+                          "--otlp-endpoint", f"http://127.0.0.1:{port}")
+    agent.wait_for_log("probe syscall_latency attached")
+    pid = run_workload(syscall_workload)
+    code = agent.proc.wait(timeout=20)
+    time.sleep(0.2)  # let the pump threads read the last lines
+    log = "".join(agent.stderr)
+    assert code == 0, log
+    assert log.count("cannot export metrics") == 1, log
+    assert "Traceback" not in log
+    rows = [line.split() for line in agent.stdout if line.strip().startswith(str(pid))]
+    assert any(row[2] == "getppid" and int(row[3]) == N_GETPPID for row in rows), agent.stdout

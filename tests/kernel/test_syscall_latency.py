@@ -1,0 +1,162 @@
+"""The syscall latency probe against a workload whose syscalls are known.
+
+The probe is loaded for real; its drained maps go through the same store and OTLP builder
+the daemon uses and are encoded to the OTLP protobuf an exporter would send, so the
+assertions are on exported data, not on intermediate objects.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+from otel_ebpf.aggregate import CumulativeStore
+from otel_ebpf.config import SyscallFilter, SyscallLatencyConfig
+from otel_ebpf.enrich.process import ProcessEnricher
+from otel_ebpf.export.metrics import build_metrics_data
+from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound
+from otel_ebpf.kernel import headers, syscalls
+from otel_ebpf.kernel.engine import Engine
+from otel_ebpf.probes.syscall_latency import SyscallLatency
+
+pytestmark = pytest.mark.kernel
+
+N_GETPPID = 12_345
+K_SLEEPS = 7
+SLEEP_MS = 20
+
+
+def attrs(kvs: object) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for kv in kvs:  # type: ignore[attr-defined]
+        out[kv.key] = getattr(kv.value, kv.value.WhichOneof("value"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(headers.discover())
+
+
+@pytest.fixture(scope="module")
+def table() -> syscalls.SyscallTable:
+    source = headers.discover()
+    roots = [source.bcc_kernel_source or source.path] if source else []
+    return syscalls.load(roots)
+
+
+def started(engine: Engine, table: syscalls.SyscallTable,
+            config: SyscallLatencyConfig) -> Iterator[SyscallLatency]:
+    probe = SyscallLatency(config, table)
+    probe.start(engine)
+    try:
+        yield probe
+    finally:
+        probe.stop()
+
+
+def exported_points(probe: SyscallLatency, start_ns: int) -> list[tuple[dict, dict, object]]:
+    """Drain, fold, build and encode as the daemon does; returns (resource, point attrs,
+    point) for every data point of linux.syscall.duration."""
+    store = CumulativeStore()
+    store.add(probe.collect().records, start_ns, time.time_ns())
+    enricher = ProcessEnricher()
+
+    def resource_of(w):  # type: ignore[no-untyped-def]
+        return enricher.lookup(w).attributes() if w.pid > 0 else {}
+
+    request = encode_metrics(build_metrics_data(store.series(), resource_of))
+    out = []
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name != "linux.syscall.duration":
+                    continue
+                assert metric.unit == "s"
+                assert metric.exponential_histogram.aggregation_temporality == 2  # CUMULATIVE
+                for p in metric.exponential_histogram.data_points:
+                    out.append((attrs(rm.resource.attributes), attrs(p.attributes), p))
+    return out
+
+
+def test_exact_counts_and_sleep_bucket(engine: Engine, table: syscalls.SyscallTable,
+                                       syscall_workload: Path) -> None:
+    start_ns = time.time_ns()
+    config = SyscallLatencyConfig(filter=SyscallFilter(comms=["syscall_workloa"]))
+    for probe in started(engine, table, config):
+        proc = subprocess.Popen([str(syscall_workload), str(N_GETPPID), str(K_SLEEPS),
+                                 str(SLEEP_MS)], stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=60)
+        assert out.strip() == "done"
+        points = exported_points(probe, start_ns)
+
+    mine = {a["linux.syscall.name"]: p for _, a, p in points if a["process.pid"] == proc.pid}
+    assert mine, f"nothing exported for pid {proc.pid}: {[a for _, a, _ in points]}"
+    getppid = mine["getppid"]
+    assert getppid.count == N_GETPPID
+    assert sum(getppid.positive.bucket_counts) + getppid.zero_count == N_GETPPID
+    assert 0 < getppid.min <= getppid.max < 0.01
+    assert getppid.min * N_GETPPID <= getppid.sum <= getppid.max * N_GETPPID
+
+    sleep_name = "clock_nanosleep" if "clock_nanosleep" in mine else "nanosleep"
+    sleeps = mine[sleep_name]
+    assert sleeps.count == K_SLEEPS
+    assert sleeps.scale == 2
+    populated = [(sleeps.positive.offset + i, c)
+                 for i, c in enumerate(sleeps.positive.bucket_counts) if c]
+    # every sleep in the one bucket that holds 20 ms: (2^(-23/4), 2^(-22/4)] s
+    assert len(populated) == 1, populated
+    index, count = populated[0]
+    assert count == K_SLEEPS
+    assert bucket_lower_bound(index, 2) < SLEEP_MS / 1000 <= bucket_upper_bound(index, 2)
+    assert index == math.ceil(math.log2(SLEEP_MS / 1000) * 4) - 1
+    assert SLEEP_MS / 1000 <= sleeps.min <= sleeps.max < bucket_upper_bound(index, 2)
+    assert math.isclose(sleeps.sum, K_SLEEPS * SLEEP_MS / 1000, rel_tol=0.1)
+    # the helper's identity came through
+    (res,) = {tuple(sorted(r.items())) for r, a, _ in points if a["process.pid"] == proc.pid}
+    # it exited before the lookup: the kernel's comm (15 chars) is the name that is left
+    assert "syscall_workload".startswith(str(dict(res)["process.executable.name"]))
+
+
+def test_pid_filter_records_only_that_process(engine: Engine, table: syscalls.SyscallTable,
+                                              syscall_workload: Path) -> None:
+    proc = subprocess.Popen([str(syscall_workload), "1000", "0", "0", "wait"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().startswith("ready")
+        config = SyscallLatencyConfig(filter=SyscallFilter(pids=[proc.pid]))
+        for probe in started(engine, table, config):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "done"
+            proc.wait(timeout=10)
+            records = probe.collect().records
+    finally:
+        proc.kill()
+        proc.wait()
+    assert {r.workload.pid for r in records} == {proc.pid}
+    by_name = {r.attributes["linux.syscall.name"]: r for r in records}
+    assert by_name["getppid"].count == 1000
+
+
+def test_drain_empties_the_kernel_map(engine: Engine, table: syscalls.SyscallTable,
+                                      syscall_workload: Path) -> None:
+    """Exited processes leave the kernel maps with the drain: a second collection after
+    the workload exited has nothing of it."""
+    config = SyscallLatencyConfig(filter=SyscallFilter(comms=["syscall_workloa"]))
+    for probe in started(engine, table, config):
+        proc = subprocess.run([str(syscall_workload), "10", "0", "0"], capture_output=True,
+                              check=True)
+        first = probe.collect().records
+        second = probe.collect().records
+    assert any(r.attributes["linux.syscall.name"] == "getppid" and r.count == 10
+               for r in first)
+    assert second == []
+    assert proc.returncode == 0

@@ -1,0 +1,132 @@
+"""The kernel's bucketing, mirrored in Python, against hand-computed cases, and the
+conversion of its histograms into OTLP exponential histogram data points."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+from otel_ebpf import histogram as h
+from otel_ebpf.aggregate import CumulativeStore
+from otel_ebpf.export.metrics import build_metrics_data
+from otel_ebpf.model import ExpHistogramDelta, Workload
+from otel_ebpf.probes import syscall_latency as probe
+
+BPF_SOURCE = Path(__file__).parents[2] / "probes" / "syscall_latency.bpf.c"
+
+
+@pytest.mark.parametrize(
+    ("ns", "index"),
+    [
+        (1_000_000_000, -1),  # 1 s is the inclusive top of (2^-1/4, 2^0]
+        (1_000_000_001, 0),  # just above 1 s opens bucket 0
+        (2_000_000_000, 3),  # 2 s tops (2^3/4, 2^1]
+        (20_000_000, -23),  # 20 ms in (2^-23/4, 2^-22/4] = (18.58 ms, 22.10 ms]
+        (500_000_000, -5),  # 0.5 s = 2^-1, top of (2^-5/4, 2^-4/4]
+        (1_500_000_000, 2),  # 1.5 s in (2^2/4, 2^3/4] = (1.414, 1.682]
+        (1_000, -80),  # 1 us in (2^-80/4, 2^-79/4] = (0.954 us, 1.134 us]
+    ],
+)
+def test_bucket_index_hand_computed(ns: int, index: int) -> None:
+    assert h.duration_bucket_index(ns) == index
+    assert h.bucket_lower_bound(index, 2) < ns / 1e9 <= h.bucket_upper_bound(index, 2) * (
+        1 + 1e-12)
+
+
+def test_bucket_index_matches_float_math_away_from_boundaries() -> None:
+    rng = random.Random(7)
+    checked = 0
+    while checked < 5000:
+        ns = int(10 ** rng.uniform(2, 11))
+        exact = math.log2(ns / 1e9) * 4
+        if abs(exact - round(exact)) < 1e-4:  # within fixed-point reach of a boundary
+            continue
+        assert h.duration_bucket_index(ns) == math.ceil(exact) - 1, ns
+        checked += 1
+
+
+def test_python_mirror_uses_the_kernel_constants() -> None:
+    text = BPF_SOURCE.read_text()
+    defines = dict(re.findall(r"#define (\w+) \(?(-?\d+)", text))
+    assert int(defines["HIST_MIN_INDEX"]) == probe.HIST_MIN_INDEX
+    assert int(defines["HIST_BUCKETS"]) == probe.HIST_BUCKETS
+    assert int(defines["HIST_SCALE"]) == probe.HIST_SCALE
+    assert [int(defines[f"QUARTER_{j}"]) for j in (1, 2, 3)] == list(h._QUARTERS)
+    for j, q in enumerate(h._QUARTERS, start=1):
+        assert q == math.ceil(2 ** (j / 4) * 65536)
+
+
+def test_trim_and_merge() -> None:
+    assert h.trim(-104, [0, 0, 3, 0, 1, 0]) == (-102, [3, 0, 1])
+    assert h.trim(5, [0, 0]) == (0, [])
+    assert h.merge_into(-10, [1, 2], -12, [5]) == (-12, [5, 0, 1, 2])
+    assert h.merge_into(0, [], 3, [1]) == (3, [1])
+
+
+def test_quantile_is_the_bucket_top_clamped_to_observed() -> None:
+    # 99 values in bucket -23, one in bucket 0: p99 is bucket -23's top, p100 the max
+    counts = [99] + [0] * 22 + [1]
+    assert h.quantile(0.99, 2, -23, counts, 0.019, 1.0) == pytest.approx(2 ** (-22 / 4))
+    assert h.quantile(1.0, 2, -23, counts, 0.019, 1.0) == 1.0
+
+
+def delta(ns_values: list[int], pid: int = 42) -> ExpHistogramDelta:
+    slots = [0] * probe.HIST_BUCKETS
+    for ns in ns_values:
+        slots[h.duration_bucket_index(ns) - probe.HIST_MIN_INDEX] += 1
+    offset, counts = h.trim(probe.HIST_MIN_INDEX, slots)
+    return ExpHistogramDelta(probe.SYSCALL_DURATION, Workload(pid, "app"),
+                             {"linux.syscall.name": "read"}, 2, offset, counts,
+                             len(ns_values), sum(ns_values) / 1e9, min(ns_values) / 1e9,
+                             max(ns_values) / 1e9)
+
+
+def test_deltas_fold_into_one_cumulative_otlp_point() -> None:
+    store = CumulativeStore()
+    store.add([delta([20_000_000] * 3)], start_ns=111, now_ns=200)
+    store.add([delta([1_000_000_000, 1_000])], start_ns=111, now_ns=300)
+    identity = {"process.pid": 42, "process.executable.name": "app", "host.name": "h"}
+    request = encode_metrics(build_metrics_data(store.series(), lambda w: identity, now_ns=400))
+
+    (rm,) = request.resource_metrics
+    assert {kv.key for kv in rm.resource.attributes} == set(identity)
+    (metric,) = rm.scope_metrics[0].metrics
+    assert (metric.name, metric.unit) == ("linux.syscall.duration", "s")
+    (point,) = metric.exponential_histogram.data_points
+    assert metric.exponential_histogram.aggregation_temporality == 2  # cumulative
+    assert (point.start_time_unix_nano, point.time_unix_nano) == (111, 400)
+    assert point.scale == 2 and point.zero_count == 0
+    assert point.count == 5
+    assert point.sum == pytest.approx(0.06 + 1.0 + 1e-6)
+    assert (point.min, point.max) == (pytest.approx(1e-6), pytest.approx(1.0))
+    # 1 us at index -80, 20 ms (x3) at -23, 1 s at -1: one span from -80 to -1
+    assert point.positive.offset == -80
+    counts = list(point.positive.bucket_counts)
+    assert len(counts) == 80
+    assert (counts[0], counts[-23 + 80], counts[-1]) == (1, 3, 1)
+    assert sum(counts) == 5
+    attrs = {kv.key: kv.value for kv in point.attributes}
+    assert attrs["linux.syscall.name"].string_value == "read"
+    assert attrs["process.pid"].int_value == 42
+    assert attrs["process.executable.name"].string_value == "app"
+
+
+def test_store_expires_gone_workloads_only_after_export() -> None:
+    store = CumulativeStore()
+    store.add([delta([1000], pid=7)], 0, 1)
+    assert store.expire(lambda w: False) == 0  # not exported yet: keep its last values
+    store.mark_exported()
+    assert store.expire(lambda w: True) == 0
+    assert store.expire(lambda w: False) == 1
+    assert len(store) == 0
+
+
+def test_store_bounds_its_series() -> None:
+    store = CumulativeStore(max_series=2)
+    store.add([delta([1000], pid=p) for p in (1, 2, 3)], 0, 1)
+    assert len(store) == 2 and store.dropped_series == 1
