@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 from otel_ebpf.config import SyscallLatencyConfig
+from otel_ebpf.enrich.cgroup import cgroup_id
 from otel_ebpf.histogram import trim
 from otel_ebpf.kernel.engine import Engine, Program
 from otel_ebpf.kernel.syscalls import SyscallTable
@@ -32,16 +31,6 @@ SYSCALL_DURATION = MetricDescriptor(
     unit="s",
     description="Time from syscall entry to exit, measured in the kernel per workload.",
 )
-
-
-def cgroup_id(spec: int | str) -> int:
-    """A cgroup v2 id is the inode number of its directory; accept either form."""
-    if isinstance(spec, int):
-        return spec
-    path = Path(spec)
-    if not path.is_absolute():
-        path = Path("/sys/fs/cgroup") / spec
-    return os.stat(path).st_ino
 
 
 class SyscallLatency(Probe):

@@ -8,6 +8,7 @@ assertions are on exported data, not on intermediate objects.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metr
 
 from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.config import SyscallFilter, SyscallLatencyConfig
+from otel_ebpf.enrich.cgroup import cgroup2_root, cgroup_id
 from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.metrics import build_metrics_data
 from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound
@@ -160,3 +162,34 @@ def test_drain_empties_the_kernel_map(engine: Engine, table: syscalls.SyscallTab
                for r in first)
     assert second == []
     assert proc.returncode == 0
+
+
+def test_cgroup_filter_and_cgroup_key(engine: Engine, table: syscalls.SyscallTable,
+                                      syscall_workload: Path, tmp_path: Path) -> None:
+    """A workload moved into a cgroup v2 directory is the only one recorded when the filter
+    names that directory, and its records carry the cgroup's id."""
+    root = cgroup2_root()
+    group = root / f"otel-ebpf-test-{os.getpid()}"
+    group.mkdir()
+    expected_id = cgroup_id(str(group))
+    proc = subprocess.Popen([str(syscall_workload), "500", "0", "0", "wait"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().startswith("ready")
+        (group / "cgroup.procs").write_text(str(proc.pid))
+        config = SyscallLatencyConfig(filter=SyscallFilter(cgroups=[group.name]))
+        for probe in started(engine, table, config):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "done"
+            proc.wait(timeout=10)
+            records = probe.collect().records
+    finally:
+        proc.kill()
+        proc.wait()
+        group.rmdir()
+    assert records
+    assert {r.workload.pid for r in records} == {proc.pid}
+    assert {r.workload.cgroup_id for r in records} == {expected_id}
+    assert {r.attributes["linux.syscall.name"]: r.count for r in records}["getppid"] == 500

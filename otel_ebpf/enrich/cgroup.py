@@ -1,0 +1,36 @@
+"""cgroup v2 facts the probes need: where the v2 hierarchy is mounted and the id the
+kernel reports for a cgroup (bpf_get_current_cgroup_id is the inode of its directory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup2_root(mounts: Path = Path("/proc/self/mounts")) -> Path:
+    """The cgroup2 mount: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on
+    hybrid ones."""
+    try:
+        for line in mounts.read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    except OSError:
+        pass
+    return DEFAULT_ROOT
+
+
+def cgroup_id(spec: int | str, root: Path | None = None) -> int:
+    """A cgroup id given as an id, an absolute path, or a path below the cgroup2 root."""
+    if isinstance(spec, int):
+        return spec
+    path = Path(spec)
+    if not path.is_absolute():
+        path = (root or cgroup2_root()) / spec
+    try:
+        return os.stat(path).st_ino
+    except OSError as exc:
+        raise ValueError(f"cgroup {spec!r}: {path} is not readable ({exc.strerror}); give a "
+                         "cgroup v2 directory or its numeric id") from exc
