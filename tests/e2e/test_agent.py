@@ -3,6 +3,7 @@ from the official OTLP servicers, and a workload whose syscalls are known."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -62,10 +63,8 @@ class AgentProcess:
                 return
             if self.proc.poll() is not None:
                 break
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._lines.get(timeout=0.2)
-            except queue.Empty:
-                pass
         pytest.fail(f"agent never logged {fragment!r}:\n{''.join(self.stderr)}")
 
     def stop(self) -> tuple[int, float]:
