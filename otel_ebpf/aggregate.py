@@ -9,8 +9,11 @@ last values were exported.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 
 from otel_ebpf.histogram import merge_into
 from otel_ebpf.model import (
@@ -61,10 +64,30 @@ def series_key(record: Record) -> SeriesKey:
 
 
 class CumulativeStore:
-    def __init__(self, max_series: int = 100_000) -> None:
+    def __init__(self, max_series: int = 100_000, exemplars_per_series: int = 4) -> None:
         self.max_series = max_series
+        self.exemplars_per_series = exemplars_per_series
         self.dropped_series = 0  # records refused because the store was full
         self._series: dict[SeriesKey, Series] = {}
+        # newest last; kept apart from Series so an exemplar may arrive before its series
+        self._exemplars: dict[SeriesKey, deque[Exemplar]] = {}
+
+    def add_exemplar(self, metric: str, workload: Workload,
+                     attributes: dict[str, AttributeValue], exemplar: Exemplar) -> None:
+        if not self.exemplars_per_series:
+            return
+        key = (metric, workload.identity_key, frozenset(attributes.items()))
+        if key not in self._series and len(self._exemplars) >= self.max_series:
+            return
+        kept = self._exemplars.get(key)
+        if kept is None:
+            kept = self._exemplars[key] = deque(maxlen=self.exemplars_per_series)
+        kept.append(exemplar)
+
+    def exemplars_of(self, series: Series) -> list[Exemplar]:
+        key = (series.descriptor.name, series.workload.identity_key,
+               frozenset(series.attributes.items()))
+        return list(self._exemplars.get(key, ()))
 
     def __len__(self) -> int:
         return len(self._series)
@@ -106,6 +129,11 @@ class CumulativeStore:
                 and not alive(s.workload)]
         for key in gone:
             del self._series[key]
+            self._exemplars.pop(key, None)
+        orphans = [k for k in self._exemplars if k not in self._series
+                   and not alive(Workload(pid=k[1][0], cgroup_id=k[1][1]))]
+        for key in orphans:
+            del self._exemplars[key]
         return len(gone)
 
 

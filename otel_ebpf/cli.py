@@ -123,7 +123,7 @@ def _kernel_context() -> tuple[Any, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import Agent
     from otel_ebpf.enrich.host import host_attributes
-    from otel_ebpf.export.metrics import MetricsShipper, make_otlp_exporter
+    from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
 
     config = _load_config(args, _overrides(args))
     if config is None:
@@ -131,11 +131,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine, syscall_table = _kernel_context()
     log.info("syscall names: %s", syscall_table.source)
     probes = registry.build(config, syscall_table)
-    shipper = None
+    shipper = span_shipper = None
     if config.exporter.enabled:
-        shipper = MetricsShipper(make_otlp_exporter(config.exporter),
-                                 config.exporter.resolved_endpoint())
-    agent = Agent(config, engine, probes, shipper, host_attributes())
+        endpoint = config.exporter.resolved_endpoint()
+        shipper = OtlpShipper(make_otlp_exporter(config.exporter), endpoint, "metrics")
+        span_shipper = OtlpShipper(make_otlp_exporter(config.exporter, "traces"), endpoint,
+                                   "traces")
+    agent = Agent(config, engine, probes, shipper, host_attributes(),
+                  span_shipper=span_shipper)
     return asyncio.run(agent.run(args.duration))
 
 

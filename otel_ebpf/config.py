@@ -18,19 +18,20 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 DEFAULT_CONFIG_PATHS = (Path("config/otel-ebpf.yaml"), Path("/etc/otel-ebpf/otel-ebpf.yaml"))
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0,
+                 None: 1.0}
 
 
 def parse_duration(value: Any) -> Any:
-    """'250ms', '10s', '2m', '1h' or a bare number of seconds -> seconds (float)."""
+    """'50us', '250ms', '10s', '2m', '1h' or a bare number of seconds -> seconds."""
     if isinstance(value, bool):
         return value  # let pydantic reject it as not a number
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str) and (m := _DURATION.match(value)):
         return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    raise ValueError("expected a duration such as 500ms, 10s, 2m or a number of seconds")
+    raise ValueError("expected a duration such as 500us, 10ms, 10s, 2m or a number of seconds")
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
@@ -76,16 +77,63 @@ class SyscallFilter(_Strict):
     cgroups: list[int | str] = Field(default_factory=list)
 
 
+# Calls that block by design: slow is their normal, so they make no spans unless included.
+BLOCKING_SYSCALLS = (
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6",
+    "futex", "futex_waitv", "nanosleep", "clock_nanosleep", "wait4", "waitid", "pause",
+    "rt_sigsuspend", "rt_sigtimedwait", "accept", "accept4", "io_getevents",
+    "io_pgetevents", "io_uring_enter", "msgrcv", "semop", "semtimedop", "mq_timedreceive",
+)
+
+
+class SlowSpansConfig(_Strict):
+    """Slow syscalls as spans: the kernel emits an event for each call over its threshold."""
+
+    enabled: bool = True
+    threshold: Duration = 0.010
+    # per syscall name, overriding `threshold`
+    thresholds: dict[str, Duration] = Field(default_factory=dict)
+    exclude: list[str] = Field(default_factory=lambda: list(BLOCKING_SYSCALLS))
+    # names taken back out of `exclude` (e.g. [nanosleep])
+    include: list[str] = Field(default_factory=list)
+    # reads of a terminal wait for a human: dropped in user space (counted)
+    exclude_terminal_reads: bool = True
+    rate_per_second: int = Field(default=1000, ge=1, le=1_000_000)
+    burst: int = Field(default=200, ge=1, le=1_000_000)
+    buffer_size: int = Field(default=1 << 20, ge=1 << 16, le=1 << 28,
+                             description="kernel event buffer in bytes (power of two)")
+    queue_size: int = Field(default=8192, ge=16, le=1 << 20)
+    exemplars_per_series: int = Field(default=4, ge=0, le=64)
+
+
 class SyscallLatencyConfig(_Strict):
     enabled: bool = True
     interval: Duration = 5.0
     max_entries: int = Field(default=8192, ge=64, le=1 << 20)
     aggregation: Literal["process", "cgroup", "system"] = "process"
     filter: SyscallFilter = Field(default_factory=SyscallFilter)
+    slow_spans: SlowSpansConfig = Field(default_factory=SlowSpansConfig)
+
+
+class TcpRetransmitEvents(_Strict):
+    """An optional stream of individual retransmit events (rate limited in the kernel)."""
+
+    enabled: bool = False
+    rate_per_second: int = Field(default=100, ge=1, le=100_000)
+
+
+class TcpRetransmitConfig(_Strict):
+    enabled: bool = True
+    interval: Duration = 5.0
+    max_entries: int = Field(default=16384, ge=64, le=1 << 20)
+    # connection: full 4-tuple; peer: peer address+port; workload: per owning process only
+    aggregation: Literal["connection", "peer", "workload"] = "peer"
+    events: TcpRetransmitEvents = Field(default_factory=TcpRetransmitEvents)
 
 
 class ProbesConfig(_Strict):
     syscall_latency: SyscallLatencyConfig = Field(default_factory=SyscallLatencyConfig)
+    tcp_retransmit: TcpRetransmitConfig = Field(default_factory=TcpRetransmitConfig)
 
 
 class Config(_Strict):

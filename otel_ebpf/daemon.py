@@ -18,12 +18,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
+from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
+
 from otel_ebpf import __version__
 from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.process import ProcessEnricher, pid_alive
-from otel_ebpf.export.metrics import MetricsShipper, build_metrics_data
+from otel_ebpf.export.metrics import OtlpShipper, build_metrics_data
 from otel_ebpf.export.summary import HistogramSummary
+from otel_ebpf.export.traces import QueuedSpan, SpanQueue, build_spans
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
 from otel_ebpf.probes.base import Probe
@@ -35,6 +38,12 @@ AGENT = Workload(pid=-1, comm="otel-ebpf")  # the agent's own resource
 LOST_EVENTS = MetricDescriptor(
     "otel_ebpf.probe.lost_events", "{event}",
     "Kernel events a probe could not record, by reason (map_full, no_start, ...).")
+SPANS_DROPPED = MetricDescriptor(
+    "otel_ebpf.spans.dropped", "{span}",
+    "Spans the agent did not deliver: queue_full, export_failed.")
+SPAN_POLL_S = 0.2  # how often kernel event buffers are emptied
+SPAN_EXPORT_S = 0.5
+SPAN_BATCH = 512
 
 
 class Agent:
@@ -43,23 +52,30 @@ class Agent:
         config: Config,
         engine: Engine,
         probes: list[Probe],
-        shipper: MetricsShipper | None,
+        shipper: OtlpShipper | None,
         host: Mapping[str, AttributeValue],
         out: TextIO = sys.stdout,
+        span_shipper: OtlpShipper | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.probes = probes
         self.shipper = shipper
+        self.span_shipper = span_shipper
+        slow = config.probes.syscall_latency.slow_spans
+        self.spans = SpanQueue(slow.queue_size)
+        self._spans_failed = 0
         self.host = dict(host)
         self.out = out
-        self.store = CumulativeStore()
+        self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series)
         self.processes = ProcessEnricher()
         self.summary = HistogramSummary(config.summary.top)
         self._started_ns: dict[str, int] = {}
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
+        self._span_pool = ThreadPoolExecutor(1, thread_name_prefix="spans")
         self._export_future: asyncio.Future[bool] | None = None
+        self._span_future: asyncio.Future[bool] | None = None
         self._summary_started = time.monotonic()
         self._stop = asyncio.Event()
 
@@ -78,6 +94,9 @@ class Agent:
                 tasks.append(asyncio.create_task(self._export_loop(), name="export"))
             if self.config.summary.enabled:
                 tasks.append(asyncio.create_task(self._summary_loop(), name="summary"))
+            tasks.append(asyncio.create_task(self._span_poll_loop(), name="span-poll"))
+            if self.span_shipper is not None:
+                tasks.append(asyncio.create_task(self._span_export_loop(), name="span-export"))
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
                      ", ".join(p.name for p in self.probes) or "none",
                      self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)",
@@ -95,8 +114,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self._stop_probes()
-            self._bpf_pool.shutdown(wait=False, cancel_futures=True)
-            self._export_pool.shutdown(wait=False, cancel_futures=True)
+            for pool in (self._bpf_pool, self._export_pool, self._span_pool):
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("%s received, flushing and detaching", sig.name)
@@ -169,18 +188,21 @@ class Agent:
 
         return resource_of
 
-    def _identities(self) -> dict[Workload, dict[str, AttributeValue]]:
-        """Blocking /proc lookups for every workload in the store."""
+    def _identities(self, workloads: list[Workload]) -> dict[Workload, dict[str, AttributeValue]]:
+        """Blocking /proc lookups for these workloads."""
         out: dict[Workload, dict[str, AttributeValue]] = {}
-        for series in self.store.series():
-            w = series.workload
+        for w in workloads:
             if w not in out and w.pid > 0:
                 out[w] = self.processes.lookup(w).attributes()
         return out
 
     def _export_once(self) -> bool:
         assert self.shipper is not None
-        data = build_metrics_data(self.store.series(), self._resource_of(self._identities()))
+        series = self.store.series()
+        if not series:
+            return True
+        resource_of = self._resource_of(self._identities([s.workload for s in series]))
+        data = build_metrics_data(series, resource_of, exemplars_of=self.store.exemplars_of)
         ok = self.shipper.ship(data)
         if ok:
             self.store.mark_exported()
@@ -209,6 +231,81 @@ class Agent:
             except Exception:
                 log.exception("metrics export failed unexpectedly; retrying next interval")
 
+    # ---- spans -----------------------------------------------------------------------
+
+    async def _poll_spans(self) -> None:
+        loop = asyncio.get_running_loop()
+        for probe in self.probes:
+            try:
+                records = await loop.run_in_executor(self._bpf_pool, probe.poll_spans)
+            except Exception:
+                log.exception("probe %s: reading its events failed", probe.name)
+                continue
+            for record in records:
+                queued = self.spans.offer(record) if self.span_shipper else None
+                if queued is not None and record.example_of is not None:
+                    self._remember_exemplar(queued)
+        self._count_span_drops()
+
+    def _remember_exemplar(self, queued: QueuedSpan) -> None:
+        r = queued.record
+        assert r.example_of is not None
+        metric, workload, attributes = r.example_of
+        self.store.add_exemplar(metric, workload, attributes, Exemplar(
+            filtered_attributes={"thread.id": r.attributes.get("thread.id", 0)},
+            value=(r.end_unix_ns - r.start_unix_ns) / 1e9,
+            time_unix_nano=r.end_unix_ns,
+            span_id=queued.span_id,
+            trace_id=queued.trace_id,
+        ))
+
+    def _count_span_drops(self) -> None:
+        now = time.time_ns()
+        drops = []
+        if self.spans.dropped:
+            drops.append(CounterDelta(SPANS_DROPPED, AGENT, {"reason": "queue_full"},
+                                      self.spans.dropped))
+            self.spans.dropped = 0
+        if self._spans_failed:
+            drops.append(CounterDelta(SPANS_DROPPED, AGENT, {"reason": "export_failed"},
+                                      self._spans_failed))
+            self._spans_failed = 0
+        self.store.add(drops, min(self._started_ns.values(), default=now), now)
+
+    async def _span_poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SPAN_POLL_S)
+            await self._poll_spans()
+
+    def _export_spans_once(self, batch: list[QueuedSpan]) -> bool:
+        assert self.span_shipper is not None
+        resource_of = self._resource_of(self._identities([q.record.workload for q in batch]))
+        ok = self.span_shipper.ship(build_spans(batch, resource_of))
+        if not ok:
+            self._spans_failed += len(batch)
+        return ok
+
+    def _start_span_export(self) -> asyncio.Future[bool] | None:
+        if not len(self.spans) or (self._span_future and not self._span_future.done()):
+            return None
+        loop = asyncio.get_running_loop()
+        batch = self.spans.take(SPAN_BATCH)
+        self._span_future = loop.run_in_executor(self._span_pool, self._export_spans_once,
+                                                 batch)
+        return self._span_future
+
+    async def _span_export_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SPAN_EXPORT_S)
+            while (future := self._start_span_export()) is not None:
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("span export failed unexpectedly")
+                    break
+
     async def _summary_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.summary.interval)
@@ -223,6 +320,20 @@ class Agent:
 
         print(self.summary.render(elapsed, name_of), file=self.out, flush=True)
 
+    async def _flush_spans(self, deadline: float) -> None:
+        if self.span_shipper is None:
+            return
+        if self._span_future is not None and not self._span_future.done():
+            log.warning("a span export was still retrying at shutdown; %d spans dropped",
+                        len(self.spans))
+        else:
+            while time.monotonic() < deadline and (future := self._start_span_export()):
+                try:
+                    await asyncio.wait_for(future, max(0.1, deadline - time.monotonic()))
+                except TimeoutError:
+                    break
+        self.span_shipper.shutdown()
+
     async def _final_flush(self) -> None:
         """Last drain and export within SHUTDOWN_BUDGET_S; a collector that does not answer
         in time is abandoned (its retries are cancelled by shutting the exporter down)."""
@@ -232,6 +343,8 @@ class Agent:
                 await asyncio.wait_for(self._collect(probe), deadline - time.monotonic())
             except TimeoutError:
                 log.warning("final collection of %s timed out", probe.name)
+        await self._poll_spans()
+        await self._flush_spans(deadline)
         if self.config.summary.enabled:
             self._print_summary()
         if self.shipper is None:

@@ -77,6 +77,23 @@ Record = ExpHistogramDelta | CounterDelta
 
 
 @dataclass(slots=True)
+class SpanRecord:
+    """One timed kernel event (a slow syscall), already on the wall clock.
+
+    `example_of` names the metric series this event is an example of (metric name, the
+    series' workload, its attributes), so exporters can link the two with an exemplar.
+    """
+
+    name: str
+    workload: Workload
+    start_unix_ns: int
+    end_unix_ns: int
+    attributes: dict[str, AttributeValue]
+    error_type: str | None = None
+    example_of: tuple[str, Workload, dict[str, AttributeValue]] | None = None
+
+
+@dataclass(slots=True)
 class Collection:
     """What one probe produced in one collection, plus the probe's own health counters."""
 

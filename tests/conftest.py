@@ -80,3 +80,8 @@ def build_helper(name: str) -> Path:
 @pytest.fixture(scope="session")
 def syscall_workload() -> Path:
     return build_helper("syscall_workload")
+
+
+@pytest.fixture(scope="session")
+def slow_workload() -> Path:
+    return build_helper("slow_workload")

@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Buckets,
     ExponentialHistogram,
     ExponentialHistogramDataPoint,
     Metric,
-    MetricExporter,
-    MetricExportResult,
     MetricsData,
     NumberDataPoint,
     ResourceMetrics,
@@ -43,7 +42,8 @@ CUMULATIVE = AggregationTemporality.CUMULATIVE
 POINT_IDENTITY_KEYS = ("process.pid", "process.executable.name")
 
 
-def _point(series: Series, attrs: Mapping[str, AttributeValue], now_ns: int) -> Any:
+def _point(series: Series, attrs: Mapping[str, AttributeValue], now_ns: int,
+           exemplars: list[Exemplar]) -> Any:
     if series.is_histogram:
         return ExponentialHistogramDataPoint(
             attributes=dict(attrs),
@@ -58,6 +58,7 @@ def _point(series: Series, attrs: Mapping[str, AttributeValue], now_ns: int) -> 
             flags=0,
             min=series.min,
             max=series.max,
+            exemplars=exemplars,
         )
     return NumberDataPoint(
         attributes=dict(attrs),
@@ -71,6 +72,7 @@ def build_metrics_data(
     series: Iterable[Series],
     resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
     now_ns: int | None = None,
+    exemplars_of: Callable[[Series], list[Exemplar]] = lambda _: [],
 ) -> MetricsData:
     """One ResourceMetrics per workload resource, one Metric per name within it."""
     now_ns = now_ns or time.time_ns()
@@ -83,7 +85,7 @@ def build_metrics_data(
         attrs = dict(s.attributes)
         attrs.update({k: resource[k] for k in POINT_IDENTITY_KEYS if k in resource})
         grouped.setdefault(rkey, {}).setdefault(s.descriptor.name, []).append(
-            _point(s, attrs, now_ns)
+            _point(s, attrs, now_ns, exemplars_of(s))
         )
         first_of.setdefault((rkey, s.descriptor.name), s)
 
@@ -109,21 +111,41 @@ def build_metrics_data(
 
 
 class _QuietExporterLogs(logging.Filter):
-    """Keeps the OTLP exporters from logging every failed attempt; hands the first reason
-    of an outage to the shipper, which says it once."""
+    """Keeps the OTLP exporters from logging every failed attempt; hands each message to
+    the shippers, which say the first one of an outage once. One instance serves every
+    shipper: the exporters of both signals share their loggers."""
 
-    def __init__(self, on_failure: Callable[[str], None]) -> None:
+    LOGGERS = ("opentelemetry.exporter.otlp.proto.grpc.exporter",
+               "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+               "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+    def __init__(self) -> None:
         super().__init__()
-        self.on_failure = on_failure
+        self.listeners: list[Callable[[str], None]] = []
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
-            self.on_failure(record.getMessage())
+            message = record.getMessage()
+            for listener in self.listeners:
+                listener(message)
             return False
         return True
 
 
-def make_otlp_exporter(config: ExporterConfig) -> MetricExporter:
+_quiet_exporter_logs: _QuietExporterLogs | None = None
+
+
+def _listen_to_exporter_logs(listener: Callable[[str], None]) -> None:
+    global _quiet_exporter_logs
+    if _quiet_exporter_logs is None:
+        _quiet_exporter_logs = _QuietExporterLogs()
+    _quiet_exporter_logs.listeners.append(listener)
+
+
+def make_otlp_exporter(config: ExporterConfig, signal: str = "metrics") -> Any:
+    """The official OTLP exporter of `signal` (metrics or traces) for this config."""
     endpoint = config.resolved_endpoint()
     kwargs: dict[str, Any] = {"timeout": config.timeout}
     if config.headers:
@@ -131,18 +153,25 @@ def make_otlp_exporter(config: ExporterConfig) -> MetricExporter:
     if config.protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter as HttpExporter,
+            OTLPMetricExporter as HttpMetrics,
+        )
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpans,
         )
 
         if config.compression:
             kwargs["compression"] = HttpCompression(config.compression)
-        if not endpoint.rstrip("/").endswith("/v1/metrics"):
-            endpoint = endpoint.rstrip("/") + "/v1/metrics"
-        return HttpExporter(endpoint=endpoint, **kwargs)
+        path = f"/v1/{signal}"
+        if not endpoint.rstrip("/").endswith(path):
+            endpoint = endpoint.rstrip("/") + path
+        return (HttpMetrics if signal == "metrics" else HttpSpans)(endpoint=endpoint, **kwargs)
 
     from grpc import Compression as GrpcCompression
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-        OTLPMetricExporter as GrpcExporter,
+        OTLPMetricExporter as GrpcMetrics,
+    )
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcSpans,
     )
 
     if config.compression:
@@ -151,49 +180,47 @@ def make_otlp_exporter(config: ExporterConfig) -> MetricExporter:
                                  "deflate": GrpcCompression.Deflate}[config.compression]
     if config.insecure is not None:
         kwargs["insecure"] = config.insecure
-    return GrpcExporter(endpoint=endpoint, **kwargs)
+    return (GrpcMetrics if signal == "metrics" else GrpcSpans)(endpoint=endpoint, **kwargs)
 
 
-class MetricsShipper:
-    """Sends MetricsData and tells the operator about an unreachable collector once per
-    outage, not on every export."""
+class OtlpShipper:
+    """Sends one signal's batches through an official OTLP exporter and tells the operator
+    about an unreachable collector once per outage, not on every export."""
 
-    def __init__(self, exporter: MetricExporter, endpoint: str) -> None:
+    def __init__(self, exporter: Any, endpoint: str, signal: str = "metrics") -> None:
         self.exporter = exporter
         self.endpoint = endpoint
+        self.signal = signal
         self.exported = 0
         self.failed = 0
         self._outage_failures: int | None = None  # None: healthy
         self._closing = False
-        self._quiet = _QuietExporterLogs(self._report_outage)
-        for name in ("opentelemetry.exporter.otlp.proto.grpc.exporter",
-                     "opentelemetry.exporter.otlp.proto.http.metric_exporter"):
-            logging.getLogger(name).addFilter(self._quiet)
+        _listen_to_exporter_logs(self._report_outage)
 
     def _report_outage(self, reason: str) -> None:
-        if self._outage_failures is not None or self._closing:
+        # the exporters' loggers are shared by both signals: attribute only our own
+        if self._outage_failures is not None or self._closing or self.signal not in reason:
             return
         self._outage_failures = 0
         log.warning(
-            "cannot export metrics to %s (%s). Is a collector listening there? Set "
-            "exporter.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT. Retrying quietly every "
-            "interval; values are cumulative, so nothing is lost once it answers.",
-            self.endpoint, reason)
+            "cannot export %s to %s (%s). Is a collector listening there? Set "
+            "exporter.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT. Retrying quietly; %s",
+            self.signal, self.endpoint, reason,
+            "values are cumulative, so nothing is lost once it answers." if
+            self.signal == "metrics" else "spans that cannot be sent are counted as dropped.")
 
-    def ship(self, data: MetricsData) -> bool:
+    def ship(self, data: Any) -> bool:
         """Blocking: run it in an executor."""
-        if not data.resource_metrics:
-            return True
         result = self.exporter.export(data)
-        if result == MetricExportResult.SUCCESS:
+        if result.name == "SUCCESS":
             self.exported += 1
             if self._outage_failures is not None:
-                log.info("metrics export to %s works again after %d failed exports",
-                         self.endpoint, self._outage_failures)
+                log.info("%s export to %s works again after %d failed exports",
+                         self.signal, self.endpoint, self._outage_failures)
                 self._outage_failures = None
             return True
         self.failed += 1
-        self._report_outage("export failed")
+        self._report_outage(f"{self.signal} export failed")
         if self._outage_failures is not None:
             self._outage_failures += 1
         return False
@@ -203,5 +230,5 @@ class MetricsShipper:
         self._closing = True
         self.exporter.shutdown()
         if self._outage_failures is not None:
-            log.warning("exiting with metrics undelivered: %s did not answer (%d exports "
-                        "failed)", self.endpoint, self.failed)
+            log.warning("exiting with %s undelivered: %s did not answer (%d exports failed)",
+                        self.signal, self.endpoint, self.failed)

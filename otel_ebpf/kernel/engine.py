@@ -11,7 +11,7 @@ import ctypes as ct
 import errno
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,9 @@ class BpfMap:
         """For a per-CPU array of counters: the per-index totals over all CPUs."""
         return [int(sum(self._table[ct.c_int(i)])) for i in range(len(self._table))]
 
+    def set(self, key: Any, value: Any) -> None:
+        self._table[key] = value
+
     def set_members(self, keys: Iterable[Any]) -> None:
         """Fill a hash used as a set (value 1), e.g. an in-kernel filter."""
         for key in keys:
@@ -131,6 +134,9 @@ class Program:
         self._lib = bcc.libbcc.lib
         self.name = name
         self._maps: dict[str, BpfMap] = {}
+        self._ring_buffers = False
+        self._perf_tables: list[Any] = []
+        self.perf_lost = 0  # samples the perf buffer reported lost (ring buffers count in BPF)
 
     def attach_raw_tracepoint(self, tracepoint: str, fn_name: str) -> None:
         try:
@@ -164,9 +170,44 @@ class Program:
             self._maps[name] = BpfMap(self._bpf.get_table(name.encode()), self._lib)
         return self._maps[name]
 
+    def open_event_buffer(self, name: str, handle: Callable[[Any], None], *, perf: bool,
+                          pages: int = 64) -> None:
+        """Deliver each event of a BPF_RINGBUF_OUTPUT (or BPF_PERF_OUTPUT) map to `handle`
+        as a ctypes struct that is only valid during the call: copy what you keep."""
+        table = self._bpf[name.encode()]
+        if perf:
+            def on_perf(_cpu: int, data: Any, _size: int) -> None:
+                handle(table.event(data))
+
+            def on_lost(count: int) -> None:
+                self.perf_lost += count
+
+            table.open_perf_buffer(on_perf, page_cnt=pages, lost_cb=on_lost)
+            self._perf_tables.append(table)
+        else:
+            def on_ring(_ctx: Any, data: Any, _size: int) -> int:
+                handle(table.event(data))
+                return 0
+
+            table.open_ring_buffer(on_ring)
+            self._ring_buffers = True
+
+    def poll_event_buffers(self) -> None:
+        """Hand every pending event to its handler, without waiting for more."""
+        if self._ring_buffers:
+            self._bpf.ring_buffer_consume()
+        if self._perf_tables:
+            self._bpf.perf_buffer_poll(timeout=0)
+
     def close(self) -> None:
         """Detach and unload; safe to call twice."""
         if self._bpf is not None:
+            # Close per-CPU perf buffers while their map is still open: BCC's own
+            # destructor would try it after cleanup() and raise on the closed map.
+            for table in self._perf_tables:
+                for cpu in list(table._open_key_fds):
+                    del table[cpu]
+            self._perf_tables = []
             self._bpf.cleanup()
             self._bpf = None
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from otel_ebpf.kernel.engine import Engine
-from otel_ebpf.model import Collection, MetricDescriptor
+from otel_ebpf.model import Collection, MetricDescriptor, SpanRecord
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ class Probe(abc.ABC):
     def collect(self) -> Collection:
         """Drain the kernel maps: the records since the previous call. Blocking (map
         syscalls); the daemon runs it in an executor."""
+
+    def poll_spans(self) -> list[SpanRecord]:
+        """Events the kernel streamed since the previous call, as spans. Blocking; most
+        probes have none."""
+        return []
 
     @abc.abstractmethod
     def stop(self) -> None:

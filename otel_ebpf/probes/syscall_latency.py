@@ -10,13 +10,22 @@ import ctypes as ct
 import logging
 from typing import Any
 
+from otel_ebpf.clock import MonotonicClock
 from otel_ebpf.config import SyscallLatencyConfig
 from otel_ebpf.enrich.cgroup import cgroup_id
 from otel_ebpf.histogram import trim
 from otel_ebpf.kernel.engine import Engine, Program
 from otel_ebpf.kernel.syscalls import SyscallTable
-from otel_ebpf.model import Collection, ExpHistogramDelta, MetricDescriptor, Workload
+from otel_ebpf.model import (
+    Collection,
+    ExpHistogramDelta,
+    MetricDescriptor,
+    SpanRecord,
+    Workload,
+)
 from otel_ebpf.probes.base import Hook, Probe
+from otel_ebpf.probes.slow_syscalls import SlowCallStream, ring_buffer_supported
+from otel_ebpf.probes.slow_syscalls import cflags as slow_cflags
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +33,7 @@ log = logging.getLogger(__name__)
 HIST_SCALE = 2
 HIST_MIN_INDEX = -104
 HIST_BUCKETS = 152
-_STAT_REASONS = ("map_full", "no_start")
+_STAT_REASONS = ("map_full", "no_start", "rate_limited", "buffer_full")
 
 SYSCALL_DURATION = MetricDescriptor(
     name="linux.syscall.duration",
@@ -42,10 +51,17 @@ class SyscallLatency(Probe):
     )
     exports = (SYSCALL_DURATION,)
 
-    def __init__(self, config: SyscallLatencyConfig, syscalls: SyscallTable) -> None:
+    def __init__(self, config: SyscallLatencyConfig, syscalls: SyscallTable,
+                 clock: MonotonicClock | None = None, perf_buffer: bool | None = None) -> None:
         self.config = config
         self.syscalls = syscalls
         self._program: Program | None = None
+        self.slow: SlowCallStream | None = None
+        if config.slow_spans.enabled:
+            perf = not ring_buffer_supported() if perf_buffer is None else perf_buffer
+            self.slow = SlowCallStream(config.slow_spans, syscalls, clock or MonotonicClock(),
+                                       perf, config.aggregation)
+        self._terminal_reads_seen = 0
         self._stats_seen = [0] * len(_STAT_REASONS)
 
     def cflags(self) -> list[str]:
@@ -58,6 +74,8 @@ class SyscallLatency(Probe):
         flags += [flag for flag, on in (
             ("-DFILTER_TGID", f.pids), ("-DFILTER_COMM", f.comms), ("-DFILTER_CGROUP", f.cgroups)
         ) if on]
+        if self.slow is not None:
+            flags += slow_cflags(self.config.slow_spans, self.syscalls, self.slow.perf)
         return flags
 
     def verify(self, engine: Engine) -> None:
@@ -69,6 +87,8 @@ class SyscallLatency(Probe):
         self._program = program
         try:
             self._fill_filters(program)
+            if self.slow is not None:
+                self.slow.attach(program)
             program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
             program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
         except Exception:
@@ -103,6 +123,9 @@ class SyscallLatency(Probe):
             if total > seen
         }
         self._stats_seen = totals
+        if self.slow is not None and self.slow.terminal_reads > self._terminal_reads_seen:
+            lost["terminal_read_filtered"] = self.slow.terminal_reads - self._terminal_reads_seen
+            self._terminal_reads_seen = self.slow.terminal_reads
         return Collection(self.name, [self.decode(k, v) for k, v in entries], lost)
 
     def decode(self, key: Any, value: Any) -> ExpHistogramDelta:
@@ -120,6 +143,9 @@ class SyscallLatency(Probe):
             min=value.min_ns / 1e9,
             max=value.max_ns / 1e9,
         )
+
+    def poll_spans(self) -> list[SpanRecord]:
+        return self.slow.poll() if self.slow is not None else []
 
     def stop(self) -> None:
         if self._program is not None:

@@ -175,3 +175,67 @@ def test_absent_collector_is_reported_once_and_summary_still_prints(
     assert "Traceback" not in log
     rows = [line.split() for line in agent.stdout if line.strip().startswith(str(pid))]
     assert any(row[2] == "getppid" and int(row[3]) == N_GETPPID for row in rows), agent.stdout
+
+
+SLOW_CONFIG = """
+probes:
+  syscall_latency:
+    interval: 500ms
+    filter:
+      comms: [slowpoke, slow_workload]
+    slow_spans:
+      include: [nanosleep, clock_nanosleep]
+summary:
+  enabled: false
+"""
+
+
+def test_slow_calls_arrive_as_spans_linked_by_exemplars(
+    agent_factory, rotel: RotelCollector, otlp_sink: OtlpSink, slow_workload: Path,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "slow.yaml"
+    config.write_text(SLOW_CONFIG)
+    agent = agent_factory("--config", str(config), "--export-interval", "1s",
+                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
+    agent.wait_for_log("probe syscall_latency attached")
+    proc = subprocess.run([str(slow_workload), "sleeps", "5", "50", "100"], check=True,
+                          capture_output=True, text=True, timeout=30)
+    recorded = [(int(f[1]), int(f[4])) for f in map(str.split, proc.stdout.splitlines())
+                if f[0] == "start"]
+    pid = int(proc.stdout.split()[2])  # the tid of the single thread is the pid
+
+    def sleep_spans() -> list[tuple[dict, object]]:
+        return [(r, s) for r, s in otlp_sink.spans()
+                if s.name in ("syscall clock_nanosleep", "syscall nanosleep")
+                and r.get("process.pid") == pid]
+
+    def exemplars() -> list[object]:
+        return [e for _, p in otlp_sink.metrics_points("linux.syscall.duration")
+                for e in p.exemplars
+                if any(a.key == "linux.syscall.name" and "nanosleep" in a.value.string_value
+                       for a in p.attributes)
+                and any(a.key == "process.pid" and a.value.int_value == pid
+                        for a in p.attributes)]
+
+    assert otlp_sink.wait_for(lambda: len(sleep_spans()) >= 5 and exemplars(), timeout=20), (
+        "".join(agent.stderr))
+    spans = sleep_spans()
+    assert len(spans) == 5
+    for (resource, span), (start, end) in zip(
+            sorted(spans, key=lambda rs: rs[1].start_time_unix_nano), recorded, strict=True):
+        # exited before the agent looked at /proc: the kernel's thread name is what is left
+        assert resource["service.name"] in ("slow_workload", "slowpoke")
+        assert span.kind == span.SPAN_KIND_INTERNAL
+        duration = span.end_time_unix_nano - span.start_time_unix_nano
+        assert 50e6 <= duration <= end - start and abs(duration - (end - start)) < 1e6
+        assert abs(span.start_time_unix_nano - start) < 1e6
+    sent = {(s.trace_id, s.span_id) for _, s in spans}
+    linked = {(e.trace_id, e.span_id) for e in exemplars()}
+    assert linked and linked <= sent
+    durations = {(s.trace_id, s.span_id): (s.end_time_unix_nano - s.start_time_unix_nano) / 1e9
+                 for _, s in spans}
+    for e in exemplars():
+        assert e.as_double == pytest.approx(durations[(e.trace_id, e.span_id)], abs=1e-9)
+    code, _ = agent.stop()
+    assert code == 0

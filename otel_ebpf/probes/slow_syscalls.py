@@ -1,0 +1,175 @@
+"""Slow-call events of probes/syscall_latency.bpf.c -> span records.
+
+The kernel side decides what is slow (per-syscall thresholds in an array map) and how many
+events a second may leave (a token bucket); this module fills those maps from the config,
+decodes the events and drops the few that only user space can recognise (a read of a
+terminal is waiting for a human, not slow).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from otel_ebpf.clock import MonotonicClock
+from otel_ebpf.config import SlowSpansConfig
+from otel_ebpf.kernel.engine import Program
+from otel_ebpf.kernel.syscalls import SyscallTable
+from otel_ebpf.model import AttributeValue, SpanRecord, Workload
+
+log = logging.getLogger(__name__)
+
+SYSCALL_SLOTS = 1024  # keep in sync with the .bpf.c
+PAGE = 4096
+MIN_RING_KERNEL = (5, 8)
+# syscalls whose first argument is a file descriptor worth showing on the span
+FD_FIRST = frozenset({
+    "read", "write", "pread64", "pwrite64", "readv", "writev", "preadv", "pwritev",
+    "preadv2", "pwritev2", "recvfrom", "sendto", "recvmsg", "sendmsg", "recvmmsg",
+    "sendmmsg", "connect", "accept", "accept4", "fsync", "fdatasync", "ioctl", "close",
+    "fcntl", "getdents64", "sendfile", "splice", "ftruncate", "fallocate", "flock",
+    "sync_file_range", "shutdown", "getsockopt", "setsockopt", "fstat", "lseek",
+})
+TERMINAL_READS = frozenset({"read", "readv", "pread64", "preadv", "preadv2"})
+
+
+@dataclass(frozen=True, slots=True)
+class SlowCall:
+    tgid: int
+    tid: int
+    comm: str
+    cgroup_id: int
+    nr: int
+    ret: int
+    arg0: int
+    enter_ns: int  # CLOCK_MONOTONIC
+    exit_ns: int
+
+
+def ring_buffer_supported(release: str | None = None) -> bool:
+    numbers = [int(p) for p in (release or platform.release()).split("-")[0].split(".")[:2]]
+    return tuple(numbers) >= MIN_RING_KERNEL
+
+
+def buffer_pages(size_bytes: int) -> int:
+    """Both buffer kinds want a power-of-two page count."""
+    pages = max(1, size_bytes // PAGE)
+    return 1 << (pages - 1).bit_length()
+
+
+def thresholds(config: SlowSpansConfig, table: SyscallTable) -> dict[int, int]:
+    """syscall nr -> threshold in ns, for every syscall that can make a span."""
+    unknown = sorted({*config.thresholds, *config.include, *config.exclude}
+                     - set(table.names.values()))
+    if unknown and table.names:
+        log.warning("slow_spans: no syscall named %s in %s; ignored", ", ".join(unknown),
+                    table.source)
+    excluded = set(config.exclude) - set(config.include)
+    out = {}
+    for nr, name in table.names.items():
+        if name in excluded or nr >= SYSCALL_SLOTS:
+            continue
+        out[nr] = int(config.thresholds.get(name, config.threshold) * 1e9)
+    return out
+
+
+def cflags(config: SlowSpansConfig, table: SyscallTable, perf: bool) -> list[str]:
+    limits = thresholds(config, table)
+    flags = ["-DSLOW_EVENTS", f"-DSLOW_MIN_NS={min(limits.values(), default=1 << 62)}ULL",
+             f"-DSLOW_RATE={config.rate_per_second}ULL", f"-DSLOW_BURST={config.burst}ULL",
+             f"-DRINGBUF_PAGES={buffer_pages(config.buffer_size)}"]
+    if perf:
+        flags.append("-DUSE_PERF_BUFFER")
+    return flags
+
+
+def error_type(ret: int) -> str | None:
+    if -4095 <= ret < 0:
+        return errno.errorcode.get(-ret, f"errno {-ret}")
+    return None
+
+
+def is_terminal(pid: int, fd: int) -> bool:
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    return target.startswith(("/dev/pts/", "/dev/tty", "/dev/console"))
+
+
+class SlowCallStream:
+    """Owns the event buffer of a loaded syscall_latency program."""
+
+    def __init__(self, config: SlowSpansConfig, table: SyscallTable, clock: MonotonicClock,
+                 perf: bool, aggregation: str) -> None:
+        self.config = config
+        self.aggregation = aggregation
+        self.table = table
+        self.clock = clock
+        self.perf = perf
+        self.terminal_reads = 0  # events dropped because they waited on a terminal
+        self._pending: list[SlowCall] = []
+        self._program: Program | None = None
+
+    def attach(self, program: Program) -> None:
+        limits = program.map("slow_threshold_ns")
+        for nr, ns in thresholds(self.config, self.table).items():
+            limits.set(ct.c_int(nr), ct.c_uint64(ns))
+        program.open_event_buffer("slow_events", self._on_event, perf=self.perf,
+                                  pages=buffer_pages(self.config.buffer_size))
+        self._program = program
+
+    def _on_event(self, ev: Any) -> None:
+        self._pending.append(SlowCall(
+            int(ev.tgid), int(ev.tid), ev.comm.decode(errors="replace"), int(ev.cgroup_id),
+            int(ev.nr), int(ev.ret), int(ev.arg0), int(ev.enter_ns), int(ev.exit_ns)))
+
+    def poll(self) -> list[SpanRecord]:
+        if self._program is None:
+            return []
+        self._program.poll_event_buffers()
+        calls, self._pending = self._pending, []
+        return [span for call in calls if (span := self.to_span(call)) is not None]
+
+    def _series_workload(self, call: SlowCall) -> Workload:
+        """The workload of the histogram series this call was counted in."""
+        if self.aggregation == "process":
+            return Workload(call.tgid, call.comm, call.cgroup_id)
+        if self.aggregation == "cgroup":
+            return Workload(0, "", call.cgroup_id)
+        return Workload()
+
+    def to_span(self, call: SlowCall) -> SpanRecord | None:
+        name = self.table.name(call.nr)
+        fd = call.arg0 if name in FD_FIRST and call.arg0 < 1 << 31 else None
+        if (self.config.exclude_terminal_reads and name in TERMINAL_READS and fd is not None
+                and is_terminal(call.tgid, fd)):
+            self.terminal_reads += 1
+            return None
+        attrs: dict[str, AttributeValue] = {
+            "linux.syscall.name": name,
+            "linux.syscall.return": call.ret,
+            "thread.id": call.tid,
+            "thread.name": call.comm,
+        }
+        if fd is not None:
+            attrs["linux.syscall.fd"] = fd
+        err = error_type(call.ret)
+        if err is not None:
+            attrs["error.type"] = err
+        return SpanRecord(
+            name=f"syscall {name}",
+            workload=Workload(call.tgid, call.comm, call.cgroup_id),
+            start_unix_ns=self.clock.to_unix_ns(call.enter_ns),
+            end_unix_ns=self.clock.to_unix_ns(call.exit_ns),
+            attributes=attrs,
+            error_type=err,
+            example_of=("linux.syscall.duration", self._series_workload(call),
+                        {"linux.syscall.name": name}),
+        )
+
