@@ -3,42 +3,46 @@
  * Hooks:      tracepoint tcp/tcp_retransmit_skb (every retransmission attempt; softirq or
  *             timer context, so `current` is not the socket's owner), and for ownership
  *             tracepoints sock/sock_send_length, sock/sock_recv_length (process context:
- *             every send and receive on a socket) and sock/inet_sock_set_state (connect()
- *             and the final close).
+ *             every send and receive on a socket) and sock/inet_sock_set_state (connect(),
+ *             the birth of an accepted socket, and the final close).
  * Aggregates: per (family, local addr/port, peer addr/port, TCP state, error, owner tgid,
  *             owner cgroup) the number of retransmitted *segments*: tcp_skb_pcount(skb),
  *             read from TCP_SKB_CB(skb)->tcp_gso_segs, since under GSO/TSO one buffer (one
- *             tracepoint hit) carries up to 64 KiB of segments. The struct offsets come
- *             from the running kernel's BTF through SKB_PCOUNT_OFFSET: the kernel headers
- *             BCC compiles against may be another version's. KEY_LOCAL / KEY_PEER keep
- *             the local and peer endpoints in the key; without them the key collapses to
- *             (family, state, error, owner) and the map holds one entry per workload.
- *             Attempts that failed (err != 0: not sent, or refused below TCP) are keyed
- *             by their errno, so successes and failures never share a counter.
+ *             tracepoint hit) carries up to 64 KiB of segments. The offset comes from the
+ *             running kernel's BTF through SKB_PCOUNT_OFFSET: the kernel headers BCC
+ *             compiles against may be another version's, with another sk_buff layout.
+ *             Aggregation (compile time): KEY_CONNECTION keeps the whole 4-tuple; KEY_PEER
+ *             keeps the far end of a connection this host opened (peer address and port:
+ *             the service called) and, for a connection it accepted, the peer address and
+ *             the local port (the service offered), so no ephemeral port makes a key;
+ *             neither keeps only (family, state, error, owner): one key per workload.
+ *             Failed attempts (err != 0: not sent, or refused below TCP) are keyed by
+ *             their errno, so successes and failures never share a counter.
  * Maps:       retransmits  LRU hash, MAX_ENTRIES keys; drained (lookup and delete) by user
  *                          space every collection, so it holds one interval of keys.
  *                          When full, LRU evicts the least recently counted key rather
- *                          than refusing new connections; evictions are estimated from
- *                          STAT_INSERTS against the keys drained.
+ *                          than refusing new connections; user space estimates evictions
+ *                          from STAT_INSERTS against the keys it drained.
  *             owners       LRU hash, OWNER_ENTRIES sockets: struct sock * -> the last
  *                          process (tgid, cgroup, comm) that sent, received or connected
- *                          on it; the entry goes at TCP_CLOSE.
+ *                          on it, and whether it was accepted; deleted at TCP_CLOSE.
  *             probe_stats  per-CPU counters: tracepoint hits and what could not be
  *                          recorded exactly.
  *             event_rate   1-entry array: the event rate limiter's state (GCRA, one u64).
- *             events       ring buffer of single retransmits, with EVENTS only.
- * Emits:      with EVENTS, one event per retransmission attempt, at most EVENT_RATE per
- *             second (burst EVENT_BURST); refused and dropped events are counted.
+ *             events       ring buffer of single retransmission attempts, with EVENTS.
+ * Emits:      with EVENTS, one event per retransmission attempt, full 4-tuple whatever
+ *             the aggregation, at most EVENT_RATE per second (burst EVENT_BURST); refused
+ *             and dropped events are counted in probe_stats.
  * Cost:       per retransmission: one 2-byte probe read, two hash lookups (owner, key),
  *             one atomic add; a new key per interval costs one insert. Per send/receive
- *             on any socket: a family/protocol compare; on TCP sockets also one LRU
- *             lookup and two helper calls, and an update only when a different process
- *             or cgroup than last time uses the socket.
+ *             on any socket: a family/protocol compare; on TCP sockets also two helper
+ *             calls and one LRU lookup, plus an update only when another process or
+ *             cgroup than last time uses the socket. Per TCP state change: a compare.
  *
  * Compile-time switches (cflags from otel_ebpf/probes/tcp_retransmit.py):
  *   MAX_ENTRIES, OWNER_ENTRIES, SKB_PCOUNT_OFFSET (absent: every hit counts as one segment
- *   and as pcount_unreadable), HAVE_ERR (the tracepoint has `err`: kernel 6.17+; before,
- *   it fired on successes only), KEY_LOCAL, KEY_PEER, EVENTS, EVENT_RATE, EVENT_BURST,
+ *   and as pcount_unreadable), HAVE_ERR (the tracepoint has `err`, 6.17+; before, it fired
+ *   on successes only), KEY_CONNECTION, KEY_PEER, EVENTS, EVENT_RATE, EVENT_BURST,
  *   RINGBUF_PAGES.
  */
 #include <linux/sched.h>
@@ -48,12 +52,15 @@
 #define FAMILY_INET6 10
 #define PROTO_TCP 6
 #define STATE_SYN_SENT 2
+#define STATE_SYN_RECV 3
 #define STATE_CLOSE 7
 
+#define OWNER_ACCEPTED 1  /* owner.flags: the socket came from a listener */
+
 struct conn_key {
-    u8 local_addr[16];  /* IPv6, or IPv4-mapped IPv6 (::ffff:a.b.c.d) for AF_INET */
+    u8 local_addr[16];  /* IPv6, or IPv4-mapped IPv6 (::ffff:a.b.c.d) for IPv4 */
     u8 peer_addr[16];
-    u16 local_port;     /* host byte order, as the tracepoint gives them */
+    u16 local_port;     /* host byte order, as the tracepoint gives them; 0: not kept */
     u16 peer_port;
     u16 family;         /* on the wire: AF_INET also for IPv4-mapped peers of AF_INET6 */
     u8 state;
@@ -70,7 +77,7 @@ struct conn_value {
 
 struct owner {
     u32 tgid;
-    u32 _pad;
+    u32 flags;
     u64 cgroup_id;
     char comm[TASK_COMM_LEN];
 };
@@ -131,6 +138,8 @@ static __always_inline void remember_owner(const void *sk)
     if (known && known->tgid == tgid && known->cgroup_id == cgroup_id)
         return;
     struct owner fresh = {.tgid = tgid, .cgroup_id = cgroup_id};
+    if (known)
+        fresh.flags = known->flags;
     bpf_get_current_comm(&fresh.comm, sizeof(fresh.comm));
     owners.update(&key, &fresh);
 }
@@ -140,6 +149,8 @@ static __always_inline int is_tcp(u16 family, u16 protocol)
     return protocol == PROTO_TCP && (family == FAMILY_INET || family == FAMILY_INET6);
 }
 
+/* Named on_* rather than BCC's tracepoint__* so that BCC does not attach them on load
+ * (`doctor` verifies without attaching). */
 int on_send(struct tracepoint__sock__sock_send_length *args)
 {
     if (is_tcp(args->family, args->protocol))
@@ -154,17 +165,22 @@ int on_recv(struct tracepoint__sock__sock_recv_length *args)
     return 0;
 }
 
-/* connect() moves the socket to SYN_SENT in the caller's context: the owner is known
- * before the first SYN can be retransmitted. TCP_CLOSE is the socket's end (it may come
- * from softirq, a reset): forget it so a reused address does not inherit the owner. */
+/* connect() moves a socket to SYN_SENT in the caller's context: the owner is known
+ * before the first SYN can be retransmitted. A socket born in SYN_RECV was accepted
+ * (softirq: its owner comes with its first send or receive). TCP_CLOSE is the socket's
+ * end (maybe in softirq, a reset): forget it, so that a reused address does not inherit
+ * the owner. */
 int on_state(struct tracepoint__sock__inet_sock_set_state *args)
 {
     if (args->protocol != PROTO_TCP)
         return 0;
+    u64 key = (u64)args->skaddr;
     if (args->newstate == STATE_SYN_SENT) {
         remember_owner(args->skaddr);
+    } else if (args->newstate == STATE_SYN_RECV) {
+        struct owner accepted = {.flags = OWNER_ACCEPTED};
+        owners.update(&key, &accepted);
     } else if (args->newstate == STATE_CLOSE) {
-        u64 key = (u64)args->skaddr;
         owners.delete(&key);
     }
     return 0;
@@ -224,9 +240,9 @@ static __always_inline void emit(struct conn_key *key, u32 segments, struct owne
 #endif
 
 /* Segments in this buffer: tcp_skb_pcount(skb) == TCP_SKB_CB(skb)->tcp_gso_segs, a u16 in
- * skb->cb[]. SKB_PCOUNT_OFFSET = offsetof(sk_buff, cb) + offsetof(tcp_skb_cb,
- * tcp_gso_segs), from BTF. The skb is the one in the retransmit queue, owned by the
- * socket (locked here), so it cannot be freed under the read. */
+ * skb->cb[]; SKB_PCOUNT_OFFSET = offsetof(sk_buff, cb) + offsetof(tcp_skb_cb,
+ * tcp_gso_segs). The skb is the one in the retransmit queue, and the socket is locked
+ * here, so it cannot be freed under the read. */
 static __always_inline u32 segment_count(const void *skb)
 {
 #ifdef SKB_PCOUNT_OFFSET
@@ -259,32 +275,50 @@ int on_retransmit(struct tracepoint__tcp__tcp_retransmit_skb *args)
     u32 segments = segment_count(args->skbaddr);
 
     /* saddr_v6/daddr_v6 hold the IPv4-mapped form for AF_INET sockets: one layout for
-     * both families. Copied to the stack first: the context only allows aligned reads. */
+     * both families. */
     struct conn_key key = {};
-    u8 local[16], peer[16];
-    __builtin_memcpy(local, args->saddr_v6, 16);
-    __builtin_memcpy(peer, args->daddr_v6, 16);
-    key.family = wire_family(args->family, peer);
+    __builtin_memcpy(key.local_addr, args->saddr_v6, 16);
+    __builtin_memcpy(key.peer_addr, args->daddr_v6, 16);
+    key.local_port = args->sport;
+    key.peer_port = args->dport;
+    /* From here on the stack copy is what is read: left alone, clang may re-read the
+     * context through a derived pointer, which the verifier refuses. */
+    asm volatile("" ::: "memory");
+    key.family = wire_family(args->family, key.peer_addr);
     key.state = (u8)args->state;
 #ifdef HAVE_ERR
     key.err = args->err;
 #endif
-#ifdef KEY_LOCAL
-    __builtin_memcpy(key.local_addr, local, 16);
-    key.local_port = args->sport;
-#endif
-#ifdef KEY_PEER
-    __builtin_memcpy(key.peer_addr, peer, 16);
-    key.peer_port = args->dport;
-#endif
     u64 sk = (u64)args->skaddr;
     struct owner *o = owners.lookup(&sk);
+    u32 accepted = 0;
     if (o) {
         key.tgid = o->tgid;
         key.cgroup_id = o->cgroup_id;
-    } else {
-        count_stat(STAT_NO_OWNER);
+        accepted = o->flags & OWNER_ACCEPTED;
     }
+    if (!key.tgid)
+        count_stat(STAT_NO_OWNER);
+#ifdef EVENTS
+    emit(&key, segments, o);
+#endif
+
+#ifndef KEY_CONNECTION
+#ifdef KEY_PEER
+    if (accepted) {
+        key.peer_port = 0;  /* the client's ephemeral port */
+        __builtin_memset(key.local_addr, 0, 16);
+    } else {
+        key.local_port = 0;  /* our ephemeral port */
+        __builtin_memset(key.local_addr, 0, 16);
+    }
+#else
+    __builtin_memset(key.local_addr, 0, 16);
+    __builtin_memset(key.peer_addr, 0, 16);
+    key.local_port = 0;
+    key.peer_port = 0;
+#endif
+#endif
 
     struct conn_value *value = retransmits.lookup(&key);
     if (!value) {
@@ -302,14 +336,5 @@ int on_retransmit(struct tracepoint__tcp__tcp_retransmit_skb *args)
         }
     }
     __sync_fetch_and_add(&value->segments, segments);
-
-#ifdef EVENTS
-    /* The event stream always carries the full 4-tuple, whatever the aggregation. */
-    __builtin_memcpy(key.local_addr, local, 16);
-    key.local_port = args->sport;
-    __builtin_memcpy(key.peer_addr, peer, 16);
-    key.peer_port = args->dport;
-    emit(&key, segments, o);
-#endif
     return 0;
 }

@@ -68,7 +68,7 @@ class SyscallLatency(Probe):
         flags = [f"-DMAX_ENTRIES={self.config.max_entries}"]
         if self.config.aggregation == "process":
             flags.append("-DKEY_TGID")
-        if self.config.aggregation in ("process", "cgroup"):
+        elif self.config.aggregation == "cgroup":
             flags.append("-DKEY_CGROUP")
         f = self.config.filter
         flags += [flag for flag, on in (
@@ -130,15 +130,19 @@ class SyscallLatency(Probe):
 
     def decode(self, key: Any, value: Any) -> ExpHistogramDelta:
         offset, counts = trim(HIST_MIN_INDEX, value.buckets)
+        # per-process keys carry no cgroup (a shorter key is a cheaper hash); the value
+        # recorded it at insert. System-wide series belong to no cgroup.
+        cgroup = int(getattr(key, "cgroup_id", value.cgroup_id))
+        if self.config.aggregation == "system":
+            cgroup = 0
         return ExpHistogramDelta(
             descriptor=SYSCALL_DURATION,
-            workload=Workload(int(key.tgid), value.comm.decode(errors="replace"),
-                              int(key.cgroup_id)),
+            workload=Workload(int(key.tgid), value.comm.decode(errors="replace"), cgroup),
             attributes={"linux.syscall.name": self.syscalls.name(int(key.nr))},
             scale=HIST_SCALE,
             offset=offset,
             bucket_counts=counts,
-            count=int(value.count),
+            count=sum(counts),
             sum=value.sum_ns / 1e9,
             min=value.min_ns / 1e9,
             max=value.max_ns / 1e9,
