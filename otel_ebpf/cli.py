@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--summary-interval", type=_duration_arg, metavar="DURATION",
                      help="how often the human-readable summary is printed (default 30s)")
     run.add_argument("--no-summary", action="store_true", help="do not print the summary")
+    run.add_argument("--profiles-folded", type=Path, metavar="FILE",
+                     help="also write the CPU profile as collapsed stacks (a;b;c N, "
+                          "cumulative, rewritten every export) for flamegraph tools")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
     doctor = sub.add_parser("doctor", help="check that this machine can run the probes",
@@ -87,6 +91,7 @@ def _overrides(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
         (("log_level",), args.log_level),
         (("exporter", "enabled"), False if args.no_export else None),
         (("summary", "enabled"), False if args.no_summary else None),
+        (("probes", "cpu_profile", "folded_path"), args.profiles_folded),
     ]
     return {path: value for path, value in pairs if value is not None}
 
@@ -124,6 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import Agent
     from otel_ebpf.enrich.host import host_attributes
     from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
+    from otel_ebpf.export.profile_sender import ProfilesSender
+    from otel_ebpf.export.profiles import ProfileExport
 
     config = _load_config(args, _overrides(args))
     if config is None:
@@ -131,14 +138,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine, syscall_table = _kernel_context()
     log.info("syscall names: %s", syscall_table.source)
     probes = registry.build(config, syscall_table)
-    shipper = span_shipper = None
+    shipper = span_shipper = profiles_sender = None
     if config.exporter.enabled:
         endpoint = config.exporter.resolved_endpoint()
         shipper = OtlpShipper(make_otlp_exporter(config.exporter), endpoint, "metrics")
         span_shipper = OtlpShipper(make_otlp_exporter(config.exporter, "traces"), endpoint,
                                    "traces")
+        profiles_sender = ProfilesSender(config.exporter)
+    profiles = None
+    profile_cfg = config.probes.cpu_profile
+    if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
+        profiles = ProfileExport(profiles_sender, profile_cfg.folded_path, time.time_ns())
     agent = Agent(config, engine, probes, shipper, host_attributes(),
-                  span_shipper=span_shipper)
+                  span_shipper=span_shipper, profiles=profiles)
     return asyncio.run(agent.run(args.duration))
 
 

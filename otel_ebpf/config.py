@@ -131,8 +131,24 @@ class TcpRetransmitConfig(_Strict):
     events: TcpRetransmitEvents = Field(default_factory=TcpRetransmitEvents)
 
 
+class CpuProfileConfig(_Strict):
+    enabled: bool = True
+    # a prime, so sampling does not run in lockstep with periodic work
+    frequency: int = Field(default=19, ge=1, le=10_000)
+    # how often stacks are drained; shortened automatically so that fewer than ~0.5 % of
+    # samples can lose their stack to a stack-map collision (see probes/cpu_profile.bpf.c)
+    interval: Duration = 1.0
+    max_samples: int = Field(default=16384, ge=64, le=1 << 20)
+    user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
+    kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
+    keep_idle: bool = False
+    # also write collapsed stacks ("a;b;c N", cumulative) here, for flamegraph tools
+    folded_path: Path | None = None
+
+
 class ProbesConfig(_Strict):
     syscall_latency: SyscallLatencyConfig = Field(default_factory=SyscallLatencyConfig)
+    cpu_profile: CpuProfileConfig = Field(default_factory=CpuProfileConfig)
     tcp_retransmit: TcpRetransmitConfig = Field(default_factory=TcpRetransmitConfig)
 
 

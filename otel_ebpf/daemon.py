@@ -25,6 +25,7 @@ from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.process import ProcessEnricher, pid_alive
 from otel_ebpf.export.metrics import OtlpShipper, build_metrics_data
+from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanQueue, build_spans
 from otel_ebpf.kernel.engine import Engine
@@ -41,6 +42,10 @@ LOST_EVENTS = MetricDescriptor(
 SPANS_DROPPED = MetricDescriptor(
     "otel_ebpf.spans.dropped", "{span}",
     "Spans the agent did not deliver: queue_full, export_failed.")
+PROFILES_DROPPED = MetricDescriptor(
+    "otel_ebpf.profiles.dropped", "{profile}",
+    "Profiles the agent did not deliver: unsupported (the collector has no profiles "
+    "service), export_failed.")
 SPAN_POLL_S = 0.2  # how often kernel event buffers are emptied
 SPAN_EXPORT_S = 0.5
 SPAN_BATCH = 512
@@ -56,12 +61,15 @@ class Agent:
         host: Mapping[str, AttributeValue],
         out: TextIO = sys.stdout,
         span_shipper: OtlpShipper | None = None,
+        profiles: ProfileExport | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.probes = probes
         self.shipper = shipper
         self.span_shipper = span_shipper
+        self.profiles = profiles
+        self._profiles_dropped_seen = 0
         slow = config.probes.syscall_latency.slow_spans
         self.spans = SpanQueue(slow.queue_size)
         self._spans_failed = 0
@@ -74,6 +82,8 @@ class Agent:
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         self._span_pool = ThreadPoolExecutor(1, thread_name_prefix="spans")
+        self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
+        self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
         self._span_future: asyncio.Future[bool] | None = None
         self._summary_started = time.monotonic()
@@ -97,6 +107,8 @@ class Agent:
             tasks.append(asyncio.create_task(self._span_poll_loop(), name="span-poll"))
             if self.span_shipper is not None:
                 tasks.append(asyncio.create_task(self._span_export_loop(), name="span-export"))
+            if self.profiles is not None:
+                tasks.append(asyncio.create_task(self._profile_loop(), name="profiles"))
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
                      ", ".join(p.name for p in self.probes) or "none",
                      self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)",
@@ -114,7 +126,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self._stop_probes()
-            for pool in (self._bpf_pool, self._export_pool, self._span_pool):
+            for pool in (self._bpf_pool, self._export_pool, self._span_pool,
+                         self._profile_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -145,7 +158,8 @@ class Agent:
     # ---- collection ------------------------------------------------------------------
 
     def _interval(self, probe: Probe) -> float:
-        return float(getattr(self.config.probes, probe.name).interval)
+        # a probe may shorten its configured interval (cpu_profile does, for its stack maps)
+        return float(getattr(probe, "interval", getattr(self.config.probes, probe.name).interval))
 
     async def _collect_loop(self, probe: Probe) -> None:
         while True:
@@ -166,6 +180,8 @@ class Agent:
         start = self._started_ns.get(collection.probe, now)
         self.store.add(collection.records, start, now)
         self.summary.add(collection.records)
+        if self.profiles is not None and collection.samples:
+            self.profiles.add(collection.samples, collection.period_ns)
         lost = [CounterDelta(LOST_EVENTS, AGENT, {"probe": collection.probe, "reason": r}, n)
                 for r, n in collection.lost_events.items()]
         self.store.add(lost, start, now)
@@ -306,6 +322,36 @@ class Agent:
                     log.exception("span export failed unexpectedly")
                     break
 
+    # ---- profiles --------------------------------------------------------------------
+
+    def _flush_profiles(self) -> None:
+        assert self.profiles is not None
+        workloads = self.profiles.workloads()
+        self.profiles.flush(self._resource_of(self._identities(workloads)), time.time_ns())
+        sender = self.profiles.sender
+        if sender is not None and sender.dropped > self._profiles_dropped_seen:
+            reason = "unsupported" if sender.unsupported else "export_failed"
+            now = time.time_ns()
+            self.store.add([CounterDelta(PROFILES_DROPPED, AGENT, {"reason": reason},
+                                         sender.dropped - self._profiles_dropped_seen)],
+                           min(self._started_ns.values(), default=now), now)
+            self._profiles_dropped_seen = sender.dropped
+
+    async def _profile_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.exporter.interval)
+            if self._profile_future is not None and not self._profile_future.done():
+                continue
+            self._profile_future = loop.run_in_executor(self._profile_pool,
+                                                        self._flush_profiles)
+            try:
+                await asyncio.shield(self._profile_future)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("profile export failed unexpectedly; retrying next interval")
+
     async def _summary_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.summary.interval)
@@ -334,6 +380,21 @@ class Agent:
                     break
         self.span_shipper.shutdown()
 
+    async def _final_profiles(self, deadline: float) -> None:
+        if self.profiles is None:
+            return
+        if self._profile_future is not None and not self._profile_future.done():
+            log.warning("a profile export was still running at shutdown; last window dropped")
+        else:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._profile_pool, self._flush_profiles)
+            try:
+                await asyncio.wait_for(future, max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                log.warning("final profile export did not finish in time; dropped")
+        if self.profiles.sender is not None:
+            self.profiles.sender.close()
+
     async def _final_flush(self) -> None:
         """Last drain and export within SHUTDOWN_BUDGET_S; a collector that does not answer
         in time is abandoned (its retries are cancelled by shutting the exporter down)."""
@@ -345,6 +406,7 @@ class Agent:
                 log.warning("final collection of %s timed out", probe.name)
         await self._poll_spans()
         await self._flush_spans(deadline)
+        await self._final_profiles(deadline)
         if self.config.summary.enabled:
             self._print_summary()
         if self.shipper is None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from otel_ebpf.symbols import Frame
 
 AttributeValue = str | int | float | bool
 Attributes = Mapping[str, AttributeValue]
@@ -93,6 +97,22 @@ class SpanRecord:
     example_of: tuple[str, Workload, dict[str, AttributeValue]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StackSample:
+    """`count` on-CPU samples of one thread with one stack, `frames` leaf first.
+
+    `lost_stacks` names the parts ("user", "kernel") the kernel could not record: those
+    samples keep the frames that were recorded and are counted, never given fake frames.
+    """
+
+    workload: Workload
+    thread_id: int
+    thread_name: str
+    frames: tuple[Frame, ...]
+    count: int
+    lost_stacks: tuple[str, ...] = ()
+
+
 @dataclass(slots=True)
 class Collection:
     """What one probe produced in one collection, plus the probe's own health counters."""
@@ -101,3 +121,5 @@ class Collection:
     records: list[Record] = field(default_factory=list)
     # reason -> events lost since the previous collection (map full, no start, ...)
     lost_events: dict[str, int] = field(default_factory=dict)
+    samples: list[StackSample] = field(default_factory=list)
+    period_ns: int = 0  # the sampling period of `samples`

@@ -85,3 +85,8 @@ def syscall_workload() -> Path:
 @pytest.fixture(scope="session")
 def slow_workload() -> Path:
     return build_helper("slow_workload")
+
+
+@pytest.fixture(scope="session")
+def cpu_hot() -> Path:
+    return build_helper("cpu_hot")

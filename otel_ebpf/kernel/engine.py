@@ -119,6 +119,20 @@ class BpfMap:
     def set(self, key: Any, value: Any) -> None:
         self._table[key] = value
 
+    def delete(self, key: Any) -> bool:
+        try:
+            del self._table[key]
+        except KeyError:
+            return False
+        return True
+
+    def stack_addresses(self, stack_id: int) -> list[int]:
+        """The instruction addresses of a stack_trace map entry, leaf first."""
+        try:
+            return [int(a) for a in self._table.walk(stack_id)]
+        except KeyError:
+            return []
+
     def set_members(self, keys: Iterable[Any]) -> None:
         """Fill a hash used as a set (value 1), e.g. an in-kernel filter."""
         for key in keys:
@@ -154,6 +168,19 @@ class Program:
             raise EngineError(
                 f"{self.name}: cannot attach tracepoint {tracepoint}: {exc}. "
                 "Run `otel-ebpf doctor` for what is missing"
+            ) from exc
+
+    def attach_cpu_clock(self, fn_name: str, frequency_hz: int) -> None:
+        """Run fn_name on the software cpu-clock of every online CPU (no PMU needed)."""
+        bcc = self._bcc
+        try:
+            self._bpf.attach_perf_event(
+                ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
+                fn_name=fn_name.encode(), sample_freq=frequency_hz, cpu=-1)
+        except Exception as exc:
+            raise EngineError(
+                f"{self.name}: cannot open cpu-clock perf events at {frequency_hz} Hz: "
+                f"{exc}. Check perf_event_paranoid and CAP_PERFMON (`otel-ebpf doctor`)"
             ) from exc
 
     def load_function(self, fn_name: str, kind: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.peers.otelcol import OtelCollector, ensure_built
 from tests.peers.otlp_sink import OtlpSink
 from tests.peers.rotel import RotelCollector
 
@@ -33,3 +34,18 @@ def rotel(otlp_sink: OtlpSink, tmp_path: Path) -> Iterator[RotelCollector]:
     with collector:
         yield collector
     print(f"--- rotel-agent output ({collector.log_path}) ---\n{collector.read_log()}")
+
+
+@pytest.fixture(scope="session")
+def otelcol_binary() -> Path:
+    """The OpenTelemetry Collector built from Go modules (cached outside the repo)."""
+    return ensure_built()
+
+
+@pytest.fixture
+def otelcol(otelcol_binary: Path, tmp_path: Path) -> Iterator[OtelCollector]:
+    """A started OpenTelemetry Collector with profiles support, debug + file exporters."""
+    collector = OtelCollector(binary=otelcol_binary, log_path=tmp_path / "otelcol.log")
+    with collector:
+        yield collector
+    print(f"--- otelcol output ({collector.log_path}) ---\n{collector.read_log()}")

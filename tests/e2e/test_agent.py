@@ -239,3 +239,77 @@ def test_slow_calls_arrive_as_spans_linked_by_exemplars(
         assert e.as_double == pytest.approx(durations[(e.trace_id, e.span_id)], abs=1e-9)
     code, _ = agent.stop()
     assert code == 0
+
+
+PROFILE_CONFIG = """
+probes:
+  syscall_latency:
+    enabled: false
+  cpu_profile:
+    frequency: 499
+summary:
+  enabled: false
+"""
+
+
+def test_profiles_reach_the_opentelemetry_collector(
+    agent_factory, otelcol, cpu_hot: Path, tmp_path: Path
+) -> None:
+    from tests.peers.otelcol import resolve_profile_samples
+
+    config = tmp_path / "profile.yaml"
+    config.write_text(PROFILE_CONFIG)
+    folded = tmp_path / "cpu.folded"
+    agent = agent_factory("--config", str(config), "--export-interval", "1s",
+                          "--profiles-folded", str(folded),
+                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
+    agent.wait_for_log("probe cpu_profile attached")
+    proc = subprocess.run([str(cpu_hot), "split", "2"], capture_output=True, check=True,
+                          timeout=30)
+    assert proc.returncode == 0
+
+    def hot_samples() -> dict[str, int]:
+        counts = {"hot_a": 0, "hot_b": 0}
+        for doc in otelcol.read_exported("profiles"):
+            for sample in resolve_profile_samples(doc):
+                for name in counts:
+                    if name in sample["stack"] and "main" in sample["stack"]:
+                        counts[name] += sum(sample["values"])
+        return counts
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(hot_samples().values()) < 400:
+        time.sleep(0.2)
+    counts = hot_samples()
+    total = sum(counts.values())
+    assert total >= 400, (counts, "".join(agent.stderr))
+    assert abs(counts["hot_a"] / total - 0.75) <= 0.05, counts
+    code, _ = agent.stop()
+    assert code == 0
+    # the collector's own log shows it decoded our functions
+    assert "hot_a" in otelcol.read_log() and "spin_until" in otelcol.read_log()
+    lines = folded.read_text().splitlines()
+    assert any(line.startswith("cpu_hot;") and ";main;hot_a;" in line for line in lines), lines
+
+
+def test_collector_without_profiles_is_reported_once(
+    agent_factory, rotel: RotelCollector, otlp_sink: OtlpSink, cpu_hot: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "profile.yaml"
+    config.write_text(PROFILE_CONFIG.replace("enabled: false", "interval: 500ms"))
+    agent = agent_factory("--config", str(config), "--export-interval", "500ms",
+                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
+    agent.wait_for_log("probe cpu_profile attached")
+    subprocess.run([str(cpu_hot), "split", "1.5"], capture_output=True, check=True, timeout=30)
+
+    def dropped() -> int:
+        return sum(int(p.as_int) for _, p in otlp_sink.metrics_points("otel_ebpf.profiles.dropped")
+                   if any(a.value.string_value == "unsupported" for a in p.attributes))
+
+    # metrics keep flowing through rotel, and they count the profiles rotel refused
+    assert otlp_sink.wait_for(lambda: dropped() >= 2, timeout=20), "".join(agent.stderr)
+    assert otlp_sink.metrics_points("linux.syscall.duration")
+    code, _ = agent.stop()
+    assert code == 0
+    log = "".join(agent.stderr)
+    assert log.count("does not accept OTLP profiles") == 1, log

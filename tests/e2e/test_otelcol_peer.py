@@ -13,7 +13,6 @@ The first run builds the collector (~2 min with Go; cached outside the repositor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,7 +28,6 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from tests.peers.otelcol import (
     OtelCollector,
-    ensure_built,
     parse_debug_profiles,
     resolve_profile_samples,
 )
@@ -109,19 +107,6 @@ def profiles_request() -> profiles_service_pb2.ExportProfilesServiceRequest:
             )],
         )],
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def otelcol_binary() -> Path:
-    return ensure_built()
-
-
-@pytest.fixture
-def otelcol(otelcol_binary: Path, tmp_path: Path) -> Iterator[OtelCollector]:
-    collector = OtelCollector(binary=otelcol_binary, log_path=tmp_path / "otelcol.log")
-    with collector:
-        yield collector
-    print(f"--- otelcol output ({collector.log_path}) ---\n{collector.read_log()}")
 
 
 def test_grpc_profiles_are_decoded_with_our_schema(otelcol: OtelCollector) -> None:

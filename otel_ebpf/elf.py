@@ -1,0 +1,320 @@
+"""Function symbols and load layout of one ELF file, for user-space symbolization.
+
+pyelftools reads the headers, notes and sections; the symbol entries themselves are decoded
+with `struct.iter_unpack` because walking them through pyelftools costs ~20 µs each, which is
+seconds for binaries like node (100k+ symbols) instead of tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import struct
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable
+from io import BytesIO
+from operator import itemgetter
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+from weakref import WeakValueDictionary
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
+from elftools.elf.segments import NoteSegment
+
+STT_FUNC = 2
+STT_GNU_IFUNC = 10
+SHN_UNDEF = 0
+SHN_LORESERVE = 0xFF00
+PF_X = 1
+NT_GNU_BUILD_ID = 3
+_BIND_RANK = {1: 0, 10: 1, 2: 1, 0: 2}  # GLOBAL, GNU_UNIQUE, WEAK, LOCAL
+# Nesting is shallow (a function with a few labelled parts); looking further back for an
+# enclosing function would only cost time on every miss.
+_MAX_BACKSCAN = 8
+DEBUG_ROOT = Path("/usr/lib/debug/.build-id")
+# Sources with every function (not only the exported ones) worth sharing by build id.
+_FULL = frozenset({"symtab", "debuginfo", "minidebuginfo"})
+
+
+class ElfReadError(Exception):
+    """The file is not a readable ELF file."""
+
+
+class ElfSymbols:
+    """Sorted, non-empty function extents of one file, in the file's own virtual addresses.
+
+    `source` says where the names came from ("symtab", "debuginfo", "minidebuginfo",
+    "dynsym" or "none"), so a caller can tell a stripped file from a missing function.
+    Names stay undecoded in the string table until looked up: decoding 100k names up front
+    would double the load time and memory for the few hundred that samples ever hit.
+    """
+
+    __slots__ = ("__weakref__", "_ends", "_name_at", "_segments", "_starts", "_strtab",
+                 "build_id", "source")
+
+    def __init__(self, build_id: str | None, source: str, segments: list[tuple[int, int, int]],
+                 table: _Table | None = None) -> None:
+        self.build_id = build_id
+        self.source = source
+        self._segments = segments  # (p_offset, p_vaddr, p_filesz) of executable PT_LOADs
+        if table is None:
+            table = _Table(array("Q"), array("Q"), array("Q"), b"")
+        self._starts, self._ends, self._name_at, self._strtab = table
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def vaddr_for_offset(self, file_offset: int) -> int | None:
+        for p_offset, p_vaddr, p_filesz in self._segments:
+            if p_offset <= file_offset < p_offset + p_filesz:
+                return file_offset - p_offset + p_vaddr
+        return None
+
+    def lookup(self, vaddr: int) -> tuple[str, int] | None:
+        """(name, start) of the function containing `vaddr`."""
+        i = bisect_right(self._starts, vaddr) - 1
+        # Nested symbols (a function with a local label symbol inside) make the nearest
+        # start miss; the enclosing one is a few entries back.
+        for j in range(i, max(i - _MAX_BACKSCAN, -1), -1):
+            if vaddr < self._ends[j]:
+                return _text(self._strtab, self._name_at[j]), self._starts[j]
+        return None
+
+
+class _Table(NamedTuple):
+    starts: array[int]
+    ends: array[int]
+    name_at: array[int]
+    strtab: bytes
+
+
+class ElfCache:
+    """Symbol tables by file identity (dev, inode, mtime, size), least recently used first
+    out; files of the same build id share one table. The counters feed self-metrics."""
+
+    def __init__(self, max_files: int = 512, debug_root: Path | None = DEBUG_ROOT) -> None:
+        self._max_files, self._debug_root = max_files, debug_root
+        self._files: OrderedDict[tuple[int, int, int, int], ElfSymbols | None] = OrderedDict()
+        # Weak: a table lives as long as the LRU or a process snapshot holds it.
+        self._by_build_id: WeakValueDictionary[str, ElfSymbols] = WeakValueDictionary()
+        self.hits = self.misses = self.errors = self.evictions = 0
+
+    def get(self, file: BinaryIO) -> ElfSymbols | None:
+        """The table of the open `file`; None for a file that is not readable ELF."""
+        st = os.fstat(file.fileno())
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key in self._files:
+            self.hits += 1
+            self._files.move_to_end(key)
+            return self._files[key]
+        self.misses += 1
+        try:
+            table: ElfSymbols | None = load(file, self._by_build_id.get, self._debug_root)
+        except ElfReadError:
+            self.errors += 1
+            table = None  # remembered too: an unreadable file is not retried per process
+        if table is not None and table.build_id is not None and table.source in _FULL:
+            self._by_build_id[table.build_id] = table
+        self._files[key] = table
+        while len(self._files) > self._max_files:
+            self._files.popitem(last=False)
+            self.evictions += 1
+        return table
+
+
+def open_mapped(pid: int, start: int, end: int, path: str, dev: int, inode: int
+                ) -> BinaryIO | None:
+    """The file mapped at [start, end) in process `pid` (dev, inode as in its maps)."""
+    # map_files is the mapped file itself, even deleted or outside our mount namespace; the
+    # path routes may name another file by now, so their inode (and device, for the path
+    # as seen from here) must still match the mapping's.
+    if not path.startswith("/"):
+        return None
+    candidates = ((f"/proc/{pid}/map_files/{start:x}-{end:x}", False, False),
+                  (f"/proc/{pid}/root{path}", True, False), (path, True, True))
+    for candidate, check_inode, check_dev in candidates:
+        try:
+            file = open(candidate, "rb")  # noqa: SIM115 - returned open to the caller
+        except OSError:
+            continue
+        st = os.fstat(file.fileno())
+        if (check_inode and st.st_ino != inode) or (check_dev and st.st_dev != dev):
+            file.close()
+            continue
+        return file
+    return None
+
+
+def load(file: BinaryIO, known: Callable[[str], ElfSymbols | None] | None = None,
+         debug_root: Path | None = DEBUG_ROOT) -> ElfSymbols:
+    """Read `file`; `known(build_id)` may return an already loaded table of the same build.
+
+    Files without a .symtab get names from /usr/lib/debug/.build-id/ or MiniDebugInfo
+    (.gnu_debugdata) when available, then from .dynsym.
+    """
+    try:
+        elf = ELFFile(file)
+        build_id = _build_id(elf)
+        if build_id is not None and known is not None:
+            cached = known(build_id)
+            if cached is not None and cached.source in _FULL:
+                return cached  # same link output: same layout, and names need no re-read
+        segments = [(s["p_offset"], s["p_vaddr"], s["p_filesz"]) for s in elf.iter_segments()
+                    if s["p_type"] == "PT_LOAD" and s["p_flags"] & PF_X]
+        for source, read in _SOURCES:
+            table = read(elf, build_id, debug_root)
+            if table is not None:
+                return ElfSymbols(build_id, source, segments, table)
+        return ElfSymbols(build_id, "none", segments)
+    except (ELFError, struct.error, OSError, ValueError, lzma.LZMAError) as exc:
+        raise ElfReadError(str(exc) or type(exc).__name__) from exc
+
+
+def _from_symtab(elf: ELFFile, build_id: str | None, debug_root: Path | None) -> _Table | None:
+    return _functions(elf, ".symtab")
+
+
+def _from_debuginfo(elf: ELFFile, build_id: str | None, debug_root: Path | None
+                    ) -> _Table | None:
+    if build_id is None or debug_root is None or len(build_id) < 3:
+        return None
+    path = debug_root / build_id[:2] / f"{build_id[2:]}.debug"
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return _functions(ELFFile(f), ".symtab")
+
+
+def _from_minidebuginfo(elf: ELFFile, build_id: str | None, debug_root: Path | None
+                        ) -> _Table | None:
+    section = elf.get_section_by_name(".gnu_debugdata")
+    if section is None:
+        return None
+    return _functions(ELFFile(BytesIO(lzma.decompress(section.data()))), ".symtab")
+
+
+def _from_dynsym(elf: ELFFile, build_id: str | None, debug_root: Path | None) -> _Table | None:
+    return _functions(elf, ".dynsym")
+
+
+# In order of preference; a later source is read only when the earlier ones had no function.
+_SOURCES: tuple[tuple[str, Callable[[ELFFile, str | None, Path | None], _Table | None]], ...] = (
+    ("symtab", _from_symtab), ("debuginfo", _from_debuginfo),
+    ("minidebuginfo", _from_minidebuginfo), ("dynsym", _from_dynsym))
+
+
+def _build_id(elf: ELFFile) -> str | None:
+    section = elf.get_section_by_name(".note.gnu.build-id")
+    holders: list[NoteSection | NoteSegment] = []
+    if isinstance(section, NoteSection):
+        holders.append(section)
+    else:  # section headers stripped: the note is still in a PT_NOTE segment
+        holders.extend(s for s in elf.iter_segments() if isinstance(s, NoteSegment))
+    for holder in holders:
+        for note in holder.iter_notes():
+            if note["n_type"] == "NT_GNU_BUILD_ID" and isinstance(note["n_desc"], str):
+                return note["n_desc"]
+    return None
+
+
+def _functions(elf: ELFFile, name: str) -> _Table | None:
+    """The defined functions in symbol table section `name`, or None when it has none."""
+    section = elf.get_section_by_name(name)
+    if section is None or section["sh_entsize"] == 0:
+        return None
+    order = "<" if elf.little_endian else ">"
+    if elf.elfclass == 64:
+        layout, fields = order + "IBBHQQ", (0, 1, 3, 4, 5)
+    else:
+        layout, fields = order + "IIIBBH", (0, 3, 5, 1, 2)
+    if struct.calcsize(layout) != section["sh_entsize"]:
+        return None
+    thumb = elf["e_machine"] == "EM_ARM"  # bit 0 of an ARM function address marks Thumb
+    section_ends = [s["sh_addr"] + s["sh_size"] for s in elf.iter_sections()]
+    reserved = min(SHN_LORESERVE, len(section_ends))
+    raw: list[tuple[int, int, int, int, int]] = []  # value, size, section end, bind, name
+    n_i, info_i, shndx_i, value_i, size_i = fields
+    for entry in struct.iter_unpack(layout, section.data()):
+        info, shndx, value = entry[info_i], entry[shndx_i], entry[value_i]
+        if info & 0xF not in (STT_FUNC, STT_GNU_IFUNC) or shndx == SHN_UNDEF or value == 0:
+            continue
+        if thumb:
+            value &= ~1
+        # A size-0 symbol (hand-written assembly) may only extend up to the end of its
+        # section; one in no real section has no known extent and is dropped.
+        limit = section_ends[shndx] if shndx < reserved else 0
+        if entry[size_i] == 0 and limit <= value:
+            continue
+        raw.append((value, entry[size_i], limit, info >> 4, entry[n_i]))
+    if not raw:
+        return None
+    raw.sort(key=itemgetter(0))
+    return _extents(raw, elf.get_section(section["sh_link"]).data())
+
+
+def _extents(raw: list[tuple[int, int, int, int, int]], strtab: bytes) -> _Table:
+    # One entry per address: the preferred alias with the largest size of the group;
+    # without any size it stops at the next function or at its section's end.
+    table = _Table(array("Q"), array("Q"), array("Q"), strtab)
+    i, count = 0, len(raw)
+    while i < count:
+        start, size, limit, _, name_at = raw[i]
+        j = i + 1
+        if j < count and raw[j][0] == start:
+            while j < count and raw[j][0] == start:
+                j += 1
+            group = raw[i:j]
+            size, limit = max(g[1] for g in group), max(g[2] for g in group)
+            name_at = min(group, key=lambda g: _alias_preference(_text(strtab, g[4]), g[3]))[4]
+        next_start = raw[j][0] if j < count else limit
+        table.starts.append(start)
+        table.ends.append(start + size if size else min(limit, next_start))
+        table.name_at.append(name_at)
+        i = j
+    return table
+
+
+def _text(strtab: bytes, at: int) -> str:
+    return strtab[at:strtab.find(b"\0", at)].decode("utf-8", "replace")
+
+
+def _alias_preference(name: str, bind: int) -> tuple[int, int, str]:
+    # Among aliases at one address the exported name is the one people know: global over
+    # weak over local, then fewer leading underscores (getppid over __getppid).
+    return _BIND_RANK.get(bind, 3), len(name) - len(name.lstrip("_")), name
+
+
+def load_vdso() -> tuple[int, ElfSymbols] | None:
+    """(size, table) of this process's vDSO: the kernel maps one image into every native
+    process, so it names other processes' [vdso] frames without reading their memory."""
+    try:
+        with open("/proc/self/maps") as maps:
+            spans = [line.split()[0] for line in maps if line.rstrip().endswith(" [vdso]")]
+        if not spans:
+            return None
+        start, end = (int(x, 16) for x in spans[0].split("-"))
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            mem.seek(start)
+            image = mem.read(end - start)
+        return end - start, load(BytesIO(image), debug_root=None)
+    except (OSError, ElfReadError):
+        return None
+
+
+def build_id_from_notes(data: bytes) -> str | None:
+    """The GNU build id in raw ELF notes in native byte order, as in /sys/kernel/notes."""
+    at = 0
+    while at + 12 <= len(data):
+        namesz, descsz, kind = struct.unpack_from("=III", data, at)
+        at += 12
+        name = data[at:at + namesz]
+        at += (namesz + 3) & ~3
+        desc = data[at:at + descsz]
+        at += (descsz + 3) & ~3
+        if kind == NT_GNU_BUILD_ID and name.rstrip(b"\0") == b"GNU" and desc:
+            return desc.hex()
+    return None

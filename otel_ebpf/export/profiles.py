@@ -1,0 +1,252 @@
+"""Stack samples -> OTLP profiles (opentelemetry.proto.profiles.v1development, as pinned by
+opentelemetry-proto; the collector peer in tests/peers/otelcol.py decodes the same schema).
+
+The request carries one dictionary shared by all its profiles. Every table keeps index 0
+as the empty entry, and every entry is interned once, so a frame seen in a thousand
+samples costs one Location, one Function and one string.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    InstrumentationScope,
+    KeyValue,
+)
+from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+from otel_ebpf import __version__
+from otel_ebpf.export.profile_sender import ProfilesSender
+from otel_ebpf.model import AttributeValue, StackSample, Workload
+from otel_ebpf.symbols import Frame
+from otel_ebpf.symbols import Mapping as MappingInfo
+
+BUILD_ID_ATTRIBUTE = "process.executable.build_id.gnu"
+FRAME_TYPE_ATTRIBUTE = "profile.frame.type"
+_rng = random.SystemRandom()
+T = TypeVar("T")
+
+
+def any_value(value: AttributeValue) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    return AnyValue(string_value=str(value))
+
+
+def key_values(attrs: Mapping[str, AttributeValue]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()]
+
+
+class _Table:
+    """An interning table whose entry 0 is the empty value."""
+
+    def __init__(self, empty: Any, key_of_empty: Hashable) -> None:
+        self.entries: list[Any] = [empty]
+        self._index: dict[Hashable, int] = {key_of_empty: 0}
+
+    def intern(self, key: Hashable, make: Callable[[], Any]) -> int:
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = len(self.entries)
+            self.entries.append(make())
+        return index
+
+
+class ProfilesDictionaryBuilder:
+    def __init__(self) -> None:
+        self.strings = _Table("", "")
+        self.functions = _Table(pb.Function(), ("function", 0))
+        self.mappings = _Table(pb.Mapping(), ("mapping", None))
+        self.locations = _Table(pb.Location(), ("location", None))
+        self.stacks = _Table(pb.Stack(), ())
+        self.attributes = _Table(pb.KeyValueAndUnit(), ("attribute", None))
+
+    def string(self, text: str) -> int:
+        return self.strings.intern(text, lambda: text)
+
+    def attribute(self, key: str, value: AttributeValue) -> int:
+        return self.attributes.intern(("attribute", key, type(value).__name__, value),
+                                      lambda: pb.KeyValueAndUnit(
+                                          key_strindex=self.string(key),
+                                          value=any_value(value)))
+
+    def function(self, name: str) -> int:
+        name_index = self.string(name)
+        return self.functions.intern(("function", name_index),
+                                     lambda: pb.Function(name_strindex=name_index,
+                                                         system_name_strindex=name_index))
+
+    def mapping(self, m: MappingInfo | None) -> int:
+        if m is None:
+            return 0
+        attrs = [self.attribute(BUILD_ID_ATTRIBUTE, m.build_id)] if m.build_id else []
+        return self.mappings.intern(
+            ("mapping", m.start, m.end, m.file_offset, m.path, m.build_id),
+            lambda: pb.Mapping(memory_start=m.start, memory_limit=m.end,
+                               file_offset=m.file_offset, filename_strindex=self.string(m.path),
+                               attribute_indices=attrs))
+
+    def location(self, frame: Frame) -> int:
+        mapping_index = self.mapping(frame.mapping)
+        key = ("location", mapping_index, frame.address, frame.function, frame.kind)
+
+        def make() -> pb.Location:
+            lines = ([pb.Line(function_index=self.function(frame.function))]
+                     if frame.function else [])  # unresolved: address and mapping only
+            return pb.Location(mapping_index=mapping_index, address=frame.address,
+                               lines=lines,
+                               attribute_indices=[self.attribute(FRAME_TYPE_ATTRIBUTE,
+                                                                 frame.kind)])
+        return self.locations.intern(key, make)
+
+    def stack(self, frames: Iterable[Frame]) -> int:
+        indices = tuple(self.location(f) for f in frames)
+        return self.stacks.intern(indices, lambda: pb.Stack(location_indices=list(indices)))
+
+    def build(self) -> pb.ProfilesDictionary:
+        return pb.ProfilesDictionary(
+            mapping_table=self.mappings.entries, location_table=self.locations.entries,
+            function_table=self.functions.entries, string_table=self.strings.entries,
+            attribute_table=self.attributes.entries, stack_table=self.stacks.entries)
+
+
+def build_profiles_request(
+    samples: Iterable[StackSample],
+    resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
+    period_ns: int,
+    start_ns: int,
+    end_ns: int,
+) -> ExportProfilesServiceRequest:
+    """One Profile per workload resource over [start_ns, end_ns)."""
+    d = ProfilesDictionaryBuilder()
+    sample_type = pb.ValueType(type_strindex=d.string("samples"), unit_strindex=d.string("count"))
+    period_type = pb.ValueType(type_strindex=d.string("cpu"),
+                               unit_strindex=d.string("nanoseconds"))
+    by_resource: dict[frozenset[tuple[str, AttributeValue]], list[pb.Sample]] = {}
+    for s in samples:
+        resource = frozenset(resource_of(s.workload).items())
+        by_resource.setdefault(resource, []).append(pb.Sample(
+            stack_index=d.stack(s.frames),
+            attribute_indices=[d.attribute("thread.id", s.thread_id),
+                               d.attribute("thread.name", s.thread_name)],
+            values=[s.count],
+        ))
+    scope = InstrumentationScope(name="otel-ebpf", version=__version__)
+    resource_profiles = [
+        pb.ResourceProfiles(
+            resource=Resource(attributes=key_values(dict(resource))),
+            scope_profiles=[pb.ScopeProfiles(scope=scope, profiles=[pb.Profile(
+                sample_type=sample_type, samples=rows, time_unix_nano=start_ns,
+                duration_nano=max(0, end_ns - start_ns), period_type=period_type,
+                period=period_ns, profile_id=_rng.getrandbits(128).to_bytes(16, "big"),
+            )])],
+        )
+        for resource, rows in by_resource.items()
+    ]
+    return ExportProfilesServiceRequest(resource_profiles=resource_profiles,
+                                        dictionary=d.build())
+
+
+class ProfileWindow:
+    """Samples since the last export, merged; and, for --profiles-folded, the cumulative
+    collapsed stacks since start."""
+
+    def __init__(self, start_ns: int, keep_folded: bool) -> None:
+        self.start_ns = start_ns
+        self.period_ns = 0
+        self.keep_folded = keep_folded
+        self.folded: dict[tuple[str, ...], int] = {}
+        self._samples: dict[tuple[Workload, int, str, tuple[Frame, ...]], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, samples: Iterable[StackSample], period_ns: int) -> None:
+        self.period_ns = period_ns or self.period_ns
+        for s in samples:
+            key = (s.workload, s.thread_id, s.thread_name, s.frames)
+            self._samples[key] = self._samples.get(key, 0) + s.count
+
+    def workloads(self) -> list[Workload]:
+        return list({key[0] for key in self._samples})
+
+    def take(self, end_ns: int) -> tuple[list[StackSample], int, int]:
+        """The window's samples, its start and end; a new window starts at end_ns."""
+        samples = [StackSample(w, tid, name, frames, count)
+                   for (w, tid, name, frames), count in self._samples.items()]
+        start, self.start_ns, self._samples = self.start_ns, end_ns, {}
+        return samples, start, end_ns
+
+    def fold(self, samples: Iterable[StackSample],
+             process_name: Callable[[Workload], str]) -> None:
+        for s in samples:
+            stack = folded_stack(s, process_name(s.workload))
+            self.folded[stack] = self.folded.get(stack, 0) + s.count
+
+
+def folded_lines(totals: Mapping[tuple[str, ...], int]) -> list[str]:
+    """Collapsed stacks, root first: `app;main;hot_a 42`, flamegraph.pl's input."""
+    return [f"{';'.join(stack)} {count}" for stack, count in sorted(totals.items())]
+
+
+def folded_stack(sample: StackSample, process: str) -> tuple[str, ...]:
+    names = []
+    for frame in reversed(sample.frames):  # root first
+        if frame.function:
+            names.append(frame.function + ("_[k]" if frame.kind == "kernel" else ""))
+        elif frame.mapping is not None:
+            names.append(f"{frame.mapping.path.rsplit('/', 1)[-1]}+{frame.address:#x}")
+        else:
+            names.append(f"{frame.address:#x}")
+    return (process.replace(";", "_"), *(n.replace(";", "_") for n in names))
+
+
+class ProfileExport:
+    """Collects samples into windows and, on each flush, sends one request and rewrites
+    the folded file. Blocking (`flush`): the daemon runs it in an executor."""
+
+    def __init__(self, sender: ProfilesSender | None, folded_path: Path | None,
+                 start_ns: int) -> None:
+        self.sender = sender
+        self.folded_path = folded_path
+        self.window = ProfileWindow(start_ns, keep_folded=folded_path is not None)
+
+    def add(self, samples: list[StackSample], period_ns: int) -> None:
+        self.window.add(samples, period_ns)
+
+    def workloads(self) -> list[Workload]:
+        return self.window.workloads()
+
+    def flush(self, resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
+              end_ns: int) -> None:
+        samples, start, end = self.window.take(end_ns)
+        if not samples:
+            return
+        if self.folded_path is not None:
+            self.window.fold(samples, lambda w: str(
+                resource_of(w).get("process.executable.name") or w.comm or w.pid))
+            write_atomically(self.folded_path, "\n".join(folded_lines(self.window.folded)))
+        if self.sender is not None:
+            self.sender.send(build_profiles_request(samples, resource_of,
+                                                    self.window.period_ns, start, end))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (a human, flamegraph.pl) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)

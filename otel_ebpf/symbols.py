@@ -1,0 +1,369 @@
+"""Symbolization of sampled stacks: kernel frames from kallsyms, user frames from ELF files.
+
+User frames are resolved through a snapshot of the process's executable mappings taken when
+the process is first seen (`Symbolizer.remember`) and kept until `forget`, so a process that
+exited before the collection tick is still symbolized. A snapshot holds the loaded symbol
+tables of its files, so a file deleted or replaced since keeps the symbols of the build that
+ran. An address that cannot be resolved keeps its address and mapping with no function: a
+backend can still symbolize it from the mapping's file name and build id, and no name is ever
+guessed. Not thread-safe: one collector thread owns a Symbolizer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from otel_ebpf import elf
+from otel_ebpf.elf import ElfSymbols
+
+KERNEL = "kernel"
+NATIVE = "native"
+KALLSYMS = Path("/proc/kallsyms")
+SYSFS = Path("/sys")
+_TEXT_TYPES = frozenset("tTwW")
+# Region markers, not functions: an address in such a group resolves to nothing.
+_MARKERS = frozenset({"_text", "_stext", "_etext", "_sinittext", "_einittext"})
+# kallsyms has no sizes; past the last symbol of a module the extent is unknown, and kernel
+# functions beyond this size are practically nonexistent.
+_MAX_KERNEL_TAIL = 1 << 16
+# An address outside every kept mapping rereads the maps at most this often (seconds):
+# garbage addresses in a broken stack must not make every sample read /proc.
+_MAPS_REFRESH_AFTER = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    start: int
+    end: int
+    file_offset: int
+    path: str
+    build_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    address: int
+    function: str | None
+    kind: str  # KERNEL | NATIVE
+    mapping: Mapping | None
+    offset_in_function: int  # 0 when function is None
+
+
+@dataclass(slots=True)
+class SymbolizerStats:
+    """Cumulative counters for self-metrics; file_* count loads of ELF files."""
+
+    kernel_resolved: int = 0
+    kernel_unresolved: int = 0
+    user_resolved: int = 0
+    user_unresolved: int = 0
+    file_hits: int = 0
+    file_misses: int = 0
+    file_errors: int = 0
+    file_evictions: int = 0
+    process_snapshots: int = 0
+    process_evictions: int = 0
+    kernel_loads: int = 0
+
+
+class KernelSymbols:
+    """Text symbols of /proc/kallsyms; `usable` is False when the addresses are hidden
+    (zeroed by kptr_restrict for unprivileged readers), and then nothing resolves."""
+
+    def __init__(self, starts: array[int], ends: array[int], names: list[str | None],
+                 mappings: list[Mapping]) -> None:
+        self._starts, self._ends, self._names, self._mappings = starts, ends, names, mappings
+        self.usable = len(starts) > 0
+
+    @classmethod
+    def load(cls, path: Path = KALLSYMS, sysfs: Path | None = SYSFS) -> KernelSymbols:
+        with path.open() as f:
+            return cls.parse(f, sysfs)
+
+    @classmethod
+    def parse(cls, lines: Iterable[str], sysfs: Path | None = None) -> KernelSymbols:
+        entries: list[tuple[int, bool, int, int, str, str]] = []
+        for seq, line in enumerate(lines):
+            fields = line.split()
+            if len(fields) < 3 or fields[1] not in _TEXT_TYPES:
+                continue
+            name = fields[2]
+            marker = name in _MARKERS or name.endswith(("_text_start", "_text_end"))
+            module = fields[3].strip("[]") if len(fields) > 3 else ""
+            entries.append((int(fields[0], 16), marker, _underscores(name), seq, name, module))
+        if not any(e[0] for e in entries):
+            return cls(array("Q"), array("Q"), [], [])
+        # Aliases at one address: a function over a marker, fewer leading underscores, the
+        # first listed; a group of markers only stays as a boundary that resolves to nothing.
+        entries.sort()
+        starts, ends, names, modules = array("Q"), array("Q"), [], []
+        for start, marker, _, _, name, module in entries:
+            if starts and starts[-1] == start:
+                continue
+            starts.append(start)
+            names.append(None if marker else name)
+            modules.append(module)
+        for i, start in enumerate(starts):
+            if i + 1 == len(starts):
+                ends.append(start + _MAX_KERNEL_TAIL)
+            elif modules[i + 1] == modules[i]:
+                ends.append(starts[i + 1])
+            else:
+                ends.append(min(start + _MAX_KERNEL_TAIL, starts[i + 1]))
+        return cls(starts, ends, names, _module_mappings(starts, ends, modules, sysfs))
+
+    def resolve(self, addr: int, return_address: bool = False) -> Frame | None:
+        """The frame of `addr`; a return address is looked up one byte back, so a call that
+        ends its function does not land in the next one."""
+        lookup = addr - 1 if return_address else addr
+        i = bisect_right(self._starts, lookup) - 1
+        if i < 0 or lookup >= self._ends[i] or self._names[i] is None:
+            return None
+        return Frame(addr, self._names[i], KERNEL, self._mappings[i], addr - self._starts[i])
+
+
+def _module_mappings(starts: array[int], ends: array[int], modules: list[str],
+                     sysfs: Path | None) -> list[Mapping]:
+    # One Mapping per module named like perf does ([kernel.kallsyms], [ext4]) spanning its
+    # symbols, with the build id the kernel publishes, so backends can match debug info.
+    spans: dict[str, tuple[int, int]] = {}
+    for start, end, module in zip(starts, ends, modules, strict=True):
+        low, high = spans.get(module, (start, end))
+        spans[module] = (min(low, start), max(high, end))
+    by_module = {
+        module: Mapping(low, high, 0, f"[{module or 'kernel.kallsyms'}]",
+                        _kernel_build_id(module, sysfs))
+        for module, (low, high) in spans.items()}
+    return [by_module[m] for m in modules]
+
+
+def _kernel_build_id(module: str, sysfs: Path | None) -> str | None:
+    if sysfs is None:
+        return None
+    notes = (sysfs / "module" / module / "notes" / ".note.gnu.build-id" if module
+             else sysfs / "kernel" / "notes")
+    try:
+        return elf.build_id_from_notes(notes.read_bytes())
+    except OSError:
+        return None
+
+
+def _underscores(name: str) -> int:
+    return len(name) - len(name.lstrip("_"))
+
+
+@dataclass(frozen=True, slots=True)
+class MapsEntry:
+    start: int
+    end: int
+    offset: int
+    dev: int
+    inode: int
+    path: str  # "[vdso]", "[anon]" for unnamed memory; without the " (deleted)" suffix
+
+
+def parse_maps(text: str) -> list[MapsEntry]:
+    """The executable mappings in the text of /proc/<pid>/maps."""
+    out: list[MapsEntry] = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5 or "x" not in fields[1]:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        path = fields[5].removesuffix(" (deleted)") if len(fields) > 5 else "[anon]"
+        out.append(MapsEntry(start, end, int(fields[2], 16), os.makedev(major, minor),
+                             int(fields[4]), path))
+    return out
+
+
+class _Snapshot:
+    """One process's executable mappings, each with its file's symbol table (or None)."""
+
+    __slots__ = ("checked_at", "identity", "regions", "starts")
+
+    def __init__(self, identity: tuple[int, int, int],
+                 regions: list[tuple[Mapping, ElfSymbols | None]]) -> None:
+        self.identity = identity
+        self.regions = sorted(regions, key=lambda r: r[0].start)
+        self.starts = [m.start for m, _ in self.regions]
+        self.checked_at = time.monotonic()  # when the maps were last read or found same
+
+    def find(self, addr: int) -> tuple[Mapping, ElfSymbols | None] | None:
+        i = bisect_right(self.starts, addr) - 1
+        if i >= 0 and addr < self.regions[i][0].end:
+            return self.regions[i]
+        return None
+
+
+def _identity(pid: int) -> tuple[int, int, int] | None:
+    # (start time, executable's dev, inode): the pid is reused across processes and an
+    # exec keeps the start time but replaces every mapping.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start_time = int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        exe = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return start_time, 0, 0  # kernel thread, or the executable is not reachable
+    return start_time, exe.st_dev, exe.st_ino
+
+
+class ProcessMaps:
+    """Mapping snapshots per process (pid, identity), kept until forgotten; bounded LRU."""
+
+    def __init__(self, files: elf.ElfCache, stats: SymbolizerStats,
+                 max_processes: int = 4096) -> None:
+        self._files, self._stats, self._max = files, stats, max_processes
+        self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
+        self._vdso = elf.load_vdso()
+
+    def snapshot(self, pid: int) -> _Snapshot | None:
+        """Read the process's mappings now unless a snapshot of this same process is kept
+        (a reused pid or an exec replaces it); None when it is gone and none was kept."""
+        kept = self.kept(pid)
+        identity = _identity(pid)
+        if identity is None or (kept is not None and kept.identity == identity):
+            return kept
+        return self._read(pid, identity) or kept
+
+    def kept(self, pid: int) -> _Snapshot | None:
+        snap = self._snapshots.get(pid)
+        if snap is not None:
+            self._snapshots.move_to_end(pid)
+        return snap
+
+    def refresh(self, pid: int) -> _Snapshot | None:
+        """Reread the mappings of a kept process that is still alive (dlopen since)."""
+        kept = self.kept(pid)
+        if kept is not None and _identity(pid) == kept.identity:
+            return self._read(pid, kept.identity) or kept
+        if kept is not None:
+            kept.checked_at = time.monotonic()  # gone or replaced: this is all there is
+        return kept
+
+    def _read(self, pid: int, identity: tuple[int, int, int]) -> _Snapshot | None:
+        try:
+            entries = parse_maps(Path(f"/proc/{pid}/maps").read_text())
+        except OSError:
+            return None
+        regions = []
+        for entry in entries:
+            table = self._table(pid, entry)
+            build_id = table.build_id if table is not None else None
+            regions.append((Mapping(entry.start, entry.end, entry.offset, entry.path,
+                                    build_id), table))
+        snap = _Snapshot(identity, regions)
+        self._stats.process_snapshots += 1
+        self._snapshots[pid] = snap
+        self._snapshots.move_to_end(pid)
+        while len(self._snapshots) > self._max:
+            self._snapshots.popitem(last=False)
+            self._stats.process_evictions += 1
+        return snap
+
+    def forget(self, pid: int) -> None:
+        self._snapshots.pop(pid, None)
+
+    def _table(self, pid: int, entry: MapsEntry) -> ElfSymbols | None:
+        if entry.path == "[vdso]":
+            # ours stands for theirs when the size matches (a 32-bit process has another)
+            size_and_table = self._vdso
+            if size_and_table is not None and size_and_table[0] == entry.end - entry.start:
+                return size_and_table[1]
+            return None
+        file = elf.open_mapped(pid, entry.start, entry.end, entry.path, entry.dev,
+                               entry.inode)
+        if file is None:
+            return None
+        with file:
+            return self._files.get(file)
+
+
+class Symbolizer:
+    """Frames for the raw addresses of sampled stacks. Stacks are leaf first: every address
+    after the first is a return address and is looked up one byte back."""
+
+    def __init__(self, max_files: int = 512, max_processes: int = 4096,
+                 kallsyms: Path = KALLSYMS, sysfs: Path | None = SYSFS,
+                 debug_root: Path | None = elf.DEBUG_ROOT,
+                 reload_after: float = 30.0) -> None:
+        self._stats = SymbolizerStats()
+        self._files = elf.ElfCache(max_files, debug_root)
+        self._maps = ProcessMaps(self._files, self._stats, max_processes)
+        self._kallsyms, self._sysfs, self._reload_after = kallsyms, sysfs, reload_after
+        self._kernel: KernelSymbols | None = None
+        self._kernel_loaded_at = 0.0
+
+    def stats(self) -> SymbolizerStats:
+        """A copy of the cumulative counters."""
+        files = self._files
+        return replace(self._stats, file_hits=files.hits, file_misses=files.misses,
+                       file_errors=files.errors, file_evictions=files.evictions)
+
+    def remember(self, pid: int) -> bool:
+        """Snapshot the process's mappings now if not yet done; False when it is gone."""
+        return self._maps.snapshot(pid) is not None
+
+    def forget(self, pid: int) -> None:
+        self._maps.forget(pid)
+
+    def kernel_frames(self, addrs: Sequence[int]) -> list[Frame]:
+        kernel = self._kernel_symbols(stale=False)
+        frames = [kernel.resolve(a, i > 0) for i, a in enumerate(addrs)]
+        if None in frames and time.monotonic() - self._kernel_loaded_at > self._reload_after:
+            # a module or BPF program loaded since: reload, at most once per interval
+            kernel = self._kernel_symbols(stale=True)
+            frames = [f or kernel.resolve(a, i > 0) for i, (a, f) in
+                      enumerate(zip(addrs, frames, strict=True))]
+        unresolved = frames.count(None)
+        self._stats.kernel_unresolved += unresolved
+        self._stats.kernel_resolved += len(frames) - unresolved
+        return [f or Frame(a, None, KERNEL, None, 0) for a, f in zip(addrs, frames, strict=True)]
+
+    def user_frames(self, pid: int, addrs: Sequence[int]) -> list[Frame]:
+        # The kept snapshot first: the pid may have been reused or exec'd since the samples
+        # were taken, and remember() at first sight is what captures a new process.
+        snap = self._maps.kept(pid) or self._maps.snapshot(pid)
+        frames: list[Frame] = []
+        for i, addr in enumerate(addrs):
+            lookup = addr - 1 if i > 0 and addr > 0 else addr
+            region = snap.find(lookup) if snap is not None else None
+            if region is None and snap is not None and \
+                    time.monotonic() - snap.checked_at > _MAPS_REFRESH_AFTER:
+                snap = self._maps.refresh(pid)  # mapped after the snapshot (dlopen)
+                region = snap.find(lookup) if snap is not None else None
+            frames.append(self._native(addr, lookup, region))
+        return frames
+
+    def _native(self, addr: int, lookup: int,
+                region: tuple[Mapping, ElfSymbols | None] | None) -> Frame:
+        mapping, table = region if region is not None else (None, None)
+        if mapping is not None and table is not None:
+            vaddr = table.vaddr_for_offset(lookup - mapping.start + mapping.file_offset)
+            found = table.lookup(vaddr) if vaddr is not None else None
+            if found is not None and vaddr is not None:
+                self._stats.user_resolved += 1
+                name, start = found
+                return Frame(addr, name, NATIVE, mapping, vaddr - start + addr - lookup)
+        self._stats.user_unresolved += 1
+        return Frame(addr, None, NATIVE, mapping, 0)
+
+    def _kernel_symbols(self, stale: bool) -> KernelSymbols:
+        if self._kernel is None or stale:
+            try:
+                self._kernel = KernelSymbols.load(self._kallsyms, self._sysfs)
+            except OSError:
+                self._kernel = KernelSymbols(array("Q"), array("Q"), [], [])
+            self._kernel_loaded_at = time.monotonic()
+            self._stats.kernel_loads += 1
+        return self._kernel
