@@ -12,7 +12,7 @@ SYSTEM_PY   ?= /usr/bin/python3
 PYTEST_ARGS ?=
 RUN_ARGS    ?=
 
-.PHONY: setup host venv test-deps run test bench lint clean
+.PHONY: setup host host-test venv test-deps run test bench lint clean
 
 setup: host venv
 
@@ -42,8 +42,11 @@ test-deps: host-test $(VENV)/.installed-test
 run: setup
 	$(VENV)/bin/otel-ebpf run $(RUN_ARGS)
 
+# pytest's exit 5 (nothing collected) is a failure here, never a pass
 test: test-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
 
 bench: test-deps
 	$(PY) bench/run.py

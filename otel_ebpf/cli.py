@@ -168,7 +168,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     checks = list(common)
     for probe in registry.build(config, syscall_table):
         events = [h.event for h in probe.hooks if h.event]
-        checks.append(pf.check_events(probe.name, events))
+        if events:
+            checks.append(pf.check_events(probe.name, events))
+        if any(h.kind == "perf_event" for h in probe.hooks):
+            checks.append(pf.check_cpu_clock(probe.name))
         if not args.no_load and not any(c.status == pf.FAIL for c in checks):
             checks.append(pf.timed_load_check(probe.name, lambda p=probe: p.verify(engine)))
     for check in checks:

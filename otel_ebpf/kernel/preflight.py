@@ -157,6 +157,31 @@ def check_events(probe: str, events: Sequence[str]) -> Check:
     return Check(f"{probe}: tracepoints", OK, ", ".join(events))
 
 
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
+_PERF_TYPE_SOFTWARE, _PERF_COUNT_SW_CPU_CLOCK = 1, 0
+
+
+def check_cpu_clock(probe: str) -> Check:
+    """Open (and close) one software cpu-clock event on CPU 0, as the profiler will."""
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        return Check(f"{probe}: perf events", WARN, f"not probed on {platform.machine()}")
+    attr = (ctypes.c_uint8 * 128)()
+    ctypes.memmove(attr, ctypes.byref(ctypes.c_uint32(_PERF_TYPE_SOFTWARE)), 4)
+    ctypes.memmove(ctypes.byref(attr, 4), ctypes.byref(ctypes.c_uint32(128)), 4)  # size
+    ctypes.memmove(ctypes.byref(attr, 8), ctypes.byref(ctypes.c_uint64(
+        _PERF_COUNT_SW_CPU_CLOCK)), 8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(nr, ctypes.byref(attr), -1, 0, -1, 0)
+    if fd >= 0:
+        os.close(fd)
+        return Check(f"{probe}: perf events", OK, "software cpu-clock can be opened")
+    err = ctypes.get_errno()
+    return Check(f"{probe}: perf events", FAIL, f"perf_event_open(cpu-clock): "
+                 f"{os.strerror(err)}", "grant CAP_PERFMON or run as root; check "
+                 "kernel.perf_event_paranoid and seccomp/container policy")
+
+
 def timed_load_check(probe: str, load: object) -> Check:
     """Compile and verify without attaching; `load` is a zero-argument callable."""
     start = time.monotonic()

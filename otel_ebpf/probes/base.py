@@ -21,7 +21,8 @@ class Hook:
     note: str = ""
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.event}" if self.event else self.kind
+        text = f"{self.kind}:{self.event}" if self.event else self.kind
+        return f"{text} ({self.note})" if self.note else text
 
 
 class Probe(abc.ABC):

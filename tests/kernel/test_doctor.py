@@ -18,11 +18,11 @@ def test_doctor_passes_and_names_every_check() -> None:
     lines = proc.stdout.splitlines()
     for check in ("privileges", "bpf() syscall", "tracefs", "BTF", "kernel headers", "BCC",
                   "kernel lockdown", "perf_event_paranoid", "syscall_latency: tracepoints",
-                  "syscall_latency: load"):
+                  "syscall_latency: load", "cpu_profile: perf events", "cpu_profile: load"):
         assert any(line[5:].startswith(check) for line in lines), (check, proc.stdout)
     assert not any(line.startswith("FAIL") for line in lines)
     assert "compiled and verified" in proc.stdout
-    assert "all enabled probes can load: syscall_latency" in proc.stdout
+    assert "all enabled probes can load: syscall_latency, cpu_profile" in proc.stdout
 
 
 def test_doctor_fails_with_exit_1_when_a_probe_cannot_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
