@@ -152,6 +152,63 @@ class ProbesConfig(_Strict):
     tcp_retransmit: TcpRetransmitConfig = Field(default_factory=TcpRetransmitConfig)
 
 
+class ProcessIdentityConfig(_Strict):
+    # command lines hold secrets (passwords in flags): only with consent
+    command_args: bool = False
+
+
+class DockerConfig(_Strict):
+    """Container names and images from a Docker-compatible Engine API (docker, podman)."""
+
+    enabled: bool = True
+    sockets: list[str] = Field(default_factory=lambda: [
+        "/var/run/docker.sock", "/run/podman/podman.sock"])
+    timeout: Duration = 2.0
+
+
+class KubernetesConfig(_Strict):
+    # auto: on when running in a pod (service account token present)
+    mode: Literal["auto", "on", "off"] = "auto"
+    # default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+    api_url: str | None = None
+    token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    ca_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    # default: $NODE_NAME (set it from spec.nodeName with the downward API), else host name
+    node_name: str | None = None
+    # pod labels copied as k8s.pod.label.<key>
+    labels: list[str] = Field(default_factory=list)
+    resync: Duration = 300.0
+    timeout: Duration = 10.0
+
+
+class CloudConfig(_Strict):
+    """Opt-in: the agent touches no link-local address unless a detector is listed."""
+
+    detectors: list[Literal["ec2", "gcp", "azure"]] = Field(default_factory=list)
+    timeout: Duration = 2.0
+    ec2_url: str = "http://169.254.169.254"
+    gcp_url: str = "http://metadata.google.internal"
+    azure_url: str = "http://169.254.169.254"
+
+
+class WorkloadFilter(_Strict):
+    """Only these workloads are observed (empty: all). Container ids and names, pod
+    namespaces and labels; resolved to cgroup ids for the kernel where possible."""
+
+    container_ids: list[str] = Field(default_factory=list)
+    container_names: list[str] = Field(default_factory=list)
+    pod_namespaces: list[str] = Field(default_factory=list)
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+
+
+class IdentityConfig(_Strict):
+    process: ProcessIdentityConfig = Field(default_factory=ProcessIdentityConfig)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    cloud: CloudConfig = Field(default_factory=CloudConfig)
+    filter: WorkloadFilter = Field(default_factory=WorkloadFilter)
+
+
 class Config(_Strict):
     service_name: str = "otel-ebpf"
     resource_attributes: dict[str, str] = Field(default_factory=dict)
@@ -159,6 +216,7 @@ class Config(_Strict):
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
 
 
 class ConfigError(Exception):

@@ -8,10 +8,12 @@ from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.probes.base import Probe
 from otel_ebpf.probes.cpu_profile import CpuProfile
 from otel_ebpf.probes.syscall_latency import SyscallLatency
+from otel_ebpf.probes.tcp_retransmit import TcpRetransmit
 
 PROBE_TYPES: dict[str, type[Probe]] = {
     SyscallLatency.name: SyscallLatency,
     CpuProfile.name: CpuProfile,
+    TcpRetransmit.name: TcpRetransmit,
 }
 
 
@@ -26,4 +28,6 @@ def build(config: Config, syscalls: SyscallTable) -> list[Probe]:
         probes.append(SyscallLatency(config.probes.syscall_latency, syscalls))
     if config.probes.cpu_profile.enabled:
         probes.append(CpuProfile(config.probes.cpu_profile))
+    if config.probes.tcp_retransmit.enabled:
+        probes.append(TcpRetransmit(config.probes.tcp_retransmit))
     return probes

@@ -1,0 +1,475 @@
+"""Decoder for probes/tcp_retransmit.bpf.c: retransmitted TCP segments -> counters.
+
+The kernel counts segments, not tracepoint hits: under GSO/TSO one retransmitted buffer
+carries many segments, and the kernel's own RetransSegs adds tcp_skb_pcount(skb) per
+buffer. The program reads that count, and the socket's addresses, at struct offsets taken
+from the running kernel's BTF (otel_ebpf.kernel.btf): the headers BCC compiles with may be
+another kernel's. It hooks raw tracepoints, which the kernel never skips because another
+tracing program happens to run on the CPU (classic tracepoints are; see the .bpf.c).
+
+Ownership: the retransmit fires in softirq or timer context, where `current` is whoever
+was interrupted. The program remembers, per socket, the last process that sent, received
+or connected on it (sock_send_length / sock_recv_length / inet_sock_set_state), and keys
+the counts by that owner. A socket no process touched since the probe started (idle since
+before the agent, or used only by the kernel) is counted under pid 0.
+
+The default aggregation, per peer, keys a connection this host opened by the peer's
+address and port and one it accepted by the peer's address and the local port: the
+service's port either way, never an ephemeral one.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from otel_ebpf.clock import MonotonicClock
+from otel_ebpf.config import TcpRetransmitConfig
+from otel_ebpf.kernel import btf as kbtf
+from otel_ebpf.kernel.engine import Engine, EngineError, Program
+from otel_ebpf.kernel.preflight import tracefs_root
+from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
+from otel_ebpf.probes.base import Hook, Probe
+
+log = logging.getLogger(__name__)
+
+AF_INET = 2
+AF_INET6 = 10
+# Sockets whose owner is remembered. An LRU: sockets that retransmit have just been
+# written to, so they are the recently used ones that stay.
+OWNER_ENTRIES = 65536
+PAGE = 4096
+EVENT_RECORD_BYTES = 128  # sizeof(struct retransmit_event) + ring buffer header, rounded
+MAX_RINGBUF_PAGES = 4096  # 16 MiB: beyond, a burst is counted as buffer_full instead
+
+# Keep in sync with enum probe_stat in probes/tcp_retransmit.bpf.c.
+_STATS = ("hits", "map_full", "pcount_unreadable", "inserts", "no_owner", "rate_limited",
+          "buffer_full")
+# Which of them are events that were not recorded (exactly) - the agent's lost_events.
+_LOST = ("map_full", "pcount_unreadable", "rate_limited", "buffer_full")
+
+# include/net/tcp_states.h; names as in the semantic conventions' network.connection.state.
+# NEW_SYN_RECV is the kernel's state of a connection still in the listener's request
+# queue (its SYN-ACK retransmissions): for TCP, SYN_RECEIVED.
+TCP_STATES = {
+    1: "established", 2: "syn_sent", 3: "syn_received", 4: "fin_wait_1", 5: "fin_wait_2",
+    6: "time_wait", 7: "close", 8: "close_wait", 9: "last_ack", 10: "listen",
+    11: "closing", 12: "syn_received",
+}
+
+RETRANSMITS = MetricDescriptor(
+    name="linux.tcp.retransmits",
+    unit="{segment}",
+    description="TCP segments retransmitted, as the kernel's RetransSegs counts them "
+                "(segments, not buffers: one GSO buffer carries many; SYN-ACKs included), "
+                "per connection or peer and owning workload.",
+)
+RETRANSMIT_FAILURES = MetricDescriptor(
+    name="linux.tcp.retransmit.failures",
+    unit="{segment}",
+    description="TCP segments whose retransmission failed (err != 0: not sent, or refused "
+                "below TCP), by error.type.",
+)
+
+
+# ctypes mirrors of the .bpf.c structs. BCC hands back its own types for the maps; these
+# exist for decoding without BCC (unit tests) and to check that the layouts agree.
+class ConnKey(ct.Structure):
+    _fields_ = [
+        ("local_addr", ct.c_uint8 * 16),
+        ("peer_addr", ct.c_uint8 * 16),
+        ("local_port", ct.c_uint16),
+        ("peer_port", ct.c_uint16),
+        ("family", ct.c_uint16),
+        ("state", ct.c_uint8),
+        ("_pad", ct.c_uint8),
+        ("err", ct.c_int32),
+        ("tgid", ct.c_uint32),
+        ("cgroup_id", ct.c_uint64),
+    ]
+
+
+class Owner(ct.Structure):
+    _fields_ = [
+        ("tgid", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("cgroup_id", ct.c_uint64),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class ConnValue(ct.Structure):
+    _fields_ = [("segments", ct.c_uint64), ("comm", ct.c_char * 16)]
+
+
+class RetransmitEventStruct(ct.Structure):
+    _fields_ = [
+        ("time_ns", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64),
+        ("local_addr", ct.c_uint8 * 16),
+        ("peer_addr", ct.c_uint8 * 16),
+        ("local_port", ct.c_uint16),
+        ("peer_port", ct.c_uint16),
+        ("family", ct.c_uint16),
+        ("state", ct.c_uint8),
+        ("_pad", ct.c_uint8),
+        ("err", ct.c_int32),
+        ("segments", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("_pad2", ct.c_uint32),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class RetransmitEvent:
+    """One retransmission attempt, from the rate-limited event stream."""
+
+    time_unix_ns: int
+    network_type: str
+    local_address: str
+    local_port: int
+    peer_address: str
+    peer_port: int
+    state: str
+    segments: int
+    error_type: str | None  # None: the segments left the host
+    workload: Workload
+
+    def attributes(self) -> dict[str, AttributeValue]:
+        attrs: dict[str, AttributeValue] = {
+            "network.type": self.network_type,
+            "network.local.address": self.local_address,
+            "network.local.port": self.local_port,
+            "network.peer.address": self.peer_address,
+            "network.peer.port": self.peer_port,
+            "linux.tcp.state": self.state,
+            "linux.tcp.segments": self.segments,
+        }
+        if self.error_type is not None:
+            attrs["error.type"] = self.error_type
+        return attrs
+
+
+def format_address(family: int, raw: bytes | Any) -> tuple[str, str]:
+    """(network.type, address) of a 16-byte address from the kernel.
+
+    AF_INET addresses arrive IPv4-mapped (the tracepoint's layout); IPv4-mapped addresses
+    of AF_INET6 sockets are IPv4 on the wire. Both are reported as plain IPv4, so one peer
+    is one series whichever kind of socket reached it."""
+    addr = ipaddress.IPv6Address(bytes(raw))
+    mapped = addr.ipv4_mapped
+    if mapped is not None:
+        return "ipv4", str(mapped)
+    if family == AF_INET:
+        # not mapped although AF_INET: the kernel wrote the plain 4 bytes first
+        return "ipv4", str(ipaddress.IPv4Address(bytes(raw)[:4]))
+    return "ipv6", str(addr)
+
+
+def network_type(family: int) -> str:
+    return "ipv4" if family == AF_INET else "ipv6" if family == AF_INET6 else f"family_{family}"
+
+
+def state_name(state: int) -> str:
+    return TCP_STATES.get(state, f"state_{state}")
+
+
+def error_type(err: int) -> str | None:
+    """The errno name of a failed attempt (EPERM: a firewall on this host refused it;
+    EBUSY: the original is still queued in the host; ENOBUFS/ENOMEM: memory)."""
+    if err == 0:
+        return None
+    return errno.errorcode.get(-err, f"errno_{-err}")
+
+
+def _comm(raw: bytes) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+
+
+# struct sock members the program reads: cflag -> (member path, size in bytes). All but
+# the protocol sit in sock_common at the start of struct sock, read in one go.
+SOCK_FIELDS: dict[str, tuple[str, int]] = {
+    "SK_FAMILY_OFF": ("__sk_common.skc_family", 2),
+    "SK_STATE_OFF": ("__sk_common.skc_state", 1),
+    "SK_NUM_OFF": ("__sk_common.skc_num", 2),
+    "SK_DPORT_OFF": ("__sk_common.skc_dport", 2),
+    "SK_RCV_SADDR_OFF": ("__sk_common.skc_rcv_saddr", 4),
+    "SK_DADDR_OFF": ("__sk_common.skc_daddr", 4),
+    "SK_V6_RCV_SADDR_OFF": ("__sk_common.skc_v6_rcv_saddr", 16),
+    "SK_V6_DADDR_OFF": ("__sk_common.skc_v6_daddr", 16),
+}
+IPV6_FIELDS = ("SK_V6_RCV_SADDR_OFF", "SK_V6_DADDR_OFF")
+MAX_SKC_READ = 256  # the one-read copy of the start of struct sock lives on the BPF stack
+
+
+def _byte_member(btf: kbtf.Btf, struct_name: str, path: str, size: int) -> int:
+    m = btf.member(struct_name, path)
+    if m.bitfield_size or m.bit_offset % 8:
+        raise kbtf.BtfError(f"{struct_name}.{path} is a bitfield in this kernel")
+    if m.size != size:
+        raise kbtf.BtfError(f"{struct_name}.{path} is {m.size} bytes, the probe reads {size}")
+    return m.offset
+
+
+def segment_count_offset(btf: kbtf.Btf) -> int:
+    """offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs): where
+    tcp_skb_pcount() reads a buffer's segment count."""
+    cb = btf.member("sk_buff", "cb")
+    if cb.bitfield_size or cb.bit_offset % 8:
+        raise kbtf.BtfError("sk_buff.cb is a bitfield in this kernel")
+    cb_size = btf.struct_size("tcp_skb_cb")
+    if cb_size > cb.size:
+        raise kbtf.BtfError(f"tcp_skb_cb ({cb_size} bytes) does not fit sk_buff.cb "
+                            f"({cb.size} bytes)")
+    return cb.offset + _byte_member(btf, "tcp_skb_cb", "tcp_gso_segs", 2)
+
+
+def offset_flags(btf: kbtf.Btf) -> list[str]:
+    """-D flags for every struct offset the program reads, from the running kernel's BTF.
+    Raises BtfError, with what is missing, when the kernel's layout cannot be known."""
+    flags = [f"-DSKB_PCOUNT_OFF={segment_count_offset(btf)}",
+             f"-DSK_PROTOCOL_OFF={_byte_member(btf, 'sock', 'sk_protocol', 2)}"]
+    read = 0
+    for flag, (path, size) in SOCK_FIELDS.items():
+        try:
+            offset = _byte_member(btf, "sock", path, size)
+        except kbtf.BtfError:
+            if flag in IPV6_FIELDS:
+                continue  # a kernel without IPv6: AF_INET6 sockets cannot exist
+            raise
+        flags.append(f"-D{flag}={offset}")
+        read = max(read, offset + size)
+    # A request sock (a connection not yet accepted) starts with the same sock_common.
+    req_common = _byte_member(btf, "request_sock", "__req_common",
+                              btf.struct_size("sock_common"))
+    flags.append(f"-DREQ_COMMON_OFF={req_common}")
+    if read > MAX_SKC_READ:
+        raise kbtf.BtfError(f"struct sock's address fields end at byte {read}, beyond the "
+                            f"{MAX_SKC_READ} bytes the probe copies")
+    flags.append(f"-DSKC_READ={read}")
+    return flags
+
+
+def retransmit_has_err(root: Path | None = None) -> bool:
+    """Whether tcp_retransmit_skb carries `err` (6.17+). Before, it fired for successful
+    retransmissions only, and failures are not visible to this probe."""
+    root = root or tracefs_root()
+    if root is None:
+        return False
+    try:
+        text = (root / "events" / "tcp" / "tcp_retransmit_skb" / "format").read_text()
+    except OSError:
+        return False
+    return any(line.split(";")[0].strip().endswith(" err")
+               for line in text.splitlines() if "field:" in line)
+
+
+def ringbuf_pages(rate_per_second: int, burst: int, interval_s: float) -> int:
+    """Enough room for a burst plus two collection intervals at the full rate, as a power
+    of two pages (what BPF ring buffers require)."""
+    records = burst + int(rate_per_second * max(interval_s, 1.0) * 2)
+    pages = max(1, records * EVENT_RECORD_BYTES // PAGE)
+    return min(MAX_RINGBUF_PAGES, 1 << (pages - 1).bit_length())
+
+
+class TcpRetransmit(Probe):
+    name = "tcp_retransmit"
+    summary = ("retransmitted TCP segments per connection / peer and owning process, "
+               "counted in the kernel")
+    hooks = (
+        Hook("raw_tracepoint", "tcp/tcp_retransmit_skb"),
+        Hook("raw_tracepoint", "tcp/tcp_retransmit_synack", "SYN-ACKs of unaccepted connections"),
+        Hook("raw_tracepoint", "sock/sock_send_length", "owner of a socket: who sends on it"),
+        Hook("raw_tracepoint", "sock/sock_recv_length", "owner of a socket: who receives"),
+        Hook("raw_tracepoint", "sock/inet_sock_set_state",
+             "owner at connect() and listen(), accepted sockets, forgotten at close"),
+    )
+    exports = (RETRANSMITS, RETRANSMIT_FAILURES)
+
+    # (function, raw tracepoint, tracefs event, required). The send/receive tracepoints
+    # came with Linux 6.3; without them the probe still counts everything, and knows the
+    # owners of connected sockets only (from connect()).
+    _FUNCTIONS = (
+        ("on_state", "inet_sock_set_state", "sock/inet_sock_set_state", True),
+        ("on_send", "sock_send_length", "sock/sock_send_length", False),
+        ("on_recv", "sock_recv_length", "sock/sock_recv_length", False),
+        ("on_retransmit", "tcp_retransmit_skb", "tcp/tcp_retransmit_skb", True),
+        ("on_synack", "tcp_retransmit_synack", "tcp/tcp_retransmit_synack", True),
+    )
+
+    def __init__(self, config: TcpRetransmitConfig, btf: kbtf.Btf | None = None,
+                 clock: MonotonicClock | None = None) -> None:
+        self.config = config
+        self._btf = btf
+        self._clock = clock
+        self._program: Program | None = None
+        self._stats_seen = [0] * len(_STATS)
+        self._drained_keys = 0
+        self._evicted_reported = 0
+        self._pending: list[RetransmitEvent] = []
+        self._cflags: list[str] | None = None
+
+    # ---- build -------------------------------------------------------------------------
+
+    @property
+    def event_burst(self) -> int:
+        # One second's worth: a short storm is seen whole, a long one at the steady rate.
+        return self.config.events.rate_per_second
+
+    @property
+    def ringbuf_pages(self) -> int:
+        return ringbuf_pages(self.config.events.rate_per_second, self.event_burst,
+                             self.config.interval)
+
+    def cflags(self) -> list[str]:
+        if self._cflags is not None:
+            return self._cflags
+        flags = [f"-DMAX_ENTRIES={self.config.max_entries}", f"-DOWNER_ENTRIES={OWNER_ENTRIES}"]
+        try:
+            flags += offset_flags(self._btf or kbtf.vmlinux())
+        except kbtf.BtfError as exc:
+            raise EngineError(
+                f"{self.name}: cannot know this kernel's struct layouts: {exc}. The probe "
+                "reads sk_buff and sock members at offsets from /sys/kernel/btf/vmlinux "
+                "(CONFIG_DEBUG_INFO_BTF=y); disable it with probes.tcp_retransmit.enabled: "
+                "false where there is none") from exc
+        if retransmit_has_err():
+            flags.append("-DHAVE_ERR")
+        if self.config.aggregation == "connection":
+            flags.append("-DKEY_CONNECTION")
+        elif self.config.aggregation == "peer":
+            flags.append("-DKEY_PEER")
+        events = self.config.events
+        if events.enabled:
+            flags += ["-DEVENTS", f"-DEVENT_RATE={events.rate_per_second}ULL",
+                      f"-DEVENT_BURST={self.event_burst}ULL",
+                      f"-DRINGBUF_PAGES={self.ringbuf_pages}"]
+        self._cflags = flags
+        return flags
+
+    def verify(self, engine: Engine) -> None:
+        engine.verify(self.name, self.cflags(),
+                      [(fn, "raw_tracepoint") for fn, *_ in self._FUNCTIONS])
+
+    def start(self, engine: Engine) -> None:
+        program = engine.load(self.name, self.cflags())
+        self._program = program
+        try:
+            if self.config.events.enabled:
+                if self._clock is None:
+                    self._clock = MonotonicClock()
+                program.open_event_buffer("events", self._on_event, perf=False,
+                                          pages=self.ringbuf_pages)
+            # Owners first, so that sockets used from now on are attributed before their
+            # first retransmit is counted.
+            root = tracefs_root()
+            for fn, tracepoint, event, required in self._FUNCTIONS:
+                if not required and root is not None and not (root / "events" / event).is_dir():
+                    log.warning("tcp_retransmit: this kernel has no %s tracepoint (6.3+): "
+                                "accepted sockets are attributed to no process", event)
+                    continue
+                program.attach_raw_tracepoint(tracepoint, fn)
+        except Exception:
+            self.stop()
+            raise
+
+    # ---- read --------------------------------------------------------------------------
+
+    def collect(self) -> Collection:
+        if self._program is None:
+            return Collection(self.name)
+        # Stats before the drain: every key inserted before this read is either drained
+        # now (or earlier) or was evicted, so inserts - drained never over-reports.
+        totals = self._program.map("probe_stats").percpu_sums()
+        entries = self._program.map("retransmits").drain()
+        self._drained_keys += len(entries)
+        records: list[CounterDelta] = []
+        for key, value in entries:
+            record = self.decode(key, value)
+            if record is not None:
+                records.append(record)
+        by_name = dict(zip(_STATS, totals, strict=True))
+        seen = dict(zip(_STATS, self._stats_seen, strict=True))
+        lost = {reason: by_name[reason] - seen[reason] for reason in _LOST
+                if by_name[reason] > seen[reason]}
+        evicted = by_name["inserts"] - self._drained_keys
+        if evicted > self._evicted_reported:
+            lost["map_evicted"] = evicted - self._evicted_reported
+            self._evicted_reported = evicted
+        self._stats_seen = totals
+        return Collection(self.name, list(records), lost)
+
+    def attributes(self, key: Any) -> dict[str, AttributeValue]:
+        """The data point attributes of a key, as far as the aggregation kept them: all
+        of the 4-tuple (connection); the peer address and the port of the service - the
+        peer's for connections this host opened, the local one for connections it
+        accepted (peer); neither (workload)."""
+        family = int(key.family)
+        attrs: dict[str, AttributeValue] = {"network.type": network_type(family)}
+        mode = self.config.aggregation
+        if mode == "connection":
+            _, attrs["network.local.address"] = format_address(family, key.local_addr)
+        if mode in ("connection", "peer"):
+            if mode == "connection" or key.local_port:
+                attrs["network.local.port"] = int(key.local_port)
+            _, attrs["network.peer.address"] = format_address(family, key.peer_addr)
+            if mode == "connection" or key.peer_port:
+                attrs["network.peer.port"] = int(key.peer_port)
+        attrs["linux.tcp.state"] = state_name(int(key.state))
+        err = error_type(int(key.err))
+        if err is not None:
+            attrs["error.type"] = err
+        return attrs
+
+    def decode(self, key: Any, value: Any) -> CounterDelta | None:
+        segments = int(value.segments)
+        if segments == 0:
+            return None  # inserted, then the add lost a race with the drain
+        descriptor = RETRANSMITS if int(key.err) == 0 else RETRANSMIT_FAILURES
+        workload = Workload(int(key.tgid), _comm(value.comm), int(key.cgroup_id))
+        return CounterDelta(descriptor, workload, self.attributes(key), segments)
+
+    def counters(self) -> dict[str, int]:
+        """The program's own counters since load (hits, inserts, no_owner, ...)."""
+        if self._program is None:
+            return {}
+        return dict(zip(_STATS, self._program.map("probe_stats").percpu_sums(), strict=True))
+
+    def _on_event(self, ev: Any) -> None:
+        # ev is only valid during this call: copy what is kept.
+        family = int(ev.family)
+        net, local = format_address(family, ev.local_addr)
+        _, peer = format_address(family, ev.peer_addr)
+        assert self._clock is not None
+        self._pending.append(RetransmitEvent(
+            time_unix_ns=self._clock.to_unix_ns(int(ev.time_ns)),
+            network_type=net,
+            local_address=local,
+            local_port=int(ev.local_port),
+            peer_address=peer,
+            peer_port=int(ev.peer_port),
+            state=state_name(int(ev.state)),
+            segments=int(ev.segments),
+            error_type=error_type(int(ev.err)),
+            workload=Workload(int(ev.tgid), _comm(ev.comm), int(ev.cgroup_id)),
+        ))
+
+    def events(self) -> list[RetransmitEvent]:
+        """Retransmit events streamed since the previous call (empty unless
+        events.enabled). Blocking only for the copy; never waits for new events."""
+        if self._program is None or not self.config.events.enabled:
+            return []
+        self._program.poll_event_buffers()
+        out, self._pending = self._pending, []
+        return out
+
+    def stop(self) -> None:
+        if self._program is not None:
+            self._program.close()
+            self._program = None
