@@ -128,6 +128,7 @@ def _kernel_context() -> tuple[Any, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import Agent
     from otel_ebpf.enrich.host import host_attributes
+    from otel_ebpf.enrich.identity import IdentityResolver
     from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
     from otel_ebpf.export.profile_sender import ProfilesSender
     from otel_ebpf.export.profiles import ProfileExport
@@ -149,7 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     profile_cfg = config.probes.cpu_profile
     if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
         profiles = ProfileExport(profiles_sender, profile_cfg.folded_path, time.time_ns())
-    agent = Agent(config, engine, probes, shipper, host_attributes(),
+    identity = IdentityResolver(config, host_attributes())
+    agent = Agent(config, engine, probes, shipper, identity,
                   span_shipper=span_shipper, profiles=profiles)
     return asyncio.run(agent.run(args.duration))
 

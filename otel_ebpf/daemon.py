@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
@@ -23,19 +21,19 @@ from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from otel_ebpf import __version__
 from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.config import Config
-from otel_ebpf.enrich.process import ProcessEnricher, pid_alive
+from otel_ebpf.enrich.identity import AGENT, IdentityResolver
+from otel_ebpf.enrich.process import pid_alive
 from otel_ebpf.export.metrics import OtlpShipper, build_metrics_data
 from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanQueue, build_spans
 from otel_ebpf.kernel.engine import Engine
-from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
+from otel_ebpf.model import Collection, CounterDelta, MetricDescriptor, Workload
 from otel_ebpf.probes.base import Probe
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 4.0  # the final flush gives up after this; SIGTERM-to-exit stays < 5 s
-AGENT = Workload(pid=-1, comm="otel-ebpf")  # the agent's own resource
 LOST_EVENTS = MetricDescriptor(
     "otel_ebpf.probe.lost_events", "{event}",
     "Kernel events a probe could not record, by reason (map_full, no_start, ...).")
@@ -58,7 +56,7 @@ class Agent:
         engine: Engine,
         probes: list[Probe],
         shipper: OtlpShipper | None,
-        host: Mapping[str, AttributeValue],
+        identity: IdentityResolver,
         out: TextIO = sys.stdout,
         span_shipper: OtlpShipper | None = None,
         profiles: ProfileExport | None = None,
@@ -73,10 +71,9 @@ class Agent:
         slow = config.probes.syscall_latency.slow_spans
         self.spans = SpanQueue(slow.queue_size)
         self._spans_failed = 0
-        self.host = dict(host)
+        self.identity = identity
         self.out = out
         self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series)
-        self.processes = ProcessEnricher()
         self.summary = HistogramSummary(config.summary.top)
         self._started_ns: dict[str, int] = {}
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
@@ -96,6 +93,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            await self.identity.start()
             if not await self._start_probes():
                 return 1
             tasks = [asyncio.create_task(self._collect_loop(p), name=f"collect-{p.name}")
@@ -126,6 +124,7 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self._stop_probes()
+            await self.identity.close()
             for pool in (self._bpf_pool, self._export_pool, self._span_pool,
                          self._profile_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -144,8 +143,9 @@ class Agent:
                 log.error("probe %s failed to start: %s", probe.name, exc)
                 return False
             self._started_ns[probe.name] = time.time_ns()
-            log.info("probe %s attached (%s) in %.1fs", probe.name,
-                     ", ".join(str(h) for h in probe.hooks), time.monotonic() - began)
+            log.info("probe %s attached (%s) in %.1fs; BPF program ids %s", probe.name,
+                     ", ".join(str(h) for h in probe.hooks), time.monotonic() - began,
+                     " ".join(map(str, probe.program_ids())))
         return True
 
     def _stop_probes(self) -> None:
@@ -188,37 +188,13 @@ class Agent:
 
     # ---- export ----------------------------------------------------------------------
 
-    def _resource_of(self, identities: Mapping[Workload, Mapping[str, AttributeValue]]
-                     ) -> Callable[[Workload], Mapping[str, AttributeValue]]:
-        user = {k: v for k, v in self.config.resource_attributes.items() if k != "service.name"}
-        agent = {**self.host, **user, "service.name": self.config.service_name,
-                 "service.version": __version__, "process.pid": os.getpid()}
-        base = {**self.host, **user}
-
-        def resource_of(workload: Workload) -> Mapping[str, AttributeValue]:
-            if workload == AGENT:
-                return agent
-            ident = identities.get(workload, {})
-            name = ident.get("process.executable.name")
-            return {**base, **ident, **({"service.name": name} if name else {})}
-
-        return resource_of
-
-    def _identities(self, workloads: list[Workload]) -> dict[Workload, dict[str, AttributeValue]]:
-        """Blocking /proc lookups for these workloads."""
-        out: dict[Workload, dict[str, AttributeValue]] = {}
-        for w in workloads:
-            if w not in out and w.pid > 0:
-                out[w] = self.processes.lookup(w).attributes()
-        return out
-
     def _export_once(self) -> bool:
         assert self.shipper is not None
         series = self.store.series()
         if not series:
             return True
-        resource_of = self._resource_of(self._identities([s.workload for s in series]))
-        data = build_metrics_data(series, resource_of, exemplars_of=self.store.exemplars_of)
+        identity_of = self.identity.resolver(s.workload for s in series)
+        data = build_metrics_data(series, identity_of, exemplars_of=self.store.exemplars_of)
         ok = self.shipper.ship(data)
         if ok:
             self.store.mark_exported()
@@ -295,8 +271,8 @@ class Agent:
 
     def _export_spans_once(self, batch: list[QueuedSpan]) -> bool:
         assert self.span_shipper is not None
-        resource_of = self._resource_of(self._identities([q.record.workload for q in batch]))
-        ok = self.span_shipper.ship(build_spans(batch, resource_of))
+        identity_of = self.identity.resolver(q.record.workload for q in batch)
+        ok = self.span_shipper.ship(build_spans(batch, identity_of))
         if not ok:
             self._spans_failed += len(batch)
         return ok
@@ -327,7 +303,7 @@ class Agent:
     def _flush_profiles(self) -> None:
         assert self.profiles is not None
         workloads = self.profiles.workloads()
-        self.profiles.flush(self._resource_of(self._identities(workloads)), time.time_ns())
+        self.profiles.flush(self.identity.resolver(workloads), time.time_ns())
         sender = self.profiles.sender
         if sender is not None and sender.dropped > self._profiles_dropped_seen:
             reason = "unsupported" if sender.unsupported else "export_failed"
@@ -362,7 +338,8 @@ class Agent:
         self._summary_started = time.monotonic()
 
         def name_of(w: Workload) -> str:
-            return str(self.processes.lookup(w).executable_name) if w.pid > 0 else "(all)"
+            return (str(self.identity.processes.lookup(w).executable_name) if w.pid > 0
+                    else "(all)")
 
         print(self.summary.render(elapsed, name_of), file=self.out, flush=True)
 

@@ -40,6 +40,16 @@ class Workload:
 
 
 @dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a workload is, as exported: the OTLP Resource it belongs to (the container when
+    there is one, else the process; plus host and cloud), and the attributes that go on
+    each of its data points, spans and samples (the process within that resource)."""
+
+    resource: Mapping[str, AttributeValue]
+    point: Mapping[str, AttributeValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricDescriptor:
     name: str
     unit: str

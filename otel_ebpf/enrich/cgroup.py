@@ -34,3 +34,30 @@ def cgroup_id(spec: int | str, root: Path | None = None) -> int:
     except OSError as exc:
         raise ValueError(f"cgroup {spec!r}: {path} is not readable ({exc.strerror}); give a "
                          "cgroup v2 directory or its numeric id") from exc
+
+
+def scan_cgroup_tree(root: Path) -> dict[int, str]:
+    """Every cgroup below `root` (included) as inode -> path relative to it ("/", "/a/b").
+
+    The inode is the id bpf_get_current_cgroup_id reports. Blocking: one getdents per
+    cgroup directory and no stat per entry (DirEntry.inode and is_dir come from readdir),
+    so run it in an executor. Directories that vanish mid-walk are skipped: containers come
+    and go while we read.
+    """
+    try:
+        found = {os.stat(root).st_ino: "/"}
+    except OSError:
+        return {}
+    stack = [(str(root), "")]
+    while stack:
+        directory, relative = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = f"{relative}/{entry.name}"
+                        found[entry.inode()] = child
+                        stack.append((entry.path, child))
+        except OSError:
+            continue
+    return found

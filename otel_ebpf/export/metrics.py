@@ -31,15 +31,13 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from otel_ebpf import __version__
 from otel_ebpf.aggregate import Series
 from otel_ebpf.config import ExporterConfig
-from otel_ebpf.model import AttributeValue, Workload
+from otel_ebpf.model import AttributeValue, Identity, Workload
 
 log = logging.getLogger(__name__)
 
 SCOPE = InstrumentationScope("otel-ebpf", __version__)
 CUMULATIVE = AggregationTemporality.CUMULATIVE
 
-# resource attributes of a workload -> the attributes copied onto its data points
-POINT_IDENTITY_KEYS = ("process.pid", "process.executable.name")
 
 
 def _point(series: Series, attrs: Mapping[str, AttributeValue], now_ns: int,
@@ -70,7 +68,7 @@ def _point(series: Series, attrs: Mapping[str, AttributeValue], now_ns: int,
 
 def build_metrics_data(
     series: Iterable[Series],
-    resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
+    identity_of: Callable[[Workload], Identity],
     now_ns: int | None = None,
     exemplars_of: Callable[[Series], list[Exemplar]] = lambda _: [],
 ) -> MetricsData:
@@ -80,10 +78,9 @@ def build_metrics_data(
     grouped: dict[frozenset[tuple[str, AttributeValue]], dict[str, list[Any]]] = {}
     first_of: dict[tuple[frozenset[tuple[str, AttributeValue]], str], Series] = {}
     for s in series:
-        resource = resource_of(s.workload)
-        rkey = frozenset(resource.items())
-        attrs = dict(s.attributes)
-        attrs.update({k: resource[k] for k in POINT_IDENTITY_KEYS if k in resource})
+        identity = identity_of(s.workload)
+        rkey = frozenset(identity.resource.items())
+        attrs = {**s.attributes, **identity.point}
         grouped.setdefault(rkey, {}).setdefault(s.descriptor.name, []).append(
             _point(s, attrs, now_ns, exemplars_of(s))
         )

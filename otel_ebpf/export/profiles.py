@@ -27,7 +27,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from otel_ebpf import __version__
 from otel_ebpf.export.profile_sender import ProfilesSender
-from otel_ebpf.model import AttributeValue, StackSample, Workload
+from otel_ebpf.model import AttributeValue, Identity, StackSample, Workload
 from otel_ebpf.symbols import Frame
 from otel_ebpf.symbols import Mapping as MappingInfo
 
@@ -126,7 +126,7 @@ class ProfilesDictionaryBuilder:
 
 def build_profiles_request(
     samples: Iterable[StackSample],
-    resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
+    identity_of: Callable[[Workload], Identity],
     period_ns: int,
     start_ns: int,
     end_ns: int,
@@ -138,11 +138,12 @@ def build_profiles_request(
                                unit_strindex=d.string("nanoseconds"))
     by_resource: dict[frozenset[tuple[str, AttributeValue]], list[pb.Sample]] = {}
     for s in samples:
-        resource = frozenset(resource_of(s.workload).items())
+        identity = identity_of(s.workload)
+        resource = frozenset(identity.resource.items())
+        attrs = {**identity.point, "thread.id": s.thread_id, "thread.name": s.thread_name}
         by_resource.setdefault(resource, []).append(pb.Sample(
             stack_index=d.stack(s.frames),
-            attribute_indices=[d.attribute("thread.id", s.thread_id),
-                               d.attribute("thread.name", s.thread_name)],
+            attribute_indices=[d.attribute(k, v) for k, v in attrs.items()],
             values=[s.count],
         ))
     scope = InstrumentationScope(name="otel-ebpf", version=__version__)
@@ -231,17 +232,16 @@ class ProfileExport:
     def workloads(self) -> list[Workload]:
         return self.window.workloads()
 
-    def flush(self, resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
-              end_ns: int) -> None:
+    def flush(self, identity_of: Callable[[Workload], Identity], end_ns: int) -> None:
         samples, start, end = self.window.take(end_ns)
         if not samples:
             return
         if self.folded_path is not None:
             self.window.fold(samples, lambda w: str(
-                resource_of(w).get("process.executable.name") or w.comm or w.pid))
+                identity_of(w).point.get("process.executable.name") or w.comm or w.pid))
             write_atomically(self.folded_path, "\n".join(folded_lines(self.window.folded)))
         if self.sender is not None:
-            self.sender.send(build_profiles_request(samples, resource_of,
+            self.sender.send(build_profiles_request(samples, identity_of,
                                                     self.window.period_ns, start, end))
 
 

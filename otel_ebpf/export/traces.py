@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry.sdk.resources import Resource
@@ -18,11 +18,9 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from otel_ebpf import __version__
-from otel_ebpf.model import AttributeValue, SpanRecord, Workload
+from otel_ebpf.model import AttributeValue, Identity, SpanRecord, Workload
 
 SCOPE = InstrumentationScope("otel-ebpf", __version__)
-# resource attributes copied onto each span, as on the metric data points
-SPAN_IDENTITY_KEYS = ("process.pid", "process.executable.name")
 _rng = random.SystemRandom()
 
 
@@ -58,19 +56,18 @@ class SpanQueue:
 
 def build_spans(
     batch: list[QueuedSpan],
-    resource_of: Callable[[Workload], Mapping[str, AttributeValue]],
+    identity_of: Callable[[Workload], Identity],
 ) -> list[ReadableSpan]:
     resources: dict[frozenset[tuple[str, AttributeValue]], Resource] = {}
     spans = []
     for q in batch:
         r = q.record
-        attrs = resource_of(r.workload)
-        key = frozenset(attrs.items())
+        identity = identity_of(r.workload)
+        key = frozenset(identity.resource.items())
         resource = resources.get(key)
         if resource is None:
-            resource = resources[key] = Resource(dict(attrs))
-        span_attrs = dict(r.attributes)
-        span_attrs.update({k: attrs[k] for k in SPAN_IDENTITY_KEYS if k in attrs})
+            resource = resources[key] = Resource(dict(identity.resource))
+        span_attrs = {**r.attributes, **identity.point}
         status = (Status(StatusCode.ERROR, r.error_type) if r.error_type
                   else Status(StatusCode.UNSET))
         spans.append(ReadableSpan(

@@ -183,6 +183,16 @@ class Program:
                 f"{exc}. Check perf_event_paranoid and CAP_PERFMON (`otel-ebpf doctor`)"
             ) from exc
 
+    def program_ids(self) -> list[int]:
+        """Kernel ids of the loaded programs (as `bpftool prog show` lists them)."""
+        ids = []
+        for fn in getattr(self._bpf, "funcs", {}).values():
+            info = (ct.c_uint8 * 256)()  # struct bpf_prog_info: type, id, ...
+            length = ct.c_uint32(ct.sizeof(info))
+            if self._lib.bpf_obj_get_info(fn.fd, ct.byref(info), ct.byref(length)) == 0:
+                ids.append(int.from_bytes(bytes(info[4:8]), "little"))
+        return sorted(ids)
+
     def load_function(self, fn_name: str, kind: str) -> None:
         prog_type = {"raw_tracepoint": self._bcc.BPF.RAW_TRACEPOINT,
                      "tracepoint": self._bcc.BPF.TRACEPOINT,

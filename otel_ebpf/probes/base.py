@@ -7,7 +7,7 @@ import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
-from otel_ebpf.kernel.engine import Engine
+from otel_ebpf.kernel.engine import Engine, Program
 from otel_ebpf.model import Collection, MetricDescriptor, SpanRecord
 
 
@@ -30,6 +30,11 @@ class Probe(abc.ABC):
     summary: ClassVar[str]
     hooks: ClassVar[tuple[Hook, ...]]
     exports: ClassVar[tuple[MetricDescriptor, ...]]
+    _program: Program | None = None
+
+    def program_ids(self) -> list[int]:
+        """The kernel ids of this probe's loaded programs, for logs and `bpftool`."""
+        return self._program.program_ids() if self._program is not None else []
 
     @abc.abstractmethod
     def start(self, engine: Engine) -> None:

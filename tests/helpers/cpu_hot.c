@@ -5,6 +5,9 @@
  *                             period a sampling frequency could fall into lockstep with
  *   cpu_hot syscalls SECONDS  writes 4 KiB to /dev/null in a loop: kernel time under
  *                             the write syscall
+ *   cpu_hot mixed SECONDS     waits for a line on stdin (so a test can first move it into
+ *                             a cgroup), then spins SECONDS in hot_a and sleeps 3 x 50 ms:
+ *                             profile samples, syscalls and slow calls from one process
  * Prints "done" and exits. The clock is read rarely (every 4096 spins) so that almost no
  * sample lands in the vDSO, whose code may not keep the frame-pointer chain.
  */
@@ -61,6 +64,18 @@ int main(int argc, char **argv)
             hot_a(unit_ns);
             hot_b(unit_ns);
         }
+    } else if (!strcmp(argv[1], "mixed")) {
+        char line[16];
+        printf("ready %d\n", getpid());
+        fflush(stdout);
+        if (!fgets(line, sizeof(line), stdin))
+            return 1;
+        deadline = now_ns() + (long long)(atof(argv[2]) * 1e9);
+        while (now_ns() < deadline)
+            hot_a(1000000);
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 50000000};
+        for (int i = 0; i < 3; i++)
+            nanosleep(&ts, NULL);
     } else if (!strcmp(argv[1], "syscalls")) {
         write_loop(deadline);
     } else {

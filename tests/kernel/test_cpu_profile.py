@@ -15,7 +15,7 @@ from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.profiles import build_profiles_request
 from otel_ebpf.kernel import headers
 from otel_ebpf.kernel.engine import Engine
-from otel_ebpf.model import StackSample
+from otel_ebpf.model import Identity, StackSample
 from otel_ebpf.probes.cpu_profile import CpuProfile
 
 pytestmark = pytest.mark.kernel
@@ -114,8 +114,9 @@ def test_exported_profile_decodes_with_the_official_proto(profiler: Running,
     assert proc.returncode == 0
     samples = [s for s in profiler.probe.collect().samples if s.thread_name == "cpu_hot"]
     enricher = ProcessEnricher()
-    request = build_profiles_request(samples, lambda w: enricher.lookup(w).attributes(),
-                                     profiler.probe.period_ns, 1, 2)
+    request = build_profiles_request(
+        samples, lambda w: Identity(enricher.lookup(w).attributes(), {"process.pid": w.pid}),
+        profiler.probe.period_ns, 1, 2)
     decoded = type(request).FromString(request.SerializeToString())
     d = decoded.dictionary
     assert d.string_table[0] == "" and d.function_table[0] == pb.Function()

@@ -25,6 +25,7 @@ from otel_ebpf.export.metrics import build_metrics_data
 from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound
 from otel_ebpf.kernel import headers, syscalls
 from otel_ebpf.kernel.engine import Engine
+from otel_ebpf.model import Identity, Workload
 from otel_ebpf.probes.syscall_latency import SyscallLatency
 
 pytestmark = pytest.mark.kernel
@@ -70,10 +71,12 @@ def exported_points(probe: SyscallLatency, start_ns: int) -> list[tuple[dict, di
     store.add(probe.collect().records, start_ns, time.time_ns())
     enricher = ProcessEnricher()
 
-    def resource_of(w):  # type: ignore[no-untyped-def]
-        return enricher.lookup(w).attributes() if w.pid > 0 else {}
+    def identity_of(w: Workload) -> Identity:
+        attrs = enricher.lookup(w).attributes() if w.pid > 0 else {}
+        return Identity(attrs, {k: attrs[k] for k in ("process.pid", "process.executable.name")
+                                if k in attrs})
 
-    request = encode_metrics(build_metrics_data(store.series(), resource_of))
+    request = encode_metrics(build_metrics_data(store.series(), identity_of))
     out = []
     for rm in request.resource_metrics:
         for sm in rm.scope_metrics:

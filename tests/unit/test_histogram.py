@@ -14,7 +14,7 @@ from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metr
 from otel_ebpf import histogram as h
 from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.export.metrics import build_metrics_data
-from otel_ebpf.model import ExpHistogramDelta, Workload
+from otel_ebpf.model import ExpHistogramDelta, Identity, Workload
 from otel_ebpf.probes import syscall_latency as probe
 
 BPF_SOURCE = Path(__file__).parents[2] / "probes" / "syscall_latency.bpf.c"
@@ -90,11 +90,13 @@ def test_deltas_fold_into_one_cumulative_otlp_point() -> None:
     store = CumulativeStore()
     store.add([delta([20_000_000] * 3)], start_ns=111, now_ns=200)
     store.add([delta([1_000_000_000, 1_000])], start_ns=111, now_ns=300)
-    identity = {"process.pid": 42, "process.executable.name": "app", "host.name": "h"}
-    request = encode_metrics(build_metrics_data(store.series(), lambda w: identity, now_ns=400))
+    resource = {"process.pid": 42, "process.executable.name": "app", "host.name": "h"}
+    point = {"process.pid": 42, "process.executable.name": "app"}
+    request = encode_metrics(build_metrics_data(
+        store.series(), lambda w: Identity(resource, point), now_ns=400))
 
     (rm,) = request.resource_metrics
-    assert {kv.key for kv in rm.resource.attributes} == set(identity)
+    assert {kv.key for kv in rm.resource.attributes} == set(resource)
     (metric,) = rm.scope_metrics[0].metrics
     assert (metric.name, metric.unit) == ("linux.syscall.duration", "s")
     (point,) = metric.exponential_histogram.data_points

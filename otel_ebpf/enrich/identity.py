@@ -1,0 +1,112 @@
+"""Workload identity: one answer to "who is this pid / cgroup id", the same for metrics,
+spans and profiles.
+
+The Resource is the container when there is one (container, pod, host, cloud) and the
+process otherwise; the process within a container goes on each data point, span and
+sample. Lookups that touch /proc or the cgroup tree are blocking and run in the exporters'
+threads; the Docker and Kubernetes clients are asyncio tasks that keep caches warm, and a
+lookup never waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+from otel_ebpf import __version__
+from otel_ebpf.config import Config
+from otel_ebpf.enrich.cloud import detect as detect_cloud
+from otel_ebpf.enrich.container import CgroupIdentity, ContainerResolver
+from otel_ebpf.enrich.docker import DockerMetadata
+from otel_ebpf.enrich.kubernetes import KubernetesPods
+from otel_ebpf.enrich.process import ProcessEnricher
+from otel_ebpf.model import AttributeValue, Identity, Workload
+
+log = logging.getLogger(__name__)
+
+AGENT = Workload(pid=-1, comm="otel-ebpf")  # the agent's own resource
+
+
+class IdentityResolver:
+    def __init__(self, config: Config, host: Mapping[str, AttributeValue]) -> None:
+        self.config = config
+        ident = config.identity
+        self.processes = ProcessEnricher(command_args=ident.process.command_args)
+        self.containers = ContainerResolver()
+        self.docker = DockerMetadata(ident.docker) if ident.docker.enabled else None
+        self.kubernetes = KubernetesPods(ident.kubernetes)
+        self.cloud: dict[str, AttributeValue] = {}
+        user = {k: v for k, v in config.resource_attributes.items() if k != "service.name"}
+        self.base: dict[str, AttributeValue] = {**host, **user}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Detect the cloud (bounded by its timeout) and start the metadata clients."""
+        if self.config.identity.cloud.detectors:
+            self.cloud = dict(await detect_cloud(self.config.identity.cloud))
+            self.base = {**self.base, **self.cloud}
+        if self.docker is not None:
+            await self.docker.start()
+        if self.kubernetes.enabled:
+            self._tasks.append(asyncio.create_task(self.kubernetes.run(), name="kubernetes"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.docker is not None:
+            await self.docker.close()
+        await self.kubernetes.close()
+
+    def agent_resource(self) -> dict[str, AttributeValue]:
+        return {**self.base, "service.name": self.config.service_name,
+                "service.version": __version__, "process.pid": os.getpid()}
+
+    def container_attributes(self, cg: CgroupIdentity | None) -> dict[str, AttributeValue]:
+        if cg is None or (cg.container_id is None and cg.pod_uid is None):
+            return {}
+        attrs: dict[str, AttributeValue] = dict(cg.attributes())
+        if cg.container_id and self.docker is not None:
+            attrs.update(self.docker.lookup(cg.container_id))
+        if self.kubernetes.enabled:
+            attrs.update(self.kubernetes.lookup(cg.pod_uid, cg.container_id))
+        return attrs
+
+    def identify(self, workload: Workload) -> Identity:
+        """Blocking (/proc, cgroup tree)."""
+        if workload == AGENT:
+            return Identity(self.agent_resource())
+        cg = self.containers.identify(workload.pid, workload.cgroup_id)
+        container = self.container_attributes(cg)
+        point: dict[str, AttributeValue] = {}
+        if workload.pid > 0:
+            point = dict(self.processes.lookup(workload).attributes())
+        if container:
+            name = (container.get("k8s.container.name") or container.get("container.name")
+                    or point.get("process.executable.name"))
+            resource = {**self.base, **container}
+            if name:
+                resource["service.name"] = name
+            # the process is a point attribute within the container's resource
+            return Identity(resource, {k: point[k] for k in ("process.pid",
+                                       "process.executable.name") if k in point})
+        resource = {**self.base, **point}
+        if "process.executable.name" in point:
+            resource["service.name"] = point["process.executable.name"]
+        return Identity(resource, {k: point[k] for k in ("process.pid",
+                                   "process.executable.name") if k in point})
+
+    def resolver(self, workloads: Iterable[Workload]) -> Callable[[Workload], Identity]:
+        """Resolve a batch once (blocking) and answer from that batch."""
+        known = {w: self.identify(w) for w in set(workloads)}
+
+        def identity_of(workload: Workload) -> Identity:
+            found = known.get(workload)
+            return found if found is not None else self.identify(workload)
+
+        return identity_of

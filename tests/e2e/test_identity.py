@@ -1,0 +1,149 @@
+"""Workload identity on all three signals: a helper moved into real cgroup v2 directories
+named as each container runtime names them must carry the same container.id (and pod UID
+for Kubernetes) on its syscall metrics, its slow-call spans and its profile samples."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otel_ebpf.enrich.cgroup import cgroup2_root
+from tests.e2e.test_agent import AgentProcess
+from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
+
+CONFIG = """
+probes:
+  syscall_latency:
+    interval: 500ms
+    filter:
+      comms: [cpu_hot]
+    slow_spans:
+      include: [nanosleep, clock_nanosleep]
+  cpu_profile:
+    frequency: 199
+summary:
+  enabled: false
+identity:
+  docker:
+    enabled: false
+"""
+
+
+def runtime_paths(tag: str) -> dict[str, tuple[str, str, str | None]]:
+    """name -> (cgroup path below the v2 root, container id, pod uid)."""
+    ids = {name: secrets.token_hex(32) for name in ("docker", "containerd", "crio", "podman")}
+    pod = str(uuid.uuid4())
+    pod_slice = f"kubepods-burstable-pod{pod.replace('-', '_')}.slice"
+    return {
+        "docker": (f"{tag}.slice/docker-{ids['docker']}.scope", ids["docker"], None),
+        "containerd": (f"{tag}.slice/kubepods.slice/kubepods-burstable.slice/{pod_slice}/"
+                       f"cri-containerd-{ids['containerd']}.scope", ids["containerd"], pod),
+        "crio": (f"{tag}.slice/crio-{ids['crio']}.scope", ids["crio"], None),
+        "podman": (f"{tag}.slice/libpod-{ids['podman']}.scope", ids["podman"], None),
+    }
+
+
+@pytest.fixture
+def cgroups() -> Iterator[dict[str, tuple[Path, str, str | None]]]:
+    root = cgroup2_root()
+    tag = f"otel-ebpf-test-{os.getpid()}"
+    made = {}
+    for name, (rel, cid, pod) in runtime_paths(tag).items():
+        path = root / rel
+        path.mkdir(parents=True)
+        made[name] = (path, cid, pod)
+    try:
+        yield made
+    finally:
+        for path, _, _ in made.values():  # leaves first, then their parents
+            for directory in [path, *path.parents]:
+                if directory == root or not str(directory).startswith(str(root)):
+                    break
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+
+
+def test_same_container_identity_on_metrics_spans_and_profiles(
+    cgroups: dict[str, tuple[Path, str, str | None]], cpu_hot: Path, tmp_path: Path,
+    otlp_sink: OtlpSink,
+) -> None:
+    config = tmp_path / "identity.yaml"
+    config.write_text(CONFIG)
+    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint})
+    helpers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        agent.wait_for_log("probe cpu_profile attached")
+        for name, (path, _, _) in cgroups.items():
+            # the shell joins the cgroup, then execs the helper (same pid): every syscall
+            # the helper makes is inside. (No preexec_fn: this process has threads.)
+            proc = subprocess.Popen(
+                ["sh", "-c", 'echo $$ > "$1" && exec "$2" mixed 0.5', "sh",
+                 str(path / "cgroup.procs"), str(cpu_hot)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().startswith("ready")
+            helpers[name] = proc
+        for proc in helpers.values():
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in helpers.values():
+            proc.wait(timeout=30)
+        pids = {name: proc.pid for name, proc in helpers.items()}
+
+        def seen() -> dict[str, dict[str, set[tuple[str | None, str | None]]]]:
+            out: dict[str, dict[str, set[tuple[str | None, str | None]]]] = {
+                n: {"metrics": set(), "spans": set(), "profiles": set()} for n in pids}
+            by_pid = {pid: name for name, pid in pids.items()}
+            for resource, point in otlp_sink.metrics_points("linux.syscall.duration"):
+                pid = attrs_to_dict(point.attributes).get("process.pid")
+                if pid in by_pid:
+                    out[by_pid[pid]]["metrics"].add(
+                        (resource.get("container.id"), resource.get("k8s.pod.uid")))
+            for resource, span in otlp_sink.spans():
+                pid = attrs_to_dict(span.attributes).get("process.pid")
+                if pid in by_pid:
+                    out[by_pid[pid]]["spans"].add(
+                        (resource.get("container.id"), resource.get("k8s.pod.uid")))
+            for request in otlp_sink.profiles_requests:
+                d = request.dictionary
+                for rp in request.resource_profiles:
+                    resource = attrs_to_dict(rp.resource.attributes)
+                    for sp in rp.scope_profiles:
+                        for prof in sp.profiles:
+                            for sample in prof.samples:
+                                attrs = {d.string_table[d.attribute_table[i].key_strindex]:
+                                         d.attribute_table[i].value.int_value
+                                         for i in sample.attribute_indices}
+                                if attrs.get("process.pid") in by_pid:
+                                    out[by_pid[attrs["process.pid"]]]["profiles"].add(
+                                        (resource.get("container.id"),
+                                         resource.get("k8s.pod.uid")))
+            return out
+
+        def complete() -> bool:
+            return all(all(signals.values()) for signals in seen().values())
+
+        assert otlp_sink.wait_for(complete, timeout=30), (seen(), "".join(agent.stderr))
+        for name, signals in seen().items():
+            _, cid, pod = cgroups[name]
+            for signal, identities in signals.items():
+                assert identities == {(cid, pod)}, (name, signal, identities)
+        code, _ = agent.stop()
+        assert code == 0
+    finally:
+        for proc in helpers.values():
+            proc.kill()
+            proc.wait()
+        agent.kill()
