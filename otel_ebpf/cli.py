@@ -138,7 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     engine, syscall_table = _kernel_context()
     log.info("syscall names: %s", syscall_table.source)
-    probes = registry.build(config, syscall_table)
+    probes = registry.build(config, syscall_table,
+                            select_cgroups=bool(config.identity.filter.model_dump(
+                                exclude_defaults=True)))
     shipper = span_shipper = profiles_sender = None
     if config.exporter.enabled:
         endpoint = config.exporter.resolved_endpoint()

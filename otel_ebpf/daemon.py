@@ -44,6 +44,7 @@ PROFILES_DROPPED = MetricDescriptor(
     "otel_ebpf.profiles.dropped", "{profile}",
     "Profiles the agent did not deliver: unsupported (the collector has no profiles "
     "service), export_failed.")
+SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
 SPAN_POLL_S = 0.2  # how often kernel event buffers are emptied
 SPAN_EXPORT_S = 0.5
 SPAN_BATCH = 512
@@ -82,6 +83,7 @@ class Agent:
         self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
         self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
+        self._selected_cgroups: set[int] = set()
         self._span_future: asyncio.Future[bool] | None = None
         self._summary_started = time.monotonic()
         self._stop = asyncio.Event()
@@ -96,6 +98,8 @@ class Agent:
             await self.identity.start()
             if not await self._start_probes():
                 return 1
+            if self.identity.selection.active:
+                await self._apply_selection()
             tasks = [asyncio.create_task(self._collect_loop(p), name=f"collect-{p.name}")
                      for p in self.probes]
             if self.shipper is not None:
@@ -103,6 +107,8 @@ class Agent:
             if self.config.summary.enabled:
                 tasks.append(asyncio.create_task(self._summary_loop(), name="summary"))
             tasks.append(asyncio.create_task(self._span_poll_loop(), name="span-poll"))
+            if self.identity.selection.active:
+                tasks.append(asyncio.create_task(self._selection_loop(), name="selection"))
             if self.span_shipper is not None:
                 tasks.append(asyncio.create_task(self._span_export_loop(), name="span-export"))
             if self.profiles is not None:
@@ -154,6 +160,26 @@ class Agent:
                 probe.stop()
             except Exception as exc:  # detaching the others matters more
                 log.error("probe %s did not detach cleanly: %s", probe.name, exc)
+
+    async def _apply_selection(self) -> None:
+        """Put the cgroups of the selected workloads into the probes' kernel filters."""
+        loop = asyncio.get_running_loop()
+        try:
+            ids = await loop.run_in_executor(self._export_pool,
+                                             self.identity.selection.cgroup_ids)
+            for probe in self.probes:
+                await loop.run_in_executor(self._bpf_pool, probe.set_cgroup_filter, ids)
+        except Exception:
+            log.exception("workload filter: could not update the selected cgroups")
+            return
+        if ids != self._selected_cgroups:
+            log.info("workload filter: %d cgroups selected", len(ids))
+            self._selected_cgroups = ids
+
+    async def _selection_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SELECTION_S)
+            await self._apply_selection()
 
     # ---- collection ------------------------------------------------------------------
 

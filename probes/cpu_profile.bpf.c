@@ -17,12 +17,13 @@
  *                           memory maps while it lives (short-lived processes are then still
  *                           symbolized after they exit).
  *             profile_stats per-CPU counters: idle samples dropped, stacks lost, map full.
+ *             cgroup_filter with FILTER_CGROUP: the cgroups of the selected workloads.
  * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): two stack walks
  *             (frame pointers; user stacks of code built without them are truncated), one
  *             LRU lookup, one hash update. Nothing runs between samples.
  *
  * Compile-time switches: SAMPLE_HZ (informational), MAX_SAMPLES, USER_STACK_ENTRIES,
- * KERNEL_STACK_ENTRIES, KEEP_IDLE.
+ * KERNEL_STACK_ENTRIES, KEEP_IDLE, FILTER_CGROUP.
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include <linux/sched.h>
@@ -60,6 +61,9 @@ BPF_STACK_TRACE(kernel_stacks, KERNEL_STACK_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 BPF_PERCPU_ARRAY(profile_stats, u64, STAT_COUNT);
+#ifdef FILTER_CGROUP
+BPF_HASH(cgroup_filter, u64, u8, 16384);
+#endif
 
 static __always_inline void count_stat(u32 stat)
 {
@@ -78,6 +82,11 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         count_stat(STAT_IDLE);
         return 0;
     }
+#endif
+#ifdef FILTER_CGROUP
+    u64 cgroup = bpf_get_current_cgroup_id();
+    if (!cgroup_filter.lookup(&cgroup))
+        return 0;
 #endif
     struct sample_key key = {.tgid = tgid, .tid = (u32)pid_tgid};
     bpf_get_current_comm(&key.comm, sizeof(key.comm));

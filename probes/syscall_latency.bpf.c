@@ -121,7 +121,7 @@ struct comm_key { char comm[TASK_COMM_LEN]; };
 BPF_HASH(comm_filter, struct comm_key, u8, 256);
 #endif
 #ifdef FILTER_CGROUP
-BPF_HASH(cgroup_filter, u64, u8, 1024);
+BPF_HASH(cgroup_filter, u64, u8, 16384);
 #endif
 
 static __always_inline void count_stat(u32 stat)

@@ -23,6 +23,7 @@ from otel_ebpf.enrich.container import CgroupIdentity, ContainerResolver
 from otel_ebpf.enrich.docker import DockerMetadata
 from otel_ebpf.enrich.kubernetes import KubernetesPods
 from otel_ebpf.enrich.process import ProcessEnricher
+from otel_ebpf.enrich.selection import WorkloadSelection
 from otel_ebpf.model import AttributeValue, Identity, Workload
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class IdentityResolver:
         self.containers = ContainerResolver()
         self.docker = DockerMetadata(ident.docker) if ident.docker.enabled else None
         self.kubernetes = KubernetesPods(ident.kubernetes)
+        self.selection = WorkloadSelection(ident.filter, self.docker, self.kubernetes)
         self.cloud: dict[str, AttributeValue] = {}
         user = {k: v for k, v in config.resource_attributes.items() if k != "service.name"}
         self.base: dict[str, AttributeValue] = {**host, **user}
@@ -52,6 +54,15 @@ class IdentityResolver:
             await self.docker.start()
         if self.kubernetes.enabled:
             self._tasks.append(asyncio.create_task(self.kubernetes.run(), name="kubernetes"))
+            # the first export should already carry pod names: wait for the first list,
+            # but never longer than the API timeout (the watch keeps trying after that)
+            try:
+                await asyncio.wait_for(self.kubernetes.synced.wait(),
+                                       self.config.identity.kubernetes.timeout)
+            except TimeoutError:
+                log.warning("kubernetes: no pod list within %.0fs; pods get their names "
+                            "once the API server answers",
+                            self.config.identity.kubernetes.timeout)
 
     async def close(self) -> None:
         for task in self._tasks:

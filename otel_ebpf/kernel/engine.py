@@ -139,6 +139,14 @@ class BpfMap:
             self._table[key] = ct.c_uint8(1)
 
 
+def update_set_map(table: BpfMap, current: set[int], wanted: set[int]) -> set[int]:
+    """Make a u64-keyed set map hold exactly `wanted`; returns the new content."""
+    table.set_members(ct.c_uint64(k) for k in wanted - current)
+    for k in current - wanted:
+        table.delete(ct.c_uint64(k))
+    return set(wanted)
+
+
 class Program:
     """A compiled and loaded BPF object. `close()` detaches everything it attached."""
 

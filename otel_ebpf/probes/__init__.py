@@ -21,13 +21,16 @@ def enabled_names(config: Config) -> list[str]:
     return [name for name in PROBE_TYPES if getattr(config.probes, name).enabled]
 
 
-def build(config: Config, syscalls: SyscallTable) -> list[Probe]:
-    """The enabled probes, constructed but not started."""
+def build(config: Config, syscalls: SyscallTable, select_cgroups: bool = False
+          ) -> list[Probe]:
+    """The enabled probes, constructed but not started. With select_cgroups the probes
+    that can filter by cgroup in the kernel are built to (the workload filter)."""
     probes: list[Probe] = []
     if config.probes.syscall_latency.enabled:
-        probes.append(SyscallLatency(config.probes.syscall_latency, syscalls))
+        probes.append(SyscallLatency(config.probes.syscall_latency, syscalls,
+                                     select_cgroups=select_cgroups))
     if config.probes.cpu_profile.enabled:
-        probes.append(CpuProfile(config.probes.cpu_profile))
+        probes.append(CpuProfile(config.probes.cpu_profile, select_cgroups=select_cgroups))
     if config.probes.tcp_retransmit.enabled:
         probes.append(TcpRetransmit(config.probes.tcp_retransmit))
     return probes

@@ -32,6 +32,11 @@ class Probe(abc.ABC):
     exports: ClassVar[tuple[MetricDescriptor, ...]]
     _program: Program | None = None
 
+    def set_cgroup_filter(self, cgroup_ids: set[int]) -> None:
+        """Record only tasks in these cgroups (the workload filter). Probes that were built
+        with a dynamic cgroup filter apply it in the kernel; others ignore it."""
+        return None
+
     def program_ids(self) -> list[int]:
         """The kernel ids of this probe's loaded programs, for logs and `bpftool`."""
         return self._program.program_ids() if self._program is not None else []

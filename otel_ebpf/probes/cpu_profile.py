@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from otel_ebpf.config import CpuProfileConfig
-from otel_ebpf.kernel.engine import Engine, Program
+from otel_ebpf.kernel.engine import Engine, Program, update_set_map
 from otel_ebpf.model import Collection, MetricDescriptor, StackSample, Workload
 from otel_ebpf.probes.base import Hook, Probe
 from otel_ebpf.symbols import Frame, Symbolizer
@@ -51,8 +51,10 @@ class CpuProfile(Probe):
     exports = (PROFILE_SAMPLES,)
 
     def __init__(self, config: CpuProfileConfig, symbolizer: Symbolizer | None = None,
-                 cpus: int | None = None) -> None:
+                 cpus: int | None = None, select_cgroups: bool = False) -> None:
         self.config = config
+        self.select_cgroups = select_cgroups
+        self._selected: set[int] = set()
         self.symbolizer = symbolizer or Symbolizer()
         self.cpus = cpus or os.cpu_count() or 1
         self.interval = drain_interval(config, self.cpus)
@@ -68,7 +70,14 @@ class CpuProfile(Probe):
                  f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}"]
         if c.keep_idle:
             flags.append("-DKEEP_IDLE")
+        if self.select_cgroups:
+            flags.append("-DFILTER_CGROUP")
         return flags
+
+    def set_cgroup_filter(self, cgroup_ids: set[int]) -> None:
+        if self._program is not None and self.select_cgroups:
+            self._selected = update_set_map(self._program.map("cgroup_filter"),
+                                            self._selected, cgroup_ids)
 
     def verify(self, engine: Engine) -> None:
         engine.verify(self.name, self.cflags(), [("on_cpu_sample", "perf_event")])

@@ -14,7 +14,7 @@ from otel_ebpf.clock import MonotonicClock
 from otel_ebpf.config import SyscallLatencyConfig
 from otel_ebpf.enrich.cgroup import cgroup_id
 from otel_ebpf.histogram import trim
-from otel_ebpf.kernel.engine import Engine, Program
+from otel_ebpf.kernel.engine import Engine, Program, update_set_map
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import (
     Collection,
@@ -52,8 +52,11 @@ class SyscallLatency(Probe):
     exports = (SYSCALL_DURATION,)
 
     def __init__(self, config: SyscallLatencyConfig, syscalls: SyscallTable,
-                 clock: MonotonicClock | None = None, perf_buffer: bool | None = None) -> None:
+                 clock: MonotonicClock | None = None, perf_buffer: bool | None = None,
+                 select_cgroups: bool = False) -> None:
         self.config = config
+        self.select_cgroups = select_cgroups
+        self._selected: set[int] = set()
         self.syscalls = syscalls
         self._program: Program | None = None
         self.slow: SlowCallStream | None = None
@@ -72,7 +75,8 @@ class SyscallLatency(Probe):
             flags.append("-DKEY_CGROUP")
         f = self.config.filter
         flags += [flag for flag, on in (
-            ("-DFILTER_TGID", f.pids), ("-DFILTER_COMM", f.comms), ("-DFILTER_CGROUP", f.cgroups)
+            ("-DFILTER_TGID", f.pids), ("-DFILTER_COMM", f.comms),
+            ("-DFILTER_CGROUP", f.cgroups or self.select_cgroups)
         ) if on]
         if self.slow is not None:
             flags += slow_cflags(self.config.slow_spans, self.syscalls, self.slow.perf)
@@ -147,6 +151,13 @@ class SyscallLatency(Probe):
             min=value.min_ns / 1e9,
             max=value.max_ns / 1e9,
         )
+
+    def set_cgroup_filter(self, cgroup_ids: set[int]) -> None:
+        if self._program is None or not self.select_cgroups:
+            return
+        static = {cgroup_id(c) for c in self.config.filter.cgroups}
+        self._selected = update_set_map(self._program.map("cgroup_filter"),
+                                        self._selected, cgroup_ids | static)
 
     def poll_spans(self) -> list[SpanRecord]:
         return self.slow.poll() if self.slow is not None else []

@@ -124,10 +124,14 @@ def test_same_container_identity_on_metrics_spans_and_profiles(
                         for prof in sp.profiles:
                             for sample in prof.samples:
                                 attrs = {d.string_table[d.attribute_table[i].key_strindex]:
-                                         d.attribute_table[i].value.int_value
+                                         d.attribute_table[i].value
                                          for i in sample.attribute_indices}
-                                if attrs.get("process.pid") in by_pid:
-                                    out[by_pid[attrs["process.pid"]]]["profiles"].add(
+                                pid = attrs["process.pid"].int_value
+                                # the helper, not the shell that started it (same pid,
+                                # sampled before it joined the cgroup)
+                                if (pid in by_pid
+                                        and attrs["thread.name"].string_value == "cpu_hot"):
+                                    out[by_pid[pid]]["profiles"].add(
                                         (resource.get("container.id"),
                                          resource.get("k8s.pod.uid")))
             return out
@@ -146,4 +150,47 @@ def test_same_container_identity_on_metrics_spans_and_profiles(
         for proc in helpers.values():
             proc.kill()
             proc.wait()
+        agent.kill()
+
+
+def test_workload_filter_selects_containers_in_the_kernel(
+    cgroups: dict[str, tuple[Path, str, str | None]], cpu_hot: Path, tmp_path: Path,
+    otlp_sink: OtlpSink,
+) -> None:
+    """Only the docker container is selected (by a short id prefix): the helpers in the
+    other cgroups produce no syscall metrics and no profile samples at all."""
+    _, docker_id, _ = cgroups["docker"]
+    config = tmp_path / "filter.yaml"
+    config.write_text(CONFIG + f"  filter:\n    container_ids: ['{docker_id[:12]}']\n")
+    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint})
+    try:
+        agent.wait_for_log("workload filter: ")
+        pids = {}
+        for name in ("docker", "crio"):
+            path = cgroups[name][0]
+            proc = subprocess.Popen(
+                ["sh", "-c", 'echo $$ > "$1" && exec "$2" mixed 0.3', "sh",
+                 str(path / "cgroup.procs"), str(cpu_hot)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().startswith("ready")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            proc.wait(timeout=30)
+            pids[name] = proc.pid
+
+        def metric_pids() -> set[int]:
+            return {attrs_to_dict(p.attributes).get("process.pid")
+                    for _, p in otlp_sink.metrics_points("linux.syscall.duration")}
+
+        assert otlp_sink.wait_for(lambda: pids["docker"] in metric_pids(), timeout=20), (
+            "".join(agent.stderr))
+        code, _ = agent.stop()
+        assert code == 0
+        assert pids["crio"] not in metric_pids()
+        containers = {r.get("container.id") for r, _ in
+                      otlp_sink.metrics_points("linux.syscall.duration")}
+        assert containers == {docker_id}
+    finally:
         agent.kill()
