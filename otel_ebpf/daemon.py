@@ -80,6 +80,9 @@ class Agent:
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         self._span_pool = ThreadPoolExecutor(1, thread_name_prefix="spans")
+        # kernel event buffers are read apart from the map drains, which can take a while
+        # (symbolizing): announcements and slow calls must not wait behind them
+        self._event_pool = ThreadPoolExecutor(1, thread_name_prefix="events")
         self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
         self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
@@ -132,7 +135,7 @@ class Agent:
             self._stop_probes()
             await self.identity.close()
             for pool in (self._bpf_pool, self._export_pool, self._span_pool,
-                         self._profile_pool):
+                         self._profile_pool, self._event_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -255,7 +258,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for probe in self.probes:
             try:
-                records = await loop.run_in_executor(self._bpf_pool, probe.poll_spans)
+                records = await loop.run_in_executor(self._event_pool, probe.poll_spans)
             except Exception:
                 log.exception("probe %s: reading its events failed", probe.name)
                 continue

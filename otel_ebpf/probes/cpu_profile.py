@@ -11,6 +11,8 @@ import ctypes as ct
 import errno
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 from otel_ebpf.config import CpuProfileConfig
@@ -61,7 +63,9 @@ class CpuProfile(Probe):
         self.period_ns = 1_000_000_000 // config.frequency
         self._program: Program | None = None
         self._stats_seen = [0] * len(_STATS)
-        self.lost_stacks = 0
+        # the symbolizer is shared by the collecting thread and the thread that reads the
+        # new-process announcements; held per sample, so announcements are never starved
+        self._symbols_lock = threading.Lock()
 
     def cflags(self) -> list[str]:
         c = self.config
@@ -98,11 +102,12 @@ class CpuProfile(Probe):
                      self.cpus)
 
     def _on_new_tgid(self, event: Any) -> None:
-        self.symbolizer.remember(int(event.tgid))
+        with self._symbols_lock:
+            self.symbolizer.remember(int(event.tgid))
 
     def poll_spans(self) -> list[Any]:
-        # not spans: the new-process announcements, read often so that short-lived
-        # processes have their memory maps captured while they still exist
+        # not spans: the new-process announcements, read often (and on another thread than
+        # collect) so that short-lived processes have their maps captured while they live
         if self._program is not None:
             self._program.poll_event_buffers()
         return []
@@ -110,7 +115,7 @@ class CpuProfile(Probe):
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        self._program.poll_event_buffers()
+        began = time.monotonic()
         entries = self._program.map("samples").drain()
         user_stacks = self._program.map("user_stacks")
         kernel_stacks = self._program.map("kernel_stacks")
@@ -126,6 +131,10 @@ class CpuProfile(Probe):
                   in zip(_STATS, totals, self._stats_seen, strict=True)}
         self._stats_seen = totals
         lost = {name: deltas[name] for name in _LOSSES if deltas[name] > 0}
+        took = time.monotonic() - began
+        if took > self.interval:
+            log.info("cpu_profile: symbolizing %d stacks took %.2fs (longer than the %.2fs "
+                     "interval)", len(entries), took, self.interval)
         return Collection(self.name, samples=samples, lost_events=lost,
                           period_ns=self.period_ns)
 
@@ -134,12 +143,13 @@ class CpuProfile(Probe):
         tgid = int(key.tgid)
         kernel: list[Frame] = []
         user: list[Frame] = []
-        if key.kernel_stack_id >= 0:
-            kernel = self.symbolizer.kernel_frames(
-                kernel_stacks.stack_addresses(int(key.kernel_stack_id)))
-        if key.user_stack_id >= 0:
-            user = self.symbolizer.user_frames(
-                tgid, user_stacks.stack_addresses(int(key.user_stack_id)))
+        kernel_addrs = (kernel_stacks.stack_addresses(int(key.kernel_stack_id))
+                        if key.kernel_stack_id >= 0 else [])
+        user_addrs = (user_stacks.stack_addresses(int(key.user_stack_id))
+                      if key.user_stack_id >= 0 else [])
+        with self._symbols_lock:
+            kernel = self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs else []
+            user = self.symbolizer.user_frames(tgid, user_addrs) if user_addrs else []
         lost = [part for part, stack_id in (("user", key.user_stack_id),
                                            ("kernel", key.kernel_stack_id))
                 if stack_id < 0 and stack_id != -errno.EFAULT]

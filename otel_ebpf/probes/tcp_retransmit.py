@@ -469,6 +469,18 @@ class TcpRetransmit(Probe):
         out, self._pending = self._pending, []
         return out
 
+    def poll_spans(self) -> list[Any]:
+        # The event stream (events.enabled) goes to the agent's log, one line an event;
+        # the rate limit in the kernel bounds it. Reading it here keeps the buffer from
+        # filling (which would count every further event as buffer_full).
+        for ev in self.events():
+            log.info("tcp retransmit: %s %s:%d -> %s:%d %s, %d segment(s)%s, pid %d (%s)",
+                     ev.network_type, ev.local_address, ev.local_port, ev.peer_address,
+                     ev.peer_port, ev.state, ev.segments,
+                     f", failed {ev.error_type}" if ev.error_type else "",
+                     ev.workload.pid, ev.workload.comm)
+        return []
+
     def stop(self) -> None:
         if self._program is not None:
             self._program.close()
