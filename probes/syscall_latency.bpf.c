@@ -33,6 +33,7 @@
  *   SLOW_EVENTS, SLOW_MIN_NS, SLOW_RATE, SLOW_BURST, RINGBUF_PAGES, USE_PERF_BUFFER.
  */
 #include <linux/sched.h>
+#include "rate_limit.h"
 
 /* Histogram layout: OTLP scale-2 indexes from HIST_MIN_INDEX (2^-26 s, 14.9 ns) up to
  * HIST_MIN_INDEX + HIST_BUCKETS - 1 (2^12 s, 68 min). Durations outside that range are
@@ -197,30 +198,12 @@ static __always_inline u32 bucket_slot(u64 ns)
 }
 
 #ifdef SLOW_EVENTS
-/* Rate limit as GCRA, the token bucket kept as one "theoretical arrival time" so that a
- * compare-and-swap can update it: tracing programs may not take bpf_spin_lock. Each event
- * moves the time SLOW_INTERVAL_NS ahead; an event that would move it more than
- * SLOW_BURST intervals past now is refused. At most SLOW_BURST + t * SLOW_RATE events
- * pass in any t seconds. */
-#define SLOW_INTERVAL_NS (1000000000ULL / SLOW_RATE)
+/* At most SLOW_BURST + t * SLOW_RATE events in any t seconds (rate_limit.h). */
 static __always_inline int take_token(u64 now)
 {
     u32 zero = 0;
     u64 *tat = slow_rate.lookup(&zero);
-    if (!tat)
-        return 0;
-    u64 old = *tat;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        u64 next = (old > now ? old : now) + SLOW_INTERVAL_NS;
-        if (next - now > SLOW_BURST * SLOW_INTERVAL_NS)
-            return 0;
-        u64 seen = __sync_val_compare_and_swap(tat, old, next);
-        if (seen == old)
-            return 1;
-        old = seen;
-    }
-    return 0;  /* lost four races in a row: the limit is being hit anyway */
+    return tat && rate_limit_admit(tat, now, 1000000000ULL / SLOW_RATE, SLOW_BURST);
 }
 
 static __always_inline void emit_if_slow(struct bpf_raw_tracepoint_args *ctx, u32 nr,

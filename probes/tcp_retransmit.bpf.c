@@ -62,6 +62,7 @@
  *   struct request_sock keeps its struct sock_common.
  */
 #include <linux/sched.h>
+#include "rate_limit.h"
 
 /* ABI constants, spelled out so that no header version can change them. */
 #define FAMILY_INET 2
@@ -229,30 +230,12 @@ int on_state(struct bpf_raw_tracepoint_args *ctx)
 }
 
 #ifdef EVENTS
-/* Rate limit as GCRA, the token bucket kept as one "theoretical arrival time" so that a
- * compare-and-swap can update it: tracing programs may not take bpf_spin_lock. Each event
- * moves the time EVENT_INTERVAL_NS ahead; an event that would move it more than
- * EVENT_BURST intervals past now is refused. At most EVENT_BURST + t * EVENT_RATE events
- * pass in any t seconds. */
-#define EVENT_INTERVAL_NS (1000000000ULL / EVENT_RATE)
+/* At most EVENT_BURST + t * EVENT_RATE events in any t seconds (rate_limit.h). */
 static __always_inline int take_token(u64 now)
 {
     u32 zero = 0;
     u64 *tat = event_rate.lookup(&zero);
-    if (!tat)
-        return 0;
-    u64 old = *tat;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        u64 next = (old > now ? old : now) + EVENT_INTERVAL_NS;
-        if (next - now > EVENT_BURST * EVENT_INTERVAL_NS)
-            return 0;
-        u64 seen = __sync_val_compare_and_swap(tat, old, next);
-        if (seen == old)
-            return 1;
-        old = seen;
-    }
-    return 0;  /* lost four races in a row: the limit is being hit anyway */
+    return tat && rate_limit_admit(tat, now, 1000000000ULL / EVENT_RATE, EVENT_BURST);
 }
 
 static __always_inline void emit(struct conn_key *key, u32 segments, struct owner *o)

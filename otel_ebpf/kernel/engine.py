@@ -36,6 +36,17 @@ def bpf_source(name: str) -> str:
         return (Path(__file__).resolve().parents[2] / "probes" / f"{name}.bpf.c").read_text()
 
 
+def bpf_source_dir() -> Path:
+    """The directory of the installed .bpf.c files (package data), or the source tree's."""
+    try:
+        installed = Path(str(resources.files("otel_ebpf.bpf")))
+        if (installed / "rate_limit.h").is_file():
+            return installed
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "probes"
+
+
 def _import_bcc() -> Any:
     try:
         import bcc
@@ -275,8 +286,10 @@ class Engine:
                 "BCC_KERNEL_SOURCE; `otel-ebpf doctor` shows what was searched"
             )
         text = bpf_source(name)
+        # shared headers (rate_limit.h) sit beside the sources
+        include = f"-I{bpf_source_dir()}"
         try:
-            bpf = bcc.BPF(text=text.encode(), cflags=list(cflags))
+            bpf = bcc.BPF(text=text.encode(), cflags=[include, *cflags])
         except Exception as exc:
             raise EngineError(
                 f"{name}: BPF program failed to compile or load: {exc}. The compiler or "
