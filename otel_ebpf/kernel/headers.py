@@ -22,6 +22,10 @@ KHEADERS = Path("/sys/kernel/kheaders.tar.xz")
 USR_SRC = Path("/usr/src")
 
 
+_OTHER = ("valid for these probes, which read tracepoint arguments, helper results and "
+          "struct members at offsets from the running kernel's BTF, never header layouts")
+
+
 @dataclass(frozen=True)
 class HeaderSource:
     """Where BCC will find kernel headers.
@@ -42,17 +46,11 @@ class HeaderSource:
             case "modules" if self.exact:
                 return f"{self.path} (headers of the running kernel)"
             case "modules":
-                return (
-                    f"{self.path} (links to headers of another kernel version: valid for "
-                    "programs that read only tracepoint arguments and helpers)"
-                )
+                return f"{self.path} (links to headers of another kernel version: {_OTHER})"
             case "kheaders":
                 return f"{self.path} (in-kernel headers, unpacked by BCC)"
             case _:
-                return (
-                    f"{self.path} (distribution headers of another kernel version: valid for "
-                    "programs that read only tracepoint arguments and helpers)"
-                )
+                return f"{self.path} (distribution headers of another version: {_OTHER})"
 
 
 def _is_header_tree(path: Path) -> bool:
