@@ -16,6 +16,7 @@ import pytest
 from otel_ebpf.enrich.cgroup import cgroup2_root
 from tests.e2e.test_agent import AgentProcess
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
+from tests.peers.rotel import RotelCollector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
@@ -192,5 +193,50 @@ def test_workload_filter_selects_containers_in_the_kernel(
         containers = {r.get("container.id") for r, _ in
                       otlp_sink.metrics_points("linux.syscall.duration")}
         assert containers == {docker_id}
+    finally:
+        agent.kill()
+
+
+def test_resource_attributes_through_rotel(
+    cgroups: dict[str, tuple[Path, str, str | None]], cpu_hot: Path, tmp_path: Path,
+    rotel: RotelCollector, otlp_sink: OtlpSink,
+) -> None:
+    """Through a real collector: the container's resource carries the container, the pod,
+    the host and OTEL_RESOURCE_ATTRIBUTES; the process is on the data point."""
+    path, container_id, pod_uid = cgroups["containerd"]
+    config = tmp_path / "rotel.yaml"
+    config.write_text(CONFIG.replace("  cpu_profile:\n    frequency: 199\n",
+                                     "  cpu_profile:\n    enabled: false\n"))
+    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint,
+                              "OTEL_RESOURCE_ATTRIBUTES": "k8s.cluster.name=e2e"})
+    try:
+        agent.wait_for_log("probe syscall_latency attached")
+        proc = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$1" && exec "$2" mixed 0.2', "sh",
+             str(path / "cgroup.procs"), str(cpu_hot)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().startswith("ready")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30)
+
+        def mine() -> list[tuple[dict[str, object], object]]:
+            return [(r, p) for r, p in otlp_sink.metrics_points("linux.syscall.duration")
+                    if attrs_to_dict(p.attributes).get("process.pid") == proc.pid]
+
+        assert otlp_sink.wait_for(lambda: bool(mine()), timeout=20), "".join(agent.stderr)
+        resource, point = mine()[0]
+        assert resource["container.id"] == container_id
+        assert resource["container.runtime.name"] == "containerd"
+        assert resource["k8s.pod.uid"] == pod_uid
+        assert resource["k8s.cluster.name"] == "e2e"
+        for key in ("host.name", "host.arch", "os.type", "service.name"):
+            assert resource.get(key), (key, resource)
+        assert "process.pid" not in resource  # the process is a point attribute here
+        assert attrs_to_dict(point.attributes)["process.executable.name"] == "cpu_hot"
+        code, _ = agent.stop()
+        assert code == 0
     finally:
         agent.kill()
