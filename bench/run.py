@@ -1,4 +1,16 @@
-"""`make bench`: what the syscall_latency probe costs per syscall, next to its references.
+"""`make bench`: the agent's overhead, one suite after another (`--suite`, default all).
+
+  syscalls  what the syscall_latency probe costs per syscall (this file; method below)
+  profile   the CPU profiler: slowdown of a CPU loop at 19 and 99 Hz, the agent's own CPU
+            at 99 Hz with every CPU busy, lost stacks (bench/profile.py)
+  spans     slow-syscall spans exported per second without loss, and the agent's CPU per
+            span (bench/spans.py)
+
+Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
+per target. Shared helpers live in bench/common.py.
+
+The syscalls suite: what the syscall_latency probe costs per syscall, next to its
+references.
 
 Method
 ------
@@ -60,9 +72,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import selectors
 import shlex
 import shutil
@@ -72,21 +82,43 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
-# None of these import bcc; the engine imports it when it first loads a program.
-from otel_ebpf.config import SyscallLatencyConfig
-from otel_ebpf.kernel import headers, syscalls
-from otel_ebpf.kernel.engine import Engine, EngineError, Program
-from otel_ebpf.kernel.syscalls import SyscallTable
-from otel_ebpf.model import Collection, ExpHistogramDelta
-from otel_ebpf.probes.syscall_latency import SyscallLatency
+# bench/profile.py must not shadow the standard library's profile module (cProfile imports
+# it), so bench/ leaves sys.path and the suites are imported as bench.* from the repository.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.insert(0, str(_BENCH.parent))
 
-BENCH_DIR = Path(__file__).resolve().parent
-BUILD_DIR = BENCH_DIR / ".build"
+from bench.common import (  # noqa: E402
+    BUILD_DIR,
+    FOREIGN_RETRIES,
+    BenchError,
+    HookWatch,
+    _children,
+    _raise_exit,
+    _stop_process,
+    build_c,
+    choose_cpus,
+    fmt,
+    import_bcc,
+    machine_lines,
+    open_bpf_fds,
+    ratio,
+    require,
+)
+
+# None of these import bcc; the engine imports it when it first loads a program.
+from otel_ebpf.config import SyscallLatencyConfig  # noqa: E402
+from otel_ebpf.kernel import headers, syscalls  # noqa: E402
+from otel_ebpf.kernel.engine import Engine, EngineError, Program  # noqa: E402
+from otel_ebpf.kernel.syscalls import SyscallTable  # noqa: E402
+from otel_ebpf.model import Collection, ExpHistogramDelta  # noqa: E402
+from otel_ebpf.probes.syscall_latency import SyscallLatency  # noqa: E402
+
+BENCH_DIR = _BENCH
 STORM_SRC = BENCH_DIR / "getppid_storm.c"
 STORM_BIN = BUILD_DIR / "getppid_storm"
 STORM_COMM = "getppid_storm"  # the kernel's comm of the storm: how the probe's records name it
@@ -103,17 +135,6 @@ STORM_TIMEOUT = 300.0
 
 SYSCOUNT_RATIO_TARGET = 0.45
 FLOOR_RATIO_TARGET = 2.0
-
-TRACEFS = "/sys/kernel/tracing"
-SYSCALL_HOOKS = ("sys_enter", "sys_exit")  # prefixes: also syscalls/sys_enter_<name>
-# Seconds the whole run may spend waiting for someone else's syscall hooks to go away,
-# and how often one sample is retried when they overlapped it.
-FOREIGN_WAIT_BUDGET = 60.0
-FOREIGN_RETRIES = 2
-
-
-class BenchError(Exception):
-    """The bench could not measure; the message says what is missing or what failed."""
 
 
 class Mode(Protocol):
@@ -255,29 +276,11 @@ class Syscount:
                 output += chunk
 
 
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM: syscount dies without printing, the kernel detaches its programs when its
-    file descriptors close. SIGKILL if it does not go."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 # -- the storm ---------------------------------------------------------------------------
 
 
 def build_storm() -> None:
-    BUILD_DIR.mkdir(exist_ok=True)
-    cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(STORM_BIN), str(STORM_SRC)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise BenchError(f"compiling the storm failed: {shlex.join(cmd)}\n{result.stderr}")
+    build_c(STORM_SRC, STORM_BIN)
 
 
 def storm_command(cpu: int, calls: int) -> list[str]:
@@ -300,137 +303,7 @@ def run_storm(cpu: int, calls: int) -> float:
         raise BenchError(f"the storm printed {result.stdout!r}, not a number") from exc
 
 
-# -- machine facts and sanity checks -----------------------------------------------------
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return "?"
-
-
-def cpu_model() -> str:
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
-def is_virtual() -> bool:
-    # The CPUID hypervisor bit, as the kernel reports it.
-    return any(line.startswith("flags") and " hypervisor" in line
-               for line in _read("/proc/cpuinfo").splitlines())
-
-
-def _children() -> set[int]:
-    pids: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
-        pids.update(int(p) for p in _read(str(task / "children")).split() if p.isdigit())
-    return pids
-
-
-def _own_links() -> set[int]:
-    """Ids of the BPF links this process holds open (the empty program's, the probe's)."""
-    ids: set[int] = set()
-    for fdinfo in Path("/proc/self/fdinfo").iterdir():
-        for line in _read(str(fdinfo)).splitlines():
-            if line.startswith("link_id:"):
-                ids.add(int(line.split()[1]))
-    return ids
-
-
-def open_bpf_fds() -> list[str]:
-    """BPF objects this process still holds: after the run there must be none, or a
-    program would stay attached for as long as whoever imported us lives."""
-    leaks = []
-    for fdinfo in Path("/proc/self/fdinfo").iterdir():
-        for line in _read(str(fdinfo)).splitlines():
-            if line.startswith(("prog_type:", "link_type:", "map_type:")):
-                leaks.append(f"fd {fdinfo.name} ({line.replace(chr(9), ' ')})")
-                break
-    return leaks
-
-
-class HookWatch:
-    """Finds BPF programs on the syscall hooks that are not this bench's.
-
-    Anything on sys_enter/sys_exit (a test suite loading the agent, another tracer) puts
-    every task on the syscall slow path and runs its program on every storm syscall: the
-    storm it overlaps measures that tool, not ours. Any syscall tracepoint counts, the
-    per-syscall syscalls/sys_enter_* ones included, since they switch on the same slow path.
-    Needs bpftool; without it the bench cannot tell and says so.
-    """
-
-    def __init__(self) -> None:
-        self.available = shutil.which("bpftool") is not None
-        self.wait_budget = FOREIGN_WAIT_BUDGET
-
-    def _bpftool(self, *args: str) -> list[dict[str, Any]]:
-        result = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True,
-                                check=False)
-        if result.returncode != 0:
-            return []
-        try:
-            parsed = json.loads(result.stdout or "[]")
-        except ValueError:
-            return []
-        return parsed if isinstance(parsed, list) else []
-
-    def foreign(self) -> list[str]:
-        if not self.available:
-            return []
-        own_pids = {os.getpid()} | _children()  # syscount runs as our child
-        # bpftool perf names the process holding each tracepoint or raw tracepoint fd; the
-        # link list adds links no process holds (pinned), which perf cannot see.
-        holders: dict[int, set[str]] = {}  # pid (0: none) -> hooks
-        seen_progs: set[int] = set()
-        for perf in self._bpftool("perf", "show"):
-            hook = str(perf.get("tracepoint", ""))
-            if hook.startswith(SYSCALL_HOOKS):
-                seen_progs.add(int(perf.get("prog_id", -1)))
-                if perf.get("pid") not in own_pids:
-                    holders.setdefault(int(perf.get("pid", 0)), set()).add(hook)
-        own_links = _own_links()
-        for link in self._bpftool("link", "show"):
-            hook = str(link.get("tp_name", ""))
-            if (link.get("type") == "raw_tracepoint" and hook.startswith(SYSCALL_HOOKS)
-                    and link.get("id") not in own_links
-                    and int(link.get("prog_id", -1)) not in seen_progs):
-                holders.setdefault(0, set()).add(hook)
-        found = [
-            f"{'pinned link' if pid == 0 else _read(f'/proc/{pid}/comm') + f'[{pid}]'} on "
-            + "+".join(sorted(hooks))
-            for pid, hooks in sorted(holders.items())
-        ]
-        for event in ("sys_enter", "sys_exit"):
-            if _read(f"{TRACEFS}/events/raw_syscalls/{event}/enable") == "1":
-                found.append(f"ftrace raw_syscalls/{event}")
-        return found
-
-    def wait_clean(self) -> list[str]:
-        """Wait, out of a budget for the whole run, until no foreign hook is left."""
-        found = self.foreign()
-        if found and self.wait_budget > 0:
-            print(f"  waiting (up to {self.wait_budget:.0f}s more) for foreign syscall hooks "
-                  f"to go: {', '.join(found)}", flush=True)
-        while found and self.wait_budget > 0:
-            time.sleep(1.0)
-            self.wait_budget -= 1.0
-            found = self.foreign()
-        return found
-
-
 # -- the report --------------------------------------------------------------------------
-
-
-def ratio(num: float, den: float) -> float | None:
-    # An "added" of zero or less means the mode is inside the noise: no meaningful ratio.
-    return num / den if den > 0 else None
-
-
-def fmt(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
@@ -470,22 +343,33 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM becomes SystemExit so the finally blocks detach programs and stop syscount.
-    raise SystemExit(128 + signum)
+SUITES = ("syscalls", "profile", "spans")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from bench import profile, spans
+
     parser = argparse.ArgumentParser(
-        description="Measure the syscall_latency probe's cost per syscall on a getppid "
-                    "storm, next to empty raw tracepoints and syscount-bpfcc -L.")
+        description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
+                    "syscall on a getppid storm, next to empty raw tracepoints and "
+                    "syscount-bpfcc -L. profile: the CPU profiler's slowdown of a CPU loop, "
+                    "its own CPU and lost stacks. spans: slow-syscall spans exported per "
+                    "second without loss, and the agent's CPU per span.")
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all",
+                        help="which benchmark to run (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="rounds; each times every mode once (default: %(default)s)")
+                        help="syscalls: rounds; each times every mode once "
+                             "(default: %(default)s)")
     parser.add_argument("--calls", type=int, default=3_000_000,
-                        help="getppid calls per storm (default: %(default)s)")
+                        help="syscalls: getppid calls per storm (default: %(default)s)")
+    profile.add_arguments(parser)
+    spans.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
+    problem = profile.check_arguments(args) or spans.check_arguments(args)
+    if problem:
+        parser.error(problem)
     return args
 
 
@@ -508,28 +392,13 @@ def measure(mode: Mode, watch: HookWatch, cpu: int, calls: int) -> tuple[float, 
     return ns, foreign
 
 
-def choose_cpus() -> tuple[int, set[int]]:
-    """The storm's CPU (the last we may use) and the rest, for everything else."""
-    allowed = sorted(os.sched_getaffinity(0))
-    storm_cpu = allowed[-1]
-    rest = set(allowed[:-1])
-    return storm_cpu, rest
-
-
 def run(args: argparse.Namespace) -> int:
-    if os.geteuid() != 0:
-        raise BenchError("needs root: loading BPF programs takes CAP_BPF and CAP_PERFMON")
-    for tool in ("gcc", "taskset"):
-        if shutil.which(tool) is None:
-            raise BenchError(f"{tool} not found on PATH")
+    """The syscalls suite."""
+    require("gcc", "taskset")
     syscount = shutil.which(SYSCOUNT)
     if syscount is None:
         raise BenchError(f"{SYSCOUNT} not found. Fix: apt-get install bpfcc-tools")
-    try:
-        import bcc
-    except ImportError as exc:
-        raise BenchError("the BCC Python module is not importable. Fix: install python3-bpfcc"
-                         " and use a venv made with --system-site-packages") from exc
+    bcc = import_bcc()
     # Created first: it may set BCC_KERNEL_SOURCE, which the empty program's compile and
     # the syscount subprocess then pick up, so all three compile against the same headers.
     engine = Engine(headers.discover())
@@ -542,13 +411,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"storm:   {shlex.join(storm_command(storm_cpu, args.calls))}"
           f"  (others on CPUs {','.join(map(str, sorted(rest))) or 'the same CPU'})")
-    print(f"kernel:  {platform.release()} {platform.machine()}")
-    print(f"cpu:     {cpu_model()}, nproc {os.cpu_count()}"
-          f"{', virtual machine' if is_virtual() else ''}")
-    print(f"clock:   {_read('/sys/devices/system/clocksource/clocksource0/current_clocksource')}"
-          f" (clocksource; bpf_ktime_get_ns reads it)")
-    print(f"spectre: {_read('/sys/devices/system/cpu/vulnerabilities/spectre_v2')}")
-    print(f"bcc:     {getattr(bcc, '__version__', '?')}")
+    for line in machine_lines(bcc):
+        print(line)
     if not rest:
         print("warning: one CPU only: the drain thread and syscount share the storm's CPU")
 
@@ -588,27 +452,55 @@ def run(args: argparse.Namespace) -> int:
         print("warning: the probe recorded fewer syscalls than the storms made: its row "
               "may not measure what it claims")
     print(f"took {time.monotonic() - started:.0f}s")
+    # Every mode detaches on exit; main() checks nothing is left (check_clean).
+    return 0
 
-    # Every mode detaches on exit; these would be bugs in this file, so fail loudly.
+
+def check_clean() -> None:
+    """Every suite detaches and stops what it started; anything left is a bug here."""
     leaked = open_bpf_fds()
     if leaked:
         raise BenchError("BPF objects still open after the run: " + ", ".join(leaked))
     if _children():
         raise BenchError(f"child processes left running: {sorted(_children())}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    try:
-        return run(args)
-    except (BenchError, EngineError) as exc:  # the message already says what to fix
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    from bench import profile, spans
+
+    suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
+        "syscalls": lambda a, _: run(a),
+        "profile": profile.run_suite,
+        "spans": spans.run_suite,
+    }
+    chosen = SUITES if args.suite == "all" else (args.suite,)
+    affinity = os.sched_getaffinity(0)
+    failed = []
+    machine_shown = False
+    started = time.monotonic()
+    for name in chosen:
+        try:
+            suites[name](args, machine_shown)
+            machine_shown = True
+        except (BenchError, EngineError) as exc:  # the message already says what to fix
+            print(f"bench: {name}: {exc}", file=sys.stderr, flush=True)
+            failed.append(name)
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            os.sched_setaffinity(0, affinity)  # the syscalls suite pins us
+        try:
+            check_clean()
+        except BenchError as exc:
+            print(f"bench: {name}: {exc}", file=sys.stderr, flush=True)
+            failed.append(name)
+    if len(chosen) > 1:
+        print(f"\nall suites took {time.monotonic() - started:.0f}s"
+              + (f"; could not measure: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
