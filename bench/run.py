@@ -5,6 +5,8 @@
             at 99 Hz with every CPU busy, lost stacks (bench/profile.py)
   spans     slow-syscall spans exported per second without loss, and the agent's CPU per
             span (bench/spans.py)
+  tcp       the retransmit probe's kernel cost per event and the agent's CPU during a lossy
+            50 MB transfer (bench/tcp.py)
 
 Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
 per target. Shared helpers live in bench/common.py.
@@ -343,11 +345,11 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "spans")
+SUITES = ("syscalls", "profile", "spans", "tcp")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import profile, spans
+    from bench import profile, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
@@ -364,10 +366,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="syscalls: getppid calls per storm (default: %(default)s)")
     profile.add_arguments(parser)
     spans.add_arguments(parser)
+    tcp.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
-    problem = profile.check_arguments(args) or spans.check_arguments(args)
+    problem = (profile.check_arguments(args) or spans.check_arguments(args)
+               or tcp.check_arguments(args))
     if problem:
         parser.error(problem)
     return args
@@ -411,8 +415,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"storm:   {shlex.join(storm_command(storm_cpu, args.calls))}"
           f"  (others on CPUs {','.join(map(str, sorted(rest))) or 'the same CPU'})")
-    for line in machine_lines(bcc):
-        print(line)
+    for fact in machine_lines(bcc):
+        print(fact)
     if not rest:
         print("warning: one CPU only: the drain thread and syscount share the storm's CPU")
 
@@ -468,12 +472,13 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import profile, spans
+    from bench import profile, spans, tcp
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
         "profile": profile.run_suite,
         "spans": spans.run_suite,
+        "tcp": tcp.run_suite,
     }
     chosen = SUITES if args.suite == "all" else (args.suite,)
     affinity = os.sched_getaffinity(0)
