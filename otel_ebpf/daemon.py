@@ -9,6 +9,7 @@ another, so a collector that hangs cannot delay the kernel-side drains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -28,7 +29,7 @@ from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanQueue, build_spans
 from otel_ebpf.kernel.engine import Engine
-from otel_ebpf.model import Collection, CounterDelta, MetricDescriptor, Workload
+from otel_ebpf.model import Collection, CounterDelta, MetricDescriptor, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Agent:
         self._span_future: asyncio.Future[bool] | None = None
         self._summary_started = time.monotonic()
         self._stop = asyncio.Event()
+        self._spans_ready = asyncio.Event()  # a full batch waits: export without sleeping
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -254,18 +256,24 @@ class Agent:
 
     # ---- spans -----------------------------------------------------------------------
 
-    async def _poll_spans(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _poll_all(self) -> list[SpanRecord]:
+        """Every probe's event buffers, in one trip to the events thread."""
+        records: list[SpanRecord] = []
         for probe in self.probes:
             try:
-                records = await loop.run_in_executor(self._event_pool, probe.poll_spans)
+                records += probe.poll_spans()
             except Exception:
                 log.exception("probe %s: reading its events failed", probe.name)
-                continue
-            for record in records:
-                queued = self.spans.offer(record) if self.span_shipper else None
-                if queued is not None and record.example_of is not None:
-                    self._remember_exemplar(queued)
+        return records
+
+    async def _poll_spans(self) -> None:
+        loop = asyncio.get_running_loop()
+        for record in await loop.run_in_executor(self._event_pool, self._poll_all):
+            queued = self.spans.offer(record) if self.span_shipper else None
+            if queued is not None and record.example_of is not None:
+                self._remember_exemplar(queued)
+        if len(self.spans) >= SPAN_BATCH:
+            self._spans_ready.set()
         self._count_span_drops()
 
     def _remember_exemplar(self, queued: QueuedSpan) -> None:
@@ -317,7 +325,9 @@ class Agent:
 
     async def _span_export_loop(self) -> None:
         while True:
-            await asyncio.sleep(SPAN_EXPORT_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spans_ready.wait(), SPAN_EXPORT_S)
+            self._spans_ready.clear()
             while (future := self._start_span_export()) is not None:
                 try:
                     await asyncio.shield(future)

@@ -137,12 +137,18 @@ class BpfMap:
             return False
         return True
 
-    def stack_addresses(self, stack_id: int) -> list[int]:
-        """The instruction addresses of a stack_trace map entry, leaf first."""
+    def stack_addresses(self, stack_id: int) -> tuple[int, ...]:
+        """The instruction addresses of a stack_trace map entry, leaf first. One map lookup
+        and a slice (BCC's walk() yields frame by frame in Python)."""
         try:
-            return [int(a) for a in self._table.walk(stack_id)]
+            ips = self._table[self._table.Key(stack_id)].ip
         except KeyError:
-            return []
+            return ()
+        frames = list(ips)
+        try:
+            return tuple(frames[: frames.index(0)])
+        except ValueError:
+            return tuple(frames)
 
     def set_members(self, keys: Iterable[Any]) -> None:
         """Fill a hash used as a set (value 1), e.g. an in-kernel filter."""

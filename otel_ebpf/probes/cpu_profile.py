@@ -27,6 +27,7 @@ _STATS = ("idle", "user_stack_lost", "kernel_stack_lost", "map_full", "announce_
           "samples")
 # reported as lost events; idle samples are dropped by design and samples are a total
 _LOSSES = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost")
+STACK_CACHE_ENTRIES = 16384  # symbolized stacks kept across drains (hot stacks recur)
 COLLISION_BUDGET = 0.005  # the share of samples that may lose a stack to a collision
 MIN_DRAIN_S = 0.1
 
@@ -66,6 +67,10 @@ class CpuProfile(Probe):
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
+        # (tgid, kernel addresses, user addresses) -> frames: a hot stack is read again
+        # every drain (its id was deleted) but symbolized once
+        self._stack_cache: dict[tuple[int, tuple[int, ...], tuple[int, ...]],
+                                tuple[Frame, ...]] = {}
 
     def cflags(self) -> list[str]:
         c = self.config
@@ -144,12 +149,20 @@ class CpuProfile(Probe):
         kernel: list[Frame] = []
         user: list[Frame] = []
         kernel_addrs = (kernel_stacks.stack_addresses(int(key.kernel_stack_id))
-                        if key.kernel_stack_id >= 0 else [])
+                        if key.kernel_stack_id >= 0 else ())
         user_addrs = (user_stacks.stack_addresses(int(key.user_stack_id))
-                      if key.user_stack_id >= 0 else [])
-        with self._symbols_lock:
-            kernel = self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs else []
-            user = self.symbolizer.user_frames(tgid, user_addrs) if user_addrs else []
+                      if key.user_stack_id >= 0 else ())
+        frames = self._stack_cache.get((tgid, kernel_addrs, user_addrs))
+        if frames is None:
+            with self._symbols_lock:
+                kernel = self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs else []
+                user = self.symbolizer.user_frames(tgid, user_addrs) if user_addrs else []
+            frames = tuple(kernel + user)  # leaf first: the kernel part sits on top
+            # unresolved frames may resolve later (a library mapped after the snapshot)
+            if all(f.function for f in frames):
+                if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
+                    self._stack_cache.pop(next(iter(self._stack_cache)))
+                self._stack_cache[(tgid, kernel_addrs, user_addrs)] = frames
         lost = [part for part, stack_id in (("user", key.user_stack_id),
                                            ("kernel", key.kernel_stack_id))
                 if stack_id < 0 and stack_id != -errno.EFAULT]
@@ -158,7 +171,7 @@ class CpuProfile(Probe):
             workload=Workload(tgid, comm, int(value.cgroup_id)),
             thread_id=int(key.tid),
             thread_name=comm,
-            frames=tuple(kernel + user),  # leaf first: the kernel part sits on top
+            frames=frames,
             count=int(value.count),
             lost_stacks=tuple(lost),
         )
