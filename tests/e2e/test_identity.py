@@ -52,6 +52,25 @@ def runtime_paths(tag: str) -> dict[str, tuple[str, str, str | None]]:
     }
 
 
+def start_in_cgroup(cpu_hot: Path, cgroup: Path, seconds: str) -> subprocess.Popen[str]:
+    """`cpu_hot mixed` inside a cgroup from its first syscall: the shell joins the cgroup,
+    then execs the helper (same pid). No preexec_fn: the test process has threads. The
+    helper waits for a line on stdin; returns it ready."""
+    proc = subprocess.Popen(
+        ["sh", "-c", 'echo $$ > "$1" && exec "$2" mixed "$3"', "sh",
+         str(cgroup / "cgroup.procs"), str(cpu_hot), seconds],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().startswith("ready")
+    return proc
+
+
+def go(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
 @pytest.fixture
 def cgroups() -> Iterator[dict[str, tuple[Path, str, str | None]]]:
     root = cgroup2_root()
@@ -86,19 +105,9 @@ def test_same_container_identity_on_metrics_spans_and_profiles(
     try:
         agent.wait_for_log("probe cpu_profile attached")
         for name, (path, _, _) in cgroups.items():
-            # the shell joins the cgroup, then execs the helper (same pid): every syscall
-            # the helper makes is inside. (No preexec_fn: this process has threads.)
-            proc = subprocess.Popen(
-                ["sh", "-c", 'echo $$ > "$1" && exec "$2" mixed 0.5', "sh",
-                 str(path / "cgroup.procs"), str(cpu_hot)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert proc.stdout is not None and proc.stdin is not None
-            assert proc.stdout.readline().startswith("ready")
-            helpers[name] = proc
+            helpers[name] = start_in_cgroup(cpu_hot, path, "0.5")
         for proc in helpers.values():
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
+            go(proc)
         for proc in helpers.values():
             proc.wait(timeout=30)
         pids = {name: proc.pid for name, proc in helpers.items()}
@@ -169,15 +178,8 @@ def test_workload_filter_selects_containers_in_the_kernel(
         agent.wait_for_log("workload filter: ")
         pids = {}
         for name in ("docker", "crio"):
-            path = cgroups[name][0]
-            proc = subprocess.Popen(
-                ["sh", "-c", 'echo $$ > "$1" && exec "$2" mixed 0.3', "sh",
-                 str(path / "cgroup.procs"), str(cpu_hot)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert proc.stdout is not None and proc.stdin is not None
-            assert proc.stdout.readline().startswith("ready")
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
+            proc = start_in_cgroup(cpu_hot, cgroups[name][0], "0.3")
+            go(proc)
             proc.wait(timeout=30)
             pids[name] = proc.pid
 
@@ -212,14 +214,8 @@ def test_resource_attributes_through_rotel(
                               "OTEL_RESOURCE_ATTRIBUTES": "k8s.cluster.name=e2e"})
     try:
         agent.wait_for_log("probe syscall_latency attached")
-        proc = subprocess.Popen(
-            ["sh", "-c", 'echo $$ > "$1" && exec "$2" mixed 0.2', "sh",
-             str(path / "cgroup.procs"), str(cpu_hot)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().startswith("ready")
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        proc = start_in_cgroup(cpu_hot, path, "0.2")
+        go(proc)
         proc.wait(timeout=30)
 
         def mine() -> list[tuple[dict[str, object], object]]:

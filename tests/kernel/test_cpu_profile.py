@@ -13,7 +13,6 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 from otel_ebpf.config import CpuProfileConfig
 from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.profiles import build_profiles_request
-from otel_ebpf.kernel import headers
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Identity, StackSample
 from otel_ebpf.probes.cpu_profile import CpuProfile
@@ -21,11 +20,6 @@ from otel_ebpf.probes.cpu_profile import CpuProfile
 pytestmark = pytest.mark.kernel
 
 HZ = 997  # many samples in a few seconds: 75 % +- 5 points is then > 4 sigma
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(headers.discover())
 
 
 class Running:

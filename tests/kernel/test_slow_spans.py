@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from otel_ebpf.config import SlowSpansConfig, SyscallFilter, SyscallLatencyConfig
-from otel_ebpf.kernel import headers, syscalls
+from otel_ebpf.kernel import syscalls
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import SpanRecord
 from otel_ebpf.probes.syscall_latency import SyscallLatency
@@ -18,17 +18,6 @@ from otel_ebpf.probes.syscall_latency import SyscallLatency
 pytestmark = pytest.mark.kernel
 
 ONLY_SLOWPOKE = SyscallFilter(comms=["slowpoke", "slow_workload"])
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(headers.discover())
-
-
-@pytest.fixture(scope="module")
-def table() -> syscalls.SyscallTable:
-    source = headers.discover()
-    return syscalls.load([source.bcc_kernel_source or source.path] if source else [])
 
 
 def started(engine: Engine, table: syscalls.SyscallTable, slow: SlowSpansConfig,

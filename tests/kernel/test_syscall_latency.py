@@ -23,7 +23,7 @@ from otel_ebpf.enrich.cgroup import cgroup2_root, cgroup_id
 from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.metrics import build_metrics_data
 from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound
-from otel_ebpf.kernel import headers, syscalls
+from otel_ebpf.kernel import syscalls
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Identity, Workload
 from otel_ebpf.probes.syscall_latency import SyscallLatency
@@ -40,18 +40,6 @@ def attrs(kvs: object) -> dict[str, object]:
     for kv in kvs:  # type: ignore[attr-defined]
         out[kv.key] = getattr(kv.value, kv.value.WhichOneof("value"))
     return out
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(headers.discover())
-
-
-@pytest.fixture(scope="module")
-def table() -> syscalls.SyscallTable:
-    source = headers.discover()
-    roots = [source.bcc_kernel_source or source.path] if source else []
-    return syscalls.load(roots)
 
 
 def started(engine: Engine, table: syscalls.SyscallTable,
