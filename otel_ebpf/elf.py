@@ -103,10 +103,23 @@ class ElfCache:
         self._by_build_id: WeakValueDictionary[str, ElfSymbols] = WeakValueDictionary()
         self.hits = self.misses = self.errors = self.evictions = 0
 
+    @staticmethod
+    def _key(file: BinaryIO) -> tuple[int, int, int, int]:
+        st = os.fstat(file.fileno())
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def cached(self, file: BinaryIO) -> tuple[bool, ElfSymbols | None]:
+        """(True, table) when this file's table is loaded already; never loads."""
+        key = self._key(file)
+        if key in self._files:
+            self.hits += 1
+            self._files.move_to_end(key)
+            return True, self._files[key]
+        return False, None
+
     def get(self, file: BinaryIO) -> ElfSymbols | None:
         """The table of the open `file`; None for a file that is not readable ELF."""
-        st = os.fstat(file.fileno())
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        key = self._key(file)
         if key in self._files:
             self.hits += 1
             self._files.move_to_end(key)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from otel_ebpf import elf
 from otel_ebpf.elf import ElfSymbols
@@ -36,6 +37,8 @@ _MAX_KERNEL_TAIL = 1 << 16
 # An address outside every kept mapping rereads the maps at most this often (seconds):
 # garbage addresses in a broken stack must not make every sample read /proc.
 _MAPS_REFRESH_AFTER = 5.0
+# mapped files held open until their first sampled address; past this, tables load at once
+MAX_LAZY_FILES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,21 +187,53 @@ def parse_maps(text: str) -> list[MapsEntry]:
     return out
 
 
+class _Region:
+    """One executable mapping of a process. Its symbol table is loaded when the first
+    sampled address falls in it (most libraries a process maps are never sampled, and
+    loading every table of every new process was the profiler's main cost); until then
+    the mapped file is held open, so it can still be read after the process exited."""
+
+    __slots__ = ("__weakref__", "_file", "_loaded", "_table", "entry")
+    open_files = 0  # files held open by regions not loaded yet, across all processes
+
+    def __init__(self, entry: MapsEntry, table: ElfSymbols | None, file: BinaryIO | None
+                 ) -> None:
+        self.entry, self._table, self._file = entry, table, file
+        self._loaded = file is None
+        if file is not None:
+            _Region.open_files += 1
+
+    def load(self, files: elf.ElfCache) -> tuple[Mapping, ElfSymbols | None]:
+        if not self._loaded:
+            file, self._file, self._loaded = self._file, None, True
+            assert file is not None
+            _Region.open_files -= 1
+            with file:
+                self._table = files.get(file)
+        e = self.entry
+        build_id = self._table.build_id if self._table is not None else None
+        return Mapping(e.start, e.end, e.offset, e.path, build_id), self._table
+
+    def __del__(self) -> None:
+        if self._file is not None:
+            _Region.open_files -= 1
+            self._file.close()
+
+
 class _Snapshot:
     """One process's executable mappings, each with its file's symbol table (or None)."""
 
     __slots__ = ("checked_at", "identity", "regions", "starts")
 
-    def __init__(self, identity: tuple[int, int, int],
-                 regions: list[tuple[Mapping, ElfSymbols | None]]) -> None:
+    def __init__(self, identity: tuple[int, int, int], regions: list[_Region]) -> None:
         self.identity = identity
-        self.regions = sorted(regions, key=lambda r: r[0].start)
-        self.starts = [m.start for m, _ in self.regions]
+        self.regions = sorted(regions, key=lambda r: r.entry.start)
+        self.starts = [r.entry.start for r in self.regions]
         self.checked_at = time.monotonic()  # when the maps were last read or found same
 
-    def find(self, addr: int) -> tuple[Mapping, ElfSymbols | None] | None:
+    def find(self, addr: int) -> _Region | None:
         i = bisect_right(self.starts, addr) - 1
-        if i >= 0 and addr < self.regions[i][0].end:
+        if i >= 0 and addr < self.regions[i].entry.end:
             return self.regions[i]
         return None
 
@@ -256,13 +291,7 @@ class ProcessMaps:
             entries = parse_maps(Path(f"/proc/{pid}/maps").read_text())
         except OSError:
             return None
-        regions = []
-        for entry in entries:
-            table = self._table(pid, entry)
-            build_id = table.build_id if table is not None else None
-            regions.append((Mapping(entry.start, entry.end, entry.offset, entry.path,
-                                    build_id), table))
-        snap = _Snapshot(identity, regions)
+        snap = _Snapshot(identity, [self._region(pid, entry) for entry in entries])
         self._stats.process_snapshots += 1
         self._snapshots[pid] = snap
         self._snapshots.move_to_end(pid)
@@ -274,19 +303,23 @@ class ProcessMaps:
     def forget(self, pid: int) -> None:
         self._snapshots.pop(pid, None)
 
-    def _table(self, pid: int, entry: MapsEntry) -> ElfSymbols | None:
+    def _region(self, pid: int, entry: MapsEntry) -> _Region:
         if entry.path == "[vdso]":
             # ours stands for theirs when the size matches (a 32-bit process has another)
             size_and_table = self._vdso
             if size_and_table is not None and size_and_table[0] == entry.end - entry.start:
-                return size_and_table[1]
-            return None
+                return _Region(entry, size_and_table[1], None)
+            return _Region(entry, None, None)
         file = elf.open_mapped(pid, entry.start, entry.end, entry.path, entry.dev,
                                entry.inode)
         if file is None:
-            return None
-        with file:
-            return self._files.get(file)
+            return _Region(entry, None, None)
+        known, table = self._files.cached(file)
+        if known or _Region.open_files >= MAX_LAZY_FILES:
+            # a table loaded already, or too many files held open: no reason to wait
+            with file:
+                return _Region(entry, table if known else self._files.get(file), None)
+        return _Region(entry, None, file)
 
 
 class Symbolizer:
@@ -345,9 +378,8 @@ class Symbolizer:
             frames.append(self._native(addr, lookup, region))
         return frames
 
-    def _native(self, addr: int, lookup: int,
-                region: tuple[Mapping, ElfSymbols | None] | None) -> Frame:
-        mapping, table = region if region is not None else (None, None)
+    def _native(self, addr: int, lookup: int, region: _Region | None) -> Frame:
+        mapping, table = region.load(self._files) if region is not None else (None, None)
         if mapping is not None and table is not None:
             vaddr = table.vaddr_for_offset(lookup - mapping.start + mapping.file_offset)
             found = table.lookup(vaddr) if vaddr is not None else None
