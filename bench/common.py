@@ -425,8 +425,15 @@ class AgentProcess:
         return time.monotonic() - began
 
     def cpu_seconds(self) -> float:
+        """The agent's CPU time: the run time of all its threads (schedstat, ns), so short
+        bursts are counted as they ran, not as the 10 ms ticks /proc/PID/stat samples (on
+        CPUs kept busy by loops, ticks charge whole ticks to whoever runs at the tick).
+        Threads that ended are not included; the agent's threads live as long as it."""
         try:
-            return process_cpu_seconds(self.pid)
+            total = 0.0
+            for task in Path(f"/proc/{self.pid}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0]) / 1e9
+            return total
         except (OSError, ValueError, IndexError) as exc:
             raise BenchError(f"the agent exited early ({self.proc.poll()})\n"
                              + self.log_tail()) from exc
