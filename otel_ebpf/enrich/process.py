@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import psutil
 
@@ -29,7 +30,10 @@ class ProcessInfo:
             "process.pid": self.pid,
             "process.executable.name": self.executable_name,
         }
+        created = (datetime.fromtimestamp(self.create_time, UTC).isoformat()
+                   if self.create_time else None)
         optional = (("process.executable.path", self.executable_path),
+                    ("process.creation.time", created),
                     ("process.command", self.command),
                     ("process.command_line", self.command_line),
                     ("process.owner", self.owner))
