@@ -132,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
     from otel_ebpf.export.profile_sender import ProfilesSender
     from otel_ebpf.export.profiles import ProfileExport
+    from otel_ebpf.export.traces import SpanExport
 
     config = _load_config(args, _overrides(args))
     if config is None:
@@ -153,8 +154,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
         profiles = ProfileExport(profiles_sender, profile_cfg.folded_path, time.time_ns())
     identity = IdentityResolver(config, host_attributes())
-    agent = Agent(config, engine, probes, shipper, identity,
-                  span_shipper=span_shipper, profiles=profiles)
+    spans = None
+    if span_shipper is not None:
+        spans = SpanExport(span_shipper, config.probes.syscall_latency.slow_spans.queue_size,
+                           identity.resolver)
+    agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles)
     return asyncio.run(agent.run(args.duration))
 
 

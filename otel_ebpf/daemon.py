@@ -9,7 +9,6 @@ another, so a collector that hangs cannot delay the kernel-side drains.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -27,7 +26,7 @@ from otel_ebpf.enrich.process import pid_alive
 from otel_ebpf.export.metrics import OtlpShipper, build_metrics_data
 from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.summary import HistogramSummary
-from otel_ebpf.export.traces import QueuedSpan, SpanQueue, build_spans
+from otel_ebpf.export.traces import QueuedSpan, SpanExport
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, MetricDescriptor, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
@@ -47,8 +46,6 @@ PROFILES_DROPPED = MetricDescriptor(
     "service), export_failed.")
 SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
 SPAN_POLL_S = 0.2  # how often kernel event buffers are emptied
-SPAN_EXPORT_S = 0.5
-SPAN_BATCH = 512
 
 
 class Agent:
@@ -60,19 +57,17 @@ class Agent:
         shipper: OtlpShipper | None,
         identity: IdentityResolver,
         out: TextIO = sys.stdout,
-        span_shipper: OtlpShipper | None = None,
+        spans: SpanExport | None = None,
         profiles: ProfileExport | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.probes = probes
         self.shipper = shipper
-        self.span_shipper = span_shipper
+        self.spans = spans
         self.profiles = profiles
         self._profiles_dropped_seen = 0
         slow = config.probes.syscall_latency.slow_spans
-        self.spans = SpanQueue(slow.queue_size)
-        self._spans_failed = 0
         self.identity = identity
         self.out = out
         self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series)
@@ -80,7 +75,6 @@ class Agent:
         self._started_ns: dict[str, int] = {}
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
-        self._span_pool = ThreadPoolExecutor(1, thread_name_prefix="spans")
         # kernel event buffers are read apart from the map drains, which can take a while
         # (symbolizing): announcements and slow calls must not wait behind them
         self._event_pool = ThreadPoolExecutor(1, thread_name_prefix="events")
@@ -88,10 +82,8 @@ class Agent:
         self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
         self._selected_cgroups: set[int] = set()
-        self._span_future: asyncio.Future[bool] | None = None
         self._summary_started = time.monotonic()
         self._stop = asyncio.Event()
-        self._spans_ready = asyncio.Event()  # a full batch waits: export without sleeping
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -114,8 +106,8 @@ class Agent:
             tasks.append(asyncio.create_task(self._span_poll_loop(), name="span-poll"))
             if self.identity.selection.active:
                 tasks.append(asyncio.create_task(self._selection_loop(), name="selection"))
-            if self.span_shipper is not None:
-                tasks.append(asyncio.create_task(self._span_export_loop(), name="span-export"))
+            if self.spans is not None:
+                tasks.append(asyncio.create_task(self.spans.run(), name="span-export"))
             if self.profiles is not None:
                 tasks.append(asyncio.create_task(self._profile_loop(), name="profiles"))
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
@@ -136,8 +128,8 @@ class Agent:
                 loop.remove_signal_handler(sig)
             self._stop_probes()
             await self.identity.close()
-            for pool in (self._bpf_pool, self._export_pool, self._span_pool,
-                         self._profile_pool, self._event_pool):
+            for pool in (self._bpf_pool, self._export_pool, self._profile_pool,
+                         self._event_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -269,12 +261,14 @@ class Agent:
     async def _poll_spans(self) -> None:
         loop = asyncio.get_running_loop()
         for record in await loop.run_in_executor(self._event_pool, self._poll_all):
-            queued = self.spans.offer(record) if self.span_shipper else None
+            queued = self.spans.offer(record) if self.spans is not None else None
             if queued is not None and record.example_of is not None:
                 self._remember_exemplar(queued)
-        if len(self.spans) >= SPAN_BATCH:
-            self._spans_ready.set()
-        self._count_span_drops()
+        if self.spans is not None and (drops := self.spans.take_drops()):
+            now = time.time_ns()
+            self.store.add([CounterDelta(SPANS_DROPPED, AGENT, {"reason": reason}, n)
+                            for reason, n in drops.items()],
+                           min(self._started_ns.values(), default=now), now)
 
     def _remember_exemplar(self, queued: QueuedSpan) -> None:
         r = queued.record
@@ -288,54 +282,10 @@ class Agent:
             trace_id=queued.trace_id,
         ))
 
-    def _count_span_drops(self) -> None:
-        now = time.time_ns()
-        drops = []
-        if self.spans.dropped:
-            drops.append(CounterDelta(SPANS_DROPPED, AGENT, {"reason": "queue_full"},
-                                      self.spans.dropped))
-            self.spans.dropped = 0
-        if self._spans_failed:
-            drops.append(CounterDelta(SPANS_DROPPED, AGENT, {"reason": "export_failed"},
-                                      self._spans_failed))
-            self._spans_failed = 0
-        self.store.add(drops, min(self._started_ns.values(), default=now), now)
-
     async def _span_poll_loop(self) -> None:
         while True:
             await asyncio.sleep(SPAN_POLL_S)
             await self._poll_spans()
-
-    def _export_spans_once(self, batch: list[QueuedSpan]) -> bool:
-        assert self.span_shipper is not None
-        identity_of = self.identity.resolver(q.record.workload for q in batch)
-        ok = self.span_shipper.ship(build_spans(batch, identity_of))
-        if not ok:
-            self._spans_failed += len(batch)
-        return ok
-
-    def _start_span_export(self) -> asyncio.Future[bool] | None:
-        if not len(self.spans) or (self._span_future and not self._span_future.done()):
-            return None
-        loop = asyncio.get_running_loop()
-        batch = self.spans.take(SPAN_BATCH)
-        self._span_future = loop.run_in_executor(self._span_pool, self._export_spans_once,
-                                                 batch)
-        return self._span_future
-
-    async def _span_export_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._spans_ready.wait(), SPAN_EXPORT_S)
-            self._spans_ready.clear()
-            while (future := self._start_span_export()) is not None:
-                try:
-                    await asyncio.shield(future)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("span export failed unexpectedly")
-                    break
 
     # ---- profiles --------------------------------------------------------------------
 
@@ -382,20 +332,6 @@ class Agent:
 
         print(self.summary.render(elapsed, name_of), file=self.out, flush=True)
 
-    async def _flush_spans(self, deadline: float) -> None:
-        if self.span_shipper is None:
-            return
-        if self._span_future is not None and not self._span_future.done():
-            log.warning("a span export was still retrying at shutdown; %d spans dropped",
-                        len(self.spans))
-        else:
-            while time.monotonic() < deadline and (future := self._start_span_export()):
-                try:
-                    await asyncio.wait_for(future, max(0.1, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-        self.span_shipper.shutdown()
-
     async def _final_profiles(self, deadline: float) -> None:
         if self.profiles is None:
             return
@@ -421,7 +357,8 @@ class Agent:
             except TimeoutError:
                 log.warning("final collection of %s timed out", probe.name)
         await self._poll_spans()
-        await self._flush_spans(deadline)
+        if self.spans is not None:
+            await self.spans.flush(deadline)
         await self._final_profiles(deadline)
         if self.config.summary.enabled:
             self._print_summary()
