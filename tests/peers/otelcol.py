@@ -69,12 +69,10 @@ Observed behaviour of the v0.157.0 binary (pinned by ``tests/e2e/test_otelcol_pe
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import os
 import re
-import signal
 import subprocess
 import tempfile
 import time
@@ -85,7 +83,7 @@ from typing import Any
 
 import yaml
 
-from tests.peers.rotel import LOOPBACK, _accepts, free_port
+from tests.peers.process import LOOPBACK, PeerProcess
 
 OTELCOL_VERSION = "0.157.0"
 DIST_NAME = "otelcol-otel-ebpf-test"
@@ -94,16 +92,6 @@ BUILD_SCRIPT = Path(__file__).with_name("build-otelcol.sh")
 SIGNALS = ("traces", "metrics", "logs", "profiles")
 #: A cold build takes ~2 min on 2 vCPUs; allow for slow CI machines and module downloads.
 BUILD_TIMEOUT = 25 * 60.0
-
-_LIVE: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_LIVE):
-        proc.kill()
-        proc.wait()
-
 
 @functools.cache
 def ensure_built() -> Path:
@@ -156,7 +144,7 @@ class OtelCollector:
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._requested_log_path = log_path
         self._log_path: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._peer = PeerProcess(startup_timeout)
         self._final_log: str | None = None
         self._final_exports: dict[str, str] = {}
         self.grpc_port = 0
@@ -209,7 +197,7 @@ class OtelCollector:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._peer.proc.pid if self._peer.proc is not None else None
 
     def config(self) -> dict[str, Any]:
         """The collector configuration for the current ports."""
@@ -318,52 +306,27 @@ class OtelCollector:
         Ports are picked just before launch; if another process grabs one, the collector
         exits at once and we retry with fresh ports.
         """
-        if self._proc is not None:
+        if self._peer.proc is not None:
             raise RuntimeError("OtelCollector already started")
         binary = self.binary  # build (or fail) before creating anything
         self._final_log = None
         self._final_exports = {}
         self._tmpdir = tempfile.TemporaryDirectory(prefix="otelcol-")
         self._log_path = self._requested_log_path or self.workdir / "otelcol-output.log"
-        for _ in range(attempts):
-            self.grpc_port, self.http_port = free_port(), free_port()
+
+        def command(grpc_port: int, http_port: int) -> list[str]:
+            self.grpc_port, self.http_port = grpc_port, http_port
             self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-            with open(self._log_path, "ab") as log:
-                self._proc = subprocess.Popen(
-                    self.command(), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, cwd=self.workdir,
-                )  # fmt: skip
-            _LIVE.add(self._proc)
-            if self._wait_ready():
-                return self
-            self._terminate()
+            return self.command()
+
+        if self._peer.launch(command, self._log_path, attempts, cwd=self.workdir) is not None:
+            return self
         output = self.read_log()
         self.stop()
         raise RuntimeError(f"{binary.name} failed to start; output:\n{output}")
 
-    def _wait_ready(self) -> bool:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                return False
-            if _accepts(self.grpc_port) and _accepts(self.http_port):
-                return True
-            time.sleep(0.02)
-        return False
-
     def _terminate(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _LIVE.discard(proc)
+        self._peer.terminate(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the collector (it flushes the file exporters), SIGKILL after ``timeout``.

@@ -36,28 +36,13 @@ temporary directory so concurrent runs never share ``/tmp/rotel-agent.*``. Inher
 
 from __future__ import annotations
 
-import atexit
 import os
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
+from tests.peers.process import LOOPBACK, PeerProcess, free_port
 
-# Safety net: rotel processes still running when the interpreter exits (a test run aborted
-# before teardown) are killed, so a crashed session never leaves a collector behind.
-_LIVE: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_LIVE):
-        proc.kill()
-        proc.wait()
-
+__all__ = ["LOOPBACK", "RotelCollector", "free_port", "rotel_binary"]
 
 def rotel_binary() -> Path:
     """Path of the ``rotel-agent`` executable bundled in the ``rotel`` wheel."""
@@ -75,21 +60,6 @@ def rotel_binary() -> Path:
             "which installs it (pip install --pre rotel)"
         )
     return binary
-
-
-def free_port() -> int:
-    """A currently-free loopback TCP port (may be raced; ``start`` retries on bind failure)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection((LOOPBACK, port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
 
 
 class RotelCollector:
@@ -118,7 +88,7 @@ class RotelCollector:
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._requested_log_path = log_path
         self._log_path: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._peer = PeerProcess(startup_timeout)
         self._final_log: str | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -143,7 +113,7 @@ class RotelCollector:
     @property
     def pid(self) -> int | None:
         """The subprocess id while running."""
-        return self._proc.pid if self._proc is not None else None
+        return self._peer.proc.pid if self._peer.proc is not None else None
 
     def read_log(self) -> str:
         """Rotel's output so far; after ``stop()`` too, even if the log file was temporary."""
@@ -179,7 +149,7 @@ class RotelCollector:
         Ports are picked just before launch, so another process can grab one in between;
         in that case rotel exits at once and we retry with fresh ports.
         """
-        if self._proc is not None:
+        if self._peer.proc is not None:
             raise RuntimeError("RotelCollector already started")
         rotel_binary()  # fail early with the helpful message
         self._final_log = None
@@ -187,44 +157,19 @@ class RotelCollector:
         self._log_path = self._requested_log_path or Path(self._tmpdir.name) / "rotel-output.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROTEL_")}
         env["NO_COLOR"] = "1"
-        for _ in range(attempts):
-            self.grpc_port, self.http_port = free_port(), free_port()
-            with open(self._log_path, "ab") as log:
-                self._proc = subprocess.Popen(
-                    self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                    stdin=subprocess.DEVNULL,
-                )  # fmt: skip
-            _LIVE.add(self._proc)
-            if self._wait_ready():
-                return self
-            self._terminate()
+
+        def command(grpc_port: int, http_port: int) -> list[str]:
+            self.grpc_port, self.http_port = grpc_port, http_port
+            return self.command()
+
+        if self._peer.launch(command, self._log_path, attempts, env=env) is not None:
+            return self
         output = self.read_log()
         self.stop()
         raise RuntimeError(f"rotel-agent failed to start; output:\n{output}")
 
-    def _wait_ready(self) -> bool:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                return False
-            if _accepts(self.grpc_port) and _accepts(self.http_port):
-                return True
-            time.sleep(0.02)
-        return False
-
     def _terminate(self, timeout: float = 5.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _LIVE.discard(proc)
+        self._peer.terminate(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM rotel (letting it flush), SIGKILL it after ``timeout``; idempotent.
