@@ -57,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--otlp-endpoint", metavar="URL",
                      help="OTLP endpoint (default http://localhost:4317 for grpc, :4318 for "
                           "http/protobuf)")
-    run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"))
+    run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
+                     help="OTLP transport (default grpc)")
     run.add_argument("--export-interval", type=_duration_arg, metavar="DURATION",
-                     help="how often metrics are exported (default 10s)")
+                     help="how often metrics and profiles are exported (default 10s); "
+                          "spans go out as soon as a batch fills, or every 0.5s")
     run.add_argument("--no-export", action="store_true",
                      help="do not export OTLP at all (summary only)")
     run.add_argument("--summary-interval", type=_duration_arg, metavar="DURATION",
