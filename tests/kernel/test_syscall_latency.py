@@ -7,6 +7,7 @@ assertions are on exported data, not on intermediate objects.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -117,23 +118,35 @@ def test_exact_counts_and_sleep_bucket(engine: Engine, table: syscalls.SyscallTa
     assert "syscall_workload".startswith(str(dict(res)["process.executable.name"]))
 
 
-def test_pid_filter_records_only_that_process(engine: Engine, table: syscalls.SyscallTable,
-                                              syscall_workload: Path) -> None:
-    proc = subprocess.Popen([str(syscall_workload), "1000", "0", "0", "wait"],
+@contextlib.contextmanager
+def waiting_workload(binary: Path, getppid_calls: int) -> Iterator[subprocess.Popen[str]]:
+    """The workload started and waiting for "go" (so a test can set up around its pid)."""
+    proc = subprocess.Popen([str(binary), str(getppid_calls), "0", "0", "wait"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout is not None
         assert proc.stdout.readline().startswith("ready")
-        config = SyscallLatencyConfig(filter=SyscallFilter(pids=[proc.pid]))
-        for probe in started(engine, table, config):
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            assert proc.stdout.readline().strip() == "done"
-            proc.wait(timeout=10)
-            records = probe.collect().records
+        yield proc
     finally:
         proc.kill()
         proc.wait()
+
+
+def run_to_end(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None and proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "done"
+    proc.wait(timeout=10)
+
+
+def test_pid_filter_records_only_that_process(engine: Engine, table: syscalls.SyscallTable,
+                                              syscall_workload: Path) -> None:
+    with waiting_workload(syscall_workload, 1000) as proc:
+        config = SyscallLatencyConfig(filter=SyscallFilter(pids=[proc.pid]))
+        for probe in started(engine, table, config):
+            run_to_end(proc)
+            records = probe.collect().records
     assert {r.workload.pid for r in records} == {proc.pid}
     by_name = {r.attributes["linux.syscall.name"]: r for r in records}
     assert by_name["getppid"].count == 1000
@@ -163,22 +176,14 @@ def test_cgroup_filter_and_cgroup_key(engine: Engine, table: syscalls.SyscallTab
     group = root / f"otel-ebpf-test-{os.getpid()}"
     group.mkdir()
     expected_id = cgroup_id(str(group))
-    proc = subprocess.Popen([str(syscall_workload), "500", "0", "0", "wait"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().startswith("ready")
-        (group / "cgroup.procs").write_text(str(proc.pid))
-        config = SyscallLatencyConfig(filter=SyscallFilter(cgroups=[group.name]))
-        for probe in started(engine, table, config):
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            assert proc.stdout.readline().strip() == "done"
-            proc.wait(timeout=10)
-            records = probe.collect().records
+        with waiting_workload(syscall_workload, 500) as proc:
+            (group / "cgroup.procs").write_text(str(proc.pid))
+            config = SyscallLatencyConfig(filter=SyscallFilter(cgroups=[group.name]))
+            for probe in started(engine, table, config):
+                run_to_end(proc)
+                records = probe.collect().records
     finally:
-        proc.kill()
-        proc.wait()
         group.rmdir()
     assert records
     assert {r.workload.pid for r in records} == {proc.pid}

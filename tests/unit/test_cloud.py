@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,25 +17,11 @@ from aiohttp import web
 
 from otel_ebpf.config import CloudConfig
 from otel_ebpf.enrich.cloud import detect
+from tests.helpers.network import loopback_only  # noqa: F401 (autouse fixture)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "cloud"
 TOKEN = "AQAEAFTm7bDn0fM5bQ8x3X0ZkVb1Sv4oUjzCpmtmxQ2mFsW9JwhV8w=="
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any connection to a non-loopback address before a packet leaves: the defaults
-    (169.254.169.254, metadata.google.internal) must never be contacted from a test."""
-    loop_cls = asyncio.selector_events.BaseSelectorEventLoop
-    real = loop_cls.sock_connect
-
-    async def guarded(self: Any, sock: socket.socket, address: Any) -> None:
-        if sock.family != socket.AF_UNIX:
-            assert ipaddress.ip_address(address[0]).is_loopback, f"refused {address}"
-        await real(self, sock, address)
-
-    monkeypatch.setattr(loop_cls, "sock_connect", guarded)
 
 
 class FakeMetadata:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import ipaddress
 import json
 import logging
 import socket
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from otel_ebpf.config import KubernetesConfig
 from otel_ebpf.enrich.kubernetes import KubernetesPods, normalize_container_id, parse_pod
+from tests.helpers.network import loopback_only  # noqa: F401 (autouse fixture)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "k8s"
 POD_LIST: dict[str, Any] = json.loads((FIXTURES / "pod-list.json").read_text())
@@ -41,20 +41,6 @@ COREDNS = "8a32e516d7415be524a7fcec482ad2918f2b6ef2a7f4cb8e2e232b361436b20b"
 WORKER = "87eba76e7f3164534045ba922e7770fb58bbd14ad732bbf5ba6f11cc56989e6e"
 
 Script = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any connection to a non-loopback address before a packet leaves."""
-    loop_cls = asyncio.selector_events.BaseSelectorEventLoop
-    real = loop_cls.sock_connect
-
-    async def guarded(self: Any, sock: socket.socket, address: Any) -> None:
-        if sock.family != socket.AF_UNIX:
-            assert ipaddress.ip_address(address[0]).is_loopback, f"refused {address}"
-        await real(self, sock, address)
-
-    monkeypatch.setattr(loop_cls, "sock_connect", guarded)
 
 
 class FakeApiServer:
