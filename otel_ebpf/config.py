@@ -135,10 +135,11 @@ class CpuProfileConfig(_Strict):
     enabled: bool = True
     # a prime, so sampling does not run in lockstep with periodic work
     frequency: int = Field(default=19, ge=1, le=10_000)
-    # how often stacks are drained; shortened automatically so that fewer than ~0.5 % of
-    # samples can lose their stack to a stack-map collision (see probes/cpu_profile.bpf.c)
+    # how often the kernel's sample counts are drained
     interval: Duration = 1.0
-    max_samples: int = Field(default=16384, ge=64, le=1 << 20)
+    # keys of the in-kernel sample counts: null sizes it from frequency x CPUs x interval
+    # (a drain walks every bucket, so an oversized map costs CPU on every drain)
+    max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
     user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
     kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     keep_idle: bool = False

@@ -1,8 +1,9 @@
 """Decoder for probes/cpu_profile.bpf.c: drained stack counts -> symbolized stack samples.
 
-Stack ids are deleted once read (BCC's StackTrace.clear() does nothing in 0.26), so the
-stack maps hold one interval of stacks and collisions stay rare; the drain interval is
-shortened where needed to keep them below ~0.5 % of samples.
+The kernel interns stacks by content (id = hash of the addresses), so an id means the same
+addresses for as long as it lives: user space reads each stack once, keeps it in a bounded
+cache, and deletes a stack from the kernel only after no sample used it for RETAIN_S. A
+steady workload then costs one batch drain per interval and no per-stack syscall.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import logging
+import math
 import os
+import struct
 import threading
 import time
 from typing import Any
 
 from otel_ebpf.config import CpuProfileConfig
-from otel_ebpf.kernel.engine import Engine, Program, update_set_map
+from otel_ebpf.kernel.engine import BpfMap, Engine, EngineError, Program, update_set_map
 from otel_ebpf.model import Collection, MetricDescriptor, StackSample, Workload
 from otel_ebpf.probes.base import Hook, Probe
 from otel_ebpf.symbols import Frame, Symbolizer
@@ -28,23 +31,78 @@ _STATS = ("idle", "user_stack_lost", "kernel_stack_lost", "map_full", "announce_
 # reported as lost events; idle samples are dropped by design and samples are a total
 _LOSSES = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost")
 STACK_CACHE_ENTRIES = 16384  # symbolized stacks kept across drains (hot stacks recur)
-COLLISION_BUDGET = 0.005  # the share of samples that may lose a stack to a collision
-MIN_DRAIN_S = 0.1
+RETAIN_S = 30.0  # a stack no sample used for this long leaves the kernel's map
+FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's stacks
+
+# struct sample_key and struct sample_value of probes/cpu_profile.bpf.c, as the kernel lays
+# them out (unpacked in bulk: a drain can hold thousands of entries)
+SAMPLE_KEY = struct.Struct("=IIQQii16s")
+SAMPLE_VALUE = struct.Struct("=QQ")
+
+def samples_map_size(config: CpuProfileConfig, cpus: int) -> int:
+    """Keys for one interval's sample counts: at most one new key per sample, twice that for
+    a late drain, as a power of two (the kernel rounds buckets up to one anyway)."""
+    if config.max_samples is not None:
+        return config.max_samples
+    wanted = 2 * config.frequency * cpus * config.interval
+    return min(1 << 20, max(256, 1 << math.ceil(math.log2(wanted))))
+
 
 PROFILE_SAMPLES = MetricDescriptor(
     "cpu.samples", "{sample}",
     "On-CPU stack samples of the software cpu-clock (exported as OTLP profiles).")
 
 
-def drain_interval(config: CpuProfileConfig, cpus: int) -> float:
-    """The longest drain interval at which a new stack collides with at most
-    COLLISION_BUDGET probability on average: a stack map holding U distinct stacks in B
-    buckets refuses a newcomer with probability U/B, U grows to at most hz * cpus * t
-    within an interval, so the mean stays below U/(2B) <= budget when
-    t <= 2 * budget * B / (hz * cpus)."""
-    buckets = 1 << (config.user_stack_entries - 1).bit_length()
-    bound = 2 * COLLISION_BUDGET * buckets / (config.frequency * cpus)
-    return max(MIN_DRAIN_S, min(config.interval, bound))
+class InternedStacks:
+    """User space's half of a content-addressed stack map (user_stacks or kernel_stacks).
+
+    Addresses are cached per id, bounded; the kernel's copy of a stack is deleted once no
+    sample used it for `retain_drains` drains (sooner when the map fills up), so a stack
+    that comes back is re-interned under the same id and the cache still holds it: even a
+    sample taken while its stack was being deleted decodes.
+    """
+
+    def __init__(self, table: BpfMap, capacity: int, retain_drains: int,
+                 cache_entries: int = 4 * STACK_CACHE_ENTRIES) -> None:
+        self.table = table
+        self.capacity = capacity
+        self.retain_drains = retain_drains
+        self.cache_entries = cache_entries
+        self._addresses: dict[int, tuple[int, ...]] = {}
+        self._last_used: dict[int, int] = {}  # id -> drain; the stacks the kernel holds
+        self._drain = 0
+
+    def use(self, stack_id: int) -> None:
+        self._last_used[stack_id] = self._drain
+
+    def addresses(self, stack_id: int) -> tuple[int, ...] | None:
+        """The stack's addresses, leaf first; None if the kernel no longer has it."""
+        known = self._addresses.get(stack_id)
+        if known is None:
+            value = self.table.get(ct.c_uint64(stack_id))
+            if value is None:
+                return None
+            ips = list(value.ips)
+            known = tuple(ips[: ips.index(0)] if 0 in ips else ips)
+            if len(self._addresses) >= self.cache_entries:
+                self._addresses.pop(next(iter(self._addresses)))
+            self._addresses[stack_id] = known
+        return known
+
+    def end_drain(self) -> int:
+        """Delete the kernel's copies of the stacks no sample used lately; how many."""
+        retain = (self.retain_drains if len(self._last_used) < FILL_LIMIT * self.capacity
+                  else 0)
+        stale = [i for i, drain in self._last_used.items() if self._drain - drain > retain]
+        if stale:
+            self.table.delete_many([ct.c_uint64(i) for i in stale])
+            for i in stale:
+                del self._last_used[i]
+        self._drain += 1
+        return len(stale)
+
+    def __len__(self) -> int:
+        return len(self._last_used)
 
 
 class CpuProfile(Probe):
@@ -54,27 +112,27 @@ class CpuProfile(Probe):
     exports = (PROFILE_SAMPLES,)
 
     def __init__(self, config: CpuProfileConfig, symbolizer: Symbolizer | None = None,
-                 cpus: int | None = None, select_cgroups: bool = False) -> None:
+                 select_cgroups: bool = False) -> None:
         self.config = config
         self.select_cgroups = select_cgroups
         self._selected: set[int] = set()
         self.symbolizer = symbolizer or Symbolizer()
-        self.cpus = cpus or os.cpu_count() or 1
-        self.interval = drain_interval(config, self.cpus)
         self.period_ns = 1_000_000_000 // config.frequency
+        self.max_samples = samples_map_size(config, os.cpu_count() or 1)
         self._program: Program | None = None
+        self._user_stacks: InternedStacks | None = None
+        self._kernel_stacks: InternedStacks | None = None
         self._stats_seen = [0] * len(_STATS)
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
-        # (tgid, kernel addresses, user addresses) -> frames: a hot stack is read again
-        # every drain (its id was deleted) but symbolized once
-        self._stack_cache: dict[tuple[int, tuple[int, ...], tuple[int, ...]],
-                                tuple[Frame, ...]] = {}
+        # (tgid, kernel stack id, user stack id) -> frames: a hot stack is symbolized once
+        self._stack_cache: dict[tuple[int, int, int], tuple[Frame, ...]] = {}
+        self._workloads: dict[tuple[int, bytes, int], Workload] = {}
 
     def cflags(self) -> list[str]:
         c = self.config
-        flags = [f"-DSAMPLE_HZ={c.frequency}", f"-DMAX_SAMPLES={c.max_samples}",
+        flags = [f"-DSAMPLE_HZ={c.frequency}", f"-DMAX_SAMPLES={self.max_samples}",
                  f"-DUSER_STACK_ENTRIES={c.user_stack_entries}",
                  f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}"]
         if c.keep_idle:
@@ -94,25 +152,31 @@ class CpuProfile(Probe):
     def start(self, engine: Engine) -> None:
         program = engine.load(self.name, self.cflags())
         self._program = program
+        samples = program.map("samples")
+        if (samples.key_size, samples.value_size) != (SAMPLE_KEY.size, SAMPLE_VALUE.size):
+            self.stop()
+            raise EngineError("cpu_profile: the compiled samples map does not match "
+                              "SAMPLE_KEY / SAMPLE_VALUE (a bug: report it)")
+        retain = max(1, math.ceil(RETAIN_S / self.config.interval))
+        self._user_stacks = InternedStacks(program.map("user_stacks"),
+                                           self.config.user_stack_entries, retain)
+        self._kernel_stacks = InternedStacks(program.map("kernel_stacks"),
+                                             self.config.kernel_stack_entries, retain)
         try:
             program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
             program.attach_cpu_clock("on_cpu_sample", self.config.frequency)
         except Exception:
             self.stop()
             raise
-        if self.interval < self.config.interval:
-            log.info("cpu_profile: draining every %.2fs (not %.2fs) to keep stack-map "
-                     "collisions under %.1f%% at %d Hz on %d CPUs", self.interval,
-                     self.config.interval, COLLISION_BUDGET * 100, self.config.frequency,
-                     self.cpus)
 
     def _on_new_tgid(self, event: Any) -> None:
         with self._symbols_lock:
             self.symbolizer.remember(int(event.tgid))
 
     def poll_spans(self) -> list[Any]:
-        # not spans: the new-process announcements, read often (and on another thread than
-        # collect) so that short-lived processes have their maps captured while they live
+        # not spans: the new-process announcements, read as they come (and on another
+        # thread than collect) so that short-lived processes have their maps captured
+        # while they live
         if self._program is not None:
             self._program.poll_event_buffers()
         return []
@@ -120,59 +184,72 @@ class CpuProfile(Probe):
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
+        assert self._user_stacks is not None and self._kernel_stacks is not None
         began = time.monotonic()
-        entries = self._program.map("samples").drain()
-        user_stacks = self._program.map("user_stacks")
-        kernel_stacks = self._program.map("kernel_stacks")
-        samples = [self.decode(k, v, user_stacks, kernel_stacks) for k, v in entries]
-        for ids, stacks in ((
-                {int(k.user_stack_id) for k, _ in entries}, user_stacks), (
-                {int(k.kernel_stack_id) for k, _ in entries}, kernel_stacks)):
-            for stack_id in ids:
-                if stack_id >= 0:
-                    stacks.delete(ct.c_int(stack_id))
+        keys, values = self._program.map("samples").drain_bytes()
+        evicted = {"user_stack_lost": 0, "kernel_stack_lost": 0}
+        samples = [self.decode(key, value, evicted) for key, value in zip(
+            SAMPLE_KEY.iter_unpack(keys), SAMPLE_VALUE.iter_unpack(values), strict=True)]
+        self._user_stacks.end_drain()
+        self._kernel_stacks.end_drain()
         totals = self._program.map("profile_stats").percpu_sums()
         deltas = {name: total - seen for name, total, seen
                   in zip(_STATS, totals, self._stats_seen, strict=True)}
         self._stats_seen = totals
+        for name, n in evicted.items():
+            deltas[name] += n
         lost = {name: deltas[name] for name in _LOSSES if deltas[name] > 0}
         took = time.monotonic() - began
-        if took > self.interval:
+        if took > self.config.interval:
             log.info("cpu_profile: symbolizing %d stacks took %.2fs (longer than the %.2fs "
-                     "interval)", len(entries), took, self.interval)
+                     "interval)", len(samples), took, self.config.interval)
         return Collection(self.name, samples=samples, lost_events=lost,
                           period_ns=self.period_ns)
 
-    def decode(self, key: Any, value: Any, user_stacks: Any, kernel_stacks: Any
-               ) -> StackSample:
-        tgid = int(key.tgid)
-        kernel: list[Frame] = []
-        user: list[Frame] = []
-        kernel_addrs = (kernel_stacks.stack_addresses(int(key.kernel_stack_id))
-                        if key.kernel_stack_id >= 0 else ())
-        user_addrs = (user_stacks.stack_addresses(int(key.user_stack_id))
-                      if key.user_stack_id >= 0 else ())
-        frames = self._stack_cache.get((tgid, kernel_addrs, user_addrs))
+    def decode(self, key: tuple[int, int, int, int, int, int, bytes],
+               value: tuple[int, int], evicted: dict[str, int]) -> StackSample:
+        """One samples entry (SAMPLE_KEY, SAMPLE_VALUE fields) -> a symbolized sample."""
+        assert self._user_stacks is not None and self._kernel_stacks is not None
+        tgid, tid, user_id, kernel_id, user_err, kernel_err, raw_comm = key
+        count, cgroup_id = value
+        lost = [part for part, err in (("user", user_err), ("kernel", kernel_err))
+                if err and err != -errno.EFAULT]
+        if user_id:
+            self._user_stacks.use(user_id)
+        if kernel_id:
+            self._kernel_stacks.use(kernel_id)
+        frames = self._stack_cache.get((tgid, kernel_id, user_id))
         if frames is None:
+            kernel_addrs = self._kernel_stacks.addresses(kernel_id) if kernel_id else ()
+            user_addrs = self._user_stacks.addresses(user_id) if user_id else ()
+            # a stack deleted under a late sample, and no longer cached: lost, not faked
+            for part, addrs in (("kernel", kernel_addrs), ("user", user_addrs)):
+                if addrs is None:
+                    lost.append(part)
+                    evicted[f"{part}_stack_lost"] += count
             with self._symbols_lock:
-                kernel = self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs else []
+                kernel = (self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs
+                          else [])
                 user = self.symbolizer.user_frames(tgid, user_addrs) if user_addrs else []
             frames = tuple(kernel + user)  # leaf first: the kernel part sits on top
             # unresolved frames may resolve later (a library mapped after the snapshot)
-            if all(f.function for f in frames):
+            if kernel_addrs is not None and user_addrs is not None and all(
+                    f.function for f in frames):
                 if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
                     self._stack_cache.pop(next(iter(self._stack_cache)))
-                self._stack_cache[(tgid, kernel_addrs, user_addrs)] = frames
-        lost = [part for part, stack_id in (("user", key.user_stack_id),
-                                           ("kernel", key.kernel_stack_id))
-                if stack_id < 0 and stack_id != -errno.EFAULT]
-        comm = key.comm.decode(errors="replace")
+                self._stack_cache[(tgid, kernel_id, user_id)] = frames
+        workload = self._workloads.get((tgid, raw_comm, cgroup_id))
+        if workload is None:
+            if len(self._workloads) >= STACK_CACHE_ENTRIES:
+                self._workloads.clear()
+            workload = self._workloads[(tgid, raw_comm, cgroup_id)] = Workload(
+                tgid, raw_comm.split(b"\0", 1)[0].decode(errors="replace"), cgroup_id)
         return StackSample(
-            workload=Workload(tgid, comm, int(value.cgroup_id)),
-            thread_id=int(key.tid),
-            thread_name=comm,
+            workload=workload,
+            thread_id=tid,
+            thread_name=workload.comm,
             frames=frames,
-            count=int(value.count),
+            count=count,
             lost_stacks=tuple(lost),
         )
 
@@ -180,3 +257,4 @@ class CpuProfile(Probe):
         if self._program is not None:
             self._program.close()
             self._program = None
+            self._user_stacks = self._kernel_stacks = None
