@@ -107,7 +107,7 @@ class SpanRecord:
     example_of: tuple[str, Workload, dict[str, AttributeValue]] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made by the thousand, and frozen init is slow
 class StackSample:
     """`count` on-CPU samples of one thread with one stack, `frames` leaf first.
 

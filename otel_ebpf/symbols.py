@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from otel_ebpf import elf
 from otel_ebpf.elf import ElfSymbols
@@ -41,8 +41,9 @@ _MAPS_REFRESH_AFTER = 5.0
 MAX_LAZY_FILES = 256
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+# Mapping and Frame are named tuples, not dataclasses: every sample's stack is hashed
+# (merging samples, interning locations), and tuple hashing runs in C.
+class Mapping(NamedTuple):
     start: int
     end: int
     file_offset: int
@@ -50,8 +51,7 @@ class Mapping:
     build_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     address: int
     function: str | None
     kind: str  # KERNEL | NATIVE
@@ -193,13 +193,17 @@ class _Region:
     loading every table of every new process was the profiler's main cost); until then
     the mapped file is held open, so it can still be read after the process exited."""
 
-    __slots__ = ("__weakref__", "_file", "_loaded", "_table", "entry")
+    __slots__ = ("__weakref__", "_file", "_loaded", "_mapping", "_table", "entry", "frames")
     open_files = 0  # files held open by regions not loaded yet, across all processes
+    MAX_FRAMES = 8192  # resolved frames kept per region (hot code is sampled again and again)
 
     def __init__(self, entry: MapsEntry, table: ElfSymbols | None, file: BinaryIO | None
                  ) -> None:
         self.entry, self._table, self._file = entry, table, file
         self._loaded = file is None
+        self._mapping: Mapping | None = None
+        # (address << 1 | is a return address) -> its frame
+        self.frames: dict[int, Frame] = {}
         if file is not None:
             _Region.open_files += 1
 
@@ -210,9 +214,11 @@ class _Region:
             _Region.open_files -= 1
             with file:
                 self._table = files.get(file)
-        e = self.entry
-        build_id = self._table.build_id if self._table is not None else None
-        return Mapping(e.start, e.end, e.offset, e.path, build_id), self._table
+        if self._mapping is None:
+            e = self.entry
+            build_id = self._table.build_id if self._table is not None else None
+            self._mapping = Mapping(e.start, e.end, e.offset, e.path, build_id)
+        return self._mapping, self._table
 
     def __del__(self) -> None:
         if self._file is not None:
@@ -281,17 +287,26 @@ class ProcessMaps:
         """Reread the mappings of a kept process that is still alive (dlopen since)."""
         kept = self.kept(pid)
         if kept is not None and _identity(pid) == kept.identity:
-            return self._read(pid, kept.identity) or kept
+            return self._read(pid, kept.identity, kept) or kept
         if kept is not None:
             kept.checked_at = time.monotonic()  # gone or replaced: this is all there is
         return kept
 
-    def _read(self, pid: int, identity: tuple[int, int, int]) -> _Snapshot | None:
+    def _read(self, pid: int, identity: tuple[int, int, int],
+              previous: _Snapshot | None = None) -> _Snapshot | None:
         try:
             entries = parse_maps(Path(f"/proc/{pid}/maps").read_text())
         except OSError:
             return None
-        snap = _Snapshot(identity, [self._region(pid, entry) for entry in entries])
+        # a refresh keeps the regions that did not change (their files, tables, frames):
+        # a process with code outside any file (a JIT) is refreshed again and again
+        unchanged = {r.entry: r for r in previous.regions} if previous is not None else {}
+        if previous is not None and len(unchanged) == len(entries) and all(
+                e in unchanged for e in entries):
+            previous.checked_at = time.monotonic()
+            return previous
+        snap = _Snapshot(identity, [unchanged.get(entry) or self._region(pid, entry)
+                                    for entry in entries])
         self._stats.process_snapshots += 1
         self._snapshots[pid] = snap
         self._snapshots.move_to_end(pid)
@@ -375,7 +390,17 @@ class Symbolizer:
                     time.monotonic() - snap.checked_at > _MAPS_REFRESH_AFTER:
                 snap = self._maps.refresh(pid)  # mapped after the snapshot (dlopen)
                 region = snap.find(lookup) if snap is not None else None
-            frames.append(self._native(addr, lookup, region))
+            if region is None:
+                frames.append(self._native(addr, lookup, None))
+                continue
+            key = addr << 1 | (lookup != addr)
+            frame = region.frames.get(key)
+            if frame is None:
+                frame = self._native(addr, lookup, region)
+                if len(region.frames) >= _Region.MAX_FRAMES:
+                    region.frames.clear()
+                region.frames[key] = frame
+            frames.append(frame)
         return frames
 
     def _native(self, addr: int, lookup: int, region: _Region | None) -> Frame:

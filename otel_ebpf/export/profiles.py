@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +75,9 @@ class ProfilesDictionaryBuilder:
         self.locations = _Table(pb.Location(), ("location", None))
         self.stacks = _Table(pb.Stack(), ())
         self.attributes = _Table(pb.KeyValueAndUnit(), ("attribute", None))
+        # a frame recurs in many stacks, a stack in many threads: each is resolved once
+        self._location_of: dict[Frame, int] = {}
+        self._stack_of: dict[tuple[Frame, ...], int] = {}
 
     def string(self, text: str) -> int:
         return self.strings.intern(text, lambda: text)
@@ -101,6 +105,12 @@ class ProfilesDictionaryBuilder:
                                attribute_indices=attrs))
 
     def location(self, frame: Frame) -> int:
+        index = self._location_of.get(frame)
+        if index is None:
+            index = self._location_of[frame] = self._intern_location(frame)
+        return index
+
+    def _intern_location(self, frame: Frame) -> int:
         mapping_index = self.mapping(frame.mapping)
         key = ("location", mapping_index, frame.address, frame.function, frame.kind)
 
@@ -113,9 +123,13 @@ class ProfilesDictionaryBuilder:
                                                                  frame.kind)])
         return self.locations.intern(key, make)
 
-    def stack(self, frames: Iterable[Frame]) -> int:
-        indices = tuple(self.location(f) for f in frames)
-        return self.stacks.intern(indices, lambda: pb.Stack(location_indices=list(indices)))
+    def stack(self, frames: tuple[Frame, ...]) -> int:
+        index = self._stack_of.get(frames)
+        if index is None:
+            indices = tuple(self.location(f) for f in frames)
+            index = self._stack_of[frames] = self.stacks.intern(
+                indices, lambda: pb.Stack(location_indices=list(indices)))
+        return index
 
     def build(self) -> pb.ProfilesDictionary:
         return pb.ProfilesDictionary(
@@ -137,15 +151,19 @@ def build_profiles_request(
     period_type = pb.ValueType(type_strindex=d.string("cpu"),
                                unit_strindex=d.string("nanoseconds"))
     by_resource: dict[frozenset[tuple[str, AttributeValue]], list[pb.Sample]] = {}
+    # per (workload, thread): its resource's rows and its attribute indices
+    threads: dict[tuple[Workload, int, str], tuple[list[pb.Sample], list[int]]] = {}
     for s in samples:
-        identity = identity_of(s.workload)
-        resource = frozenset(identity.resource.items())
-        attrs = {**identity.point, "thread.id": s.thread_id, "thread.name": s.thread_name}
-        by_resource.setdefault(resource, []).append(pb.Sample(
-            stack_index=d.stack(s.frames),
-            attribute_indices=[d.attribute(k, v) for k, v in attrs.items()],
-            values=[s.count],
-        ))
+        thread = threads.get((s.workload, s.thread_id, s.thread_name))
+        if thread is None:
+            identity = identity_of(s.workload)
+            rows = by_resource.setdefault(frozenset(identity.resource.items()), [])
+            attrs = {**identity.point, "thread.id": s.thread_id, "thread.name": s.thread_name}
+            thread = threads[(s.workload, s.thread_id, s.thread_name)] = (
+                rows, [d.attribute(k, v) for k, v in attrs.items()])
+        rows, attribute_indices = thread
+        rows.append(pb.Sample(stack_index=d.stack(s.frames),
+                              attribute_indices=attribute_indices, values=[s.count]))
     scope = InstrumentationScope(name="otel-ebpf", version=__version__)
     resource_profiles = [
         pb.ResourceProfiles(
@@ -218,22 +236,27 @@ def folded_stack(sample: StackSample, process: str) -> tuple[str, ...]:
 
 class ProfileExport:
     """Collects samples into windows and, on each flush, sends one request and rewrites
-    the folded file. Blocking (`flush`): the daemon runs it in an executor."""
+    the folded file. Blocking (`flush`): the daemon runs it in an executor. Samples may be
+    added from another thread than the one flushing."""
 
     def __init__(self, sender: ProfilesSender | None, folded_path: Path | None,
                  start_ns: int) -> None:
         self.sender = sender
         self.folded_path = folded_path
         self.window = ProfileWindow(start_ns, keep_folded=folded_path is not None)
+        self._lock = threading.Lock()
 
     def add(self, samples: list[StackSample], period_ns: int) -> None:
-        self.window.add(samples, period_ns)
+        with self._lock:
+            self.window.add(samples, period_ns)
 
     def workloads(self) -> list[Workload]:
-        return self.window.workloads()
+        with self._lock:
+            return self.window.workloads()
 
     def flush(self, identity_of: Callable[[Workload], Identity], end_ns: int) -> None:
-        samples, start, end = self.window.take(end_ns)
+        with self._lock:
+            samples, start, end = self.window.take(end_ns)
         if not samples:
             return
         if self.folded_path is not None:

@@ -247,6 +247,26 @@ def test_caches_are_bounded_and_counted(run: dict[str, Target]) -> None:
     assert sym.stats().file_misses > 0
 
 
+def test_refresh_of_unchanged_maps_keeps_the_snapshot(run: dict[str, Target],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # an address outside every file mapping (JIT code) makes the symbolizer reread the
+    # maps; when nothing changed, files and frames already resolved are kept
+    import otel_ebpf.symbols as symbols
+
+    monkeypatch.setattr(symbols, "_MAPS_REFRESH_AFTER", 0.0)
+    target = run["debug"]
+    sym = Symbolizer(sysfs=None)
+    frame, = sym.user_frames(target.pid, [target.leaf])
+    assert frame.function == "sym_target_leaf"
+    before = sym.stats()
+    for _ in range(3):
+        unknown, again = sym.user_frames(target.pid, [0x1000, target.leaf + 1])
+        assert unknown.function is None and again.function == "sym_target_leaf"
+    after = sym.stats()
+    assert after.process_snapshots == before.process_snapshots == 1
+    assert after.file_misses == before.file_misses
+
+
 def test_parse_maps() -> None:
     text = (
         "55d0c0000000-55d0c0001000 r--p 00000000 fd:01 1234  /usr/bin/prog\n"
