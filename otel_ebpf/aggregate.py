@@ -9,9 +9,10 @@ last values were exported.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 
@@ -38,6 +39,7 @@ class Series:
     start_ns: int
     updated_ns: int
     exported_since_update: bool = False
+    version: int = 0  # the store's add() that last changed it
     # counter
     value: int = 0
     # exponential histogram
@@ -63,8 +65,18 @@ def series_key(record: Record) -> SeriesKey:
     )
 
 
+def series_key_of(series: Series) -> SeriesKey:
+    return (series.descriptor.name, series.workload.identity_key,
+            frozenset(series.attributes.items()))
+
+
 class CumulativeStore:
+    """Cumulative series from deltas. Thread-safe: probes' results, self-metrics and the
+    exporter reach it from different threads; the exporter works on copies (series())."""
+
     def __init__(self, max_series: int = 100_000, exemplars_per_series: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._version = 0
         self.max_series = max_series
         self.exemplars_per_series = exemplars_per_series
         self.dropped_series = 0  # records refused because the store was full
@@ -77,54 +89,76 @@ class CumulativeStore:
         if not self.exemplars_per_series:
             return
         key = (metric, workload.identity_key, frozenset(attributes.items()))
-        if key not in self._series and len(self._exemplars) >= self.max_series:
-            return
-        kept = self._exemplars.get(key)
-        if kept is None:
-            kept = self._exemplars[key] = deque(maxlen=self.exemplars_per_series)
-        kept.append(exemplar)
+        with self._lock:
+            if key not in self._series and len(self._exemplars) >= self.max_series:
+                return
+            kept = self._exemplars.get(key)
+            if kept is None:
+                kept = self._exemplars[key] = deque(maxlen=self.exemplars_per_series)
+            kept.append(exemplar)
 
     def exemplars_of(self, series: Series) -> list[Exemplar]:
         key = (series.descriptor.name, series.workload.identity_key,
                frozenset(series.attributes.items()))
-        return list(self._exemplars.get(key, ()))
+        with self._lock:
+            return list(self._exemplars.get(key, ()))
 
     def __len__(self) -> int:
         return len(self._series)
 
     def add(self, records: Iterable[Record], start_ns: int, now_ns: int) -> None:
         """Fold deltas in. `start_ns` is when their probe started counting."""
-        for record in records:
-            key = series_key(record)
-            series = self._series.get(key)
-            if series is None:
-                if len(self._series) >= self.max_series:
-                    self.dropped_series += 1
-                    continue
-                series = Series(record.descriptor, record.workload, dict(record.attributes),
-                                start_ns, now_ns)
-                if isinstance(record, ExpHistogramDelta):
-                    series.scale, series.bucket_counts = record.scale, []
-                    series.min, series.max = record.min, record.max
-                self._series[key] = series
-            series.updated_ns = now_ns
-            series.exported_since_update = False
-            if record.workload.comm:
-                series.workload = record.workload  # keep the newest kernel-side name
-            if isinstance(record, CounterDelta):
-                series.value += record.value
-            else:
-                _fold_histogram(series, record)
+        with self._lock:
+            self._version += 1
+            for record in records:
+                self._add(record, start_ns, now_ns)
+
+    def _add(self, record: Record, start_ns: int, now_ns: int) -> None:
+        key = series_key(record)
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= self.max_series:
+                self.dropped_series += 1
+                return
+            series = Series(record.descriptor, record.workload, dict(record.attributes),
+                            start_ns, now_ns)
+            if isinstance(record, ExpHistogramDelta):
+                series.scale, series.bucket_counts = record.scale, []
+                series.min, series.max = record.min, record.max
+            self._series[key] = series
+        series.updated_ns = now_ns
+        series.version = self._version
+        series.exported_since_update = False
+        if record.workload.comm:
+            series.workload = record.workload  # keep the newest kernel-side name
+        if isinstance(record, CounterDelta):
+            series.value += record.value
+        else:
+            _fold_histogram(series, record)
 
     def series(self) -> list[Series]:
-        return list(self._series.values())
+        """A consistent copy of every series, safe to read while adds go on."""
+        with self._lock:
+            return [replace(s, attributes=dict(s.attributes),
+                            bucket_counts=None if s.bucket_counts is None
+                            else list(s.bucket_counts))
+                    for s in self._series.values()]
 
-    def mark_exported(self) -> None:
-        for series in self._series.values():
-            series.exported_since_update = True
+    def mark_exported(self, exported: Iterable[Series]) -> None:
+        """These copies were delivered: their series count as exported unless an add()
+        changed them since the copy was taken."""
+        with self._lock:
+            for copy in exported:
+                live = self._series.get(series_key_of(copy))
+                if live is not None and live.version == copy.version:
+                    live.exported_since_update = True
 
     def expire(self, alive: Callable[[Workload], bool]) -> int:
         """Forget series whose workload is gone and whose final values were exported."""
+        with self._lock:
+            return self._expire(alive)
+
+    def _expire(self, alive: Callable[[Workload], bool]) -> int:
         gone = [k for k, s in self._series.items() if s.exported_since_update
                 and not alive(s.workload)]
         for key in gone:

@@ -144,15 +144,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     probes = registry.build(config, syscall_table,
                             select_cgroups=bool(config.identity.filter.model_dump(
                                 exclude_defaults=True)))
+    # a signal's exporter (and its connection) exists only when a probe produces it
+    slow = config.probes.syscall_latency
+    profile_cfg = config.probes.cpu_profile
     shipper = span_shipper = profiles_sender = None
     if config.exporter.enabled:
         endpoint = config.exporter.resolved_endpoint()
         shipper = OtlpShipper(make_otlp_exporter(config.exporter), endpoint, "metrics")
-        span_shipper = OtlpShipper(make_otlp_exporter(config.exporter, "traces"), endpoint,
-                                   "traces")
-        profiles_sender = ProfilesSender(config.exporter)
+        if slow.enabled and slow.slow_spans.enabled:
+            span_shipper = OtlpShipper(make_otlp_exporter(config.exporter, "traces"),
+                                       endpoint, "traces")
+        if profile_cfg.enabled:
+            profiles_sender = ProfilesSender(config.exporter)
     profiles = None
-    profile_cfg = config.probes.cpu_profile
     if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
         profiles = ProfileExport(profiles_sender, profile_cfg.folded_path, time.time_ns())
     identity = IdentityResolver(config, host_attributes())

@@ -2,8 +2,9 @@
 and on SIGTERM/SIGINT (or the end of --duration) collect and flush once more, detach
 everything and exit.
 
-Blocking work never runs on the loop: map drains go to one worker thread, exports to
-another, so a collector that hangs cannot delay the kernel-side drains.
+Blocking work never runs on the loop: each probe drains its maps on a thread of its own
+and exports run on another (otel_ebpf/workers.py), so a collector that hangs cannot delay
+the kernel-side drains; one thread sleeps in epoll until kernel event buffers hold events.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from otel_ebpf.export.traces import QueuedSpan, SpanExport
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, MetricDescriptor, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
+from otel_ebpf.workers import EventReader, PeriodicCollector
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ PROFILES_DROPPED = MetricDescriptor(
     "Profiles the agent did not deliver: unsupported (the collector has no profiles "
     "service), export_failed.")
 SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
-SPAN_POLL_S = 0.2  # how often kernel event buffers are emptied
+SPAN_POLL_S = 0.2  # a busy event buffer is emptied at most this often (batches the hand-off)
+THREAD_STOP_S = 1.0  # how long shutdown waits for a drain or an event read under way
 
 
 class Agent:
@@ -77,7 +80,8 @@ class Agent:
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         # kernel event buffers are read apart from the map drains, which can take a while
         # (symbolizing): announcements and slow calls must not wait behind them
-        self._event_pool = ThreadPoolExecutor(1, thread_name_prefix="events")
+        self._collectors: list[PeriodicCollector] = []
+        self._events: EventReader | None = None
         self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
         self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
@@ -97,13 +101,12 @@ class Agent:
                 return 1
             if self.identity.selection.active:
                 await self._apply_selection()
-            tasks = [asyncio.create_task(self._collect_loop(p), name=f"collect-{p.name}")
-                     for p in self.probes]
+            self._start_workers()
+            tasks = []
             if self.shipper is not None:
                 tasks.append(asyncio.create_task(self._export_loop(), name="export"))
             if self.config.summary.enabled:
                 tasks.append(asyncio.create_task(self._summary_loop(), name="summary"))
-            tasks.append(asyncio.create_task(self._span_poll_loop(), name="span-poll"))
             if self.identity.selection.active:
                 tasks.append(asyncio.create_task(self._selection_loop(), name="selection"))
             if self.spans is not None:
@@ -121,15 +124,16 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._stop_workers()
             await self._final_flush()
             return 0
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            await self._stop_workers()
             self._stop_probes()
             await self.identity.close()
-            for pool in (self._bpf_pool, self._export_pool, self._profile_pool,
-                         self._event_pool):
+            for pool in (self._bpf_pool, self._export_pool, self._profile_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -181,30 +185,68 @@ class Agent:
     # ---- collection ------------------------------------------------------------------
 
     def _interval(self, probe: Probe) -> float:
-        # a probe may shorten its configured interval (cpu_profile does, for its stack maps)
-        return float(getattr(probe, "interval", getattr(self.config.probes, probe.name).interval))
+        return float(getattr(self.config.probes, probe.name).interval)
 
-    async def _collect_loop(self, probe: Probe) -> None:
-        while True:
-            await asyncio.sleep(self._interval(probe))
-            await self._collect(probe)
+    def _start_workers(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def deliver(collection: Collection) -> None:
+            if collection.records or collection.lost_events:
+                loop.call_soon_threadsafe(self._absorb, collection)
+
+        for probe in self.probes:
+            collector = PeriodicCollector(probe, self._interval(probe),
+                                          self._collect_blocking, deliver)
+            collector.start()
+            self._collectors.append(collector)
+        self._events = EventReader(
+            self.probes, lambda spans: loop.call_soon_threadsafe(self._take_spans, spans),
+            SPAN_POLL_S)
+        self._events.start()
+
+    async def _stop_workers(self) -> None:
+        """Stop the drain threads and the event reader; what the event buffers still hold
+        is read once more and taken."""
+        loop = asyncio.get_running_loop()
+        collectors, self._collectors = self._collectors, []
+        for collector in collectors:
+            if not await loop.run_in_executor(None, collector.stop, THREAD_STOP_S):
+                log.warning("probe %s: a drain was still running at shutdown",
+                            collector.probe.name)
+        events, self._events = self._events, None
+        if events is None:
+            return
+        spans = await loop.run_in_executor(None, events.stop, THREAD_STOP_S)
+        events.close()
+        if spans is None:
+            log.warning("the event reader was still busy at shutdown; its last events are "
+                        "dropped")
+        else:
+            self._take_spans(spans)
 
     async def _collect(self, probe: Probe) -> None:
         loop = asyncio.get_running_loop()
         try:
-            collection = await loop.run_in_executor(self._bpf_pool, probe.collect)
+            collection = await loop.run_in_executor(self._bpf_pool, self._collect_blocking,
+                                                    probe)
         except Exception:
             log.exception("probe %s: collection failed; will retry next interval", probe.name)
             return
         self._absorb(collection)
+
+    def _collect_blocking(self, probe: Probe) -> Collection:
+        collection = probe.collect()
+        # stack samples go to the profile window from here: merging them is the bulk of
+        # their cost, and the loop should only schedule
+        if self.profiles is not None and collection.samples:
+            self.profiles.add(collection.samples, collection.period_ns)
+        return collection
 
     def _absorb(self, collection: Collection) -> None:
         now = time.time_ns()
         start = self._started_ns.get(collection.probe, now)
         self.store.add(collection.records, start, now)
         self.summary.add(collection.records)
-        if self.profiles is not None and collection.samples:
-            self.profiles.add(collection.samples, collection.period_ns)
         lost = [CounterDelta(LOST_EVENTS, AGENT, {"probe": collection.probe, "reason": r}, n)
                 for r, n in collection.lost_events.items()]
         self.store.add(lost, start, now)
@@ -220,7 +262,7 @@ class Agent:
         data = build_metrics_data(series, identity_of, exemplars_of=self.store.exemplars_of)
         ok = self.shipper.ship(data)
         if ok:
-            self.store.mark_exported()
+            self.store.mark_exported(series)
             self.store.expire(pid_alive)
         return ok
 
@@ -248,19 +290,8 @@ class Agent:
 
     # ---- spans -----------------------------------------------------------------------
 
-    def _poll_all(self) -> list[SpanRecord]:
-        """Every probe's event buffers, in one trip to the events thread."""
-        records: list[SpanRecord] = []
-        for probe in self.probes:
-            try:
-                records += probe.poll_spans()
-            except Exception:
-                log.exception("probe %s: reading its events failed", probe.name)
-        return records
-
-    async def _poll_spans(self) -> None:
-        loop = asyncio.get_running_loop()
-        for record in await loop.run_in_executor(self._event_pool, self._poll_all):
+    def _take_spans(self, records: list[SpanRecord]) -> None:
+        for record in records:
             queued = self.spans.offer(record) if self.spans is not None else None
             if queued is not None and record.example_of is not None:
                 self._remember_exemplar(queued)
@@ -281,11 +312,6 @@ class Agent:
             span_id=queued.span_id,
             trace_id=queued.trace_id,
         ))
-
-    async def _span_poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SPAN_POLL_S)
-            await self._poll_spans()
 
     # ---- profiles --------------------------------------------------------------------
 
@@ -356,7 +382,6 @@ class Agent:
                 await asyncio.wait_for(self._collect(probe), deadline - time.monotonic())
             except TimeoutError:
                 log.warning("final collection of %s timed out", probe.name)
-        await self._poll_spans()
         if self.spans is not None:
             await self.spans.flush(deadline)
         await self._final_profiles(deadline)

@@ -99,8 +99,9 @@ SPAN_EXPORT_S = 0.5  # the longest a queued span waits for a batch to fill
 
 class SpanExport:
     """The span side of the agent: a bounded queue in front of the official OTLP span
-    exporter, exported in batches on a thread of its own as soon as a batch is full (or
-    every SPAN_EXPORT_S). Counts what it drops; never grows past the queue."""
+    exporter, exported in batches on a thread of its own as soon as a batch is full, or
+    SPAN_EXPORT_S after the first span of a batch was queued; an empty queue waits without
+    waking. Counts what it drops; never grows past the queue."""
 
     def __init__(self, shipper: OtlpShipper, capacity: int,
                  resolver: Callable[[Iterable[Workload]], Callable[[Workload], Identity]]
@@ -111,10 +112,12 @@ class SpanExport:
         self._resolver = resolver
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="spans")
         self._future: asyncio.Future[bool] | None = None
-        self._ready = asyncio.Event()
+        self._queued = asyncio.Event()  # the queue holds a span
+        self._ready = asyncio.Event()  # ... a full batch
 
     def offer(self, record: SpanRecord) -> QueuedSpan | None:
         queued = self.queue.offer(record)
+        self._queued.set()
         if len(self.queue) >= SPAN_BATCH:
             self._ready.set()
         return queued
@@ -142,8 +145,10 @@ class SpanExport:
 
     async def run(self) -> None:
         while True:
+            await self._queued.wait()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), SPAN_EXPORT_S)
+            self._queued.clear()
             self._ready.clear()
             while (future := self._start()) is not None:
                 try:

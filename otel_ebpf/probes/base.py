@@ -54,9 +54,13 @@ class Probe(abc.ABC):
         """Drain the kernel maps: the records since the previous call. Blocking (map
         syscalls); the daemon runs it in an executor."""
 
+    def event_fds(self) -> list[int]:
+        """Descriptors that poll readable when poll_spans has events to read."""
+        return self._program.event_fds() if self._program is not None else []
+
     def poll_spans(self) -> list[SpanRecord]:
-        """Events the kernel streamed since the previous call, as spans. Blocking; most
-        probes have none."""
+        """Events the kernel streamed since the previous call, as spans; never waits.
+        Most probes have none."""
         return []
 
     @abc.abstractmethod

@@ -122,10 +122,21 @@ def test_store_expires_gone_workloads_only_after_export() -> None:
     store = CumulativeStore()
     store.add([delta([1000], pid=7)], 0, 1)
     assert store.expire(lambda w: False) == 0  # not exported yet: keep its last values
-    store.mark_exported()
+    store.mark_exported(store.series())
     assert store.expire(lambda w: True) == 0
     assert store.expire(lambda w: False) == 1
     assert len(store) == 0
+
+
+def test_store_keeps_a_series_changed_after_its_export_was_taken() -> None:
+    store = CumulativeStore()
+    store.add([delta([1000], pid=7)], 0, 1)
+    exported = store.series()
+    store.add([delta([1000], pid=7)], 0, 2)  # the process's last counts, not yet sent
+    store.mark_exported(exported)
+    assert store.expire(lambda w: False) == 0
+    assert store.series()[0].count == 2
+    assert exported[0].count == 1  # the copy did not move with the store
 
 
 def test_store_bounds_its_series() -> None:
