@@ -7,7 +7,7 @@ The real agent (`otel-ebpf run` as a process) runs only syscall_latency, its slo
 threshold for getppid set to 1 ns so that every getppid is a span, the kernel rate limit
 out of the way (rate_per_second and burst 1,000,000), the comm filter on the generator,
 and everything else at the product's defaults: event buffer 1 MiB, span queue 8192, the
-daemon's poll (SPAN_POLL_S), export (SPAN_EXPORT_S) and batch (SPAN_BATCH) constants. It
+daemon's event batching (SPAN_POLL_S), export (SPAN_EXPORT_S) and batch (SPAN_BATCH) constants. It
 exports OTLP/gRPC to an in-process sink (tests/peers/otlp_sink.py), metrics every 1 s so
 its self-metrics arrive promptly.
 
@@ -136,10 +136,11 @@ def product_constants() -> str:
     """The daemon's span pipeline constants and the span config defaults, as running."""
     from otel_ebpf import daemon
     from otel_ebpf.config import SlowSpansConfig
+    from otel_ebpf.export import traces
 
     defaults = SlowSpansConfig()
-    names = ("SPAN_POLL_S", "SPAN_EXPORT_S", "SPAN_BATCH")
-    return (", ".join(f"{n} {getattr(daemon, n, '?')}" for n in names)
+    constants = (("SPAN_POLL_S", daemon), ("SPAN_EXPORT_S", traces), ("SPAN_BATCH", traces))
+    return (", ".join(f"{n} {getattr(module, n, '?')}" for n, module in constants)
             + f"; slow_spans.queue_size {defaults.queue_size}, buffer_size "
             f"{defaults.buffer_size} bytes (defaults)")
 
