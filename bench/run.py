@@ -19,12 +19,15 @@ Method
 A C program (bench/getppid_storm.c) makes N raw getppid syscalls in a tight loop and prints
 the mean ns per call. getppid does almost nothing in the kernel, so its time is the syscall
 entry/exit path, where the sys_enter/sys_exit hooks add their cost, and nothing else
-dilutes it. The storm is timed in four modes:
+dilutes it. The storm is timed in five modes:
 
   baseline        nothing attached by us
   empty           bench/empty_tracepoints.bpf.c: two raw tracepoint programs that return 0,
                   the floor for any program on these hooks (the syscall slow path, the
                   tracepoint call, the BPF dispatch)
+  clock           bench/clock_floor.bpf.c: the empty programs plus one bpf_ktime_get_ns()
+                  on each hook, the floor of any latency probe (it keeps no per-task state,
+                  so it is a cost reference, not a probe)
   syscall_latency the real probe (SyscallLatency with the default config, started and
                   stopped through the project's Engine), its map drained every second by a
                   background thread as the agent does
@@ -125,6 +128,7 @@ STORM_SRC = BENCH_DIR / "getppid_storm.c"
 STORM_BIN = BUILD_DIR / "getppid_storm"
 STORM_COMM = "getppid_storm"  # the kernel's comm of the storm: how the probe's records name it
 EMPTY_SRC = BENCH_DIR / "empty_tracepoints.bpf.c"
+CLOCK_SRC = BENCH_DIR / "clock_floor.bpf.c"
 
 SYSCOUNT = "syscount-bpfcc"
 SYSCOUNT_READY = b"Tracing syscalls"
@@ -158,20 +162,20 @@ class Baseline:
         yield
 
 
-class EmptyTracepoints:
-    """The floor. Compiled with BCC directly because Engine.load only reads probes/, but
-    wrapped in the engine's Program so it is attached and detached by the same code."""
+class BareTracepoints:
+    """A reference program on the probe's hooks (empty_tracepoints.bpf.c, the floor of any
+    program there; clock_floor.bpf.c, the floor of any latency probe). Compiled with BCC
+    directly because Engine.load only reads probes/, but wrapped in the engine's Program
+    so it is attached and detached by the same code."""
 
-    key = "empty"
-    label = "empty raw tracepoints"
-
-    def __init__(self, bcc: Any) -> None:
+    def __init__(self, bcc: Any, key: str, label: str, source: Path) -> None:
         self._bcc = bcc
+        self.key, self.label, self._source = key, label, source
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        program = Program(self._bcc.BPF(src_file=str(EMPTY_SRC).encode()), self._bcc,
-                          "empty_tracepoints")
+        program = Program(self._bcc.BPF(src_file=str(self._source).encode()), self._bcc,
+                          self._source.name.removesuffix(".bpf.c"))
         try:
             program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
             program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
@@ -340,6 +344,13 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
         else:
             verdict = ("PASS" if measured <= limit else "MISS") + f"  ({measured:.2f}x)"
         print(f"target: {what:<40} {verdict}")
+    clock = added["clock"]
+    clock_vs_floor, clock_vs_syscount = ratio(clock, floor_added), ratio(clock, syscount_added)
+    if clock_vs_floor is not None and clock_vs_syscount is not None:
+        print(f"floor:  two clock reads alone add {clock:.1f} ns = {clock_vs_floor:.2f}x the "
+              f"empty floor, {clock_vs_syscount:.2f}x syscount's; the probe's own work "
+              f"(enter time per task, histogram) adds {added['probe'] - clock:.1f} ns above "
+              "them")
 
 
 # -- main --------------------------------------------------------------------------------
@@ -426,7 +437,13 @@ def run(args: argparse.Namespace) -> int:
               "syscall hooks overlap the storms")
 
     probe = SyscallLatencyProbe(engine, syscalls.load())
-    modes: list[Mode] = [Baseline(), EmptyTracepoints(bcc), probe, Syscount(syscount)]
+    modes: list[Mode] = [
+        Baseline(),
+        BareTracepoints(bcc, "empty", "empty raw tracepoints", EMPTY_SRC),
+        BareTracepoints(bcc, "clock", "+ two clock reads", CLOCK_SRC),
+        probe,
+        Syscount(syscount),
+    ]
     samples: dict[str, list[float]] = {m.key: [] for m in modes}
     disturbed = 0
     started = time.monotonic()
