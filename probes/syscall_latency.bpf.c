@@ -9,9 +9,13 @@
  *             bucket indexes are OTLP ExponentialHistogram indexes of the duration in
  *             *seconds*, so user space exports them without re-bucketing.
  * Maps:       syscall_start  task-local storage {enter ns, nr}; freed with the task.
- *             latency        hash, MAX_ENTRIES keys, BPF_F_NO_PREALLOC; drained (lookup
- *                            and delete) by user space every collection, so it holds one
- *                            interval of keys and exited processes leave with the drain.
+ *             latency_0/_1   hashes, MAX_ENTRIES keys each, BPF_F_NO_PREALLOC: the
+ *                            current interval's histograms go to the one `generation`
+ *                            names. User space flips the generation, waits out programs
+ *                            still writing the old one, then drains it (lookup and delete),
+ *                            so no update can land in an entry the drain already copied,
+ *                            and exited processes leave with the drain.
+ *             generation     1-entry array: which latency map is current (0 or 1).
  *             zero_value     1-entry array: the zeroed value to insert (too big for stack).
  *             probe_stats    per-CPU counters of events this program could not record.
  *             *_filter       hash sets for the optional pid / comm / cgroup filters.
@@ -22,8 +26,9 @@
  *             at most SLOW_RATE per second (burst SLOW_BURST); calls refused by the
  *             limit or by a full buffer are counted in probe_stats, never silently lost.
  * Cost:       per syscall: two task-storage lookups, two bpf_ktime_get_ns (about half of
- *             the total on a retpoline CPU), one hash lookup of an 8-byte key, two atomic
- *             adds and a min/max compare-and-swap (taken only on a new extreme). A new key per interval costs one insert. Calls
+ *             the total on a retpoline CPU), one array lookup (the generation), one hash
+ *             lookup of an 8-byte key, two atomic adds and a min/max compare-and-swap
+ *             (taken only on a new extreme). A new key per interval costs one insert. Calls
  *             below the smallest threshold pay one compare for the slow path; slower
  *             ones an array lookup, one compare-and-swap and a 72-byte ring buffer copy.
  *             Measured side by side against the empty raw tracepoints by `make bench`.
@@ -85,7 +90,11 @@ enum probe_stat {
 };
 
 BPF_TASK_STORAGE(syscall_start, struct syscall_start);
-BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency, MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_0, MAX_ENTRIES,
+            BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_1, MAX_ENTRIES,
+            BPF_F_NO_PREALLOC);
+BPF_ARRAY(generation, u32, 1);
 BPF_ARRAY(zero_value, struct hist_value, 1);
 BPF_PERCPU_ARRAY(probe_stats, u64, STAT_COUNT);
 
@@ -247,6 +256,35 @@ static __always_inline void emit_if_slow(struct bpf_raw_tracepoint_args *ctx, u3
 }
 #endif
 
+/* The histogram of `key` in latency_<which>, inserted when new; NULL when the map is full
+ * (counted). `which` is a constant at each call, so each copy touches one map. */
+static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *key)
+{
+    struct hist_value *value = which ? latency_1.lookup(key) : latency_0.lookup(key);
+    if (value)
+        return value;
+    u32 zero = 0;
+    struct hist_value *init = zero_value.lookup(&zero);
+    if (!init)
+        return NULL;
+    /* insert() is BPF_NOEXIST: when another CPU inserted the key first, its entry (and
+     * its counts) stay and the lookup below finds it. */
+    if (which)
+        latency_1.insert(key, init);
+    else
+        latency_0.insert(key, init);
+    value = which ? latency_1.lookup(key) : latency_0.lookup(key);
+    if (!value) {
+        count_stat(STAT_MAP_FULL);
+        return NULL;
+    }
+    if (!value->comm[0]) {
+        bpf_get_current_comm(&value->comm, sizeof(value->comm));
+        value->cgroup_id = bpf_get_current_cgroup_id();
+    }
+    return value;
+}
+
 /* Named on_* rather than BCC's raw_tracepoint__* so that BCC does not attach them on
  * load: user space fills the filter maps first, then attaches. */
 int on_sys_enter(struct bpf_raw_tracepoint_args *ctx)
@@ -290,25 +328,11 @@ int on_sys_exit(struct bpf_raw_tracepoint_args *ctx)
     key.cgroup_id = bpf_get_current_cgroup_id();
 #endif
 
-    struct hist_value *value = latency.lookup(&key);
-    if (!value) {
-        u32 zero = 0;
-        struct hist_value *init = zero_value.lookup(&zero);
-        if (!init)
-            return 0;
-        /* insert() is BPF_NOEXIST: when another CPU inserted the key first, its entry
-         * (and its counts) stay and the lookup below finds it. */
-        latency.insert(&key, init);
-        value = latency.lookup(&key);
-        if (!value) {
-            count_stat(STAT_MAP_FULL);
-            return 0;
-        }
-        if (!value->comm[0]) {
-            bpf_get_current_comm(&value->comm, sizeof(value->comm));
-            value->cgroup_id = bpf_get_current_cgroup_id();
-        }
-    }
+    u32 zero = 0;
+    u32 *gen = generation.lookup(&zero);
+    struct hist_value *value = gen && *gen ? entry_of(1, &key) : entry_of(0, &key);
+    if (!value)
+        return 0;
 
     __sync_fetch_and_add(&value->sum_ns, delta);
     __sync_fetch_and_add(&value->buckets[bucket_slot(delta)], 1);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
+import time
 from typing import Any
 
 from otel_ebpf.clock import MonotonicClock
@@ -34,6 +35,10 @@ HIST_SCALE = 2
 HIST_MIN_INDEX = -104
 HIST_BUCKETS = 152
 _STAT_REASONS = ("map_full", "no_start", "rate_limited", "buffer_full")
+# After the generation flips, programs that read the old one may still be adding to its
+# map: they finish within microseconds unless preempted; this covers a preempted one on
+# anything but a hopelessly overloaded machine. The collecting thread sleeps, at no cost.
+GENERATION_GRACE_S = 0.05
 
 SYSCALL_DURATION = MetricDescriptor(
     name="linux.syscall.duration",
@@ -66,6 +71,7 @@ class SyscallLatency(Probe):
                                        perf, config.aggregation)
         self._terminal_reads_seen = 0
         self._stats_seen = [0] * len(_STAT_REASONS)
+        self._generation = 0  # which latency_<n> map the programs write
 
     def cflags(self) -> list[str]:
         flags = [f"-DMAX_ENTRIES={self.config.max_entries}"]
@@ -119,7 +125,13 @@ class SyscallLatency(Probe):
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        entries = self._program.map("latency").drain()
+        # swap maps, wait out the writers of the old one, then drain it: no count can land
+        # in an entry the drain already copied
+        drained = self._generation
+        self._generation ^= 1
+        self._program.map("generation").set(ct.c_int(0), ct.c_uint32(self._generation))
+        time.sleep(GENERATION_GRACE_S)
+        entries = self._program.map(f"latency_{drained}").drain()
         totals = self._program.map("probe_stats").percpu_sums()
         lost = {
             reason: total - seen
