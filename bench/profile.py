@@ -51,7 +51,8 @@ Lost stacks, from the same run
     reason=user_stack_lost|kernel_stack_lost} as the sink received it last (cumulative,
     after the agent's final flush) against the samples in the profiles the sink received
     (the sum of Sample.values); samples whose stack arrived with no frame at all are
-    counted too. probes/cpu_profile.py's design budget for stack-map collisions is 0.5 %.
+    counted too. The budget is 0.5 % (issue #3); with stacks interned by a hash of their
+    addresses, only a full stack map or a failed stack walk loses one.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ TOGGLE_SETTLE = 0.1  # s after enabling or disabling the perf events, before a w
 # steady state: after BCC's compile, the first drains' symbol loads and the first export
 # (at 10 s), whose one-off costs are reported apart
 CPU_SETTLE = 12.0
-COLLISION_BUDGET = 0.005  # probes/cpu_profile.py
+LOST_STACK_BUDGET = 0.005  # issue #3: at 99 Hz on a busy node
 # linux/perf_event.h: _IO('$', 0) and _IO('$', 1)
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
@@ -481,8 +482,8 @@ def report(slowdown: dict[int, list[Window]], cpu: CpuPhase, cpus: int) -> None:
           f"{verdict(slow99 <= SLOWDOWN_TARGET, f'{slow99:.4f}')}")
     print(f"target: {'agent CPU at 99 Hz <= 0.5 % of a core':<40} "
           f"{verdict(cpu_pct <= AGENT_CPU_TARGET, f'{cpu_pct:.3f} %')}")
-    print(f"budget: {'lost stacks <= 0.5 % (cpu_profile.py)':<40} "
-          + verdict(None if lost_rate is None else lost_rate <= COLLISION_BUDGET,
+    print(f"budget: {'lost stacks <= 0.5 % of samples':<40} "
+          + verdict(None if lost_rate is None else lost_rate <= LOST_STACK_BUDGET,
                     "no samples" if lost_rate is None else f"{lost_rate * 100:.3f} %"))
     foreign = sum(r.foreign for r in results.values())
     if foreign:
