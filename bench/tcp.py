@@ -215,14 +215,16 @@ def namespace(port: int, drop: int) -> Iterator[Netns]:
 def exported_by_port(sink: Any) -> dict[int, int]:
     """Sum of the latest cumulative value of every linux.tcp.retransmits series, by the
     service port its series names (peer aggregation: the peer's port for connections
-    opened here, the local port for accepted ones)."""
+    opened here, the local port for accepted ones). A series that restarted (a new start
+    time: the agent forgot it, then counted again) adds its runs up."""
     from tests.peers.otlp_sink import attrs_to_dict
 
     latest: dict[tuple[Any, ...], tuple[int, int]] = {}
     for resource, point in sink.metrics_points(METRIC):
         attrs = attrs_to_dict(point.attributes)
         port = int(attrs.get("network.peer.port") or attrs.get("network.local.port") or 0)
-        key = (tuple(sorted(resource.items())), tuple(sorted(attrs.items())))
+        key = (tuple(sorted(resource.items())), tuple(sorted(attrs.items())),
+               point.start_time_unix_nano)
         latest[key] = (port, int(point.as_int))
     out: dict[int, int] = {}
     for port, value in latest.values():

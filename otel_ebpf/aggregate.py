@@ -153,13 +153,18 @@ class CumulativeStore:
                 if live is not None and live.version == copy.version:
                     live.exported_since_update = True
 
-    def expire(self, alive: Callable[[Workload], bool]) -> int:
-        """Forget series whose workload is gone and whose final values were exported."""
+    def expire(self, alive: Callable[[Workload], bool], now_ns: int | None = None,
+               quiet_ns: int = 0) -> int:
+        """Forget series whose workload is gone, whose final values were exported and
+        that no delta changed for `quiet_ns`. The quiet time matters: the kernel keeps
+        counting for a process that exited (its sockets retransmit on), and a delta
+        arriving after the series was forgotten would restart it from zero."""
         with self._lock:
-            return self._expire(alive)
+            return self._expire(alive, None if now_ns is None else now_ns - quiet_ns)
 
-    def _expire(self, alive: Callable[[Workload], bool]) -> int:
+    def _expire(self, alive: Callable[[Workload], bool], updated_by_ns: int | None) -> int:
         gone = [k for k, s in self._series.items() if s.exported_since_update
+                and (updated_by_ns is None or s.updated_ns <= updated_by_ns)
                 and not alive(s.workload)]
         for key in gone:
             del self._series[key]

@@ -48,6 +48,8 @@ PROFILES_DROPPED = MetricDescriptor(
     "service), export_failed.")
 SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
 SPAN_POLL_S = 0.2  # a busy event buffer is emptied at most this often (batches the hand-off)
+# a gone process's series is forgotten once exported and this long without a delta
+EXPIRE_QUIET_S = 60.0
 THREAD_STOP_S = 1.0  # how long shutdown waits for a drain or an event read under way
 
 
@@ -263,7 +265,7 @@ class Agent:
         ok = self.shipper.ship(data)
         if ok:
             self.store.mark_exported(series)
-            self.store.expire(pid_alive)
+            self.store.expire(pid_alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
         return ok
 
     @property

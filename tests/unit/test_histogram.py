@@ -128,6 +128,20 @@ def test_store_expires_gone_workloads_only_after_export() -> None:
     assert len(store) == 0
 
 
+def test_store_expires_only_series_quiet_for_the_grace_time() -> None:
+    store = CumulativeStore()
+    store.add([delta([1000], pid=7)], 0, 100)
+    store.mark_exported(store.series())
+    assert store.expire(lambda w: False, now_ns=150, quiet_ns=100) == 0
+    # a late delta of the gone process (its socket still retransmits): the same series
+    store.add([delta([1000], pid=7)], 0, 160)
+    store.mark_exported(store.series())
+    (series,) = store.series()
+    assert (series.count, series.start_ns) == (2, 0)
+    assert store.expire(lambda w: False, now_ns=259, quiet_ns=100) == 0
+    assert store.expire(lambda w: False, now_ns=260, quiet_ns=100) == 1
+
+
 def test_store_keeps_a_series_changed_after_its_export_was_taken() -> None:
     store = CumulativeStore()
     store.add([delta([1000], pid=7)], 0, 1)
