@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
@@ -50,12 +52,6 @@ def profiler(engine: Engine) -> Iterator[Running]:
     finally:
         running.stop()
         probe.stop()
-
-
-def bpf_lib() -> object:
-    from bcc.libbcc import lib
-
-    return lib
 
 
 def samples_of(pid: int, samples: list[StackSample]) -> list[StackSample]:
@@ -134,25 +130,33 @@ def test_exported_profile_decodes_with_the_official_proto(profiler: Running,
     assert sum(v for s in profile.samples for v in s.values) == sum(s.count for s in samples)
 
 
+@contextlib.contextmanager
+def stack_map(capacity: int, stacks: int) -> Iterator[tuple[Any, BpfMap]]:
+    """A real hash map of the probe's stack layout holding stacks 1..`stacks` (stack i:
+    0x1000 + i, then 0x2000), as BCC's table and as the engine's BpfMap."""
+    from bcc import BPF
+    from bcc.libbcc import lib
+
+    bpf = BPF(text=b"struct stack { u64 ips[127]; };\n"
+                   b"BPF_F_TABLE(\"hash\", u64, struct stack, stacks, %d, BPF_F_NO_PREALLOC);"
+                   % capacity)
+    try:
+        table = bpf[b"stacks"]
+        for stack_id in range(1, stacks + 1):
+            value = table.Leaf()
+            value.ips[0], value.ips[1] = 0x1000 + stack_id, 0x2000
+            table[table.Key(stack_id)] = value
+        yield table, BpfMap(table, lib)
+    finally:
+        bpf.cleanup()
+
+
 def test_interned_stacks_leave_the_kernel_map_when_unused() -> None:
     # InternedStacks against a real hash map of the probe's layout: stacks a drain did
     # not use are deleted from the kernel (batch delete) after `retain_drains`, and their
     # addresses stay cached for a sample that still names them
-    from bcc import BPF
-
-    bpf = BPF(text=b"struct stack { u64 ips[127]; };\n"
-                   b"BPF_F_TABLE(\"hash\", u64, struct stack, stacks, 64, BPF_F_NO_PREALLOC);")
-    try:
-        table = bpf[b"stacks"]
-        for stack_id in range(1, 11):
-            value = table.Leaf()
-            value.ips[0], value.ips[1] = 0x1000 + stack_id, 0x2000
-            table[table.Key(stack_id)] = value
-        stacks = InternedStacks(BpfMap(table, bpf_lib()), capacity=64, retain_drains=1)
-
-        def kernel_ids() -> set[int]:
-            return {int(k.value) for k in table}
-
+    with stack_map(capacity=64, stacks=10) as (table, bpf_map):
+        stacks = InternedStacks(bpf_map, capacity=64, retain_drains=1)
         for stack_id in range(1, 11):
             stacks.use(stack_id)
             assert stacks.addresses(stack_id) == (0x1000 + stack_id, 0x2000)
@@ -162,23 +166,15 @@ def test_interned_stacks_leave_the_kernel_map_when_unused() -> None:
         assert stacks.end_drain() == 0  # the others are one drain old: still kept
         stacks.use(1)
         assert stacks.end_drain() == 8  # 3..10 unused for two drains
-        assert kernel_ids() == {1, 2}
+        assert {int(k.value) for k in table} == {1, 2}
         assert stacks.addresses(7) == (0x1007, 0x2000)  # cached
-        assert stacks.end_drain() == 1 and kernel_ids() == {1}
-    finally:
-        bpf.cleanup()
+        assert stacks.end_drain() == 1
+        assert {int(k.value) for k in table} == {1}
 
 
 def test_interned_stacks_keep_only_the_last_drain_when_filling_up() -> None:
-    from bcc import BPF
-
-    bpf = BPF(text=b"struct stack { u64 ips[127]; };\n"
-                   b"BPF_F_TABLE(\"hash\", u64, struct stack, stacks, 8, BPF_F_NO_PREALLOC);")
-    try:
-        table = bpf[b"stacks"]
-        for stack_id in range(1, 8):
-            table[table.Key(stack_id)] = table.Leaf()
-        stacks = InternedStacks(BpfMap(table, bpf_lib()), capacity=8, retain_drains=100)
+    with stack_map(capacity=8, stacks=7) as (table, bpf_map):
+        stacks = InternedStacks(bpf_map, capacity=8, retain_drains=100)
         for stack_id in range(1, 8):
             stacks.use(stack_id)
         stacks.end_drain()
@@ -186,5 +182,3 @@ def test_interned_stacks_keep_only_the_last_drain_when_filling_up() -> None:
         # 7 of 8 held: above FILL_LIMIT, so everything the last drain did not use goes
         assert stacks.end_drain() == 6
         assert {int(k.value) for k in table} == {3}
-    finally:
-        bpf.cleanup()
