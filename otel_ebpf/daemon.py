@@ -155,6 +155,7 @@ class Agent:
             log.info("probe %s attached (%s) in %.1fs; BPF program ids %s", probe.name,
                      ", ".join(str(h) for h in probe.hooks), time.monotonic() - began,
                      " ".join(map(str, probe.program_ids())))
+        self.engine.release_compiler_memory()
         return True
 
     def _stop_probes(self) -> None:
