@@ -7,6 +7,7 @@ to be importable (unit tests, `otel-ebpf --help`, config validation).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import errno
 import logging
@@ -348,10 +349,8 @@ class Engine:
         """Give the heap that BCC's in-process clang/LLVM freed back to the system: about
         70 MB after three programs here, which glibc would otherwise keep. Call it once the
         programs are loaded; a no-op without glibc."""
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             ct.CDLL(None).malloc_trim(0)
-        except (AttributeError, OSError):
-            pass
 
     def verify(self, name: str, cflags: Sequence[str], functions: Sequence[tuple[str, str]]
                ) -> None:
