@@ -76,7 +76,8 @@ class Agent:
         self.identity = identity
         self.out = out
         self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series)
-        self.summary = HistogramSummary(config.summary.top)
+        # only when printed: its windows grow with every (process, syscall) until a print
+        self.summary = HistogramSummary(config.summary.top) if config.summary.enabled else None
         self._started_ns: dict[str, int] = {}
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
@@ -249,7 +250,8 @@ class Agent:
         now = time.time_ns()
         start = self._started_ns.get(collection.probe, now)
         self.store.add(collection.records, start, now)
-        self.summary.add(collection.records)
+        if self.summary is not None:
+            self.summary.add(collection.records)
         lost = [CounterDelta(LOST_EVENTS, AGENT, {"probe": collection.probe, "reason": r}, n)
                 for r, n in collection.lost_events.items()]
         self.store.add(lost, start, now)
@@ -359,7 +361,8 @@ class Agent:
             return (str(self.identity.processes.lookup(w).executable_name) if w.pid > 0
                     else "(all)")
 
-        print(self.summary.render(elapsed, name_of), file=self.out, flush=True)
+        if self.summary is not None:
+            print(self.summary.render(elapsed, name_of), file=self.out, flush=True)
 
     async def _final_profiles(self, deadline: float) -> None:
         if self.profiles is None:

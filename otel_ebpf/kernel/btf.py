@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
@@ -289,7 +288,7 @@ class Btf:
         return m.offset
 
 
-@cache
 def vmlinux() -> Btf:
-    """The running kernel's BTF, parsed once per process (about 5 MB; well under a second)."""
+    """The running kernel's BTF, parsed (about 5 MB; well under a second). Not cached: the
+    index takes ~20 MB of Python objects, and a probe needs it once, for its cflags."""
     return Btf.load(VMLINUX)

@@ -16,6 +16,7 @@ import os
 import struct
 import threading
 import time
+from array import array
 from typing import Any
 
 from otel_ebpf.config import CpuProfileConfig
@@ -56,35 +57,35 @@ PROFILE_SAMPLES = MetricDescriptor(
 class InternedStacks:
     """User space's half of a content-addressed stack map (user_stacks or kernel_stacks).
 
-    Addresses are cached per id, bounded; the kernel's copy of a stack is deleted once no
-    sample used it for `retain_drains` drains (sooner when the map fills up), so a stack
-    that comes back is re-interned under the same id and the cache still holds it: even a
-    sample taken while its stack was being deleted decodes.
+    Addresses are cached per id (as compact arrays, at most as many as the kernel map
+    holds); the kernel's copy of a stack is deleted once no sample used it for
+    `retain_drains` drains (sooner when the map fills up), so a stack that comes back is
+    re-interned under the same id and the cache likely still holds it: even a sample taken
+    while its stack was being deleted decodes.
     """
 
-    def __init__(self, table: BpfMap, capacity: int, retain_drains: int,
-                 cache_entries: int = 4 * STACK_CACHE_ENTRIES) -> None:
+    def __init__(self, table: BpfMap, capacity: int, retain_drains: int) -> None:
         self.table = table
         self.capacity = capacity
         self.retain_drains = retain_drains
-        self.cache_entries = cache_entries
-        self._addresses: dict[int, tuple[int, ...]] = {}
+        self._addresses: dict[int, array[int]] = {}
         self._last_used: dict[int, int] = {}  # id -> drain; the stacks the kernel holds
         self._drain = 0
 
     def use(self, stack_id: int) -> None:
         self._last_used[stack_id] = self._drain
 
-    def addresses(self, stack_id: int) -> tuple[int, ...] | None:
+    def addresses(self, stack_id: int) -> array[int] | None:
         """The stack's addresses, leaf first; None if the kernel no longer has it."""
         known = self._addresses.get(stack_id)
         if known is None:
             value = self.table.get(ct.c_uint64(stack_id))
             if value is None:
                 return None
-            ips = list(value.ips)
-            known = tuple(ips[: ips.index(0)] if 0 in ips else ips)
-            if len(self._addresses) >= self.cache_entries:
+            known = array("Q", bytes(value.ips))
+            if 0 in known:  # the kernel zeroes the slots past the last frame
+                del known[known.index(0):]
+            if len(self._addresses) >= self.capacity:
                 self._addresses.pop(next(iter(self._addresses)))
             self._addresses[stack_id] = known
         return known
