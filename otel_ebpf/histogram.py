@@ -8,6 +8,7 @@ cases without loading BPF.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 # 2^(j/4) for j = 1..3 in 16.16 fixed point, rounded up (see the .bpf.c).
@@ -63,6 +64,17 @@ def trim(offset: int, counts: Sequence[int]) -> tuple[int, list[int]]:
         return 0, []
     last = max(i for i, c in enumerate(counts) if c)
     return offset + first, list(counts[first : last + 1])
+
+
+def trim_u32(offset: int, raw: bytes) -> tuple[int, list[int]]:
+    """trim() for buckets given as packed native u32s (a kernel map value), at C speed:
+    the empty ends are runs of zero bytes, so strip()s find the populated span."""
+    head = len(raw) - len(raw.lstrip(b"\0"))
+    if head == len(raw):
+        return 0, []
+    tail = len(raw) - len(raw.rstrip(b"\0"))
+    first, end = head // 4, (len(raw) - tail + 3) // 4
+    return offset + first, array("I", raw[first * 4 : end * 4]).tolist()
 
 
 def merge_into(

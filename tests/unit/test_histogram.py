@@ -3,6 +3,8 @@ conversion of its histograms into OTLP exponential histogram data points."""
 
 from __future__ import annotations
 
+import array
+
 import math
 import random
 import re
@@ -64,6 +66,13 @@ def test_python_mirror_uses_the_kernel_constants() -> None:
 def test_trim_and_merge() -> None:
     assert h.trim(-104, [0, 0, 3, 0, 1, 0]) == (-102, [3, 0, 1])
     assert h.trim(5, [0, 0]) == (0, [])
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 3, 0, 1, 0], [0, 0], [7], [256, 0, 0],
+                                    [0, 0, 0, 1 << 24], [1, 0, 65536, 1]])
+def test_trim_of_packed_u32_matches_trim(counts: list[int]) -> None:
+    raw = array.array("I", counts).tobytes()
+    assert h.trim_u32(-104, raw) == h.trim(-104, counts)
     assert h.merge_into(-10, [1, 2], -12, [5]) == (-12, [5, 0, 1, 2])
     assert h.merge_into(0, [], 3, [1]) == (3, [1])
 
