@@ -4,7 +4,6 @@ conversion of its histograms into OTLP exponential histogram data points."""
 from __future__ import annotations
 
 import array
-
 import math
 import random
 import re
