@@ -35,6 +35,7 @@ from otel_ebpf.kernel.engine import Engine, EngineError, Program
 from otel_ebpf.kernel.preflight import tracefs_root
 from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
 from otel_ebpf.probes.base import Hook, Probe
+from otel_ebpf.probes.tcp_layout import offset_flags
 
 log = logging.getLogger(__name__)
 
@@ -190,70 +191,6 @@ def error_type(err: int) -> str | None:
 
 def _comm(raw: bytes) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
-
-
-# struct sock members the program reads: cflag -> (member path, size in bytes). All but
-# the protocol sit in sock_common at the start of struct sock, read in one go.
-SOCK_FIELDS: dict[str, tuple[str, int]] = {
-    "SK_FAMILY_OFF": ("__sk_common.skc_family", 2),
-    "SK_STATE_OFF": ("__sk_common.skc_state", 1),
-    "SK_NUM_OFF": ("__sk_common.skc_num", 2),
-    "SK_DPORT_OFF": ("__sk_common.skc_dport", 2),
-    "SK_RCV_SADDR_OFF": ("__sk_common.skc_rcv_saddr", 4),
-    "SK_DADDR_OFF": ("__sk_common.skc_daddr", 4),
-    "SK_V6_RCV_SADDR_OFF": ("__sk_common.skc_v6_rcv_saddr", 16),
-    "SK_V6_DADDR_OFF": ("__sk_common.skc_v6_daddr", 16),
-}
-IPV6_FIELDS = ("SK_V6_RCV_SADDR_OFF", "SK_V6_DADDR_OFF")
-MAX_SKC_READ = 256  # the one-read copy of the start of struct sock lives on the BPF stack
-
-
-def _byte_member(btf: kbtf.Btf, struct_name: str, path: str, size: int) -> int:
-    m = btf.member(struct_name, path)
-    if m.bitfield_size or m.bit_offset % 8:
-        raise kbtf.BtfError(f"{struct_name}.{path} is a bitfield in this kernel")
-    if m.size != size:
-        raise kbtf.BtfError(f"{struct_name}.{path} is {m.size} bytes, the probe reads {size}")
-    return m.offset
-
-
-def segment_count_offset(btf: kbtf.Btf) -> int:
-    """offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs): where
-    tcp_skb_pcount() reads a buffer's segment count."""
-    cb = btf.member("sk_buff", "cb")
-    if cb.bitfield_size or cb.bit_offset % 8:
-        raise kbtf.BtfError("sk_buff.cb is a bitfield in this kernel")
-    cb_size = btf.struct_size("tcp_skb_cb")
-    if cb_size > cb.size:
-        raise kbtf.BtfError(f"tcp_skb_cb ({cb_size} bytes) does not fit sk_buff.cb "
-                            f"({cb.size} bytes)")
-    return cb.offset + _byte_member(btf, "tcp_skb_cb", "tcp_gso_segs", 2)
-
-
-def offset_flags(btf: kbtf.Btf) -> list[str]:
-    """-D flags for every struct offset the program reads, from the running kernel's BTF.
-    Raises BtfError, with what is missing, when the kernel's layout cannot be known."""
-    flags = [f"-DSKB_PCOUNT_OFF={segment_count_offset(btf)}",
-             f"-DSK_PROTOCOL_OFF={_byte_member(btf, 'sock', 'sk_protocol', 2)}"]
-    read = 0
-    for flag, (path, size) in SOCK_FIELDS.items():
-        try:
-            offset = _byte_member(btf, "sock", path, size)
-        except kbtf.BtfError:
-            if flag in IPV6_FIELDS:
-                continue  # a kernel without IPv6: AF_INET6 sockets cannot exist
-            raise
-        flags.append(f"-D{flag}={offset}")
-        read = max(read, offset + size)
-    # A request sock (a connection not yet accepted) starts with the same sock_common.
-    req_common = _byte_member(btf, "request_sock", "__req_common",
-                              btf.struct_size("sock_common"))
-    flags.append(f"-DREQ_COMMON_OFF={req_common}")
-    if read > MAX_SKC_READ:
-        raise kbtf.BtfError(f"struct sock's address fields end at byte {read}, beyond the "
-                            f"{MAX_SKC_READ} bytes the probe copies")
-    flags.append(f"-DSKC_READ={read}")
-    return flags
 
 
 def retransmit_has_err(root: Path | None = None) -> bool:

@@ -15,6 +15,7 @@ from otel_ebpf.config import TcpRetransmitConfig, TcpRetransmitEvents
 from otel_ebpf.kernel.btf import Btf, BtfError
 from otel_ebpf.kernel.engine import EngineError
 from otel_ebpf.model import CounterDelta, Workload
+from otel_ebpf.probes import tcp_layout
 from otel_ebpf.probes import tcp_retransmit as tr
 from tests.helpers import tcp_btf
 
@@ -74,7 +75,7 @@ def flag_values(flags: list[str]) -> dict[str, int]:
 
 
 def test_offsets_come_from_btf_not_from_headers() -> None:
-    flags = flag_values(tr.offset_flags(Btf(tcp_btf.kernel_like())))
+    flags = flag_values(tcp_layout.offset_flags(Btf(tcp_btf.kernel_like())))
     assert flags["SKB_PCOUNT_OFF"] == tcp_btf.CB_OFFSET + tcp_btf.GSO_SEGS_IN_CB
     assert flags["SK_PROTOCOL_OFF"] == tcp_btf.SK_PROTOCOL
     assert flags["SK_FAMILY_OFF"] == tcp_btf.SK_COMMON["skc_family"]
@@ -91,7 +92,7 @@ def test_offsets_come_from_btf_not_from_headers() -> None:
 
 
 def test_a_kernel_without_ipv6_has_no_v6_offsets() -> None:
-    flags = flag_values(tr.offset_flags(Btf(tcp_btf.kernel_like(ipv6=False))))
+    flags = flag_values(tcp_layout.offset_flags(Btf(tcp_btf.kernel_like(ipv6=False))))
     assert "SK_V6_DADDR_OFF" not in flags and "SK_V6_RCV_SADDR_OFF" not in flags
     assert flags["SKC_READ"] == tcp_btf.SK_COMMON["skc_state"] + 1
 
@@ -102,7 +103,7 @@ def test_wrong_sized_member_is_refused() -> None:
     w.composite("tcp_skb_cb", 48, [("tcp_gso_segs", u32, 64, 0)])
     w.composite("sk_buff", 232, [("cb", w.array(w.integer("char", 1), u32, 48), 320, 0)])
     with pytest.raises(BtfError, match="tcp_gso_segs is 4 bytes"):
-        tr.segment_count_offset(Btf(w.build()))
+        tcp_layout.segment_count_offset(Btf(w.build()))
 
 
 def test_the_real_kernel_layout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,7 +113,7 @@ def test_the_real_kernel_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     if not VMLINUX.is_file():
         pytest.skip("this kernel exposes no BTF")
     btf = Btf.load()
-    offset = tr.segment_count_offset(btf)
+    offset = tcp_layout.segment_count_offset(btf)
     cb = btf.member("sk_buff", "cb")
     assert cb.offset < offset < cb.offset + cb.size
 
