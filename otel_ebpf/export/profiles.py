@@ -28,9 +28,9 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from otel_ebpf import __version__
 from otel_ebpf.export.profile_sender import ProfilesSender
+from otel_ebpf.frames import Frame
+from otel_ebpf.frames import Mapping as MappingInfo
 from otel_ebpf.model import AttributeValue, Identity, StackSample, Workload
-from otel_ebpf.symbols import Frame
-from otel_ebpf.symbols import Mapping as MappingInfo
 
 BUILD_ID_ATTRIBUTE = "process.executable.build_id.gnu"
 FRAME_TYPE_ATTRIBUTE = "profile.frame.type"
