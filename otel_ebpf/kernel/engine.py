@@ -300,7 +300,9 @@ class Program:
         if self._ring_tables:
             self._bpf.ring_buffer_consume()
         if self._perf_tables:
-            self._bpf.perf_buffer_poll(timeout=0)
+            # consume, not poll(0): a perf event's readiness is reported once (perf_poll
+            # clears it), so after the daemon's epoll saw it a poll() here finds nothing
+            self._bpf.perf_buffer_consume()
 
     def close(self) -> None:
         """Detach and unload; safe to call twice."""

@@ -14,6 +14,7 @@ from otel_ebpf.kernel import syscalls
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import SpanRecord
 from otel_ebpf.probes.syscall_latency import SyscallLatency
+from otel_ebpf.workers import EventReader
 
 pytestmark = pytest.mark.kernel
 
@@ -115,3 +116,28 @@ def test_rate_limit_counts_what_it_drops(engine: Engine, table: syscalls.Syscall
     assert 20 <= len(spans) <= 20 + 50 * elapsed + 1
     assert lost.get("buffer_full", 0) == 0
     assert len(spans) + lost["rate_limited"] == offered
+
+
+@pytest.mark.parametrize("perf_buffer", [False, True], ids=["ringbuf", "perfbuf"])
+def test_the_event_reader_wakes_for_kernel_events(
+    engine: Engine, table: syscalls.SyscallTable, slow_workload: Path, perf_buffer: bool
+) -> None:
+    # what the daemon does: no polling, a thread asleep in epoll on the buffer's
+    # descriptors (ring buffer map, or one perf event per CPU) until events arrive
+    slow = SlowSpansConfig(include=["nanosleep", "clock_nanosleep"])
+    delivered: list[SpanRecord] = []
+    for probe in started(engine, table, slow, perf_buffer):
+        assert probe.event_fds()
+        reader = EventReader([probe], delivered.extend, batch_s=0.01)
+        reader.start()
+        try:
+            run(slow_workload, "sleeps", "5", "30", "10000")
+            deadline = time.monotonic() + 5
+            while len(delivered) < 5 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            remainder = reader.stop(timeout=2)
+            reader.close()
+    assert remainder == []
+    assert len(delivered) == 5, [s.name for s in delivered]
+    assert {s.attributes["thread.name"] for s in delivered} == {"slowpoke"}
