@@ -51,6 +51,10 @@ class PeriodicCollector:
                 continue
             self._deliver(collection)
 
+    def request_stop(self) -> None:
+        """No collection starts after this one (shutdown tells every collector at once)."""
+        self._stop.set()
+
     def stop(self, timeout: float) -> bool:
         """Stop after the collection under way, if any; False if it outlasted `timeout`."""
         self._stop.set()
