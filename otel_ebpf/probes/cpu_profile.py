@@ -40,18 +40,18 @@ FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's
 SAMPLE_KEY = struct.Struct("=IIQQii16s")
 SAMPLE_VALUE = struct.Struct("=QQ")
 
+PROFILE_SAMPLES = MetricDescriptor(
+    "cpu.samples", "{sample}",
+    "On-CPU stack samples of the software cpu-clock (exported as OTLP profiles).")
+
+
 def samples_map_size(config: CpuProfileConfig, cpus: int) -> int:
     """Keys for one interval's sample counts: at most one new key per sample, twice that for
     a late drain, as a power of two (the kernel rounds buckets up to one anyway)."""
     if config.max_samples is not None:
         return config.max_samples
-    wanted = 2 * config.frequency * cpus * config.interval
-    return min(1 << 20, max(256, 1 << math.ceil(math.log2(wanted))))
-
-
-PROFILE_SAMPLES = MetricDescriptor(
-    "cpu.samples", "{sample}",
-    "On-CPU stack samples of the software cpu-clock (exported as OTLP profiles).")
+    wanted = max(256.0, 2 * config.frequency * cpus * config.interval)
+    return min(1 << 20, 1 << math.ceil(math.log2(wanted)))
 
 
 class InternedStacks:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
+from otel_ebpf.config import CpuProfileConfig
 from otel_ebpf.export.profiles import (
     BUILD_ID_ATTRIBUTE,
     FRAME_TYPE_ATTRIBUTE,
@@ -16,6 +18,7 @@ from otel_ebpf.export.profiles import (
     folded_stack,
 )
 from otel_ebpf.model import Identity, StackSample, Workload
+from otel_ebpf.probes.cpu_profile import samples_map_size
 from otel_ebpf.symbols import Frame, Mapping
 
 APP = Mapping(0x400000, 0x401000, 0, "/usr/bin/app", "ab" * 20)
@@ -138,3 +141,17 @@ def test_window_merges_and_folded_output_is_root_first() -> None:
         f"other;libc.so.6+{UNKNOWN.address:#x};do_syscall_64_[k] 1",
     ]
     assert folded_stack(StackSample(A, 1, "t", (HOT,), 1), "a;b") == ("a_b", "hot")
+
+
+@pytest.mark.parametrize(("hz", "cpus", "interval", "expected"), [
+    (19, 2, 1.0, 256),          # small machines get the floor
+    (99, 2, 1.0, 512),          # 396 keys at most -> the next power of two
+    (99, 64, 1.0, 16384),       # 12,672
+    (1, 1, 0.1, 256),           # below one key a drain
+    (10_000, 1024, 60.0, 1 << 20),  # the ceiling
+])
+def test_sample_map_is_sized_from_rate_cpus_and_interval(hz: int, cpus: int, interval: float,
+                                                         expected: int) -> None:
+    config = CpuProfileConfig(frequency=hz, interval=interval)
+    assert samples_map_size(config, cpus) == expected
+    assert samples_map_size(CpuProfileConfig(max_samples=1000), cpus) == 1000
