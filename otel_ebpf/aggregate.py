@@ -40,6 +40,9 @@ class Series:
     updated_ns: int
     exported_since_update: bool = False
     version: int = 0  # the store's add() that last changed it
+    # its workload is gone and its last values were exported: not exported again unless a
+    # late delta revives it, forgotten after the quiet time
+    retired: bool = False
     # counter
     value: int = 0
     # exponential histogram
@@ -110,6 +113,8 @@ class CumulativeStore:
         """Fold deltas in. `start_ns` is when their probe started counting."""
         with self._lock:
             self._version += 1
+            if len(self._series) >= self.max_series * 0.9:
+                self._forget_retired()  # a gone process's quiet time yields to live data
             for record in records:
                 self._add(record, start_ns, now_ns)
 
@@ -129,6 +134,7 @@ class CumulativeStore:
         series.updated_ns = now_ns
         series.version = self._version
         series.exported_since_update = False
+        series.retired = False
         if record.workload.comm:
             series.workload = record.workload  # keep the newest kernel-side name
         if isinstance(record, CounterDelta):
@@ -136,13 +142,19 @@ class CumulativeStore:
         else:
             _fold_histogram(series, record)
 
+    def _forget_retired(self) -> None:
+        for key in [k for k, s in self._series.items() if s.retired]:
+            del self._series[key]
+            self._exemplars.pop(key, None)
+
     def series(self) -> list[Series]:
-        """A consistent copy of every series, safe to read while adds go on."""
+        """A consistent copy of every series to export (not the retired ones), safe to
+        read while adds go on."""
         with self._lock:
             return [replace(s, attributes=dict(s.attributes),
                             bucket_counts=None if s.bucket_counts is None
                             else list(s.bucket_counts))
-                    for s in self._series.values()]
+                    for s in self._series.values() if not s.retired]
 
     def mark_exported(self, exported: Iterable[Series]) -> None:
         """These copies were delivered: their series count as exported unless an add()
@@ -155,22 +167,36 @@ class CumulativeStore:
 
     def expire(self, alive: Callable[[Workload], bool], now_ns: int | None = None,
                quiet_ns: int = 0) -> int:
-        """Forget series whose workload is gone, whose final values were exported and
-        that no delta changed for `quiet_ns`. The quiet time matters: the kernel keeps
-        counting for a process that exited (its sockets retransmit on), and a delta
-        arriving after the series was forgotten would restart it from zero."""
+        """Retire the series whose workload is gone and whose last values were exported
+        (they are exported no more), and forget those no delta changed for `quiet_ns`.
+        The quiet time matters: the kernel keeps counting for a process that exited (its
+        sockets retransmit on), and a delta for a forgotten series would restart it from
+        zero. Returns how many were forgotten."""
         with self._lock:
             return self._expire(alive, None if now_ns is None else now_ns - quiet_ns)
 
     def _expire(self, alive: Callable[[Workload], bool], updated_by_ns: int | None) -> int:
-        gone = [k for k, s in self._series.items() if s.exported_since_update
-                and (updated_by_ns is None or s.updated_ns <= updated_by_ns)
-                and not alive(s.workload)]
+        checked: dict[tuple[int, int], bool] = {}  # many series share one workload
+
+        def is_alive(workload: Workload) -> bool:
+            known = checked.get(workload.identity_key)
+            if known is None:
+                known = checked[workload.identity_key] = alive(workload)
+            return known
+
+        gone = []
+        for key, series in self._series.items():
+            if not series.exported_since_update or is_alive(series.workload):
+                continue
+            if updated_by_ns is None or series.updated_ns <= updated_by_ns:
+                gone.append(key)
+            else:
+                series.retired = True
         for key in gone:
             del self._series[key]
             self._exemplars.pop(key, None)
         orphans = [k for k in self._exemplars if k not in self._series
-                   and not alive(Workload(pid=k[1][0], cgroup_id=k[1][1]))]
+                   and not is_alive(Workload(pid=k[1][0], cgroup_id=k[1][1]))]
         for key in orphans:
             del self._exemplars[key]
         return len(gone)

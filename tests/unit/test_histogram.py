@@ -136,18 +136,40 @@ def test_store_expires_gone_workloads_only_after_export() -> None:
     assert len(store) == 0
 
 
-def test_store_expires_only_series_quiet_for_the_grace_time() -> None:
+def test_store_retires_a_gone_series_then_forgets_it_after_the_quiet_time() -> None:
     store = CumulativeStore()
     store.add([delta([1000], pid=7)], 0, 100)
     store.mark_exported(store.series())
     assert store.expire(lambda w: False, now_ns=150, quiet_ns=100) == 0
+    assert store.series() == []  # retired: its last values went out, not sent again
     # a late delta of the gone process (its socket still retransmits): the same series
+    # comes back, cumulative from the same start
     store.add([delta([1000], pid=7)], 0, 160)
-    store.mark_exported(store.series())
     (series,) = store.series()
     assert (series.count, series.start_ns) == (2, 0)
+    store.mark_exported([series])
     assert store.expire(lambda w: False, now_ns=259, quiet_ns=100) == 0
     assert store.expire(lambda w: False, now_ns=260, quiet_ns=100) == 1
+    assert len(store) == 0
+
+
+def test_a_full_store_forgets_retired_series_before_refusing_live_ones() -> None:
+    store = CumulativeStore(max_series=2)
+    store.add([delta([1000], pid=1), delta([1000], pid=2)], 0, 1)
+    store.mark_exported(store.series())
+    store.expire(lambda w: w.pid != 1, now_ns=2, quiet_ns=100)  # pid 1 gone: retired
+    store.add([delta([1000], pid=3)], 0, 3)
+    assert store.dropped_series == 0
+    assert sorted(s.workload.pid for s in store.series()) == [2, 3]
+
+
+def test_store_asks_once_per_workload_whether_it_lives() -> None:
+    store = CumulativeStore()
+    store.add([delta([1000], pid=7), delta([2000], pid=7), delta([1000], pid=8)], 0, 1)
+    store.mark_exported(store.series())
+    asked: list[int] = []
+    store.expire(lambda w: asked.append(w.pid) or True)
+    assert sorted(asked) == [7, 8]
 
 
 def test_store_keeps_a_series_changed_after_its_export_was_taken() -> None:
