@@ -29,23 +29,14 @@ from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanExport
 from otel_ebpf.kernel.engine import Engine
-from otel_ebpf.model import Collection, CounterDelta, MetricDescriptor, SpanRecord, Workload
+from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
+from otel_ebpf.selfmetrics import LOST_EVENTS, PROFILES_DROPPED, SPANS_DROPPED
 from otel_ebpf.workers import EventReader, PeriodicCollector
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 4.0  # the final flush gives up after this; SIGTERM-to-exit stays < 5 s
-LOST_EVENTS = MetricDescriptor(
-    "otel_ebpf.probe.lost_events", "{event}",
-    "Kernel events a probe could not record, by reason (map_full, no_start, ...).")
-SPANS_DROPPED = MetricDescriptor(
-    "otel_ebpf.spans.dropped", "{span}",
-    "Spans the agent did not deliver: queue_full, export_failed.")
-PROFILES_DROPPED = MetricDescriptor(
-    "otel_ebpf.profiles.dropped", "{profile}",
-    "Profiles the agent did not deliver: unsupported (the collector has no profiles "
-    "service), export_failed.")
 SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
 SPAN_POLL_S = 0.2  # a busy event buffer is emptied at most this often (batches the hand-off)
 # a gone process's series is forgotten once exported and this long without a delta
