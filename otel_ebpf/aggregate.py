@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
@@ -60,17 +60,10 @@ class Series:
         return self.bucket_counts is not None
 
 
-def series_key(record: Record) -> SeriesKey:
-    return (
-        record.descriptor.name,
-        record.workload.identity_key,
-        frozenset(record.attributes.items()),
-    )
-
-
-def series_key_of(series: Series) -> SeriesKey:
-    return (series.descriptor.name, series.workload.identity_key,
-            frozenset(series.attributes.items()))
+def series_key(name: str, workload: Workload,
+               attributes: Mapping[str, AttributeValue]) -> SeriesKey:
+    """What makes a series one: metric, workload identity (not its name), attributes."""
+    return name, workload.identity_key, frozenset(attributes.items())
 
 
 class CumulativeStore:
@@ -91,7 +84,7 @@ class CumulativeStore:
                      attributes: dict[str, AttributeValue], exemplar: Exemplar) -> None:
         if not self.exemplars_per_series:
             return
-        key = (metric, workload.identity_key, frozenset(attributes.items()))
+        key = series_key(metric, workload, attributes)
         with self._lock:
             if key not in self._series and len(self._exemplars) >= self.max_series:
                 return
@@ -101,8 +94,7 @@ class CumulativeStore:
             kept.append(exemplar)
 
     def exemplars_of(self, series: Series) -> list[Exemplar]:
-        key = (series.descriptor.name, series.workload.identity_key,
-               frozenset(series.attributes.items()))
+        key = series_key(series.descriptor.name, series.workload, series.attributes)
         with self._lock:
             return list(self._exemplars.get(key, ()))
 
@@ -119,7 +111,7 @@ class CumulativeStore:
                 self._add(record, start_ns, now_ns)
 
     def _add(self, record: Record, start_ns: int, now_ns: int) -> None:
-        key = series_key(record)
+        key = series_key(record.descriptor.name, record.workload, record.attributes)
         series = self._series.get(key)
         if series is None:
             if len(self._series) >= self.max_series:
@@ -161,7 +153,8 @@ class CumulativeStore:
         changed them since the copy was taken."""
         with self._lock:
             for copy in exported:
-                live = self._series.get(series_key_of(copy))
+                live = self._series.get(
+                    series_key(copy.descriptor.name, copy.workload, copy.attributes))
                 if live is not None and live.version == copy.version:
                     live.exported_since_update = True
 

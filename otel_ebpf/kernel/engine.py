@@ -76,7 +76,7 @@ class BpfMap:
     def drain(self) -> list[tuple[Any, Any]]:
         """Look up and delete every entry: (key, value) ctypes structs."""
         keys, values = self.drain_bytes()
-        ksize, vsize = ct.sizeof(self.key_type), ct.sizeof(self.value_type)
+        ksize, vsize = self.key_size, self.value_size
         return [(self.key_type.from_buffer_copy(keys, i * ksize),
                  self.value_type.from_buffer_copy(values, i * vsize))
                 for i in range(len(keys) // ksize)]
@@ -101,7 +101,7 @@ class BpfMap:
 
     def _drain_batched(self) -> tuple[bytes, bytes]:
         token_in, token_out, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
-        ksize, vsize = ct.sizeof(self.key_type), ct.sizeof(self.value_type)
+        ksize, vsize = self.key_size, self.value_size
         keys, values = bytearray(), bytearray()
         first = True
         while True:
