@@ -57,18 +57,10 @@ def bucket_lower_bound(index: int, scale: int) -> float:
     return bucket_upper_bound(index - 1, scale)
 
 
-def trim(offset: int, counts: Sequence[int]) -> tuple[int, list[int]]:
-    """Drop empty buckets at both ends: OTLP sends only the populated span."""
-    first = next((i for i, c in enumerate(counts) if c), None)
-    if first is None:
-        return 0, []
-    last = max(i for i, c in enumerate(counts) if c)
-    return offset + first, list(counts[first : last + 1])
-
-
-def trim_u32(offset: int, raw: bytes) -> tuple[int, list[int]]:
-    """trim() for buckets given as packed native u32s (a kernel map value), at C speed:
-    the empty ends are runs of zero bytes, so strip()s find the populated span."""
+def trim(offset: int, raw: bytes) -> tuple[int, list[int]]:
+    """Drop empty buckets at both ends (OTLP sends only the populated span) of buckets
+    given as packed native u32s, as a kernel map holds them. At C speed: the empty ends
+    are runs of zero bytes, so strip()s find the populated span."""
     head = len(raw) - len(raw.lstrip(b"\0"))
     if head == len(raw):
         return 0, []

@@ -14,7 +14,7 @@ from typing import Any
 from otel_ebpf.clock import MonotonicClock
 from otel_ebpf.config import SyscallLatencyConfig
 from otel_ebpf.enrich.cgroup import cgroup_id
-from otel_ebpf.histogram import trim_u32
+from otel_ebpf.histogram import trim
 from otel_ebpf.kernel.engine import Engine, Program, update_set_map
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import (
@@ -145,7 +145,7 @@ class SyscallLatency(Probe):
         return Collection(self.name, [self.decode(k, v) for k, v in entries], lost)
 
     def decode(self, key: Any, value: Any) -> ExpHistogramDelta:
-        offset, counts = trim_u32(HIST_MIN_INDEX, bytes(value.buckets))
+        offset, counts = trim(HIST_MIN_INDEX, bytes(value.buckets))
         # per-process keys carry no cgroup (a shorter key is a cheaper hash); the value
         # recorded it at insert. System-wide series belong to no cgroup.
         cgroup = int(getattr(key, "cgroup_id", value.cgroup_id))

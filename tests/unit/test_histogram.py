@@ -62,18 +62,27 @@ def test_python_mirror_uses_the_kernel_constants() -> None:
         assert q == math.ceil(2 ** (j / 4) * 65536)
 
 
+def packed(counts: list[int]) -> bytes:
+    """Buckets as a kernel map value holds them: native u32s."""
+    return array.array("I", counts).tobytes()
+
+
 def test_trim_and_merge() -> None:
-    assert h.trim(-104, [0, 0, 3, 0, 1, 0]) == (-102, [3, 0, 1])
-    assert h.trim(5, [0, 0]) == (0, [])
-
-
-@pytest.mark.parametrize("counts", [[0, 0, 3, 0, 1, 0], [0, 0], [7], [256, 0, 0],
-                                    [0, 0, 0, 1 << 24], [1, 0, 65536, 1]])
-def test_trim_of_packed_u32_matches_trim(counts: list[int]) -> None:
-    raw = array.array("I", counts).tobytes()
-    assert h.trim_u32(-104, raw) == h.trim(-104, counts)
+    assert h.trim(-104, packed([0, 0, 3, 0, 1, 0])) == (-102, [3, 0, 1])
+    assert h.trim(5, packed([0, 0])) == (0, [])
     assert h.merge_into(-10, [1, 2], -12, [5]) == (-12, [5, 0, 1, 2])
     assert h.merge_into(0, [], 3, [1]) == (3, [1])
+
+
+@pytest.mark.parametrize(("counts", "expected"), [
+    ([7], (-104, [7])),
+    ([256, 0, 0], (-104, [256])),            # zero bytes inside a count are not an end
+    ([0, 0, 0, 1 << 24], (-101, [1 << 24])),
+    ([1, 0, 65536, 1], (-104, [1, 0, 65536, 1])),
+])
+def test_trim_finds_the_populated_span_of_packed_counts(
+        counts: list[int], expected: tuple[int, list[int]]) -> None:
+    assert h.trim(-104, packed(counts)) == expected
 
 
 def test_quantile_is_the_bucket_top_clamped_to_observed() -> None:
@@ -87,7 +96,7 @@ def delta(ns_values: list[int], pid: int = 42) -> ExpHistogramDelta:
     slots = [0] * probe.HIST_BUCKETS
     for ns in ns_values:
         slots[h.duration_bucket_index(ns) - probe.HIST_MIN_INDEX] += 1
-    offset, counts = h.trim(probe.HIST_MIN_INDEX, slots)
+    offset, counts = h.trim(probe.HIST_MIN_INDEX, packed(slots))
     return ExpHistogramDelta(probe.SYSCALL_DURATION, Workload(pid, "app"),
                              {"linux.syscall.name": "read"}, 2, offset, counts,
                              len(ns_values), sum(ns_values) / 1e9, min(ns_values) / 1e9,
