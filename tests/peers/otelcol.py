@@ -74,7 +74,6 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,7 +82,7 @@ from typing import Any
 
 import yaml
 
-from tests.peers.process import LOOPBACK, PeerProcess
+from tests.peers.process import LOOPBACK, CollectorPeer
 
 OTELCOL_VERSION = "0.157.0"
 DIST_NAME = "otelcol-otel-ebpf-test"
@@ -119,14 +118,18 @@ def ensure_built() -> Path:
     return binary
 
 
-class OtelCollector:
+class OtelCollector(CollectorPeer):
     """An OpenTelemetry Collector subprocess receiving OTLP on loopback.
 
     Every signal (traces, metrics, logs, profiles) goes to the debug exporter (its output
     lands in ``log_path``, see ``read_log()``/``wait_for_log()``) and to a file exporter
     writing OTLP/JSON lines (see ``read_exported()``/``wait_for_export()``). Use as a
-    context manager or call ``start()``/``stop()``.
+    context manager or call ``start()``/``stop()``; the log and exported documents stay
+    readable after ``stop()``.
     """
+
+    name = "otelcol"
+    stop_timeout = 10.0
 
     def __init__(
         self,
@@ -137,18 +140,11 @@ class OtelCollector:
         startup_timeout: float = 20.0,
         binary: Path | None = None,
     ) -> None:
+        super().__init__(log_path, startup_timeout)
         self.verbosity = verbosity
         self.extra_args = list(extra_args or [])
-        self.startup_timeout = startup_timeout
         self._binary = binary
-        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
-        self._requested_log_path = log_path
-        self._log_path: Path | None = None
-        self._peer = PeerProcess(startup_timeout)
-        self._final_log: str | None = None
         self._final_exports: dict[str, str] = {}
-        self.grpc_port = 0
-        self.http_port = 0
 
     @property
     def binary(self) -> Path:
@@ -156,34 +152,6 @@ class OtelCollector:
         if self._binary is None:
             self._binary = ensure_built()
         return self._binary
-
-    @property
-    def grpc_target(self) -> str:
-        """``127.0.0.1:PORT`` for ``grpc.insecure_channel``."""
-        return f"{LOOPBACK}:{self.grpc_port}"
-
-    @property
-    def grpc_endpoint(self) -> str:
-        """OTLP/gRPC receiver as ``http://127.0.0.1:PORT`` (for the SDK OTLP exporters)."""
-        return f"http://{self.grpc_target}"
-
-    @property
-    def http_endpoint(self) -> str:
-        """OTLP/HTTP base URL; append ``/v1/metrics``... or ``/v1development/profiles``."""
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    @property
-    def log_path(self) -> Path:
-        """File receiving the collector's stdout and stderr (including debug output)."""
-        if self._log_path is None:
-            raise RuntimeError("OtelCollector not started")
-        return self._log_path
-
-    @property
-    def workdir(self) -> Path:
-        if self._tmpdir is None:
-            raise RuntimeError("OtelCollector not started")
-        return Path(self._tmpdir.name)
 
     @property
     def config_path(self) -> Path:
@@ -194,10 +162,6 @@ class OtelCollector:
         if signal_name not in SIGNALS:
             raise ValueError(f"unknown signal {signal_name!r}; expected one of {SIGNALS}")
         return self.workdir / f"{signal_name}.jsonl"
-
-    @property
-    def pid(self) -> int | None:
-        return self._peer.proc.pid if self._peer.proc is not None else None
 
     def config(self) -> dict[str, Any]:
         """The collector configuration for the current ports."""
@@ -246,15 +210,6 @@ class OtelCollector:
             *self.extra_args,
         ]
 
-    def read_log(self) -> str:
-        """The collector's output so far; after ``stop()`` too."""
-        if self._final_log is not None:
-            return self._final_log
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def wait_for_log(self, predicate: str | Callable[[str], bool], timeout: float = 10.0) -> str:
         """Poll the log until it contains ``predicate`` (or ``predicate(log)`` is true)."""
         check = (lambda text: predicate in text) if isinstance(predicate, str) else predicate
@@ -301,53 +256,25 @@ class OtelCollector:
             time.sleep(0.05)
 
     def start(self, attempts: int = 3) -> OtelCollector:
-        """Start the collector and wait until both OTLP receivers accept connections.
-
-        Ports are picked just before launch; if another process grabs one, the collector
-        exits at once and we retry with fresh ports.
-        """
-        if self._peer.proc is not None:
-            raise RuntimeError("OtelCollector already started")
-        binary = self.binary  # build (or fail) before creating anything
-        self._final_log = None
+        """Start the collector and wait until both OTLP receivers accept connections."""
+        _ = self.binary  # build (or fail) before creating anything
         self._final_exports = {}
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="otelcol-")
-        self._log_path = self._requested_log_path or self.workdir / "otelcol-output.log"
 
-        def command(grpc_port: int, http_port: int) -> list[str]:
-            self.grpc_port, self.http_port = grpc_port, http_port
+        def command() -> list[str]:
             self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
             return self.command()
 
-        if self._peer.launch(command, self._log_path, attempts, cwd=self.workdir) is not None:
-            return self
-        output = self.read_log()
-        self.stop()
-        raise RuntimeError(f"{binary.name} failed to start; output:\n{output}")
+        self._launch(command, attempts)
+        return self
 
-    def _terminate(self, timeout: float = 10.0) -> None:
-        self._peer.terminate(timeout)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the collector (it flushes the file exporters), SIGKILL after ``timeout``.
-
-        Idempotent; the log and exported documents stay readable afterwards.
-        """
-        self._terminate(timeout)
-        if self._tmpdir is not None:
-            self._final_log = self.read_log()
-            for sig in SIGNALS:
-                path = self.export_path(sig)
-                if path.exists():
-                    self._final_exports[sig] = path.read_text()
-            self._tmpdir.cleanup()
-            self._tmpdir = None
+    def _keep(self) -> None:
+        for sig in SIGNALS:
+            path = self.export_path(sig)
+            if path.exists():
+                self._final_exports[sig] = path.read_text()
 
     def __enter__(self) -> OtelCollector:
         return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 # --- reading what the collector decoded ------------------------------------------------

@@ -8,6 +8,7 @@ import atexit
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,3 +89,105 @@ class PeerProcess:
                 proc.kill()
                 proc.wait()
         _LIVE.discard(proc)
+
+
+class CollectorPeer:
+    """A collector subprocess with OTLP receivers on two loopback ports and its output in a
+    log that stays readable after stop(). Subclasses build the command (`_launch`) and
+    may keep more of their private directory at stop (`_keep`)."""
+
+    name = "collector"
+    stop_timeout = 5.0
+
+    def __init__(self, log_path: Path | None, startup_timeout: float) -> None:
+        self.startup_timeout = startup_timeout
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._requested_log_path = log_path
+        self._log_path: Path | None = None
+        self._peer = PeerProcess(startup_timeout)
+        self._final_log: str | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+
+    @property
+    def grpc_target(self) -> str:
+        """``127.0.0.1:PORT`` for ``grpc.insecure_channel``."""
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    @property
+    def grpc_endpoint(self) -> str:
+        """OTLP/gRPC receiver as ``http://127.0.0.1:PORT`` (for the SDK OTLP exporters)."""
+        return f"http://{self.grpc_target}"
+
+    @property
+    def http_endpoint(self) -> str:
+        """OTLP/HTTP base URL; append ``/v1/metrics``, ``/v1/traces``, ..."""
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        """File receiving the collector's stdout and stderr."""
+        if self._log_path is None:
+            raise RuntimeError(f"{type(self).__name__} not started")
+        return self._log_path
+
+    @property
+    def workdir(self) -> Path:
+        """The private directory of this run (config, pid and output files)."""
+        if self._tmpdir is None:
+            raise RuntimeError(f"{type(self).__name__} not started")
+        return Path(self._tmpdir.name)
+
+    @property
+    def pid(self) -> int | None:
+        """The subprocess id while running."""
+        return self._peer.proc.pid if self._peer.proc is not None else None
+
+    def read_log(self) -> str:
+        """The collector's output so far; after ``stop()`` too, even from a temporary log."""
+        if self._final_log is not None:
+            return self._final_log
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _launch(self, command: Callable[[], Sequence[str]], attempts: int,
+                **popen: object) -> None:
+        """Start `command()` (built once `grpc_port`/`http_port` are chosen) in a fresh
+        private directory, its working directory, until both receivers accept
+        connections.
+
+        Ports are picked just before launch, so another process can grab one in between;
+        the collector then exits at once and is retried with fresh ports."""
+        if self._peer.proc is not None:
+            raise RuntimeError(f"{type(self).__name__} already started")
+        self._final_log = None
+        self._tmpdir = tempfile.TemporaryDirectory(prefix=f"{self.name}-")
+        self._log_path = self._requested_log_path or self.workdir / f"{self.name}-output.log"
+
+        def with_ports(grpc_port: int, http_port: int) -> Sequence[str]:
+            self.grpc_port, self.http_port = grpc_port, http_port
+            return command()
+
+        if self._peer.launch(with_ports, self._log_path, attempts, cwd=self.workdir,
+                             **popen) is None:
+            output = self.read_log()
+            self.stop()
+            raise RuntimeError(f"{self.name} failed to start; output:\n{output}")
+
+    def _keep(self) -> None:
+        """Called at stop() while the private directory still exists."""
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM the collector (letting it flush), SIGKILL it after ``timeout``;
+        idempotent. The log stays readable."""
+        self._peer.terminate(self.stop_timeout if timeout is None else timeout)
+        if self._tmpdir is not None:
+            self._final_log = self.read_log()
+            self._keep()
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
