@@ -102,9 +102,6 @@ class InternedStacks:
         self._drain += 1
         return len(stale)
 
-    def __len__(self) -> int:
-        return len(self._last_used)
-
 
 class CpuProfile(Probe):
     name = "cpu_profile"
