@@ -13,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,14 +38,19 @@ summary:
 
 
 class AgentProcess:
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """`otel-ebpf run` on CONFIG: the checkout's package by default; `program` runs another
+    copy (an installed one), from `cwd`."""
+
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                 program: Sequence[str] = (sys.executable, "-m", "otel_ebpf"),
+                 cwd: Path | None = None) -> None:
         config = tmp_path / "agent.yaml"
         config.write_text(CONFIG)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         environ.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "otel_ebpf", "run", "--config", str(config), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+            [*program, "run", "--config", str(config), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=cwd)
         self.stderr: list[str] = []
         self.stdout: list[str] = []
         self._lines: queue.Queue[str] = queue.Queue()
@@ -116,7 +122,7 @@ def run_workload(binary: Path) -> int:
     return proc.pid
 
 
-def getppid_points(sink: OtlpSink, pid: int) -> list[tuple[dict, object]]:
+def getppid_points(sink: OtlpSink, pid: int) -> list[tuple[dict[str, Any], Any]]:
     return [
         (resource, point)
         for resource, point in sink.metrics_points("linux.syscall.duration")
