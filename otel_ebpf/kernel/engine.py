@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import errno
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from otel_ebpf.kernel.headers import HeaderSource
 
 log = logging.getLogger(__name__)
 
+BPF_PACKAGE = "otel_ebpf.bpf"  # probes/, shipped inside the package
 _BATCH = 512  # entries per lookup-and-delete round: bounds the copy buffers
 
 
@@ -28,24 +29,25 @@ class EngineError(RuntimeError):
     """A BPF program could not be compiled, loaded or attached; the message says why."""
 
 
-def bpf_source(name: str) -> str:
-    """The text of probes/<name>.bpf.c, shipped as package data (otel_ebpf.bpf)."""
-    try:
-        return resources.files("otel_ebpf.bpf").joinpath(f"{name}.bpf.c").read_text()
-    except (FileNotFoundError, ModuleNotFoundError):
-        # running from a source tree that was not installed
-        return (Path(__file__).resolve().parents[2] / "probes" / f"{name}.bpf.c").read_text()
-
-
 def bpf_source_dir() -> Path:
-    """The directory of the installed .bpf.c files (package data), or the source tree's."""
-    try:
-        installed = Path(str(resources.files("otel_ebpf.bpf")))
-        if (installed / "rate_limit.h").is_file():
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "probes"
+    """The directory of the .bpf.c sources and the headers they share, which BCC needs on
+    disk as an include path: the package otel_ebpf.bpf wherever it is installed (editable
+    checkout, wheel, container image), else probes/ beside an otel_ebpf that nothing
+    installed (a source tree on sys.path)."""
+    spec = importlib.util.find_spec(BPF_PACKAGE)
+    if spec is not None and spec.origin is not None:  # origin None: a namespace package
+        return Path(spec.origin).parent
+    tree = Path(__file__).resolve().parents[2] / "probes"  # pyproject.toml's package-dir
+    if (tree / "__init__.py").is_file():
+        return tree
+    raise EngineError(
+        f"the BPF sources ({BPF_PACKAGE}) are missing from this installation of otel_ebpf. "
+        "Fix: reinstall it (pip install ., or make setup in a checkout)")
+
+
+def bpf_source(name: str) -> str:
+    """The text of probes/<name>.bpf.c."""
+    return (bpf_source_dir() / f"{name}.bpf.c").read_text()
 
 
 def _import_bcc() -> Any:
