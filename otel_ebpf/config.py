@@ -110,7 +110,12 @@ class SyscallLatencyConfig(_Strict):
     enabled: bool = True
     interval: Duration = 5.0
     max_entries: int = Field(default=8192, ge=64, le=1 << 20)
-    aggregation: Literal["process", "cgroup", "system"] = "process"
+    # workload: per container (else cgroup) and executable; process: per pid (grows with
+    # churn); cgroup; system
+    aggregation: Literal["workload", "process", "cgroup", "system"] = "workload"
+    # time one in this many calls that stay on the CPU (every call that leaves it is
+    # timed); 1 times every call, at about twice the cost per call
+    sample_period: int = Field(default=64, ge=1, le=1 << 16)
     filter: SyscallFilter = Field(default_factory=SyscallFilter)
     slow_spans: SlowSpansConfig = Field(default_factory=SlowSpansConfig)
 

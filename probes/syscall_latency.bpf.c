@@ -1,108 +1,153 @@
-/* syscall_latency.bpf.c - per-workload syscall latency histograms.
+/* syscall_latency.bpf.c - per-workload syscall counts and latency histograms.
  *
- * Hooks:      raw_tracepoint/sys_enter and raw_tracepoint/sys_exit (every syscall of
- *             every task). Raw tracepoints skip the argument marshalling that the classic
- *             raw_syscalls tracepoints pay for on each hit.
- * Aggregates: per (tgid, syscall nr) - or per (cgroup id, syscall nr), or per syscall nr,
- *             as configured - the sum, min and max in ns, and
- *             a base-2 exponential histogram at scale 2 (four buckets per octave) whose
- *             bucket indexes are OTLP ExponentialHistogram indexes of the duration in
- *             *seconds*, so user space exports them without re-bucketing.
- * Maps:       syscall_start  task-local storage {enter ns, nr}; freed with the task.
- *             latency_0/_1   hashes, MAX_ENTRIES keys each, BPF_F_NO_PREALLOC: the
- *                            current interval's histograms go to the one `generation`
- *                            names. User space flips the generation, waits out programs
- *                            still writing the old one, then drains it (lookup and delete),
- *                            so no update can land in an entry the drain already copied,
- *                            and exited processes leave with the drain.
- *             generation     1-entry array: which latency map is current (0 or 1).
- *             zero_value     1-entry array: the zeroed value to insert (too big for stack).
- *             probe_stats    per-CPU counters of events this program could not record.
- *             *_filter       hash sets for the optional pid / comm / cgroup filters.
+ * Hooks:      raw_tracepoint/sys_enter, raw_tracepoint/sys_exit (every syscall of every
+ *             task) and raw_tracepoint/sched_switch (a task leaving a CPU). Raw
+ *             tracepoints skip the argument marshalling of the classic ones.
+ * Aggregates: per key - (cgroup id, executable) by default, else (tgid), (cgroup id) or
+ *             nothing, as configured - and syscall nr:
+ *               calls   every call, exactly, without reading a clock;
+ *               a base-2 exponential histogram at scale 2 (exp_histogram.h) of the calls
+ *               that were timed, with their sum, min and max. Timed are:
+ *               - every call that left the CPU (blocked, or was preempted): the switch
+ *                 tracepoint sees the task leave inside the call and reads the clock
+ *                 there; the call is timed from that moment (or from its entry when it
+ *                 was also sampled) to its exit. Its weight is 1.
+ *               - a sample of the calls that stayed on the CPU: one in SAMPLE_PERIOD on
+ *                 average (the gap to the next sample is drawn uniformly from
+ *                 1..2*SAMPLE_PERIOD-1, so no periodic pattern of calls can hide from it),
+ *                 and the first call of each syscall number the probe ever sees, so
+ *                 every syscall has a timed call for user space to scale from.
+ *               User space scales the sampled calls' buckets to the exact number of
+ *               calls that stayed on the CPU, so the exported count is exact and the
+ *               quantiles are those of an unbiased sample. SAMPLE_PERIOD=1 times every
+ *               call (both clocks on every call: the old cost).
+ * Counting:   each CPU keeps the counts of the task running on it in SLOTS (syscall nr,
+ *             calls) pairs and adds them to the map when the task leaves the CPU, when a
+ *             9th syscall number needs a slot, or when user space flips the generation:
+ *             a hash update per flush, not per call. Nothing is lost; a count flushed
+ *             after a flip lands in the next interval's map.
+ * Maps:       cpu_state     per-CPU array (1): the call in flight, the sampling countdown,
+ *                           the running task's identity and its pending counts.
+ *             task_state    task-local storage: the call in flight of a task that left the
+ *                           CPU, and the task's identity (computed once, again after an
+ *                           exec or a cgroup change); freed with the task.
+ *             latency_0/_1  hashes, MAX_ENTRIES keys each, BPF_F_NO_PREALLOC: the current
+ *                           interval's values go to the one `generation` names. User
+ *                           space flips it, waits out programs still writing the old one,
+ *                           then drains that one (lookup and delete).
+ *             generation    1-entry array: which latency map is current (0 or 1).
+ *             timed_once    array by syscall nr: has a call of it been timed yet.
+ *             zero_value    1-entry array: the zeroed value to insert (too big for stack).
+ *             probe_stats   per-CPU counters of events this program could not record.
+ *             *_filter      hash sets for the optional pid / comm / cgroup filters.
  *             slow_threshold_ns  array by syscall nr (SYSCALL_SLOTS): 0 = never a span.
- *             slow_rate      1-entry array: the rate limiter's state (GCRA, one u64).
- *             slow_events    ring buffer (perf buffer before 5.8) of slow-call events.
- * Emits:      with SLOW_EVENTS, one event per call slower than its syscall's threshold,
- *             at most SLOW_RATE per second (burst SLOW_BURST); calls refused by the
- *             limit or by a full buffer are counted in probe_stats, never silently lost.
- * Cost:       per syscall: two task-storage lookups, two bpf_ktime_get_ns (about half of
- *             the total on a retpoline CPU), one array lookup (the generation), one hash
- *             lookup of an 8-byte key, two atomic adds and a min/max compare-and-swap
- *             (taken only on a new extreme). A new key per interval costs one insert. Calls
- *             below the smallest threshold pay one compare for the slow path; slower
- *             ones an array lookup, one compare-and-swap and a 72-byte ring buffer copy.
- *             Measured side by side against the empty raw tracepoints by `make bench`.
+ *             slow_rate     1-entry array: the rate limiter's state (GCRA, one u64).
+ *             slow_events   ring buffer (perf buffer before 5.8) of slow-call events.
+ * Emits:      with SLOW_EVENTS, one event per timed call slower than its syscall's
+ *             threshold, at most SLOW_RATE per second (burst SLOW_BURST); calls refused by
+ *             the limit or by a full buffer are counted in probe_stats.
+ * Cost:       per call that stays on the CPU: enter - a per-CPU array lookup, the current
+ *             task, three stores, a countdown and one array lookup (timed_once); exit - the
+ *             per-CPU lookup, one compare, the generation, a scan of 8 slots and an add.
+ *             No clock, no hash, no atomic. A sampled call adds two clock reads and a hash
+ *             update. Per context switch of a task in a syscall: one clock read and a
+ *             task-storage write; per switch of a task with pending counts, one hash
+ *             update per syscall number it used. Measured by `make bench` (syscalls and
+ *             redis suites) against the empty programs on the same hooks.
  *
  * Compile-time switches (cflags from otel_ebpf/probes/syscall_latency.py):
- *   MAX_ENTRIES, FILTER_TGID, FILTER_COMM, FILTER_CGROUP, KEY_TGID, KEY_CGROUP,
+ *   MAX_ENTRIES, SAMPLE_PERIOD, NR_EXECVE, NR_EXECVEAT, FILTER_TGID, FILTER_COMM,
+ *   FILTER_CGROUP, KEY_WORKLOAD (+ TASK_MM_OFF, MM_EXE_FILE_OFF, FILE_INODE_OFF,
+ *   FILE_DENTRY_OFF, DENTRY_NAME_OFF from the running kernel's BTF), KEY_TGID, KEY_CGROUP,
  *   SLOW_EVENTS, SLOW_MIN_NS, SLOW_RATE, SLOW_BURST, RINGBUF_PAGES, USE_PERF_BUFFER.
  */
 #include <linux/sched.h>
+#include "exp_histogram.h"
 #include "rate_limit.h"
 
-/* Histogram layout: OTLP scale-2 indexes from HIST_MIN_INDEX (2^-26 s, 14.9 ns) up to
- * HIST_MIN_INDEX + HIST_BUCKETS - 1 (2^12 s, 68 min). Durations outside that range are
- * clamped into the end buckets; min and max stay exact. Keep in sync with the decoder. */
-#define HIST_SCALE 2
-#define HIST_MIN_INDEX (-104)
-#define HIST_BUCKETS 152
-/* A duration is bucketed in units of 2^-40 s (2^-30 s above 30 s, where that still
- * leaves 35 bits), so that octaves of the unit are octaves of a second:
- * index = 4 * floor(log2 x) + sub-bucket - 4 * unit_octaves. */
+#define SLOTS 8
+#define SYSCALL_SLOTS 1024
+#define EXE_LEN 32
 
-/* 2^(j/4) for j = 1..3 as 16.16 fixed point, rounded up: the mantissa compares below
- * place a value in the right quarter-octave to within 2^-16 of a boundary. */
-#define QUARTER_1 77936ULL
-#define QUARTER_2 92682ULL
-#define QUARTER_3 110218ULL
+#define CALL_OFFCPU 1       /* task_state.flags: a call in flight left the CPU */
+#define CALL_ENTRY_EXACT 2  /* ... and its start is its entry, not when it left */
 
-struct syscall_start {
-    u64 enter_ns;
-    u32 nr;
-    u32 _pad;
-};
-
-/* 8 bytes unless aggregating by cgroup: the key is hashed on every syscall. */
+/* The key is hashed once per flush and per timed call, never per call. */
 struct hist_key {
-#ifdef KEY_CGROUP
-    u64 cgroup_id;
-#endif
-    u32 tgid;       /* 0 unless KEY_TGID */
+    u64 cgroup_id;  /* KEY_WORKLOAD, KEY_CGROUP */
+    u64 exe;        /* KEY_WORKLOAD: the executable's inode address, an opaque id */
+    u32 tgid;       /* KEY_TGID */
     u32 nr;
 };
 
-/* The count is the sum of the buckets: one atomic add fewer per syscall. */
 struct hist_value {
-    u64 sum_ns;
-    u64 min_ns;
+    u64 calls;      /* every call, exact */
+    u64 offcpu;     /* calls that left the CPU: each one timed, weight 1 */
+    u64 sampled;    /* calls that stayed on the CPU and were timed */
+    u64 offcpu_sum_ns;
+    u64 sampled_sum_ns;
+    u64 min_ns;     /* over the timed calls; 0 = none yet */
     u64 max_ns;
-    u64 cgroup_id;             /* of the first caller in the interval */
-    char comm[TASK_COMM_LEN];  /* thread name at first insert: a fallback identity */
-    u32 buckets[HIST_BUCKETS];
+    u64 cgroup_id;  /* of the first caller in the interval */
+    u32 tgid;       /* likewise */
+    u32 _pad;
+    char comm[TASK_COMM_LEN];     /* thread name of the first caller: a fallback identity */
+    char exe[EXE_LEN];            /* executable name (KEY_WORKLOAD) */
+    u32 offcpu_buckets[HIST_BUCKETS];
+    u32 sampled_buckets[HIST_BUCKETS];
+};
+
+/* Who a task is, for the key, and the names stored with a new key. */
+struct identity {
+    struct hist_key key;  /* nr = 0 */
+    char comm[TASK_COMM_LEN];
+    char exe[EXE_LEN];
+};
+
+struct task_state {
+    u64 start_ns;       /* of the call in flight that left the CPU */
+    u32 nr;
+    u32 flags;          /* CALL_* */
+    u64 identity_cgroup;  /* the cgroup id `identity` was computed in; 0 = not computed */
+    struct identity identity;
+};
+
+struct cpu_state {
+    u64 task;           /* whose call is in flight on this CPU (task_struct address) */
+    u64 enter_ns;       /* its entry time, when sampled */
+    u32 nr;
+    u32 sampled;
+    u32 countdown;      /* calls until the next sample */
+    u32 gen;            /* the generation the pending counts were taken in */
+    u64 owner;          /* whose counts are pending (task_struct address); 0: none */
+    struct identity owner_id;
+    u32 slot_nr[SLOTS];     /* nr + 1; 0 = free */
+    u32 slot_calls[SLOTS];
 };
 
 enum probe_stat {
-    STAT_MAP_FULL = 0,      /* a new key did not fit in latency: that event is lost */
+    STAT_MAP_FULL = 0,      /* a new key did not fit in latency: its counts are lost */
     STAT_NO_START = 1,      /* sys_exit without a recorded enter (started before attach) */
     STAT_RATE_LIMITED = 2,  /* a slow call refused by the token bucket */
     STAT_BUFFER_FULL = 3,   /* a slow call that found the event buffer full */
-    STAT_COUNT = 4,
+    STAT_NO_STATE = 4,      /* a call left the CPU but task storage was unavailable */
+    STAT_COUNT = 5,
 };
 
-BPF_TASK_STORAGE(syscall_start, struct syscall_start);
+BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
+BPF_TASK_STORAGE(task_state, struct task_state);
 BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_0, MAX_ENTRIES,
             BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_1, MAX_ENTRIES,
             BPF_F_NO_PREALLOC);
 BPF_ARRAY(generation, u32, 1);
+BPF_ARRAY(timed_once, u8, SYSCALL_SLOTS);
 BPF_ARRAY(zero_value, struct hist_value, 1);
 BPF_PERCPU_ARRAY(probe_stats, u64, STAT_COUNT);
 
 #ifdef SLOW_EVENTS
-#define SYSCALL_SLOTS 1024
-
 struct slow_event {
-    u64 enter_ns;   /* CLOCK_MONOTONIC */
+    u64 enter_ns;   /* CLOCK_MONOTONIC: the entry, or when the call left the CPU */
     u64 exit_ns;
     u64 cgroup_id;
     s64 ret;
@@ -110,8 +155,9 @@ struct slow_event {
     u32 tgid;
     u32 tid;
     u32 nr;
-    u32 _pad;
+    u32 entry_exact;  /* enter_ns is the call's entry */
     char comm[TASK_COMM_LEN];  /* the thread's name */
+    char exe[EXE_LEN];         /* the series' executable (KEY_WORKLOAD) */
 };
 
 BPF_ARRAY(slow_threshold_ns, u64, SYSCALL_SLOTS);
@@ -162,103 +208,55 @@ static __always_inline int wanted(void)
     return 1;
 }
 
-/* floor(log2(v)) for v > 0, branch-light. */
-static __always_inline u32 log2_u64(u64 v)
+static __always_inline u64 read_ptr(u64 addr)
 {
-    u32 r = 0;
-    if (v >> 32) { v >>= 32; r += 32; }
-    if (v >> 16) { v >>= 16; r += 16; }
-    if (v >> 8)  { v >>= 8;  r += 8; }
-    if (v >> 4)  { v >>= 4;  r += 4; }
-    if (v >> 2)  { v >>= 2;  r += 2; }
-    if (v >> 1)  { r += 1; }
-    return r;
+    u64 v = 0;
+    if (addr)
+        bpf_probe_read_kernel(&v, sizeof(v), (const void *)addr);
+    return v;
 }
 
-/* Array slot of a duration, for OTLP buckets (base^i, base^(i+1)]: upper bound
- * inclusive, hence the "- 1" before taking the logarithm. */
-static __always_inline u32 bucket_slot(u64 ns)
+/* The current task's identity, from its task storage; computed on the task's first call
+ * and again when its cgroup changed or it exec'd (NR_EXECVE clears identity_cgroup). */
+static __always_inline void current_identity(struct identity *out)
 {
-    /* ns -> 2^-40 s (or 2^-30 s) units without overflowing u64 in any branch. */
-    u64 x;
-    s64 unit_octaves = 40;
-    if (ns < 30000000000ULL) {
-        x = ns * 1099 + ns * 511627776ULL / 1000000000ULL;
-    } else {
-        unit_octaves = 30;
-        if (ns < 250000000000ULL)
-            x = ns + ns * 73741824ULL / 1000000000ULL;
-        else
-            x = (ns / 1000) * 1073741824ULL / 1000000ULL;
-    }
-    if (x < 2)
-        return 0;
-    u64 y = x - 1;
-    u32 k = log2_u64(y);
-    /* 16.16 mantissa of y in [1, 2) */
-    u64 m = k >= 16 ? y >> (k - 16) : y << (16 - k);
-    u32 sub = (m >= QUARTER_1) + (m >= QUARTER_2) + (m >= QUARTER_3);
-    s64 slot = (s64)k * 4 + sub - unit_octaves * 4 - HIST_MIN_INDEX;
-    if (slot < 0)
-        return 0;
-    if (slot >= HIST_BUCKETS)
-        return HIST_BUCKETS - 1;
-    return slot;
-}
-
-#ifdef SLOW_EVENTS
-/* At most SLOW_BURST + t * SLOW_RATE events in any t seconds (rate_limit.h). */
-static __always_inline int take_token(u64 now)
-{
-    u32 zero = 0;
-    u64 *tat = slow_rate.lookup(&zero);
-    return tat && rate_limit_admit(tat, now, 1000000000ULL / SLOW_RATE, SLOW_BURST);
-}
-
-static __always_inline void emit_if_slow(struct bpf_raw_tracepoint_args *ctx, u32 nr,
-                                         u64 enter_ns, u64 exit_ns)
-{
-    u64 delta = exit_ns - enter_ns;
-    if (delta < SLOW_MIN_NS || nr >= SYSCALL_SLOTS)
-        return;
-    u64 *threshold = slow_threshold_ns.lookup(&nr);
-    if (!threshold || !*threshold || delta < *threshold)
-        return;
-    if (!take_token(exit_ns)) {
-        count_stat(STAT_RATE_LIMITED);
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct task_state *s = task_state.task_storage_get(task, 0,
+                                                       BPF_LOCAL_STORAGE_GET_F_CREATE);
+    u64 cgroup_id = bpf_get_current_cgroup_id();
+    if (s && s->identity_cgroup == cgroup_id && cgroup_id) {
+        __builtin_memcpy(out, &s->identity, sizeof(*out));
         return;
     }
-    struct slow_event ev = {};
-    ev.enter_ns = enter_ns;
-    ev.exit_ns = exit_ns;
-    ev.cgroup_id = bpf_get_current_cgroup_id();
-    ev.ret = (s64)ctx->args[1];
-    /* The first argument is still in the saved user registers at exit (x86: di; arm64
-     * keeps it in orig_x0 because x0 now holds the return value). pt_regs is ABI. */
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-#if defined(__TARGET_ARCH_arm64) || defined(__aarch64__)
-    bpf_probe_read_kernel(&ev.arg0, sizeof(ev.arg0), &regs->orig_x0);
-#else
-    bpf_probe_read_kernel(&ev.arg0, sizeof(ev.arg0), &regs->di);
+    struct identity id = {};
+#if defined(KEY_WORKLOAD) || defined(KEY_CGROUP)
+    id.key.cgroup_id = cgroup_id;
 #endif
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    ev.tgid = pid_tgid >> 32;
-    ev.tid = (u32)pid_tgid;
-    ev.nr = nr;
-    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-#ifdef USE_PERF_BUFFER
-    if (slow_events.perf_submit(ctx, &ev, sizeof(ev)) < 0)
-        count_stat(STAT_BUFFER_FULL);
-#else
-    if (slow_events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
-        count_stat(STAT_BUFFER_FULL);
+#ifdef KEY_TGID
+    id.key.tgid = bpf_get_current_pid_tgid() >> 32;
 #endif
+    bpf_get_current_comm(&id.comm, sizeof(id.comm));
+#ifdef KEY_WORKLOAD
+    u64 mm = read_ptr((u64)task + TASK_MM_OFF);
+    u64 exe_file = mm ? read_ptr(mm + MM_EXE_FILE_OFF) : 0;
+    if (exe_file) {
+        id.key.exe = read_ptr(exe_file + FILE_INODE_OFF);
+        u64 name = read_ptr(read_ptr(exe_file + FILE_DENTRY_OFF) + DENTRY_NAME_OFF);
+        if (name)
+            bpf_probe_read_kernel_str(&id.exe, sizeof(id.exe), (const void *)name);
+    }
+#endif
+    if (s) {
+        __builtin_memcpy(&s->identity, &id, sizeof(id));
+        s->identity_cgroup = cgroup_id;
+    }
+    __builtin_memcpy(out, &id, sizeof(id));
 }
-#endif
 
-/* The histogram of `key` in latency_<which>, inserted when new; NULL when the map is full
+/* The value of `key` in latency_<which>, inserted when new; NULL when the map is full
  * (counted). `which` is a constant at each call, so each copy touches one map. */
-static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *key)
+static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *key,
+                                                  struct identity *id)
 {
     struct hist_value *value = which ? latency_1.lookup(key) : latency_0.lookup(key);
     if (value)
@@ -279,10 +277,201 @@ static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *k
         return NULL;
     }
     if (!value->comm[0]) {
-        bpf_get_current_comm(&value->comm, sizeof(value->comm));
-        value->cgroup_id = bpf_get_current_cgroup_id();
+        __builtin_memcpy(value->comm, id->comm, TASK_COMM_LEN);
+        __builtin_memcpy(value->exe, id->exe, EXE_LEN);
+        value->cgroup_id = id->key.cgroup_id ? id->key.cgroup_id : bpf_get_current_cgroup_id();
+        value->tgid = id->key.tgid ? id->key.tgid : bpf_get_current_pid_tgid() >> 32;
     }
     return value;
+}
+
+static __always_inline struct hist_value *entry(u32 gen, struct identity *id, u32 nr)
+{
+    struct hist_key key = id->key;
+    key.nr = nr;
+    return gen ? entry_of(1, &key, id) : entry_of(0, &key, id);
+}
+
+/* Add the pending counts to the current map and free the slots. */
+static __always_inline void flush(struct cpu_state *c, u32 gen)
+{
+#pragma unroll
+    for (int i = 0; i < SLOTS; i++) {
+        u32 slot_nr = c->slot_nr[i];
+        if (slot_nr) {
+            struct hist_value *v = entry(gen, &c->owner_id, slot_nr - 1);
+            if (v)
+                __sync_fetch_and_add(&v->calls, c->slot_calls[i]);
+            c->slot_nr[i] = 0;
+            c->slot_calls[i] = 0;
+        }
+    }
+}
+
+static __always_inline u32 current_generation(void)
+{
+    u32 zero = 0;
+    u32 *gen = generation.lookup(&zero);
+    return gen ? *gen : 0;
+}
+
+/* Make the running task the owner of this CPU's pending counts (flushing another's), and
+ * flush counts taken before a generation flip. Returns the generation. */
+static __always_inline u32 own(struct cpu_state *c, u64 task)
+{
+    u32 gen = current_generation();
+    if (c->owner != task || c->gen != gen) {
+        flush(c, gen);
+        if (c->owner != task) {
+            current_identity(&c->owner_id);
+            c->owner = task;
+        }
+        c->gen = gen;
+    }
+    return gen;
+}
+
+static __always_inline void count_call(struct cpu_state *c, u32 nr)
+{
+    u32 want = nr + 1;
+#pragma unroll
+    for (int i = 0; i < SLOTS; i++) {
+        if (c->slot_nr[i] == want) {
+            c->slot_calls[i]++;
+            return;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < SLOTS; i++) {
+        if (!c->slot_nr[i]) {
+            c->slot_nr[i] = want;
+            c->slot_calls[i] = 1;
+            return;
+        }
+    }
+    /* a 9th syscall number: make room */
+    flush(c, c->gen);
+    c->slot_nr[0] = want;
+    c->slot_calls[0] = 1;
+}
+
+#ifdef SLOW_EVENTS
+/* At most SLOW_BURST + t * SLOW_RATE events in any t seconds (rate_limit.h). */
+static __always_inline int take_token(u64 now)
+{
+    u32 zero = 0;
+    u64 *tat = slow_rate.lookup(&zero);
+    return tat && rate_limit_admit(tat, now, 1000000000ULL / SLOW_RATE, SLOW_BURST);
+}
+
+static __always_inline void emit_if_slow(struct bpf_raw_tracepoint_args *ctx,
+                                         struct identity *id, u32 nr, u64 start_ns,
+                                         u64 exit_ns, u32 entry_exact)
+{
+    u64 delta = exit_ns - start_ns;
+    if (delta < SLOW_MIN_NS || nr >= SYSCALL_SLOTS)
+        return;
+    u64 *threshold = slow_threshold_ns.lookup(&nr);
+    if (!threshold || !*threshold || delta < *threshold)
+        return;
+    if (!take_token(exit_ns)) {
+        count_stat(STAT_RATE_LIMITED);
+        return;
+    }
+    struct slow_event ev = {};
+    ev.enter_ns = start_ns;
+    ev.exit_ns = exit_ns;
+    ev.cgroup_id = bpf_get_current_cgroup_id();
+    ev.ret = (s64)ctx->args[1];
+    ev.entry_exact = entry_exact;
+    /* The first argument is still in the saved user registers at exit (x86: di; arm64
+     * keeps it in orig_x0 because x0 now holds the return value). pt_regs is ABI. */
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+#if defined(__TARGET_ARCH_arm64) || defined(__aarch64__)
+    bpf_probe_read_kernel(&ev.arg0, sizeof(ev.arg0), &regs->orig_x0);
+#else
+    bpf_probe_read_kernel(&ev.arg0, sizeof(ev.arg0), &regs->di);
+#endif
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    ev.tgid = pid_tgid >> 32;
+    ev.tid = (u32)pid_tgid;
+    ev.nr = nr;
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+    __builtin_memcpy(ev.exe, id->exe, EXE_LEN);
+#ifdef USE_PERF_BUFFER
+    if (slow_events.perf_submit(ctx, &ev, sizeof(ev)) < 0)
+        count_stat(STAT_BUFFER_FULL);
+#else
+    if (slow_events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
+        count_stat(STAT_BUFFER_FULL);
+#endif
+}
+#endif
+
+static __always_inline void update_extremes(struct hist_value *v, u64 delta)
+{
+    /* min_ns == 0 means "unset" in a fresh entry. */
+    u64 old = v->min_ns;
+#pragma unroll
+    for (int i = 0; i < 4 && (old == 0 || delta < old); i++) {
+        u64 seen = __sync_val_compare_and_swap(&v->min_ns, old, delta);
+        if (seen == old)
+            break;
+        old = seen;
+    }
+    old = v->max_ns;
+#pragma unroll
+    for (int i = 0; i < 4 && delta > old; i++) {
+        u64 seen = __sync_val_compare_and_swap(&v->max_ns, old, delta);
+        if (seen == old)
+            break;
+        old = seen;
+    }
+}
+
+/* A timed call: into the off-CPU or the sampled histogram of the owner's key. */
+static __always_inline void record(struct bpf_raw_tracepoint_args *ctx, struct cpu_state *c,
+                                   u32 gen, u32 nr, u64 start_ns, u64 exit_ns, u32 offcpu,
+                                   u32 entry_exact)
+{
+    u64 delta = exit_ns - start_ns;
+#ifdef SLOW_EVENTS
+    emit_if_slow(ctx, &c->owner_id, nr, start_ns, exit_ns, entry_exact);
+#endif
+    struct hist_value *v = entry(gen, &c->owner_id, nr);
+    if (!v)
+        return;
+    u32 slot = hist_slot(delta);
+    if (offcpu) {
+        __sync_fetch_and_add(&v->offcpu, 1);
+        __sync_fetch_and_add(&v->offcpu_sum_ns, delta);
+        __sync_fetch_and_add(&v->offcpu_buckets[slot], 1);
+    } else {
+        __sync_fetch_and_add(&v->sampled, 1);
+        __sync_fetch_and_add(&v->sampled_sum_ns, delta);
+        __sync_fetch_and_add(&v->sampled_buckets[slot], 1);
+    }
+    update_extremes(v, delta);
+}
+
+/* Whether to time this call: the countdown of the sample, or the first call of its
+ * number. The gap to the next sample is uniform on 1..2*SAMPLE_PERIOD-1 (mean
+ * SAMPLE_PERIOD), so the sample cannot lock onto a periodic pattern of calls. */
+static __always_inline u32 sample(struct cpu_state *c, u32 nr)
+{
+#if SAMPLE_PERIOD > 1
+    u8 *once = timed_once.lookup(&nr);
+    if (once && !*once) {
+        *once = 1;
+        return 1;
+    }
+    if (c->countdown > 1) {
+        c->countdown--;
+        return 0;
+    }
+    c->countdown = 1 + bpf_get_prandom_u32() % (2 * SAMPLE_PERIOD - 1);
+#endif
+    return 1;
 }
 
 /* Named on_* rather than BCC's raw_tracepoint__* so that BCC does not attach them on
@@ -292,67 +481,99 @@ int on_sys_enter(struct bpf_raw_tracepoint_args *ctx)
     /* args: struct pt_regs *regs, long id */
     if (!wanted())
         return 0;
-    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
-    struct syscall_start *start = syscall_start.task_storage_get(
-        task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!start)
+    u32 zero = 0;
+    struct cpu_state *c = cpu_state.lookup(&zero);
+    if (!c)
         return 0;
-    start->nr = (u32)ctx->args[1];
-    start->enter_ns = bpf_ktime_get_ns();
+    u32 nr = (u32)ctx->args[1];
+    c->task = bpf_get_current_task();
+    c->nr = nr;
+    c->sampled = sample(c, nr);
+    if (c->sampled)
+        c->enter_ns = bpf_ktime_get_ns();
     return 0;
 }
 
 int on_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
-    struct syscall_start *start = syscall_start.task_storage_get(task, 0, 0);
-    if (!start)
-        return 0;
-    u64 enter_ns = start->enter_ns;
-    if (!enter_ns) {
-        count_stat(STAT_NO_START);
-        return 0;
-    }
-    start->enter_ns = 0;
-    u64 exit_ns = bpf_ktime_get_ns();
-    u64 delta = exit_ns - enter_ns;
-#ifdef SLOW_EVENTS
-    emit_if_slow(ctx, start->nr, enter_ns, exit_ns);
-#endif
-
-    struct hist_key key = {.nr = start->nr};
-#ifdef KEY_TGID
-    key.tgid = bpf_get_current_pid_tgid() >> 32;
-#endif
-#ifdef KEY_CGROUP
-    key.cgroup_id = bpf_get_current_cgroup_id();
-#endif
-
     u32 zero = 0;
-    u32 *gen = generation.lookup(&zero);
-    struct hist_value *value = gen && *gen ? entry_of(1, &key) : entry_of(0, &key);
-    if (!value)
+    struct cpu_state *c = cpu_state.lookup(&zero);
+    if (!c)
         return 0;
-
-    __sync_fetch_and_add(&value->sum_ns, delta);
-    __sync_fetch_and_add(&value->buckets[bucket_slot(delta)], 1);
-
-    /* min_ns == 0 means "unset" in a fresh entry. */
-    u64 old = value->min_ns;
-#pragma unroll
-    for (int i = 0; i < 4 && (old == 0 || delta < old); i++) {
-        u64 seen = __sync_val_compare_and_swap(&value->min_ns, old, delta);
-        if (seen == old)
-            break;
-        old = seen;
+    u64 task = bpf_get_current_task();
+    u32 nr;
+    if (c->task == task) {
+        /* the common case: the call never left this CPU */
+        c->task = 0;
+        nr = c->nr;
+        u32 gen = own(c, task);
+        if (c->sampled)
+            record(ctx, c, gen, nr, c->enter_ns, bpf_ktime_get_ns(), 0, 1);
+    } else {
+#if defined(FILTER_TGID) || defined(FILTER_COMM) || defined(FILTER_CGROUP)
+        if (!wanted())
+            return 0;
+#endif
+        struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
+        struct task_state *s = task_state.task_storage_get(t, 0, 0);
+        if (!s || !(s->flags & CALL_OFFCPU)) {
+            count_stat(STAT_NO_START);
+            return 0;
+        }
+        nr = s->nr;
+        u32 exact = s->flags & CALL_ENTRY_EXACT ? 1 : 0;
+        s->flags = 0;
+        u32 gen = own(c, task);
+        record(ctx, c, gen, nr, s->start_ns, bpf_ktime_get_ns(), 1, exact);
     }
-    old = value->max_ns;
-#pragma unroll
-    for (int i = 0; i < 4 && delta > old; i++) {
-        u64 seen = __sync_val_compare_and_swap(&value->max_ns, old, delta);
-        if (seen == old)
-            break;
-        old = seen;
+    count_call(c, nr);
+#ifdef NR_EXECVE
+    /* a successful exec changes the executable: recompute the identity */
+    if ((nr == NR_EXECVE || nr == NR_EXECVEAT) && (s64)ctx->args[1] == 0) {
+        flush(c, c->gen);
+        c->owner = 0;
+        struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
+        struct task_state *s = task_state.task_storage_get(t, 0, 0);
+        if (s)
+            s->identity_cgroup = 0;
+    }
+#endif
+    return 0;
+}
+
+/* A task leaves the CPU. Inside a syscall: the call is timed from now (or from its
+ * sampled entry) to its exit, whatever CPU that happens on. Its pending counts go to the
+ * map, so an idle CPU or an exited task holds none back. */
+int on_sched_switch(struct bpf_raw_tracepoint_args *ctx)
+{
+    /* args: bool preempt, struct task_struct *prev, struct task_struct *next
+     * (current is still prev here) */
+    u64 prev = ctx->args[1];
+    u32 zero = 0;
+    struct cpu_state *c = cpu_state.lookup(&zero);
+    if (!c)
+        return 0;
+    if (c->task == prev) {
+        c->task = 0;
+        struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
+        struct task_state *s = task_state.task_storage_get(t, 0,
+                                                           BPF_LOCAL_STORAGE_GET_F_CREATE);
+        if (s) {
+            s->nr = c->nr;
+            if (c->sampled) {
+                s->start_ns = c->enter_ns;
+                s->flags = CALL_OFFCPU | CALL_ENTRY_EXACT;
+            } else {
+                s->start_ns = bpf_ktime_get_ns();
+                s->flags = CALL_OFFCPU;
+            }
+        } else {
+            count_stat(STAT_NO_STATE);
+        }
+    }
+    if (c->owner == prev) {
+        flush(c, current_generation());
+        c->owner = 0;
     }
     return 0;
 }

@@ -90,3 +90,8 @@ def slow_workload() -> Path:
 @pytest.fixture(scope="session")
 def cpu_hot() -> Path:
     return build_helper("cpu_hot")
+
+
+@pytest.fixture(scope="session")
+def syscall_mix() -> Path:
+    return build_helper("syscall_mix")

@@ -47,8 +47,26 @@ class SlowCall:
     nr: int
     ret: int
     arg0: int
-    enter_ns: int  # CLOCK_MONOTONIC
+    enter_ns: int  # CLOCK_MONOTONIC: the call's entry, or when it left the CPU
     exit_ns: int
+    exe: str = ""  # the series' executable name (workload aggregation)
+    entry_exact: bool = True
+
+
+def series_of(aggregation: str, syscall: str, tgid: int, comm: str, cgroup_id: int,
+              exe: str) -> tuple[Workload, dict[str, AttributeValue]]:
+    """The series a call is counted in, as the kernel keyed it: its workload and its
+    attributes. One place, so that spans name the series their exemplars belong to."""
+    attributes: dict[str, AttributeValue] = {"linux.syscall.name": syscall}
+    if aggregation == "workload":
+        if exe:
+            attributes["process.executable.name"] = exe
+        return Workload(0, exe or comm, cgroup_id), attributes
+    if aggregation == "process":
+        return Workload(tgid, comm, cgroup_id), attributes
+    if aggregation == "cgroup":
+        return Workload(0, comm, cgroup_id), attributes
+    return Workload(0, comm, 0), attributes
 
 
 def ring_buffer_supported(release: str | None = None) -> bool:
@@ -127,7 +145,8 @@ class SlowCallStream:
     def _on_event(self, ev: Any) -> None:
         self._pending.append(SlowCall(
             int(ev.tgid), int(ev.tid), ev.comm.decode(errors="replace"), int(ev.cgroup_id),
-            int(ev.nr), int(ev.ret), int(ev.arg0), int(ev.enter_ns), int(ev.exit_ns)))
+            int(ev.nr), int(ev.ret), int(ev.arg0), int(ev.enter_ns), int(ev.exit_ns),
+            ev.exe.decode(errors="replace"), bool(ev.entry_exact)))
 
     def poll(self) -> list[SpanRecord]:
         if self._program is None:
@@ -135,14 +154,6 @@ class SlowCallStream:
         self._program.poll_event_buffers()
         calls, self._pending = self._pending, []
         return [span for call in calls if (span := self.to_span(call)) is not None]
-
-    def _series_workload(self, call: SlowCall) -> Workload:
-        """The workload of the histogram series this call was counted in."""
-        if self.aggregation == "process":
-            return Workload(call.tgid, call.comm, call.cgroup_id)
-        if self.aggregation == "cgroup":
-            return Workload(0, "", call.cgroup_id)
-        return Workload()
 
     def to_span(self, call: SlowCall) -> SpanRecord | None:
         name = self.table.name(call.nr)
@@ -159,6 +170,9 @@ class SlowCallStream:
         }
         if fd is not None:
             attrs["linux.syscall.fd"] = fd
+        if not call.entry_exact:
+            # timed from when it left the CPU: its on-CPU start is not in the span
+            attrs["linux.syscall.timed_from"] = "off_cpu"
         err = error_type(call.ret)
         if err is not None:
             attrs["error.type"] = err
@@ -169,7 +183,7 @@ class SlowCallStream:
             end_unix_ns=self.clock.to_unix_ns(call.exit_ns),
             attributes=attrs,
             error_type=err,
-            example_of=("linux.syscall.duration", self._series_workload(call),
-                        {"linux.syscall.name": name}),
+            example_of=("linux.syscall.duration", *series_of(
+                self.aggregation, name, call.tgid, call.comm, call.cgroup_id, call.exe)),
         )
 

@@ -1,7 +1,9 @@
 """Decoder for probes/syscall_latency.bpf.c: drained latency maps -> exponential histograms.
 
-The kernel already bucketed every duration at OTLP scale 2 in seconds (see the .bpf.c), so
-decoding is a copy of the populated bucket span, not a re-bucketing.
+The kernel counts every call, times the calls that left the CPU and a sample of the
+others, and buckets every timed duration at OTLP scale 2 in seconds (see the .bpf.c);
+syscall_sampling spreads the untimed calls over their sample, so each exported histogram
+counts every call.
 """
 
 from __future__ import annotations
@@ -9,24 +11,29 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from otel_ebpf.clock import MonotonicClock
 from otel_ebpf.config import SyscallLatencyConfig
 from otel_ebpf.enrich.cgroup import cgroup_id
-from otel_ebpf.histogram import trim
-from otel_ebpf.kernel.engine import Engine, Program, update_set_map
+from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound, trim
+from otel_ebpf.kernel import btf as kbtf
+from otel_ebpf.kernel.engine import Engine, EngineError, Program, update_set_map
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import (
+    AttributeValue,
     Collection,
     ExpHistogramDelta,
     MetricDescriptor,
+    Record,
     SpanRecord,
     Workload,
 )
 from otel_ebpf.probes.base import Hook, Probe
-from otel_ebpf.probes.slow_syscalls import SlowCallStream, ring_buffer_supported
+from otel_ebpf.probes.slow_syscalls import SlowCallStream, ring_buffer_supported, series_of
 from otel_ebpf.probes.slow_syscalls import cflags as slow_cflags
+from otel_ebpf.probes.syscall_sampling import Estimate, FastCallEstimator, Interval
+from otel_ebpf.probes.task_layout import offset_flags
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,7 @@ log = logging.getLogger(__name__)
 HIST_SCALE = 2
 HIST_MIN_INDEX = -104
 HIST_BUCKETS = 152
-_STAT_REASONS = ("map_full", "no_start", "rate_limited", "buffer_full")
+_STAT_REASONS = ("map_full", "no_start", "rate_limited", "buffer_full", "no_task_storage")
 # After the generation flips, programs that read the old one may still be adding to its
 # map: they finish within microseconds unless preempted; this covers a preempted one on
 # anything but a hopelessly overloaded machine. The collecting thread sleeps, at no cost.
@@ -49,10 +56,12 @@ SYSCALL_DURATION = MetricDescriptor(
 
 class SyscallLatency(Probe):
     name = "syscall_latency"
-    summary = "latency of every syscall, histogram per process and syscall, in the kernel"
+    summary = ("every syscall counted, and its latency as a histogram per workload and "
+               "syscall, in the kernel")
     hooks = (
         Hook("raw_tracepoint", "raw_syscalls/sys_enter"),
         Hook("raw_tracepoint", "raw_syscalls/sys_exit"),
+        Hook("raw_tracepoint", "sched/sched_switch"),
     )
     exports = (SYSCALL_DURATION,)
 
@@ -70,12 +79,31 @@ class SyscallLatency(Probe):
             self.slow = SlowCallStream(config.slow_spans, syscalls, clock or MonotonicClock(),
                                        perf, config.aggregation)
         self._terminal_reads_seen = 0
+        self._forgotten_seen = 0
         self._stats_seen = [0] * len(_STAT_REASONS)
         self._generation = 0  # which latency_<n> map the programs write
+        self.estimator = FastCallEstimator()
+        self._cflags: list[str] | None = None
 
     def cflags(self) -> list[str]:
-        flags = [f"-DMAX_ENTRIES={self.config.max_entries}"]
-        if self.config.aggregation == "process":
+        if self._cflags is not None:
+            return self._cflags
+        flags = [f"-DMAX_ENTRIES={self.config.max_entries}",
+                 f"-DSAMPLE_PERIOD={self.config.sample_period}"]
+        numbers = {name: nr for nr, name in self.syscalls.names.items()}
+        if "execve" in numbers and "execveat" in numbers:
+            flags += [f"-DNR_EXECVE={numbers['execve']}", f"-DNR_EXECVEAT={numbers['execveat']}"]
+        if self.config.aggregation == "workload":
+            flags.append("-DKEY_WORKLOAD")
+            try:
+                flags += offset_flags(kbtf.vmlinux())
+            except kbtf.BtfError as exc:
+                raise EngineError(
+                    f"{self.name}: cannot find a task's executable in this kernel: {exc}. "
+                    "Workload series read it at offsets from /sys/kernel/btf/vmlinux "
+                    "(CONFIG_DEBUG_INFO_BTF=y); where there is none, set "
+                    "probes.syscall_latency.aggregation: cgroup") from exc
+        elif self.config.aggregation == "process":
             flags.append("-DKEY_TGID")
         elif self.config.aggregation == "cgroup":
             flags.append("-DKEY_CGROUP")
@@ -86,11 +114,13 @@ class SyscallLatency(Probe):
         ) if on]
         if self.slow is not None:
             flags += slow_cflags(self.config.slow_spans, self.syscalls, self.slow.perf)
+        self._cflags = flags
         return flags
 
     def verify(self, engine: Engine) -> None:
         engine.verify(self.name, self.cflags(),
-                      [("on_sys_enter", "raw_tracepoint"), ("on_sys_exit", "raw_tracepoint")])
+                      [("on_sys_enter", "raw_tracepoint"), ("on_sys_exit", "raw_tracepoint"),
+                       ("on_sched_switch", "raw_tracepoint")])
 
     def start(self, engine: Engine) -> None:
         program = engine.load(self.name, self.cflags())
@@ -99,8 +129,10 @@ class SyscallLatency(Probe):
             self._fill_filters(program)
             if self.slow is not None:
                 self.slow.attach(program)
-            program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
+            # the switch hook first: a call must never enter unseen by it
+            program.attach_raw_tracepoint("sched_switch", "on_sched_switch")
             program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
+            program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
         except Exception:
             self.stop()
             raise
@@ -142,27 +174,41 @@ class SyscallLatency(Probe):
         if self.slow is not None and self.slow.terminal_reads > self._terminal_reads_seen:
             lost["terminal_read_filtered"] = self.slow.terminal_reads - self._terminal_reads_seen
             self._terminal_reads_seen = self.slow.terminal_reads
-        return Collection(self.name, [self.decode(k, v) for k, v in entries], lost)
+        if self.estimator.forgotten > self._forgotten_seen:
+            lost["unsampled_forgotten"] = self.estimator.forgotten - self._forgotten_seen
+            self._forgotten_seen = self.estimator.forgotten
+        records: list[Record] = []
+        seen: set[object] = set()
+        for key, value in entries:
+            seen.add(bytes(key))
+            record = self.decode(key, value)
+            if record is not None:
+                records.append(record)
+        for meta, estimate in self.estimator.settle(seen):
+            workload, attributes = cast(tuple[Workload, dict[str, AttributeValue]], meta)
+            records.append(_record(workload, attributes, estimate, 0, 0))
+        return Collection(self.name, records, lost)
 
-    def decode(self, key: Any, value: Any) -> ExpHistogramDelta:
-        offset, counts = trim(HIST_MIN_INDEX, bytes(value.buckets))
-        # per-process keys carry no cgroup (a shorter key is a cheaper hash); the value
-        # recorded it at insert. System-wide series belong to no cgroup.
-        cgroup = int(getattr(key, "cgroup_id", value.cgroup_id))
-        if self.config.aggregation == "system":
-            cgroup = 0
-        return ExpHistogramDelta(
-            descriptor=SYSCALL_DURATION,
-            workload=Workload(int(key.tgid), value.comm.decode(errors="replace"), cgroup),
-            attributes={"linux.syscall.name": self.syscalls.name(int(key.nr))},
-            scale=HIST_SCALE,
-            offset=offset,
-            bucket_counts=counts,
-            count=sum(counts),
-            sum=value.sum_ns / 1e9,
-            min=value.min_ns / 1e9,
-            max=value.max_ns / 1e9,
+    def decode(self, key: Any, value: Any) -> ExpHistogramDelta | None:
+        """One drained entry as a histogram of every call counted in it (None when all its
+        calls still wait for a sample to be spread by)."""
+        comm = value.comm.decode(errors="replace")
+        exe = value.exe.decode(errors="replace")
+        cgroup = int(key.cgroup_id or value.cgroup_id)
+        nr = int(key.nr)
+        workload, attributes = series_of(self.config.aggregation, self.syscalls.name(nr),
+                                         int(key.tgid), comm, cgroup, exe)
+        interval = Interval(
+            calls=int(value.calls),
+            offcpu=trim(HIST_MIN_INDEX, bytes(value.offcpu_buckets)),
+            offcpu_sum_s=value.offcpu_sum_ns / 1e9,
+            sampled=trim(HIST_MIN_INDEX, bytes(value.sampled_buckets)),
+            sampled_sum_s=value.sampled_sum_ns / 1e9,
         )
+        estimate = self.estimator.estimate(bytes(key), nr, interval, (workload, attributes))
+        if not estimate.count:
+            return None
+        return _record(workload, attributes, estimate, int(value.min_ns), int(value.max_ns))
 
     def set_cgroup_filter(self, cgroup_ids: set[int]) -> None:
         if self._program is None or not self.select_cgroups:
@@ -178,3 +224,29 @@ class SyscallLatency(Probe):
         if self._program is not None:
             self._program.close()
             self._program = None
+
+
+def _record(workload: Workload, attributes: dict[str, AttributeValue], estimate: Estimate,
+            min_ns: int, max_ns: int) -> ExpHistogramDelta:
+    """The histogram delta of an estimate. min and max are the timed calls' where they
+    fall in the populated end buckets, else those buckets' bounds: spread calls may lie
+    anywhere in their bucket."""
+    first = next(i for i, c in enumerate(estimate.counts) if c) + estimate.offset
+    last = max(i for i, c in enumerate(estimate.counts) if c) + estimate.offset
+    lo, hi = min_ns / 1e9, max_ns / 1e9
+    if not min_ns or lo > bucket_upper_bound(first, HIST_SCALE):
+        lo = bucket_lower_bound(first, HIST_SCALE)
+    if not max_ns or hi <= bucket_lower_bound(last, HIST_SCALE):
+        hi = bucket_upper_bound(last, HIST_SCALE)
+    return ExpHistogramDelta(
+        descriptor=SYSCALL_DURATION,
+        workload=workload,
+        attributes=dict(attributes),
+        scale=HIST_SCALE,
+        offset=estimate.offset,
+        bucket_counts=estimate.counts,
+        count=estimate.count,
+        sum=estimate.sum_s,
+        min=lo,
+        max=hi,
+    )

@@ -30,6 +30,7 @@ log_level: info
 probes:
   syscall_latency:
     interval: 500ms
+    aggregation: process
     filter:
       comms: [syscall_workloa]
 summary:
@@ -195,6 +196,7 @@ SLOW_CONFIG = """
 probes:
   syscall_latency:
     interval: 500ms
+    aggregation: process
     filter:
       comms: [slowpoke, slow_workload]
     slow_spans:

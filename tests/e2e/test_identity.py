@@ -24,6 +24,7 @@ CONFIG = """
 probes:
   syscall_latency:
     interval: 500ms
+    aggregation: process
     filter:
       comms: [cpu_hot]
     slow_spans:

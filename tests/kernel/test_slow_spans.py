@@ -22,9 +22,11 @@ ONLY_SLOWPOKE = SyscallFilter(comms=["slowpoke", "slow_workload"])
 
 
 def started(engine: Engine, table: syscalls.SyscallTable, slow: SlowSpansConfig,
-            perf_buffer: bool | None = None) -> Iterator[SyscallLatency]:
-    probe = SyscallLatency(SyscallLatencyConfig(filter=ONLY_SLOWPOKE, slow_spans=slow), table,
-                           perf_buffer=perf_buffer)
+            perf_buffer: bool | None = None, sample_period: int = 64
+            ) -> Iterator[SyscallLatency]:
+    config = SyscallLatencyConfig(aggregation="process", filter=ONLY_SLOWPOKE,
+                                  slow_spans=slow, sample_period=sample_period)
+    probe = SyscallLatency(config, table, perf_buffer=perf_buffer)
     probe.start(engine)
     try:
         yield probe
@@ -102,12 +104,12 @@ def test_a_slow_failing_call_is_an_error_span(engine: Engine, table: syscalls.Sy
 
 def test_rate_limit_counts_what_it_drops(engine: Engine, table: syscalls.SyscallTable,
                                          slow_workload: Path) -> None:
-    """Every getppid is 'slow' here (threshold 1 ns); 200k of them in well under a second
-    against a limit of 50/s with a burst of 20: at most burst + rate * elapsed pass, and
-    passed + dropped is exactly what was offered."""
+    """Every getppid is timed and 'slow' here (every call timed, threshold 1 ns); 200k of
+    them in well under a second against a limit of 50/s with a burst of 20: at most burst +
+    rate * elapsed pass, and passed + dropped is exactly what was offered."""
     offered = 200_000
     slow = SlowSpansConfig(thresholds={"getppid": "1ns"}, rate_per_second=50, burst=20)
-    for probe in started(engine, table, slow):
+    for probe in started(engine, table, slow, sample_period=1):
         began = time.monotonic()
         run(slow_workload, "storm", str(offered))
         elapsed = time.monotonic() - began

@@ -83,7 +83,8 @@ def exported_points(probe: SyscallLatency, start_ns: int) -> list[tuple[dict, di
 def test_exact_counts_and_sleep_bucket(engine: Engine, table: syscalls.SyscallTable,
                                        syscall_workload: Path) -> None:
     start_ns = time.time_ns()
-    config = SyscallLatencyConfig(filter=SyscallFilter(comms=["syscall_workloa"]))
+    config = SyscallLatencyConfig(aggregation="process",
+                                  filter=SyscallFilter(comms=["syscall_workloa"]))
     for probe in started(engine, table, config):
         proc = subprocess.Popen([str(syscall_workload), str(N_GETPPID), str(K_SLEEPS),
                                  str(SLEEP_MS)], stdout=subprocess.PIPE, text=True)
@@ -144,7 +145,8 @@ def run_to_end(proc: subprocess.Popen[str]) -> None:
 def test_pid_filter_records_only_that_process(engine: Engine, table: syscalls.SyscallTable,
                                               syscall_workload: Path) -> None:
     with waiting_workload(syscall_workload, 1000) as proc:
-        config = SyscallLatencyConfig(filter=SyscallFilter(pids=[proc.pid]))
+        config = SyscallLatencyConfig(aggregation="process",
+                                      filter=SyscallFilter(pids=[proc.pid]))
         for probe in started(engine, table, config):
             run_to_end(proc)
             records = probe.collect().records
@@ -157,7 +159,8 @@ def test_drain_empties_the_kernel_map(engine: Engine, table: syscalls.SyscallTab
                                       syscall_workload: Path) -> None:
     """Exited processes leave the kernel maps with the drain: a second collection after
     the workload exited has nothing of it."""
-    config = SyscallLatencyConfig(filter=SyscallFilter(comms=["syscall_workloa"]))
+    config = SyscallLatencyConfig(aggregation="process",
+                                  filter=SyscallFilter(comms=["syscall_workloa"]))
     for probe in started(engine, table, config):
         proc = subprocess.run([str(syscall_workload), "10", "0", "0"], capture_output=True,
                               check=True)
@@ -180,7 +183,8 @@ def test_cgroup_filter_and_cgroup_key(engine: Engine, table: syscalls.SyscallTab
     try:
         with waiting_workload(syscall_workload, 500) as proc:
             (group / "cgroup.procs").write_text(str(proc.pid))
-            config = SyscallLatencyConfig(filter=SyscallFilter(cgroups=[group.name]))
+            config = SyscallLatencyConfig(aggregation="process",
+                                          filter=SyscallFilter(cgroups=[group.name]))
             for probe in started(engine, table, config):
                 run_to_end(proc)
                 records = probe.collect().records
@@ -202,7 +206,8 @@ def test_no_count_is_lost_to_drains_running_beside_the_calls(
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("needs two CPUs: the storm and the drains side by side")
-    config = SyscallLatencyConfig(filter=SyscallFilter(comms=["syscall_workloa"]))
+    config = SyscallLatencyConfig(aggregation="process",
+                                  filter=SyscallFilter(comms=["syscall_workloa"]))
     records: list[ExpHistogramDelta] = []
     stop = threading.Event()
 

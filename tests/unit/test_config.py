@@ -22,7 +22,8 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert source is None
     assert config.exporter.resolved_endpoint() == "http://localhost:4317"
     assert config.probes.syscall_latency.enabled
-    assert config.probes.syscall_latency.aggregation == "process"
+    assert config.probes.syscall_latency.aggregation == "workload"
+    assert config.probes.syscall_latency.sample_period == 64
 
 
 def test_durations_and_precedence(tmp_path: Path) -> None:

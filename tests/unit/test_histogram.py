@@ -18,7 +18,7 @@ from otel_ebpf.export.metrics import build_metrics_data
 from otel_ebpf.model import ExpHistogramDelta, Identity, Workload
 from otel_ebpf.probes import syscall_latency as probe
 
-BPF_SOURCE = Path(__file__).parents[2] / "probes" / "syscall_latency.bpf.c"
+BPF_SOURCE = Path(__file__).parents[2] / "probes" / "exp_histogram.h"
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_python_mirror_uses_the_kernel_constants() -> None:
     assert int(defines["HIST_MIN_INDEX"]) == probe.HIST_MIN_INDEX
     assert int(defines["HIST_BUCKETS"]) == probe.HIST_BUCKETS
     assert int(defines["HIST_SCALE"]) == probe.HIST_SCALE
-    assert [int(defines[f"QUARTER_{j}"]) for j in (1, 2, 3)] == list(h._QUARTERS)
+    assert [int(defines[f"HIST_QUARTER_{j}"]) for j in (1, 2, 3)] == list(h._QUARTERS)
     for j, q in enumerate(h._QUARTERS, start=1):
         assert q == math.ceil(2 ** (j / 4) * 65536)
 
