@@ -3,16 +3,18 @@
  * Hooks:      raw tracepoints tcp_retransmit_skb (every retransmission attempt; softirq or
  *             timer context, so `current` is not the socket's owner) and
  *             tcp_retransmit_synack (a SYN-ACK sent again: RetransSegs counts those too),
- *             and for ownership sock_send_length, sock_recv_length (process context: every
- *             send and receive on a socket) and inet_sock_set_state (connect(), listen(),
- *             the birth of an accepted socket, and the final close).
+ *             and for ownership inet_sock_set_state: connect() (SYN_SENT) and listen()
+ *             (LISTEN) run in the owner's context; a socket born accepted (SYN_RECV)
+ *             takes the owner of the listener on its (network namespace, local port);
+ *             the final close forgets the socket. No hook on sends or receives: the
+ *             owner is who connected or listened, found at a state change (a few per
+ *             connection) instead of on every send and receive.
  *             Raw, not classic, tracepoints: a classic tracepoint program is skipped when
  *             any other classic tracepoint or kprobe program is running on the CPU (the
- *             kernel's bpf_prog_active guard), e.g. our own send hook, interrupted by the
+ *             kernel's bpf_prog_active guard), e.g. a state change interrupted by the
  *             softirq that retransmits. Measured with classic tracepoints: in one run of
  *             six, 2 of 50 retransmitted buffers (90 of 1898 segments) went uncounted. A
- *             raw tracepoint program is skipped only when it interrupts itself. Raw
- *             tracepoints also skip the arguments' marshalling on every send and receive.
+ *             raw tracepoint program is skipped only when it interrupts itself.
  * Aggregates: per (family, local addr/port, peer addr/port, TCP state, error, owner tgid,
  *             owner cgroup) the number of retransmitted *segments*: tcp_skb_pcount(skb),
  *             read from TCP_SKB_CB(skb)->tcp_gso_segs, since under GSO/TSO one buffer (one
@@ -31,10 +33,13 @@
  *                          When full, LRU evicts the least recently counted key rather
  *                          than refusing new connections; user space estimates evictions
  *                          from STAT_INSERTS against the keys it drained.
- *             owners       LRU hash, OWNER_ENTRIES sockets: struct sock * -> the last
- *                          process (tgid, cgroup, comm) that sent, received, connected or
- *                          listened on it, and whether it is a listener or was accepted;
- *                          deleted at TCP_CLOSE.
+ *             owners       LRU hash, OWNER_ENTRIES sockets: struct sock * -> the
+ *                          process (tgid, cgroup, comm) that connected or listened on it
+ *                          (an accepted socket: its listener's), and whether it is a
+ *                          listener or was accepted; deleted at TCP_CLOSE.
+ *             listeners    hash, LISTENER_ENTRIES: (network namespace, port) -> the
+ *                          listening socket's owner, for the sockets it accepts; deleted
+ *                          when that listener closes.
  *             probe_stats  per-CPU counters: tracepoint hits and what could not be
  *                          recorded exactly.
  *             event_rate   1-entry array: the event rate limiter's state (GCRA, one u64).
@@ -44,19 +49,15 @@
  *             and dropped events are counted in probe_stats.
  * Cost:       per retransmission: two probe reads (the sock's addresses in one, the
  *             segment count), two hash lookups (owner, key) and one atomic add; a new key
- *             per interval costs one insert. Per send/receive on a TCP socket already
- *             seen: one LRU lookup, two helper calls and two compares (an update only when
- *             another process or cgroup than last time uses it); on other sockets, the
- *             lookup and two 2-byte probe reads (family, protocol). Measured on a loop of
- *             64-byte TCP sends over loopback, sender and reader on one CPU: 500 ns per
- *             send without the probe, 570 ns with it. Per TCP state change: compares,
- *             and one probe read for the four states that matter.
+ *             per interval costs one insert. Nothing per send or receive. Per TCP state
+ *             change: compares, and for the four states that matter a probe read and one
+ *             or two hash updates (connect, listen, accept, close).
  *
  * Compile-time switches (cflags from otel_ebpf/probes/tcp_retransmit.py):
- *   MAX_ENTRIES, OWNER_ENTRIES, HAVE_ERR (the tracepoint passes `err`, 6.17+; before, it
+ *   MAX_ENTRIES, OWNER_ENTRIES, LISTENER_ENTRIES, HAVE_ERR (the tracepoint passes `err`, 6.17+; before, it
  *   fired on successes only), KEY_CONNECTION, KEY_PEER, EVENTS, EVENT_RATE, EVENT_BURST,
  *   RINGBUF_PAGES; offsets SKB_PCOUNT_OFF, SK_PROTOCOL_OFF, SK_FAMILY_OFF, SK_STATE_OFF,
- *   SK_NUM_OFF, SK_DPORT_OFF, SK_RCV_SADDR_OFF, SK_DADDR_OFF, SK_V6_RCV_SADDR_OFF and
+ *   SK_NUM_OFF, SK_DPORT_OFF, SK_NET_OFF (absent without network namespaces), SK_RCV_SADDR_OFF, SK_DADDR_OFF, SK_V6_RCV_SADDR_OFF and
  *   SK_V6_DADDR_OFF (both absent without IPv6), SKC_READ: the bytes of struct sock from
  *   its start that cover every SK_*_OFF field but the protocol, and REQ_COMMON_OFF: where
  *   struct request_sock keeps its struct sock_common.
@@ -100,6 +101,17 @@ struct owner {
     char comm[TASK_COMM_LEN];
 };
 
+struct listener_key {
+    u64 net;    /* struct net *: ports are per network namespace */
+    u16 port;   /* host order */
+    u16 _pad[3];
+};
+
+struct listener {
+    u64 sk;     /* the listening socket: only its own close forgets the entry */
+    struct owner owner;
+};
+
 enum probe_stat {
     STAT_HITS = 0,               /* tracepoint hits: what a naive counter would report */
     STAT_MAP_FULL = 1,           /* a new key could not be inserted: its segments are lost */
@@ -113,6 +125,7 @@ enum probe_stat {
 
 BPF_TABLE("lru_hash", struct conn_key, struct conn_value, retransmits, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u64, struct owner, owners, OWNER_ENTRIES);
+BPF_HASH(listeners, struct listener_key, struct listener, LISTENER_ENTRIES);
 BPF_PERCPU_ARRAY(probe_stats, u64, STAT_COUNT);
 
 #ifdef EVENTS
@@ -151,64 +164,47 @@ static __always_inline u16 read_u16(const void *sk, u32 off)
     return v;
 }
 
-static __always_inline int is_tcp(const void *sk)
+static __always_inline u64 read_u64(const void *sk, u32 off)
 {
-    u16 family = read_u16(sk, SK_FAMILY_OFF);
-    if (family != FAMILY_INET && family != FAMILY_INET6)
-        return 0;
-    return read_u16(sk, SK_PROTOCOL_OFF) == PROTO_TCP;
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)sk + off);
+    return v;
 }
 
-/* The owner is whoever last used the socket from process context. Sends and receives
- * are hot: the common case is one lookup and two compares, since only TCP sockets enter
- * the map and a socket found there needs no family/protocol check. The entry is
- * rewritten only when another process (fork, fd passing) or cgroup uses the socket. */
-static __always_inline void remember_owner(const void *sk, int known_tcp, u32 flags)
+static __always_inline struct listener_key listener_key_of(const void *sk)
 {
-    u64 key = (u64)sk;
-    struct owner *known = owners.lookup(&key);
-    if (!known && !known_tcp && !is_tcp(sk))
-        return;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u64 cgroup_id = bpf_get_current_cgroup_id();
-    if (known && known->tgid == tgid && known->cgroup_id == cgroup_id)
-        return;
-    struct owner fresh = {.tgid = tgid, .cgroup_id = cgroup_id, .flags = flags};
-    if (known)
-        fresh.flags |= known->flags;
-    bpf_get_current_comm(&fresh.comm, sizeof(fresh.comm));
-    owners.update(&key, &fresh);
+    struct listener_key key = {};
+#ifdef SK_NET_OFF
+    key.net = read_u64(sk, SK_NET_OFF);
+#endif
+    key.port = read_u16(sk, SK_NUM_OFF);  /* skc_num is host order */
+    return key;
+}
+
+/* The calling process owns the socket (connect() and listen() run in its context). */
+static __always_inline struct owner caller(u32 flags)
+{
+    struct owner o = {.flags = flags};
+    o.tgid = bpf_get_current_pid_tgid() >> 32;
+    o.cgroup_id = bpf_get_current_cgroup_id();
+    bpf_get_current_comm(&o.comm, sizeof(o.comm));
+    return o;
 }
 
 /* Named on_* rather than BCC's raw_tracepoint__* so that BCC does not attach them on
- * load (`doctor` verifies without attaching). */
-int on_send(struct bpf_raw_tracepoint_args *ctx)
-{
-    /* args: struct sock *sk, int ret, int flags */
-    const void *sk = (const void *)ctx->args[0];
-    if (sk)
-        remember_owner(sk, 0, 0);
-    return 0;
-}
-
-int on_recv(struct bpf_raw_tracepoint_args *ctx)
-{
-    /* args: struct sock *sk, int ret, int flags */
-    const void *sk = (const void *)ctx->args[0];
-    if (sk)
-        remember_owner(sk, 0, 0);
-    return 0;
-}
-
-/* connect() moves a socket to SYN_SENT and listen() to LISTEN, both in the caller's
+ * load (`doctor` verifies without attaching).
+ *
+ * connect() moves a socket to SYN_SENT and listen() to LISTEN, both in the caller's
  * context: the owner is known before the first SYN or SYN-ACK can be retransmitted. A
- * socket born in SYN_RECV was accepted (softirq: its owner comes with its first send or
- * receive). TCP_CLOSE is the socket's end (maybe in softirq, a reset): forget it, so
- * that a reused address does not inherit the owner. */
+ * socket born in SYN_RECV was accepted (softirq): it belongs to its listener's owner,
+ * found by namespace and port. TCP_CLOSE is the socket's end (maybe in softirq, a reset):
+ * forget it, so that a reused address does not inherit the owner, and a closing listener
+ * its port. */
 int on_state(struct bpf_raw_tracepoint_args *ctx)
 {
     /* args: const struct sock *sk, const int oldstate, const int newstate */
     const void *sk = (const void *)ctx->args[0];
+    int oldstate = (int)ctx->args[1];
     int newstate = (int)ctx->args[2];
     if (newstate != STATE_SYN_SENT && newstate != STATE_LISTEN &&
         newstate != STATE_SYN_RECV && newstate != STATE_CLOSE)
@@ -217,14 +213,28 @@ int on_state(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     u64 key = (u64)sk;
     if (newstate == STATE_SYN_SENT) {
-        remember_owner(sk, 1, 0);
+        struct owner o = caller(0);
+        owners.update(&key, &o);
     } else if (newstate == STATE_LISTEN) {
-        remember_owner(sk, 1, OWNER_ACCEPTED);
+        struct listener l = {.sk = key, .owner = caller(OWNER_ACCEPTED)};
+        struct listener_key lk = listener_key_of(sk);
+        owners.update(&key, &l.owner);
+        listeners.update(&lk, &l);
     } else if (newstate == STATE_SYN_RECV) {
+        struct listener_key lk = listener_key_of(sk);
+        struct listener *l = listeners.lookup(&lk);
         struct owner accepted = {.flags = OWNER_ACCEPTED};
+        if (l)
+            accepted = l->owner;
         owners.update(&key, &accepted);
     } else {
         owners.delete(&key);
+        if (oldstate == STATE_LISTEN) {
+            struct listener_key lk = listener_key_of(sk);
+            struct listener *l = listeners.lookup(&lk);
+            if (l && l->sk == key)
+                listeners.delete(&lk);
+        }
     }
     return 0;
 }

@@ -14,12 +14,15 @@ SOCK_FIELDS: dict[str, tuple[str, int]] = {
     "SK_STATE_OFF": ("__sk_common.skc_state", 1),
     "SK_NUM_OFF": ("__sk_common.skc_num", 2),
     "SK_DPORT_OFF": ("__sk_common.skc_dport", 2),
+    "SK_NET_OFF": ("__sk_common.skc_net", 8),
     "SK_RCV_SADDR_OFF": ("__sk_common.skc_rcv_saddr", 4),
     "SK_DADDR_OFF": ("__sk_common.skc_daddr", 4),
     "SK_V6_RCV_SADDR_OFF": ("__sk_common.skc_v6_rcv_saddr", 16),
     "SK_V6_DADDR_OFF": ("__sk_common.skc_v6_daddr", 16),
 }
 IPV6_FIELDS = ("SK_V6_RCV_SADDR_OFF", "SK_V6_DADDR_OFF")
+# absent from kernels without the fields' feature: the program does without them
+OPTIONAL_FIELDS = (*IPV6_FIELDS, "SK_NET_OFF")
 MAX_SKC_READ = 256  # the one-read copy of the start of struct sock lives on the BPF stack
 
 
@@ -55,8 +58,8 @@ def offset_flags(btf: kbtf.Btf) -> list[str]:
         try:
             offset = _byte_member(btf, "sock", path, size)
         except kbtf.BtfError:
-            if flag in IPV6_FIELDS:
-                continue  # a kernel without IPv6: AF_INET6 sockets cannot exist
+            if flag in OPTIONAL_FIELDS:
+                continue  # no IPv6: no AF_INET6 sockets; no namespaces: one port space
             raise
         flags.append(f"-D{flag}={offset}")
         read = max(read, offset + size)

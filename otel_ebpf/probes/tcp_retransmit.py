@@ -8,10 +8,10 @@ another kernel's. It hooks raw tracepoints, which the kernel never skips because
 tracing program happens to run on the CPU (classic tracepoints are; see the .bpf.c).
 
 Ownership: the retransmit fires in softirq or timer context, where `current` is whoever
-was interrupted. The program remembers, per socket, the last process that sent, received
-or connected on it (sock_send_length / sock_recv_length / inet_sock_set_state), and keys
-the counts by that owner. A socket no process touched since the probe started (idle since
-before the agent, or used only by the kernel) is counted under pid 0.
+was interrupted. The program remembers, per socket, the process that connected it or
+listened on it (inet_sock_set_state runs in that process's context); an accepted socket
+takes its listener's owner. Nothing runs on sends and receives. A socket connected or
+listening since before the probe started is counted under pid 0.
 
 The default aggregation, per peer, keys a connection this host opened by the peer's
 address and port and one it accepted by the peer's address and the local port: the
@@ -44,6 +44,7 @@ AF_INET6 = 10
 # Sockets whose owner is remembered. An LRU: sockets that retransmit have just been
 # written to, so they are the recently used ones that stay.
 OWNER_ENTRIES = 65536
+LISTENER_ENTRIES = 4096  # listening (namespace, port) pairs: each pod's own
 PAGE = 4096
 EVENT_RECORD_BYTES = 128  # sizeof(struct retransmit_event) + ring buffer header, rounded
 MAX_RINGBUF_PAGES = 4096  # 16 MiB: beyond, a burst is counted as buffer_full instead
@@ -222,22 +223,17 @@ class TcpRetransmit(Probe):
     hooks = (
         Hook("raw_tracepoint", "tcp/tcp_retransmit_skb"),
         Hook("raw_tracepoint", "tcp/tcp_retransmit_synack", "SYN-ACKs of unaccepted connections"),
-        Hook("raw_tracepoint", "sock/sock_send_length", "owner of a socket: who sends on it"),
-        Hook("raw_tracepoint", "sock/sock_recv_length", "owner of a socket: who receives"),
         Hook("raw_tracepoint", "sock/inet_sock_set_state",
              "owner at connect() and listen(), accepted sockets, forgotten at close"),
     )
     exports = (RETRANSMITS, RETRANSMIT_FAILURES)
 
-    # (function, raw tracepoint, tracefs event, required). The send/receive tracepoints
-    # came with Linux 6.3; without them the probe still counts everything, and knows the
-    # owners of connected sockets only (from connect()).
+    # (function, raw tracepoint); owners first, so that sockets connected from now on
+    # are attributed before their first retransmit is counted
     _FUNCTIONS = (
-        ("on_state", "inet_sock_set_state", "sock/inet_sock_set_state", True),
-        ("on_send", "sock_send_length", "sock/sock_send_length", False),
-        ("on_recv", "sock_recv_length", "sock/sock_recv_length", False),
-        ("on_retransmit", "tcp_retransmit_skb", "tcp/tcp_retransmit_skb", True),
-        ("on_synack", "tcp_retransmit_synack", "tcp/tcp_retransmit_synack", True),
+        ("on_state", "inet_sock_set_state"),
+        ("on_retransmit", "tcp_retransmit_skb"),
+        ("on_synack", "tcp_retransmit_synack"),
     )
 
     def __init__(self, config: TcpRetransmitConfig, btf: kbtf.Btf | None = None,
@@ -267,7 +263,8 @@ class TcpRetransmit(Probe):
     def cflags(self) -> list[str]:
         if self._cflags is not None:
             return self._cflags
-        flags = [f"-DMAX_ENTRIES={self.config.max_entries}", f"-DOWNER_ENTRIES={OWNER_ENTRIES}"]
+        flags = [f"-DMAX_ENTRIES={self.config.max_entries}", f"-DOWNER_ENTRIES={OWNER_ENTRIES}",
+                 f"-DLISTENER_ENTRIES={LISTENER_ENTRIES}"]
         try:
             flags += offset_flags(self._btf or kbtf.vmlinux())
         except kbtf.BtfError as exc:
@@ -292,7 +289,7 @@ class TcpRetransmit(Probe):
 
     def verify(self, engine: Engine) -> None:
         engine.verify(self.name, self.cflags(),
-                      [(fn, "raw_tracepoint") for fn, *_ in self._FUNCTIONS])
+                      [(fn, "raw_tracepoint") for fn, _ in self._FUNCTIONS])
 
     def start(self, engine: Engine) -> None:
         program = engine.load(self.name, self.cflags())
@@ -303,14 +300,7 @@ class TcpRetransmit(Probe):
                     self._clock = MonotonicClock()
                 program.open_event_buffer("events", self._on_event, perf=False,
                                           pages=self.ringbuf_pages)
-            # Owners first, so that sockets used from now on are attributed before their
-            # first retransmit is counted.
-            root = tracefs_root()
-            for fn, tracepoint, event, required in self._FUNCTIONS:
-                if not required and root is not None and not (root / "events" / event).is_dir():
-                    log.warning("tcp_retransmit: this kernel has no %s tracepoint (6.3+): "
-                                "accepted sockets are attributed to no process", event)
-                    continue
+            for fn, tracepoint in self._FUNCTIONS:
                 program.attach_raw_tracepoint(tracepoint, fn)
         except Exception:
             self.stop()
