@@ -193,3 +193,13 @@ def test_under_churn_the_cap_holds_and_totals_stay_exact(quiet_ns: int) -> None:
         return  # forgotten series took their last values with them (they were exported)
     assert sum(s.value for s in store.series()) + sum(
         s.value for s in store._series.values() if s.retired) == sent
+
+
+def test_the_overflow_series_is_on_the_hosts_resource() -> None:
+    from otel_ebpf.config import Config
+    from otel_ebpf.enrich.identity import IdentityResolver
+
+    host = {"host.name": "node-1", "host.id": "abc", "os.type": "linux"}
+    resolver = IdentityResolver(Config(resource_attributes={"deployment.environment": "x"}),
+                                host)
+    assert resolver.identify(OVERFLOW) == Identity({**host, "deployment.environment": "x"})
