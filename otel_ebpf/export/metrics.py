@@ -215,16 +215,18 @@ class Sent(enum.Enum):
 
 
 # how the official exporters report a request refused for its size: gRPC status
-# RESOURCE_EXHAUSTED (grpc-go: "received message larger than max (N vs. LIMIT)"), HTTP 413,
-# or their own check (the HTTP exporter's max_request_size)
-_TOO_LARGE = re.compile(r"RESOURCE_EXHAUSTED|code: 413\b|exceeds max_request_size")
-_SIZE_LIMIT = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
+# RESOURCE_EXHAUSTED (grpc-go, the Collector: "received message larger than max (N vs.
+# LIMIT)"), OUT_OF_RANGE with tonic's "decoded message length too large: found N bytes, the
+# limit is: LIMIT bytes" (rotel), HTTP 413, or the HTTP exporter's own max_request_size
+_TOO_LARGE = re.compile(r"RESOURCE_EXHAUSTED|message length too large|code: 413\b"
+                        r"|exceeds max_request_size")
+_SIZE_LIMIT = re.compile(r"larger than max \(\d+ vs\. (\d+)\)|the limit is: (\d+) bytes")
 
 
 def refused_limit(message: str) -> int | None:
     """The size limit a refusal message states, if it states one."""
     found = _SIZE_LIMIT.search(message)
-    return int(found.group(2)) if found else None
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 class OtlpShipper:

@@ -203,3 +203,31 @@ def test_series_gauge_and_overflow_counter(limit: int) -> None:
 
 def series_of(store: CumulativeStore) -> list[Series]:
     return [s for s in store.series() if s.descriptor is DURATION]
+
+
+@pytest.mark.parametrize(("message", "limit"), [
+    # the OpenTelemetry Collector (grpc-go), as logged by the official gRPC exporter
+    ("Failed to export metrics to 127.0.0.1:4317, error code: StatusCode.RESOURCE_EXHAUSTED, "
+     "error details: grpc: received message larger than max (4884726 vs. 4194304)", 4194304),
+    # rotel (tonic)
+    ("Failed to export metrics to 127.0.0.1:4317, error code: StatusCode.OUT_OF_RANGE, error "
+     "details: Error, decoded message length too large: found 4884726 bytes, the limit is: "
+     "4194304 bytes", 4194304),
+    # an HTTP proxy, as logged by the official HTTP exporter
+    ("Failed to export metrics batch code: 413, reason: Request Entity Too Large", None),
+])
+def test_refusals_for_size_are_told_from_outages(message: str, limit: int | None) -> None:
+    from otel_ebpf.export.metrics import Sent, refused_limit
+
+    class Refusing(Collector):
+        def export(self, data: MetricsData, **_: Any) -> MetricExportResult:
+            GRPC_LOG.error(message)
+            return MetricExportResult.FAILURE
+
+    shipper = OtlpShipper(Refusing(0), "here")
+    assert shipper.send(MetricsData([])) is Sent.TOO_LARGE
+    assert refused_limit(shipper.refusal or "") == limit
+    assert OtlpShipper(Collector(0), "here").send(MetricsData([])) is Sent.OK
+    down = Collector(0)
+    down.up = False
+    assert OtlpShipper(down, "here").send(MetricsData([])) is Sent.FAILED
