@@ -214,12 +214,13 @@ class Sent(enum.Enum):
     FAILED = "failed"  # the collector did not take it (unreachable, erring, ...)
 
 
-# how the official exporters report a request refused for its size: gRPC status
-# RESOURCE_EXHAUSTED (grpc-go, the Collector: "received message larger than max (N vs.
-# LIMIT)"), OUT_OF_RANGE with tonic's "decoded message length too large: found N bytes, the
-# limit is: LIMIT bytes" (rotel), HTTP 413, or the HTTP exporter's own max_request_size
-_TOO_LARGE = re.compile(r"RESOURCE_EXHAUSTED|message length too large|code: 413\b"
-                        r"|exceeds max_request_size")
+# how the official exporters report a request refused for its size, as the servers word
+# it: RESOURCE_EXHAUSTED "received message larger than max (N vs. LIMIT)" (grpc-go: the
+# Collector; grpc-python alike), "gRPC message exceeds maximum size" (grpc-java),
+# OUT_OF_RANGE "decoded message length too large: found N bytes, the limit is: LIMIT bytes"
+# (tonic: rotel); HTTP 413; the HTTP exporter's own max_request_size. A RESOURCE_EXHAUSTED
+# that says nothing of size is a quota: an outage, the next export carries the values.
+_TOO_LARGE = re.compile(r"larger than max|exceeds max|too large|code: 413\b", re.IGNORECASE)
 _SIZE_LIMIT = re.compile(r"larger than max \(\d+ vs\. (\d+)\)|the limit is: (\d+) bytes")
 
 

@@ -31,13 +31,7 @@ from otel_ebpf.aggregate import CumulativeStore, Series
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.enrich.identity import AGENT
 from otel_ebpf.export.metrics import SCOPE, OtlpShipper, Sent, build_metrics_data, refused_limit
-from otel_ebpf.export.split import (
-    count_points,
-    halves,
-    iter_points,
-    request_size,
-    split_metrics,
-)
+from otel_ebpf.export.split import count_points, iter_points, request_size, split_metrics
 from otel_ebpf.model import CounterDelta, Identity, Workload
 from otel_ebpf.selfmetrics import (
     METRICS_DROPPED,
@@ -102,34 +96,48 @@ class MetricsExport:
         log.debug("metrics export: %d points, %d requests, %d bytes at most",
                   count_points(data), len(split.parts), split.size)
         self.last_requests = 0
-        pending = list(reversed(split.parts))  # in order, refused parts' pieces first
+        # (part, its size at most), in order; a refused part's pieces go first
+        pending = list(zip(split.parts, split.sizes, strict=True))[::-1]
         while pending:
-            part = pending.pop()
+            part, size = pending.pop()
+            if size > self.max_bytes and count_points(part) > 1:
+                # sized before a refusal lowered the bound: it would be refused too
+                pending.extend(self._pieces(part, self.max_bytes)[::-1])
+                continue
             self.last_requests += 1
             sent = self.shipper.send(part)
             if sent is Sent.OK:
                 handled.extend(iter_points(part))
-            elif sent is Sent.FAILED:
+                continue
+            pieces = None if sent is Sent.FAILED else self._refused(part, handled)
+            if pieces is None:
                 return False  # the rest waits for the next export
-            else:
-                pending.extend(reversed(self._smaller(part, handled)))
+            pending.extend(pieces[::-1])
         return True
 
-    def _smaller(self, part: MetricsData, handled: list[Any]) -> list[MetricsData]:
-        """The pieces to send instead of a part the collector refused as too large."""
+    def _refused(self, part: MetricsData, handled: list[Any]
+                 ) -> list[tuple[MetricsData, int]] | None:
+        """The pieces to send instead of a part the collector refused as too large; None
+        when it was not its size (no collector's limit is that low)."""
         size = request_size(part)
+        if size <= MIN_REQUEST_BYTES:
+            return None
         if count_points(part) == 1:
             self._drop("refused", part, size, handled)
             return []
         self.splits["refused"] += 1
-        bound = self._learn(size, self.shipper.refusal or "")
-        if bound >= size:
-            return list(halves(part))
-        split = split_metrics(part, bound, self.max_points)
-        return split.parts + [alone for alone, _ in split.oversized]  # may yet go alone
+        self._learn(size, self.shipper.refusal or "")
+        return self._pieces(part, min(self.max_bytes, size - 1))
 
-    def _learn(self, size: int, refusal: str) -> int:
-        """A bound under the collector's limit, from a refusal of `size` bytes; kept."""
+    def _pieces(self, part: MetricsData, bound: int) -> list[tuple[MetricsData, int]]:
+        """`part` in pieces under `bound`, a point too large for it alone as a piece of
+        its own (it may yet go: the bound is ours, not the collector's)."""
+        split = split_metrics(part, bound, self.max_points)
+        return list(zip(split.parts, split.sizes, strict=True)) + split.oversized
+
+    def _learn(self, size: int, refusal: str) -> None:
+        """Lower the bound under the collector's limit, from a refusal of `size` bytes:
+        the limit the refusal states, else half the request; kept for later exports."""
         stated = refused_limit(refusal)
         bound = stated * 15 // 16 if stated is not None and stated < size else size // 2
         bound = max(MIN_REQUEST_BYTES, bound)
@@ -139,7 +147,6 @@ class MetricsExport:
                         "exporter.max_request_bytes under the collector's limit.",
                         self.shipper.endpoint, size, refusal, bound)
             self.max_bytes = bound
-        return bound
 
     def _drop(self, reason: str, part: MetricsData, size: int, handled: list[Any]) -> None:
         points = list(iter_points(part))

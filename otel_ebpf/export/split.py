@@ -88,13 +88,6 @@ def split_metrics(data: MetricsData, max_bytes: int, max_points: int) -> Split:
                  oversized)
 
 
-def halves(data: MetricsData) -> tuple[MetricsData, MetricsData]:
-    """`data` cut into two parts of (nearly) as many points each."""
-    addresses = list(_addresses(data))
-    middle = len(addresses) // 2
-    return assemble(data, addresses[:middle]), assemble(data, addresses[middle:])
-
-
 def assemble(data: MetricsData, addresses: Sequence[Address]) -> MetricsData:
     """The points of `data` at `addresses` (in order), each under its own resource, scope
     and metric: one ResourceMetrics per resource, as the encoder merges equal ones."""

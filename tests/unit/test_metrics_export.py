@@ -30,13 +30,16 @@ from tests.peers.otlp_sink import attrs_to_dict
 
 DURATION = MetricDescriptor("linux.syscall.duration", "s", "durations")
 GRPC_LOG = logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter")
+HTTP_LOG = logging.getLogger("opentelemetry.exporter.otlp.proto.http.metric_exporter")
 
 
 class Collector:
-    """Takes requests up to `limit` bytes; refuses bigger ones as grpc-go does."""
+    """Takes requests up to `limit` bytes; refuses bigger ones as grpc-go does (or as an
+    HTTP proxy does, saying no limit: `http`)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, http: bool = False) -> None:
         self.limit = limit
+        self.http = http
         self.up = True
         self.requests: list[ExportMetricsServiceRequest] = []
         self.refused = 0
@@ -46,6 +49,11 @@ class Collector:
         if not self.up:
             GRPC_LOG.error("Failed to export metrics to here, error code: "
                            "StatusCode.UNAVAILABLE, error details: connection refused")
+            return MetricExportResult.FAILURE
+        if size > self.limit and self.http:
+            self.refused += 1
+            HTTP_LOG.error("Failed to export metrics batch code: 413, reason: Payload Too "
+                           "Large")
             return MetricExportResult.FAILURE
         if size > self.limit:
             self.refused += 1
@@ -119,11 +127,42 @@ def test_a_refused_request_goes_again_in_parts_and_later_ones_fit() -> None:
     assert not self_metric(store, "otel_ebpf.metrics.dropped")
 
 
+def test_a_collector_that_states_no_limit_gets_halves_until_they_fit() -> None:
+    store = CumulativeStore()
+    fill(store, range(1, 401))  # 4,000 points, ~700 kB
+    collector = Collector(limit=100_000, http=True)
+    metrics = export(collector, store)
+    assert metrics.export_once()
+    assert len(collector.points(DURATION.name)) == 4000
+    # refused at ~700, ~350 and ~175 kB; the rest is cut under the bound learnt
+    assert collector.refused == 3
+    assert metrics.max_bytes < 100_000
+    assert metrics.last_requests == collector.refused + len(collector.requests)
+
+
+def test_a_refusal_that_is_no_size_limit_waits_for_the_next_export() -> None:
+    """A bare RESOURCE_EXHAUSTED (a quota), or a refusal of a request smaller than any
+    collector's limit: not cut further (that would only multiply the requests), nothing
+    dropped, everything goes with the next export."""
+    store = CumulativeStore()
+    fill(store, range(1, 101))
+    for collector in (Collector(limit=100), Collector(limit=0)):
+        if collector.limit == 0:
+            collector.export = lambda data, **_: (GRPC_LOG.error(  # type: ignore[method-assign]
+                "Failed to export metrics to here, error code: StatusCode.RESOURCE_EXHAUSTED,"
+                " error details: quota exceeded"), MetricExportResult.FAILURE)[1]
+        metrics = export(collector, store, max_request_bytes=50_000)
+        assert not metrics.export_once()
+        assert metrics.last_requests <= 5
+        assert not any(s.exported_since_update for s in series_of(store))
+        assert not self_metric(store, "otel_ebpf.metrics.dropped")
+
+
 def test_a_point_refused_alone_is_dropped_and_counted() -> None:
     store = CumulativeStore()
-    fill(store, range(1, 3), buckets=2000)  # ~2 kB a point
+    fill(store, range(1, 3), buckets=30_000)  # ~30 kB a point
     fill(store, range(3, 5), buckets=2)
-    collector = Collector(limit=1_000)
+    collector = Collector(limit=20_000)
     metrics = export(collector, store)
     assert metrics.export_once()
     assert len(collector.points(DURATION.name)) == 20  # the small ones

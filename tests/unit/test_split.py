@@ -23,7 +23,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otel_ebpf.export.split import count_points, halves, request_size, split_metrics
+from otel_ebpf.export.split import count_points, request_size, split_metrics
 
 CUMULATIVE = AggregationTemporality.CUMULATIVE
 SCOPE_A = InstrumentationScope("a", "1")
@@ -134,13 +134,6 @@ def test_a_point_over_the_bound_alone_is_reported_not_looped_on() -> None:
     assert [p for part in split.parts for p in wire_points(part)] == [
         ("svc", "a", "calls", 1), ("svc", "a", "calls", 2), ("svc", "a", "duration", 3),
         ("svc", "a", "duration", 4)]
-
-
-def test_halves() -> None:
-    data = metrics(3, 5)
-    first, second = halves(data)
-    assert wire_points(first) + wire_points(second) == wire_points(data)
-    assert abs(count_points(first) - count_points(second)) <= 1
 
 
 def test_a_12000_point_export_of_syscall_histograms() -> None:
