@@ -3,14 +3,14 @@
 Encoding costs ~40-100 us a data point here, and the exporter encodes every request
 anyway: measuring an export by encoding it would double the cost of every export. Most
 exports are far under the bound, and this tells so at a fraction of that cost: string
-lengths in UTF-8 and integers' varints are counted exactly; fixed fields and flags as if
-always present, and bucket counts as wide as the widest. What it does not know (explicit
+lengths in UTF-8 and integers' varints are counted exactly, fixed fields and flags as if
+always present. What it does not know (explicit
 histograms, bytes or array attributes) it leaves to the encoder (None).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -85,7 +85,7 @@ def _exponential(point: ExponentialHistogramDataPoint) -> int | None:
     exemplars = _exemplars(point.exemplars)
     if attributes is None or exemplars is None:
         return None
-    buckets = sum(_field(VARINT + _field(len(b.bucket_counts) * _varint(max(b.bucket_counts))))
+    buckets = sum(_field(VARINT + _field(_varints(b.bucket_counts)))
                   for b in (point.positive, point.negative) if b.bucket_counts)
     # start, time, count, sum, zero count, min, max, zero threshold; scale, flags
     return attributes + exemplars + buckets + 8 * FIXED + 2 * VARINT
@@ -150,3 +150,10 @@ def _field(length: int) -> int:
 
 def _varint(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
+
+
+def _varints(counts: Sequence[int]) -> int:
+    """Bytes of packed unsigned varints."""
+    if max(counts) < 128:
+        return len(counts)
+    return sum(map(_varint, counts))
