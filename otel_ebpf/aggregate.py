@@ -3,7 +3,8 @@
 The kernel maps are drained on every collection, so they stay small and exited processes
 leave them; the cumulative counts exporters need live here instead, one series per
 (metric, workload, attributes), bounded, and expired once their workload is gone and its
-last values were exported.
+last values were exported. Each metric's series are capped (otel_ebpf.cardinality): past
+its limit, new series fold into the metric's overflow series.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 
+from otel_ebpf.cardinality import OVERFLOW, OVERFLOW_ATTRIBUTES, SeriesLimit
 from otel_ebpf.histogram import merge_into
 from otel_ebpf.model import (
     AttributeValue,
@@ -70,10 +72,12 @@ class CumulativeStore:
     """Cumulative series from deltas. Thread-safe: probes' results, self-metrics and the
     exporter reach it from different threads; the exporter works on copies (series())."""
 
-    def __init__(self, max_series: int = 100_000, exemplars_per_series: int = 4) -> None:
+    def __init__(self, max_series: int = 100_000, exemplars_per_series: int = 4,
+                 limit: SeriesLimit | None = None) -> None:
         self._lock = threading.Lock()
         self._version = 0
         self.max_series = max_series
+        self.limit = limit  # None: no cap per metric
         self.exemplars_per_series = exemplars_per_series
         self.dropped_series = 0  # records refused because the store was full
         self._series: dict[SeriesKey, Series] = {}
@@ -86,6 +90,8 @@ class CumulativeStore:
             return
         key = series_key(metric, workload, attributes)
         with self._lock:
+            if self.limit is not None and self.limit.folded(key):
+                key = series_key(metric, OVERFLOW, OVERFLOW_ATTRIBUTES)
             if key not in self._series and len(self._exemplars) >= self.max_series:
                 return
             kept = self._exemplars.get(key)
@@ -113,31 +119,67 @@ class CumulativeStore:
     def _add(self, record: Record, start_ns: int, now_ns: int) -> None:
         key = series_key(record.descriptor.name, record.workload, record.attributes)
         series = self._series.get(key)
-        if series is None:
-            if len(self._series) >= self.max_series:
-                self.dropped_series += 1
+        if series is None or series.retired:
+            series = self._admit(key, series, record, start_ns, now_ns)
+            if series is None:
                 return
-            series = Series(record.descriptor, record.workload, dict(record.attributes),
-                            start_ns, now_ns)
-            if isinstance(record, ExpHistogramDelta):
-                series.scale, series.bucket_counts = record.scale, []
-                series.min, series.max = record.min, record.max
-            self._series[key] = series
         series.updated_ns = now_ns
         series.version = self._version
         series.exported_since_update = False
         series.retired = False
-        if record.workload.comm:
+        if record.workload.comm and series.workload != OVERFLOW:
             series.workload = record.workload  # keep the newest kernel-side name
         if isinstance(record, CounterDelta):
             series.value += record.value
         else:
             _fold_histogram(series, record)
 
+    def _admit(self, key: SeriesKey, series: Series | None, record: Record, start_ns: int,
+               now_ns: int) -> Series | None:
+        """Where a delta without an exported series goes: its own series (new, or retired
+        and revived), or, past its metric's limit, the metric's overflow series. None: the
+        store is full."""
+        limit = self.limit
+        if (limit is not None and record.workload != OVERFLOW
+                and not limit.admit(key, record.workload, now_ns)):
+            return self._overflow_of(record, start_ns, now_ns)
+        if series is not None:
+            return series
+        if len(self._series) >= self.max_series:
+            if limit is not None:
+                limit.release(key[0])
+            self.dropped_series += 1
+            return None
+        series = self._series[key] = _new_series(record, record.workload, record.attributes,
+                                                 start_ns, now_ns)
+        return series
+
+    def _overflow_of(self, record: Record, start_ns: int, now_ns: int) -> Series:
+        key = series_key(record.descriptor.name, OVERFLOW, OVERFLOW_ATTRIBUTES)
+        series = self._series.get(key)
+        if series is None:  # one per metric, beyond max_series: it never expires
+            series = self._series[key] = _new_series(record, OVERFLOW, OVERFLOW_ATTRIBUTES,
+                                                     start_ns, now_ns)
+        return series
+
+    def _delete(self, key: SeriesKey) -> None:
+        series = self._series.pop(key)
+        self._exemplars.pop(key, None)
+        if not series.retired:
+            self._released(series)
+
+    def _released(self, series: Series) -> None:
+        if self.limit is not None and series.workload != OVERFLOW:
+            self.limit.release(series.descriptor.name)
+
+    def take_overflowed(self) -> dict[str, int]:
+        """metric -> deltas folded into its overflow series since the previous call."""
+        with self._lock:
+            return self.limit.take_overflowed() if self.limit is not None else {}
+
     def _forget_retired(self) -> None:
         for key in [k for k, s in self._series.items() if s.retired]:
-            del self._series[key]
-            self._exemplars.pop(key, None)
+            self._delete(key)
 
     def series(self) -> list[Series]:
         """A consistent copy of every series to export (not the retired ones), safe to
@@ -183,16 +225,27 @@ class CumulativeStore:
                 continue
             if updated_by_ns is None or series.updated_ns <= updated_by_ns:
                 gone.append(key)
-            else:
+            elif not series.retired:
                 series.retired = True
+                self._released(series)
         for key in gone:
-            del self._series[key]
-            self._exemplars.pop(key, None)
+            self._delete(key)
+        if self.limit is not None:
+            self.limit.expire(is_alive, updated_by_ns)
         orphans = [k for k in self._exemplars if k not in self._series
                    and not is_alive(Workload(pid=k[1][0], cgroup_id=k[1][1]))]
         for key in orphans:
             del self._exemplars[key]
         return len(gone)
+
+
+def _new_series(record: Record, workload: Workload,
+                attributes: Mapping[str, AttributeValue], start_ns: int, now_ns: int) -> Series:
+    series = Series(record.descriptor, workload, dict(attributes), start_ns, now_ns)
+    if isinstance(record, ExpHistogramDelta):
+        series.scale, series.bucket_counts = record.scale, []
+        series.min, series.max = record.min, record.max
+    return series
 
 
 def _fold_histogram(series: Series, record: ExpHistogramDelta) -> None:

@@ -51,6 +51,18 @@ class ExporterConfig(_Strict):
     compression: Literal["none", "gzip", "deflate"] | None = None
     timeout: Duration = 10.0
     interval: Duration = 10.0
+    # Serialized size of one metrics request. A collector's OTLP gRPC receiver refuses more
+    # than 4 MiB by default (max_recv_msg_size_mib): bigger exports go in several requests.
+    max_request_bytes: int = Field(default=4_000_000, ge=16_384, le=1 << 28)
+    # Data points in one metrics request (rotel drops a request of more than twice its
+    # batch size, 2 x 8192, though it answers success).
+    max_request_points: int = Field(default=8192, ge=1, le=1_000_000)
+    # Series per metric, as the OpenTelemetry SDKs' cardinality limit: past it, a metric's
+    # new series fold into its one series with otel.metric.overflow=true.
+    cardinality_limit: int = Field(default=2000, ge=1, le=1_000_000)
+    cardinality_limits: dict[Annotated[str, Field(min_length=1)],
+                             Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
+        default_factory=dict)  # per metric name, overriding cardinality_limit
 
     def resolved_endpoint(self) -> str:
         if self.endpoint:

@@ -21,10 +21,12 @@ from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 
 from otel_ebpf import __version__
 from otel_ebpf.aggregate import CumulativeStore
+from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
 from otel_ebpf.enrich.process import pid_alive
-from otel_ebpf.export.metrics import OtlpShipper, build_metrics_data
+from otel_ebpf.export.metrics import OtlpShipper
+from otel_ebpf.export.metrics_export import MetricsExport
 from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanExport
@@ -66,7 +68,11 @@ class Agent:
         slow = config.probes.syscall_latency.slow_spans
         self.identity = identity
         self.out = out
-        self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series)
+        limit = SeriesLimit(config.exporter.cardinality_limit, config.exporter.cardinality_limits)
+        self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series,
+                                     limit=limit)
+        self.metrics = None if shipper is None else MetricsExport(
+            self.store, shipper, identity.resolver, config.exporter, time.time_ns())
         # only when printed: its windows grow with every (process, syscall) until a print
         self.summary = HistogramSummary(config.summary.top) if config.summary.enabled else None
         self._started_ns: dict[str, int] = {}
@@ -252,15 +258,9 @@ class Agent:
     # ---- export ----------------------------------------------------------------------
 
     def _export_once(self) -> bool:
-        assert self.shipper is not None
-        series = self.store.series()
-        if not series:
-            return True
-        identity_of = self.identity.resolver(s.workload for s in series)
-        data = build_metrics_data(series, identity_of, exemplars_of=self.store.exemplars_of)
-        ok = self.shipper.ship(data)
+        assert self.metrics is not None
+        ok = self.metrics.export_once()
         if ok:
-            self.store.mark_exported(series)
             self.store.expire(pid_alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
         return ok
 

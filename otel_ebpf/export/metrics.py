@@ -7,7 +7,11 @@ retries and every OTEL_EXPORTER_OTLP_* variable behave as in any OpenTelemetry c
 
 from __future__ import annotations
 
+import enum
+import inspect
 import logging
+import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -71,8 +75,10 @@ def build_metrics_data(
     identity_of: Callable[[Workload], Identity],
     now_ns: int | None = None,
     exemplars_of: Callable[[Series], list[Exemplar]] = lambda _: [],
+    origin: dict[int, Series] | None = None,
 ) -> MetricsData:
-    """One ResourceMetrics per workload resource, one Metric per name within it."""
+    """One ResourceMetrics per workload resource, one Metric per name within it. `origin`,
+    if given, receives the series of each data point, by the point's id()."""
     now_ns = now_ns or time.time_ns()
     # resource attrs (frozen) -> metric name -> (series, points)
     grouped: dict[frozenset[tuple[str, AttributeValue]], dict[str, list[Any]]] = {}
@@ -81,9 +87,10 @@ def build_metrics_data(
         identity = identity_of(s.workload)
         rkey = frozenset(identity.resource.items())
         attrs = {**s.attributes, **identity.point}
-        grouped.setdefault(rkey, {}).setdefault(s.descriptor.name, []).append(
-            _point(s, attrs, now_ns, exemplars_of(s))
-        )
+        point = _point(s, attrs, now_ns, exemplars_of(s))
+        grouped.setdefault(rkey, {}).setdefault(s.descriptor.name, []).append(point)
+        if origin is not None:
+            origin[id(point)] = s
         first_of.setdefault((rkey, s.descriptor.name), s)
 
     resource_metrics = []
@@ -177,7 +184,50 @@ def make_otlp_exporter(config: ExporterConfig, signal: str = "metrics") -> Any:
                                  "deflate": GrpcCompression.Deflate}[config.compression]
     if config.insecure is not None:
         kwargs["insecure"] = config.insecure
+    if signal == "metrics" and _can_set_retryable_codes(GrpcMetrics):
+        kwargs["retryable_error_codes"] = _metrics_retryable_codes()
     return (GrpcMetrics if signal == "metrics" else GrpcSpans)(endpoint=endpoint, **kwargs)
+
+
+_RETRYABLE_CODES_ENV = "OTEL_PYTHON_EXPORTER_OTLP_GRPC_RETRYABLE_ERROR_CODES"
+
+
+def _can_set_retryable_codes(exporter: type) -> bool:
+    return (_RETRYABLE_CODES_ENV not in os.environ
+            and "retryable_error_codes" in inspect.signature(exporter).parameters)
+
+
+def _metrics_retryable_codes() -> frozenset[Any]:
+    """The OTLP specification's retryable codes. The exporter also retries
+    RESOURCE_EXHAUSTED until its timeout, which is how a collector refuses a request over
+    its size limit: the shipper answers that at once, in smaller parts (and a refusal for
+    other reasons loses nothing: the next export carries the same cumulative values)."""
+    from grpc import StatusCode
+
+    return frozenset({StatusCode.CANCELLED, StatusCode.DEADLINE_EXCEEDED, StatusCode.ABORTED,
+                      StatusCode.OUT_OF_RANGE, StatusCode.UNAVAILABLE, StatusCode.DATA_LOSS})
+
+
+class Sent(enum.Enum):
+    OK = "ok"
+    TOO_LARGE = "too_large"  # refused for its size: smaller parts may go
+    FAILED = "failed"  # the collector did not take it (unreachable, erring, ...)
+
+
+# how the official exporters report a request refused for its size, as the servers word
+# it: RESOURCE_EXHAUSTED "received message larger than max (N vs. LIMIT)" (grpc-go: the
+# Collector; grpc-python alike), "gRPC message exceeds maximum size" (grpc-java),
+# OUT_OF_RANGE "decoded message length too large: found N bytes, the limit is: LIMIT bytes"
+# (tonic: rotel); HTTP 413; the HTTP exporter's own max_request_size. A RESOURCE_EXHAUSTED
+# that says nothing of size is a quota: an outage, the next export carries the values.
+_TOO_LARGE = re.compile(r"larger than max|exceeds max|too large|code: 413\b", re.IGNORECASE)
+_SIZE_LIMIT = re.compile(r"larger than max \(\d+ vs\. (\d+)\)|the limit is: (\d+) bytes")
+
+
+def refused_limit(message: str) -> int | None:
+    """The size limit a refusal message states, if it states one."""
+    found = _SIZE_LIMIT.search(message)
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 class OtlpShipper:
@@ -192,11 +242,20 @@ class OtlpShipper:
         self.failed = 0
         self._outage_failures: int | None = None  # None: healthy
         self._closing = False
-        _listen_to_exporter_logs(self._report_outage)
+        self.refusal: str | None = None  # why the last send() was TOO_LARGE
+        _listen_to_exporter_logs(self._on_exporter_log)
+
+    def _on_exporter_log(self, message: str) -> None:
+        # the exporters' loggers are shared by both signals: attribute only our own
+        if self.signal not in message:
+            return
+        if _TOO_LARGE.search(message):
+            self.refusal = message  # a refusal of this request, not an outage
+            return
+        self._report_outage(message)
 
     def _report_outage(self, reason: str) -> None:
-        # the exporters' loggers are shared by both signals: attribute only our own
-        if self._outage_failures is not None or self._closing or self.signal not in reason:
+        if self._outage_failures is not None or self._closing:
             return
         self._outage_failures = 0
         log.warning(
@@ -208,6 +267,12 @@ class OtlpShipper:
 
     def ship(self, data: Any) -> bool:
         """Blocking: run it in an executor."""
+        return self.send(data) is Sent.OK
+
+    def send(self, data: Any) -> Sent:
+        """Blocking: run it in an executor. Sends one request (the caller keeps it under
+        the collector's size limit; TOO_LARGE says it did not, with `refusal`)."""
+        self.refusal = None
         result = self.exporter.export(data)
         if result.name == "SUCCESS":
             self.exported += 1
@@ -215,12 +280,14 @@ class OtlpShipper:
                 log.info("%s export to %s works again after %d failed exports",
                          self.signal, self.endpoint, self._outage_failures)
                 self._outage_failures = None
-            return True
+            return Sent.OK
         self.failed += 1
+        if self.refusal is not None and not self._closing:
+            return Sent.TOO_LARGE
         self._report_outage(f"{self.signal} export failed")
         if self._outage_failures is not None:
             self._outage_failures += 1
-        return False
+        return Sent.FAILED
 
     def shutdown(self) -> None:
         """Ends the exporter, abandoning any retry in progress."""

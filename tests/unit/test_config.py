@@ -26,6 +26,19 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert config.probes.syscall_latency.sample_period == 64
 
 
+def test_export_bounds_defaults_and_overrides(tmp_path: Path) -> None:
+    exporter = cfg.Config().exporter
+    # under the 4 MiB an OTLP gRPC receiver accepts by default, as the SDKs' 2000 series
+    assert (exporter.max_request_bytes, exporter.max_request_points) == (4_000_000, 8192)
+    assert exporter.max_request_bytes < 4 * 1024 * 1024
+    assert (exporter.cardinality_limit, exporter.cardinality_limits) == (2000, {})
+    path = write(tmp_path, "exporter:\n  max_request_bytes: 1048576\n"
+                           "  cardinality_limits: {linux.syscall.duration: 5000}\n")
+    exporter = cfg.load(path, env={})[0].exporter
+    assert exporter.max_request_bytes == 1 << 20
+    assert exporter.cardinality_limits == {"linux.syscall.duration": 5000}
+
+
 def test_durations_and_precedence(tmp_path: Path) -> None:
     path = write(tmp_path, "exporter:\n  interval: 2m\n  endpoint: http://file:4317\n"
                            "probes:\n  syscall_latency:\n    interval: 250ms\n")
@@ -69,6 +82,12 @@ def test_resource_attributes_and_headers_from_env(tmp_path: Path) -> None:
          ["probes.syscall_latency.max_entries", "greater than or equal to 64"]),
         ("probes:\n  syscall_latency:\n    filter:\n      comms: [a_name_longer_than_15]\n",
          ["probes.syscall_latency.filter.comms.0", "at most 15"]),
+        ("exporter:\n  max_request_bytes: 1000\n",
+         ["exporter.max_request_bytes", "greater than or equal to 16384"]),
+        ("exporter:\n  cardinality_limit: 0\n",
+         ["exporter.cardinality_limit", "greater than or equal to 1"]),
+        ("exporter:\n  cardinality_limits: {linux.syscall.duration: -5}\n",
+         ["exporter.cardinality_limits.linux.syscall.duration", "greater than or equal to 1"]),
     ],
 )
 def test_errors_name_the_key_and_the_fix(tmp_path: Path, text: str, expected: list[str]) -> None:
