@@ -88,6 +88,16 @@ class IdentityResolver:
             attrs.update(self.kubernetes.lookup(cg.pod_uid, cg.container_id))
         return attrs
 
+    def workload_resource(self, cg: CgroupIdentity | None) -> dict[str, AttributeValue]:
+        """The resource of a workload outside containers: its cgroup (on a systemd host,
+        its unit, which also names the service)."""
+        resource = dict(self.base)
+        if cg is not None and cg.path not in ("", "/"):
+            resource["linux.cgroup.path"] = cg.path
+            if cg.systemd_unit:
+                resource["service.name"] = cg.systemd_unit.removesuffix(".service")
+        return resource
+
     def identify(self, workload: Workload) -> Identity:
         """Blocking (/proc, cgroup tree)."""
         if workload == AGENT:
@@ -106,6 +116,8 @@ class IdentityResolver:
             # the process is a point attribute within the container's resource
             return Identity(resource, {k: point[k] for k in ("process.pid",
                                        "process.executable.name") if k in point})
+        if workload.pid <= 0:
+            return Identity(self.workload_resource(cg))
         resource = {**self.base, **point}
         if "process.executable.name" in point:
             resource["service.name"] = point["process.executable.name"]
