@@ -145,6 +145,9 @@ class TcpRetransmitConfig(_Strict):
     max_entries: int = Field(default=16384, ge=64, le=1 << 20)
     # connection: full 4-tuple; peer: peer address+port; workload: per owning process only
     aggregation: Literal["connection", "peer", "workload"] = "peer"
+    # whose the counts are: the owner's workload (container, else cgroup, and executable)
+    # or, opted in, the owning process (one series per pid)
+    owner: Literal["workload", "process"] = "workload"
     events: TcpRetransmitEvents = Field(default_factory=TcpRetransmitEvents)
 
 

@@ -57,17 +57,20 @@
  *
  * Compile-time switches (cflags from otel_ebpf/probes/syscall_latency.py):
  *   MAX_ENTRIES, SAMPLE_PERIOD, NR_EXECVE, NR_EXECVEAT, FILTER_TGID, FILTER_COMM,
- *   FILTER_CGROUP, KEY_WORKLOAD (+ TASK_MM_OFF, MM_EXE_FILE_OFF, FILE_INODE_OFF,
- *   FILE_DENTRY_OFF, DENTRY_NAME_OFF from the running kernel's BTF), KEY_TGID, KEY_CGROUP,
+ *   FILTER_CGROUP, KEY_WORKLOAD (+ the offsets workload.h reads), KEY_TGID, KEY_CGROUP,
  *   SLOW_EVENTS, SLOW_MIN_NS, SLOW_RATE, SLOW_BURST, RINGBUF_PAGES, USE_PERF_BUFFER.
  */
 #include <linux/sched.h>
 #include "exp_histogram.h"
 #include "rate_limit.h"
+#ifdef KEY_WORKLOAD
+#include "workload.h"
+#else
+#define EXE_LEN 32
+#endif
 
 #define SLOTS 8
 #define SYSCALL_SLOTS 1024
-#define EXE_LEN 32
 
 #define CALL_OFFCPU 1       /* task_state.flags: a call in flight left the CPU */
 #define CALL_ENTRY_EXACT 2  /* ... and its start is its entry, not when it left */
@@ -208,14 +211,6 @@ static __always_inline int wanted(void)
     return 1;
 }
 
-static __always_inline u64 read_ptr(u64 addr)
-{
-    u64 v = 0;
-    if (addr)
-        bpf_probe_read_kernel(&v, sizeof(v), (const void *)addr);
-    return v;
-}
-
 /* The current task's identity, from its task storage; computed on the task's first call
  * and again when its cgroup changed or it exec'd (NR_EXECVE clears identity_cgroup). */
 static __always_inline void current_identity(struct identity *out)
@@ -237,14 +232,9 @@ static __always_inline void current_identity(struct identity *out)
 #endif
     bpf_get_current_comm(&id.comm, sizeof(id.comm));
 #ifdef KEY_WORKLOAD
-    u64 mm = read_ptr((u64)task + TASK_MM_OFF);
-    u64 exe_file = mm ? read_ptr(mm + MM_EXE_FILE_OFF) : 0;
-    if (exe_file) {
-        id.key.exe = read_ptr(exe_file + FILE_INODE_OFF);
-        u64 name = read_ptr(read_ptr(exe_file + FILE_DENTRY_OFF) + DENTRY_NAME_OFF);
-        if (name)
-            bpf_probe_read_kernel_str(&id.exe, sizeof(id.exe), (const void *)name);
-    }
+    u64 exe_file = current_exe_file();
+    id.key.exe = exe_id(exe_file);
+    exe_name(exe_file, id.exe);
 #endif
     if (s) {
         __builtin_memcpy(&s->identity, &id, sizeof(id));

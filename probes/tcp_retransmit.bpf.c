@@ -15,8 +15,8 @@
  *             softirq that retransmits. Measured with classic tracepoints: in one run of
  *             six, 2 of 50 retransmitted buffers (90 of 1898 segments) went uncounted. A
  *             raw tracepoint program is skipped only when it interrupts itself.
- * Aggregates: per (family, local addr/port, peer addr/port, TCP state, error, owner tgid,
- *             owner cgroup) the number of retransmitted *segments*: tcp_skb_pcount(skb),
+ * Aggregates: per (family, local addr/port, peer addr/port, TCP state, error, owner's
+ *             cgroup and executable - or owner tgid, with OWNER_PROCESS) the number of retransmitted *segments*: tcp_skb_pcount(skb),
  *             read from TCP_SKB_CB(skb)->tcp_gso_segs, since under GSO/TSO one buffer (one
  *             tracepoint hit) carries up to 64 KiB of segments. Every struct offset read
  *             here (SKB_PCOUNT_OFF, SK_*_OFF) comes from the running kernel's BTF: the
@@ -37,6 +37,8 @@
  *                          process (tgid, cgroup, comm) that connected or listened on it
  *                          (an accepted socket: its listener's), and whether it is a
  *                          listener or was accepted; deleted at TCP_CLOSE.
+ *             exe_names    hash, EXE_NAMES executables: id -> name, filled at connect and
+ *                          listen, read when a key is first counted.
  *             listeners    hash, LISTENER_ENTRIES: (network namespace, port) -> the
  *                          listening socket's owner, for the sockets it accepts; deleted
  *                          when that listener closes.
@@ -54,7 +56,8 @@
  *             or two hash updates (connect, listen, accept, close).
  *
  * Compile-time switches (cflags from otel_ebpf/probes/tcp_retransmit.py):
- *   MAX_ENTRIES, OWNER_ENTRIES, LISTENER_ENTRIES, HAVE_ERR (the tracepoint passes `err`, 6.17+; before, it
+ *   MAX_ENTRIES, OWNER_ENTRIES, LISTENER_ENTRIES, EXE_NAMES, OWNER_PROCESS, the offsets
+ *   workload.h reads, HAVE_ERR (the tracepoint passes `err`, 6.17+; before, it
  *   fired on successes only), KEY_CONNECTION, KEY_PEER, EVENTS, EVENT_RATE, EVENT_BURST,
  *   RINGBUF_PAGES; offsets SKB_PCOUNT_OFF, SK_PROTOCOL_OFF, SK_FAMILY_OFF, SK_STATE_OFF,
  *   SK_NUM_OFF, SK_DPORT_OFF, SK_NET_OFF (absent without network namespaces), SK_RCV_SADDR_OFF, SK_DADDR_OFF, SK_V6_RCV_SADDR_OFF and
@@ -64,6 +67,7 @@
  */
 #include <linux/sched.h>
 #include "rate_limit.h"
+#include "workload.h"
 
 /* ABI constants, spelled out so that no header version can change them. */
 #define FAMILY_INET 2
@@ -85,19 +89,22 @@ struct conn_key {
     u8 state;
     u8 _pad;
     s32 err;            /* 0, or the negative errno of a failed attempt */
-    u32 tgid;           /* owner; 0 when no process was seen using the socket */
-    u64 cgroup_id;
+    u32 tgid;           /* owner, with OWNER_PROCESS; 0 when no owner is known */
+    u64 cgroup_id;      /* owner's cgroup */
+    u64 exe;            /* owner's executable (workload.h), unless OWNER_PROCESS */
 };
 
 struct conn_value {
     u64 segments;
-    char comm[TASK_COMM_LEN];  /* the owner's name when the key was first counted */
+    char comm[TASK_COMM_LEN];  /* the owner's thread name when the key was first counted */
+    char exe[EXE_LEN];         /* the owner's executable */
 };
 
 struct owner {
     u32 tgid;
     u32 flags;
     u64 cgroup_id;
+    u64 exe;
     char comm[TASK_COMM_LEN];
 };
 
@@ -126,6 +133,8 @@ enum probe_stat {
 BPF_TABLE("lru_hash", struct conn_key, struct conn_value, retransmits, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u64, struct owner, owners, OWNER_ENTRIES);
 BPF_HASH(listeners, struct listener_key, struct listener, LISTENER_ENTRIES);
+struct exe_name_value { char name[EXE_LEN]; };
+BPF_F_TABLE("hash", u64, struct exe_name_value, exe_names, EXE_NAMES, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(probe_stats, u64, STAT_COUNT);
 
 #ifdef EVENTS
@@ -188,6 +197,13 @@ static __always_inline struct owner caller(u32 flags)
     o.tgid = bpf_get_current_pid_tgid() >> 32;
     o.cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(&o.comm, sizeof(o.comm));
+    u64 exe_file = current_exe_file();
+    o.exe = exe_id(exe_file);
+    if (o.exe && !exe_names.lookup(&o.exe)) {
+        struct exe_name_value name = {};
+        exe_name(exe_file, name.name);
+        exe_names.update(&o.exe, &name);
+    }
     return o;
 }
 
@@ -348,16 +364,22 @@ static __always_inline void count(const void *owner_sk, struct conn_key *key, u3
     key->family = wire_family(key->family, key->peer_addr);
     u64 sk_key = (u64)owner_sk;
     struct owner *o = owners.lookup(&sk_key);
-    if (o) {
+    if (o && o->tgid) {
         key->tgid = o->tgid;
         key->cgroup_id = o->cgroup_id;
-    }
-    if (!key->tgid)
+        key->exe = o->exe;
+    } else {
         count_stat(STAT_NO_OWNER);
+    }
 #ifdef EVENTS
     emit(key, segments, o);
 #endif
 
+#ifndef OWNER_PROCESS
+    key->tgid = 0;  /* the owner's workload: its cgroup and executable */
+#else
+    key->exe = 0;
+#endif
 #ifndef KEY_CONNECTION
 #ifdef KEY_PEER
     __builtin_memset(key->local_addr, 0, 16);
@@ -376,8 +398,12 @@ static __always_inline void count(const void *owner_sk, struct conn_key *key, u3
     struct conn_value *value = retransmits.lookup(key);
     if (!value) {
         struct conn_value init = {};
-        if (o)
+        if (o) {
             __builtin_memcpy(init.comm, o->comm, TASK_COMM_LEN);
+            struct exe_name_value *name = exe_names.lookup(&o->exe);
+            if (name)
+                __builtin_memcpy(init.exe, name->name, EXE_LEN);
+        }
         /* insert() is BPF_NOEXIST: when another CPU inserted the key first, its entry
          * stays and the lookup below finds it. */
         if (retransmits.insert(key, &init) == 0)

@@ -35,6 +35,7 @@ from otel_ebpf.kernel.engine import Engine, EngineError, Program
 from otel_ebpf.kernel.preflight import tracefs_root
 from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
 from otel_ebpf.probes.base import Hook, Probe
+from otel_ebpf.probes.task_layout import offset_flags as task_offset_flags
 from otel_ebpf.probes.tcp_layout import offset_flags
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ AF_INET6 = 10
 # written to, so they are the recently used ones that stay.
 OWNER_ENTRIES = 65536
 LISTENER_ENTRIES = 4096  # listening (namespace, port) pairs: each pod's own
+EXE_NAMES = 4096  # executables that connected or listened, by id
 PAGE = 4096
 EVENT_RECORD_BYTES = 128  # sizeof(struct retransmit_event) + ring buffer header, rounded
 MAX_RINGBUF_PAGES = 4096  # 16 MiB: beyond, a burst is counted as buffer_full instead
@@ -93,6 +95,7 @@ class ConnKey(ct.Structure):
         ("err", ct.c_int32),
         ("tgid", ct.c_uint32),
         ("cgroup_id", ct.c_uint64),
+        ("exe", ct.c_uint64),
     ]
 
 
@@ -101,12 +104,13 @@ class Owner(ct.Structure):
         ("tgid", ct.c_uint32),
         ("flags", ct.c_uint32),
         ("cgroup_id", ct.c_uint64),
+        ("exe", ct.c_uint64),
         ("comm", ct.c_char * 16),
     ]
 
 
 class ConnValue(ct.Structure):
-    _fields_ = [("segments", ct.c_uint64), ("comm", ct.c_char * 16)]
+    _fields_ = [("segments", ct.c_uint64), ("comm", ct.c_char * 16), ("exe", ct.c_char * 32)]
 
 
 class RetransmitEventStruct(ct.Structure):
@@ -264,9 +268,12 @@ class TcpRetransmit(Probe):
         if self._cflags is not None:
             return self._cflags
         flags = [f"-DMAX_ENTRIES={self.config.max_entries}", f"-DOWNER_ENTRIES={OWNER_ENTRIES}",
-                 f"-DLISTENER_ENTRIES={LISTENER_ENTRIES}"]
+                 f"-DLISTENER_ENTRIES={LISTENER_ENTRIES}", f"-DEXE_NAMES={EXE_NAMES}"]
+        if self.config.owner == "process":
+            flags.append("-DOWNER_PROCESS")
         try:
-            flags += offset_flags(self._btf or kbtf.vmlinux())
+            btf = self._btf or kbtf.vmlinux()
+            flags += offset_flags(btf) + task_offset_flags(btf)
         except kbtf.BtfError as exc:
             raise EngineError(
                 f"{self.name}: cannot know this kernel's struct layouts: {exc}. The probe "
@@ -359,8 +366,15 @@ class TcpRetransmit(Probe):
         if segments == 0:
             return None  # inserted, then the add lost a race with the drain
         descriptor = RETRANSMITS if int(key.err) == 0 else RETRANSMIT_FAILURES
-        workload = Workload(int(key.tgid), _comm(value.comm), int(key.cgroup_id))
-        return CounterDelta(descriptor, workload, self.attributes(key), segments)
+        attributes = self.attributes(key)
+        if self.config.owner == "process":
+            workload = Workload(int(key.tgid), _comm(value.comm), int(key.cgroup_id))
+        else:
+            exe = _comm(value.exe)
+            workload = Workload(0, exe or _comm(value.comm), int(key.cgroup_id))
+            if exe:
+                attributes["process.executable.name"] = exe
+        return CounterDelta(descriptor, workload, attributes, segments)
 
     def counters(self) -> dict[str, int]:
         """The program's own counters since load (hits, inserts, no_owner, ...)."""

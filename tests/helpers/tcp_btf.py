@@ -115,6 +115,10 @@ SK_COMMON = {"skc_daddr": 8, "skc_rcv_saddr": 12, "skc_dport": 20, "skc_num": 22
 SK_PROTOCOL = 600
 
 
+# where kernel_like() puts the members workload.h reads (no real kernel's offsets)
+TASK_OFFSETS = {"mm": 1208, "exe_file": 904, "f_inode": 40, "f_path": 88, "d_name": 56}
+
+
 def kernel_like(endian: str = "<", ipv6: bool = True) -> bytes:
     w = BtfWriter(endian)
     u8 = w.integer("unsigned char", 1)
@@ -158,4 +162,16 @@ def kernel_like(endian: str = "<", ipv6: bool = True) -> bytes:
     w.composite("sock", 800, [("__sk_common", common, 0, 0),
                               ("sk_protocol", u16, SK_PROTOCOL * 8, 0)])
     w.composite("request_sock", 232, [("__req_common", common, 0, 0)])
+
+    # a task's executable, as probes/workload.h follows it: task_struct.mm ->
+    # mm_struct.exe_file -> file.f_inode / file.f_path.dentry -> dentry.d_name.name
+    ptr = w.ptr(w.fwd("opaque"))
+    path = w.composite("path", 16, [("mnt", ptr, 0, 0), ("dentry", ptr, 64, 0)])
+    qstr = w.composite("qstr", 16, [("hash_len", w.integer("long long unsigned int", 8),
+                                      0, 0), ("name", ptr, 64, 0)])
+    w.composite("task_struct", 4096, [("mm", ptr, TASK_OFFSETS["mm"] * 8, 0)])
+    w.composite("mm_struct", 1024, [("exe_file", ptr, TASK_OFFSETS["exe_file"] * 8, 0)])
+    w.composite("file", 256, [("f_inode", ptr, TASK_OFFSETS["f_inode"] * 8, 0),
+                              ("f_path", path, TASK_OFFSETS["f_path"] * 8, 0)])
+    w.composite("dentry", 192, [("d_name", qstr, TASK_OFFSETS["d_name"] * 8, 0)])
     return w.build()

@@ -14,6 +14,7 @@ so the assertions are on exported data points.
 from __future__ import annotations
 
 import ctypes as ct
+import os
 import random
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def test_segments_equal_the_kernels_count_per_connection_and_owner(
         engine: Engine, port: int, server_host: str, client_host: str, address: str,
         net_type: str) -> None:
     start_ns = time.time_ns()
-    with started(engine, TcpRetransmitConfig(aggregation="connection")) as probe:
+    with started(engine, TcpRetransmitConfig(aggregation="connection", owner="process")) as probe:
         # the map layouts BCC compiled are the ones the decoder's mirrors describe
         assert probe._program is not None
         retransmits_map = probe._program.map("retransmits")
@@ -221,7 +222,7 @@ def test_failed_attempts_are_counted_apart_with_their_errno(engine: Engine, port
     """An output rule refuses some packets as they are sent: those retransmissions fail
     with EPERM. The kernel counts them in RetransSegs and in TCPRetransFail."""
     start_ns = time.time_ns()
-    with started(engine, TcpRetransmitConfig(aggregation="connection")) as probe:
+    with started(engine, TcpRetransmitConfig(aggregation="connection", owner="process")) as probe:
         with namespace(port, drop_percent=DROP_PERCENT, output_drop_percent=20,
                        lo_mtu=LO_MTU) as ns:
             run = transfer(ns, "127.0.0.1", "127.0.0.1")
@@ -247,7 +248,7 @@ def test_default_peer_aggregation_keeps_no_ephemeral_port(engine: Engine, port: 
     client's series name the server's port and the server's series name its own port:
     neither carries an ephemeral port, so the two connections make one series a side."""
     start_ns = time.time_ns()
-    with started(engine, TcpRetransmitConfig()) as probe:
+    with started(engine, TcpRetransmitConfig(owner="process")) as probe:
         assert probe.config.aggregation == "peer"
         with namespace(port, drop_percent=DROP_PERCENT, reply_drop_percent=DROP_PERCENT,
                        lo_mtu=LO_MTU) as ns:
@@ -285,7 +286,7 @@ def test_handshake_retransmits_belong_to_the_connecting_and_listening_processes(
     both from timers, in no process's context. The owners were recorded at connect() and
     listen(); the SYN-ACKs (another tracepoint) are in the kernel's count too."""
     start_ns = time.time_ns()
-    with started(engine, TcpRetransmitConfig()) as probe:
+    with started(engine, TcpRetransmitConfig(owner="process")) as probe:
         with namespace(port, drop_percent=0, reply_drop_percent=100) as ns:
             before = ns.counters()
             server = ns.popen([sys.executable, str(HELPER), "server", "127.0.0.1", str(port)],
@@ -319,7 +320,7 @@ def test_handshake_retransmits_belong_to_the_connecting_and_listening_processes(
 
 def test_event_stream_is_rate_limited_in_the_kernel(engine: Engine, port: int) -> None:
     rate = 5  # a slow machine's 3 s transfer still makes well over 5 + 3 * 5 attempts
-    config = TcpRetransmitConfig(aggregation="connection",
+    config = TcpRetransmitConfig(aggregation="connection", owner="process",
                                  events=TcpRetransmitEvents(enabled=True, rate_per_second=rate))
     with started(engine, config) as probe:
         burst = probe.event_burst
@@ -360,3 +361,20 @@ def test_every_variant_passes_the_verifier(engine: Engine, aggregation: str,
     config = TcpRetransmitConfig(aggregation=aggregation,  # type: ignore[arg-type]
                                  events=TcpRetransmitEvents(enabled=events))
     TcpRetransmit(config).verify(engine)
+
+
+def test_default_owner_is_the_workload(engine: Engine, port: int) -> None:
+    """By default the counts belong to the owner's workload: no pid, the executable's name
+    (the helpers are Python), and every segment still counted."""
+    start_ns = time.time_ns()
+    with started(engine, TcpRetransmitConfig()) as probe:
+        assert probe.config.owner == "workload"
+        with namespace(port, drop_percent=DROP_PERCENT, lo_mtu=LO_MTU) as ns:
+            run = transfer(ns, "127.0.0.1", "127.0.0.1")
+        points = exported(probe, start_ns)
+    retransmits = ours(points, port, tr.RETRANSMITS.name)
+    assert abs(sum(v for _, v in retransmits) - run.truth) <= 0.01 * run.truth
+    python = os.path.basename(os.path.realpath(sys.executable))
+    for attrs, _ in retransmits:
+        assert "process.pid" not in attrs, attrs
+        assert attrs["process.executable.name"] == python, attrs

@@ -206,7 +206,8 @@ def value(segments: int, comm: bytes = b"curl") -> tr.ConnValue:
 
 
 def probe(aggregation: str) -> tr.TcpRetransmit:
-    return tr.TcpRetransmit(TcpRetransmitConfig(aggregation=aggregation))  # type: ignore[arg-type]
+    return tr.TcpRetransmit(TcpRetransmitConfig(aggregation=aggregation,  # type: ignore[arg-type]
+                                                owner="process"))
 
 
 def test_connection_mode_keeps_the_4_tuple() -> None:
@@ -322,9 +323,9 @@ def test_collect_reports_deltas_of_lost_events_and_evictions() -> None:
 
 
 def test_ctypes_mirrors_match_the_c_layout() -> None:
-    assert ct.sizeof(tr.ConnKey) == 56
-    assert ct.sizeof(tr.ConnValue) == 24
-    assert ct.sizeof(tr.Owner) == 32
+    assert ct.sizeof(tr.ConnKey) == 64
+    assert ct.sizeof(tr.ConnValue) == 56
+    assert ct.sizeof(tr.Owner) == 40
     assert ct.sizeof(tr.RetransmitEventStruct) == 88
     assert ct.sizeof(tr.RetransmitEventStruct) + 8 <= tr.EVENT_RECORD_BYTES
     source = BPF_SOURCE.read_text()
