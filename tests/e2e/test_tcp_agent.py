@@ -46,6 +46,7 @@ probes:
     enabled: true
     interval: 1s
     aggregation: connection
+    owner: process
 """
 
 

@@ -99,8 +99,8 @@ def share_above(record: ExpHistogramDelta, seconds: float) -> float:
 def test_sampled_timing_keeps_counts_exact_and_blocking_calls_timed(
         engine: Engine, table: syscalls.SyscallTable, syscall_mix: Path) -> None:
     """getrandom three times fast and once slow, 20,000 rounds, then 10 sleeps of 5 ms.
-    Counts are exact; every sleep blocked, so every one was timed and sits in the 5 ms
-    bucket; the getrandom histogram, sampled one call in 64, puts a quarter of its count
+    Counts are exact; every sleep blocked, so every one was timed, none under 5 ms; the
+    getrandom histogram, sampled one call in 64, puts a quarter of its count
     above the slow calls' floor (within 5 points: ~1,250 sampled calls give a standard
     error of 1.2 points)."""
     rounds, sleeps = 20_000, 10
@@ -117,8 +117,9 @@ def test_sampled_timing_keeps_counts_exact_and_blocking_calls_timed(
     sleep_name = "clock_nanosleep" if histograms(collection, "clock_nanosleep") else "nanosleep"
     (sleep,) = histograms(collection, sleep_name)
     assert sleep.count == sleeps
-    populated = [(sleep.offset + i, c) for i, c in enumerate(sleep.bucket_counts) if c]
-    assert len(populated) == 1, populated
-    index, count = populated[0]
-    assert count == sleeps
-    assert bucket_lower_bound(index, 2) < 0.005 <= bucket_upper_bound(index, 2)
+    assert sum(sleep.bucket_counts) == sleeps
+    # every sleep was timed (from when it left the CPU, a few microseconds after its entry)
+    # and none looks shorter than asked; a busy machine may wake a sleeper late
+    first = next(i for i, c in enumerate(sleep.bucket_counts) if c) + sleep.offset
+    assert bucket_lower_bound(first, 2) < 0.005 <= bucket_upper_bound(first, 2)
+    assert sleep.min >= 0.0049  # less only by the on-CPU start before it left the CPU
