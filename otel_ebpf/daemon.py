@@ -316,7 +316,7 @@ class Agent:
     def _flush_profiles(self) -> None:
         assert self.profiles is not None
         workloads = self.profiles.workloads()
-        self.profiles.flush(self.identity.resolver(workloads), time.time_ns())
+        self.profiles.flush(self.identity.sample_resolver(workloads), time.time_ns())
         sender = self.profiles.sender
         if sender is not None and sender.dropped > self._profiles_dropped_seen:
             reason = "unsupported" if sender.unsupported else "export_failed"

@@ -124,6 +124,18 @@ class IdentityResolver:
         return Identity(resource, {k: point[k] for k in ("process.pid",
                                    "process.executable.name") if k in point})
 
+    def sample_resolver(self, workloads: Iterable[Workload]
+                        ) -> Callable[[Workload], Identity]:
+        """For profile samples: the resource is the process's workload (its container,
+        else its cgroup), the process (pid, executable) goes on each sample. One resource
+        per workload, however many processes it ran."""
+        known: dict[Workload, Identity] = {}
+        for w in set(workloads):
+            resource = self.identify(Workload(0, "", w.cgroup_id)).resource
+            known[w] = Identity(resource, self.identify(w).point)
+        return lambda w: known.get(w) or Identity(
+            self.identify(Workload(0, "", w.cgroup_id)).resource, self.identify(w).point)
+
     def resolver(self, workloads: Iterable[Workload]) -> Callable[[Workload], Identity]:
         """Resolve a batch once (blocking) and answer from that batch."""
         known = {w: self.identify(w) for w in set(workloads)}

@@ -25,3 +25,17 @@ def test_other_cgroups_keep_their_path_and_the_root_none() -> None:
     assert resolver().workload_resource(cg)["linux.cgroup.path"] == cg.path
     assert resolver().workload_resource(parse_cgroup_path("/")) == HOST
     assert resolver().workload_resource(None) == HOST
+
+
+def test_profile_samples_share_their_workloads_resource() -> None:
+    """Two processes of one cgroup: one resource (the cgroup's), each sample its pid."""
+    from otel_ebpf.model import Workload
+
+    r = resolver()
+    path = "/system.slice/otel-ebpf-test.service"
+    r.containers._by_id[4242] = parse_cgroup_path(path)  # as the cgroup tree would say
+    a, b = Workload(10**7 + 1, "a", 4242), Workload(10**7 + 2, "b", 4242)
+    identity_of = r.sample_resolver([a, b])
+    assert identity_of(a).resource == identity_of(b).resource
+    assert identity_of(a).resource["linux.cgroup.path"] == path
+    assert "process.pid" not in identity_of(a).resource
