@@ -7,6 +7,8 @@
             span (bench/spans.py)
   tcp       the retransmit probe's kernel cost per event and the agent's CPU during a lossy
             50 MB transfer (bench/tcp.py)
+  footprint the agent at rest on its defaults: seconds until attached, peak and steady RSS
+            (smaps: anonymous, file-backed, LLVM/clang), steady CPU (bench/footprint.py)
 
 Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
 per target. Shared helpers live in bench/common.py.
@@ -356,11 +358,11 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "spans", "tcp")
+SUITES = ("syscalls", "profile", "spans", "tcp", "footprint")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import profile, spans, tcp
+    from bench import footprint, profile, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
@@ -378,11 +380,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     profile.add_arguments(parser)
     spans.add_arguments(parser)
     tcp.add_arguments(parser)
+    footprint.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
     problem = (profile.check_arguments(args) or spans.check_arguments(args)
-               or tcp.check_arguments(args))
+               or tcp.check_arguments(args) or footprint.check_arguments(args))
     if problem:
         parser.error(problem)
     return args
@@ -489,13 +492,14 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import profile, spans, tcp
+    from bench import footprint, profile, spans, tcp
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
         "profile": profile.run_suite,
         "spans": spans.run_suite,
         "tcp": tcp.run_suite,
+        "footprint": footprint.run_suite,
     }
     chosen = SUITES if args.suite == "all" else (args.suite,)
     affinity = os.sched_getaffinity(0)
