@@ -91,7 +91,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 # bench/profile.py must not shadow the standard library's profile module (cProfile imports
 # it), so bench/ leaves sys.path and the suites are imported as bench.* from the repository.
@@ -120,7 +120,7 @@ from bench.common import (  # noqa: E402
 # None of these import bcc; the engine imports it when it first loads a program.
 from otel_ebpf.config import SyscallLatencyConfig  # noqa: E402
 from otel_ebpf.kernel import headers, syscalls  # noqa: E402
-from otel_ebpf.kernel.engine import Engine, EngineError, Program  # noqa: E402
+from otel_ebpf.kernel.engine import Engine, EngineError  # noqa: E402
 from otel_ebpf.kernel.syscalls import SyscallTable  # noqa: E402
 from otel_ebpf.model import Collection, ExpHistogramDelta  # noqa: E402
 from otel_ebpf.probes.syscall_latency import SyscallLatency  # noqa: E402
@@ -166,18 +166,17 @@ class Baseline:
 
 class BareTracepoints:
     """A reference program on the probe's hooks (empty_tracepoints.bpf.c, the floor of any
-    program there; clock_floor.bpf.c, the floor of any latency probe). Compiled with BCC
-    directly because Engine.load only reads probes/, but wrapped in the engine's Program
-    so it is attached and detached by the same code."""
+    program there; clock_floor.bpf.c, the floor of any latency probe), loaded and attached
+    by the engine like the probe."""
 
-    def __init__(self, bcc: Any, key: str, label: str, source: Path) -> None:
-        self._bcc = bcc
+    def __init__(self, engine: Engine, key: str, label: str, source: Path) -> None:
+        self._engine = engine
         self.key, self.label, self._source = key, label, source
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        program = Program(self._bcc.BPF(src_file=str(self._source).encode()), self._bcc,
-                          self._source.name.removesuffix(".bpf.c"))
+        program = self._engine.load(self._source.name.removesuffix(".bpf.c"),
+                                    source=self._source)
         try:
             program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
             program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
@@ -442,8 +441,8 @@ def run(args: argparse.Namespace) -> int:
     probe = SyscallLatencyProbe(engine, syscalls.load())
     modes: list[Mode] = [
         Baseline(),
-        BareTracepoints(bcc, "empty", "empty raw tracepoints", EMPTY_SRC),
-        BareTracepoints(bcc, "clock", "+ two clock reads", CLOCK_SRC),
+        BareTracepoints(engine, "empty", "empty raw tracepoints", EMPTY_SRC),
+        BareTracepoints(engine, "clock", "+ two clock reads", CLOCK_SRC),
         probe,
         Syscount(syscount),
     ]
