@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -29,9 +30,16 @@ class BpfMap:
         self.value_type: type[ct.Structure] = value_type
         self.key_size = ct.sizeof(self.key_type)
         self.value_size = ct.sizeof(self.value_type)
-        self._keys = (self.key_type * _BATCH)()
-        self._values = (self.value_type * _BATCH)()
         self._batch_ok = True
+
+    @functools.cached_property
+    def _keys(self) -> ct.Array[Any]:
+        """Batch buffers, made on first use: a stack map's values take 0.5 MB a batch."""
+        return (self.key_type * _BATCH)()
+
+    @functools.cached_property
+    def _values(self) -> ct.Array[Any]:
+        return (self.value_type * _BATCH)()
 
     def __len__(self) -> int:
         return self.max_entries
