@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from otel_ebpf.kernel.cache import ImageCache
 from otel_ebpf.kernel.ctypes_json import build
 
 COMPILE_TIMEOUT_S = 300.0
@@ -82,19 +83,39 @@ class Image:
 
 
 class Compiler:
-    """Runs the compiler process, at most `jobs` at a time."""
+    """Runs the compiler process, at most `jobs` at a time; with a cache, only for a
+    program it does not hold yet."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(self, jobs: int, cache: ImageCache | None = None) -> None:
         self.jobs = max(1, jobs)
+        self.cache = cache
         self._slots = threading.BoundedSemaphore(self.jobs)
 
-    def compile(self, text: str, cflags: Sequence[str]) -> tuple[Image, list[int]]:
-        """The program's Image and its map fds (the caller closes them). Raises
-        CompileError with BCC's message; the compiler's output is copied to stderr."""
-        with self._slots:
-            return self._run(text, cflags)
+    def compile(self, text: str, cflags: Sequence[str]) -> tuple[Image, list[int], bool]:
+        """The program's Image, its map fds (the caller closes them) and whether they came
+        from the cache. Raises CompileError with BCC's message; the compiler's output is
+        copied to stderr."""
+        key = self.cache.key(text, cflags) if self.cache is not None else ""
+        hit = self.cache.load(key) if self.cache is not None else None
+        if hit is not None:
+            result, fds = hit
+        else:
+            with self._slots:
+                result, fds = self._run(text, cflags)
+            if self.cache is not None:
+                self.cache.store(key, result, fds)
+        try:
+            image = Image.from_json(result)
+            if len(fds) != len(image.maps):
+                raise CompileError(f"the compiler process described {len(image.maps)} maps "
+                                   f"but handed over {len(fds)}")
+        except Exception:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return image, fds, hit is not None
 
-    def _run(self, text: str, cflags: Sequence[str]) -> tuple[Image, list[int]]:
+    def _run(self, text: str, cflags: Sequence[str]) -> tuple[dict[str, Any], list[int]]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         with ours:
             try:
@@ -124,16 +145,7 @@ class Compiler:
                 _, fds, _, _ = socket.recv_fds(ours, 16, _MAX_FDS)
             except BlockingIOError:
                 raise CompileError("the compiler process handed over no maps") from None
-        try:
-            image = Image.from_json(result)
-            if len(fds) != len(image.maps):
-                raise CompileError(f"the compiler process described {len(image.maps)} maps "
-                                   f"but handed over {len(fds)}")
-        except Exception:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return image, list(fds)
+        return result, list(fds)
 
 
 def _parse(out: bytes) -> dict[str, Any]:

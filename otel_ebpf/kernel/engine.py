@@ -22,6 +22,7 @@ from typing import Any
 
 from otel_ebpf.kernel import bpfsys
 from otel_ebpf.kernel.buffers import PerfBuffer, RingBuffer
+from otel_ebpf.kernel.cache import ImageCache
 from otel_ebpf.kernel.compiler import CompileError, Compiler, Image
 from otel_ebpf.kernel.headers import HeaderSource
 from otel_ebpf.kernel.maps import BpfMap, update_set_map
@@ -61,8 +62,13 @@ def bpf_source(name: str) -> str:
 
 
 def default_jobs() -> int:
-    """Compiles at once: one per CPU, at most two (each holds ~150-200 MB while it runs)."""
-    return max(1, min(os.cpu_count() or 1, 2))
+    """Compiles at once: $OTEL_EBPF_COMPILE_JOBS, else one. Each holds ~180 MB while it
+    runs, so two at once would take the start-up peak past the 300 MB a limit is set from;
+    the compile cache makes a restart need none."""
+    try:
+        return max(1, int(os.environ.get("OTEL_EBPF_COMPILE_JOBS", "1")))
+    except ValueError:
+        return 1
 
 
 class Program:
@@ -221,12 +227,13 @@ class Program:
 class Engine:
     """Compiles and loads BPF programs with the header tree chosen by discovery."""
 
-    def __init__(self, headers: HeaderSource | None, jobs: int | None = None) -> None:
+    def __init__(self, headers: HeaderSource | None, jobs: int | None = None,
+                 cache: ImageCache | None = None) -> None:
         self.headers = headers
         if headers is not None and headers.bcc_kernel_source is not None:
             # BCC reads this when it compiles, in the compiler process (which inherits it).
             os.environ["BCC_KERNEL_SOURCE"] = str(headers.bcc_kernel_source)
-        self.compiler = Compiler(jobs or default_jobs())
+        self.compiler = Compiler(jobs or default_jobs(), cache)
 
     def load(self, name: str, cflags: Sequence[str] = (), *, source: Path | None = None
              ) -> Program:
@@ -242,12 +249,14 @@ class Engine:
         includes = [f"-I{d}" for d in dict.fromkeys(
             [*([source.parent] if source is not None else []), bpf_source_dir()])]
         try:
-            image, fds = self.compiler.compile(text, [*includes, *cflags])
+            image, fds, cached = self.compiler.compile(text, [*includes, *cflags])
         except CompileError as exc:
             raise EngineError(
                 f"{name}: BPF program failed to compile or load: {exc}. The compiler or "
                 "verifier output is above; `otel-ebpf doctor` checks the usual causes"
             ) from exc
+        if cached:
+            log.debug("%s: compiled program from the cache", name)
         return Program(name, image, fds)
 
     @staticmethod
