@@ -12,7 +12,9 @@ UNIMPLEMENTED, a real "collector without profiles" that the agent reports once.
 
   attached   seconds from the agent's exec to its log line "running: probes ..." (every
              probe compiled, loaded and attached); the probes' own "attached in" lines
-             follow it
+             follow it. Measured cold (an empty compile cache: every program compiled) and
+             then warm (a second agent, the cache the first one filled); the agent's
+             compile cache lives in a private directory of the run
   peak       VmHWM of the agent process; the loader processes' VmHWM (compilers in child
              processes, where the engine uses them); and the sampled peak of the whole
              tree's RSS (agent + children, every PEAK_SAMPLE_S), the figure a container
@@ -21,6 +23,13 @@ UNIMPLEMENTED, a real "collector without profiles" that the agent reports once.
              into anonymous, file-backed, and the part in LLVM/clang/BCC mappings
   CPU        the agent's run time (schedstat, every thread) over --footprint-cpu-window
              seconds after that point, as a percentage of one core
+  floor      the same agent and exporter with every probe disabled, at the same point: what
+             Python, gRPC, the OpenTelemetry SDK and the agent's own modules hold before
+             any probe or data (skip it with --footprint-no-floor)
+
+RSS right after attaching is printed too: what the agent holds once the engine is done,
+before the probes' data (series, symbol tables, export buffers) grows with the node's
+activity. On a shared machine that activity is whatever the neighbours run.
 
 --footprint-agent runs another build's otel-ebpf (say, a checkout of main in its own venv)
 for a before/after comparison on the same machine, minutes apart.
@@ -69,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--footprint-cpu-window", type=float, default=20.0,
                         help="footprint: seconds of steady CPU measured after that point "
                              "(default: %(default)s)")
+    parser.add_argument("--footprint-no-floor", action="store_true",
+                        help="footprint: skip the run with every probe disabled")
     parser.add_argument("--footprint-agent", type=Path, default=None,
                         help="footprint: the otel-ebpf executable to measure (default: this "
                              "venv's)")
@@ -190,6 +201,7 @@ class PeakSampler:
 @dataclass
 class Figures:
     attached_s: float
+    attached_rss_kb: int
     probe_lines: list[str]
     agent_peak_kb: int
     child_peak_kb: int
@@ -199,10 +211,23 @@ class Figures:
     cpu_pct: float
 
 
-def defaults_config(endpoint: str) -> str:
-    """The embedded defaults, but for where to export (and the log level the bench reads)."""
-    return yaml.safe_dump({"log_level": "info",
-                           "exporter": {"endpoint": endpoint, "insecure": True}})
+def defaults_config(endpoint: str, probes: bool = True) -> str:
+    """The embedded defaults, but for where to export (and the log level the bench reads);
+    without probes: every probe the config knows disabled."""
+    from otel_ebpf.config import ProbesConfig
+
+    config: dict[str, object] = {"log_level": "info",
+                                 "exporter": {"endpoint": endpoint, "insecure": True}}
+    if not probes:
+        config["probes"] = {name: {"enabled": False} for name in ProbesConfig.model_fields}
+    return yaml.safe_dump(config)
+
+
+@dataclass
+class Start:
+    attached_s: float
+    agent_peak_kb: int
+    tree_peak_kb: int
 
 
 @contextlib.contextmanager
@@ -216,13 +241,15 @@ def collector() -> Iterator[str]:
         yield rotel.grpc_endpoint
 
 
-def measure(args: argparse.Namespace, endpoint: str, workdir: Path) -> tuple[Figures, str]:
+def measure(args: argparse.Namespace, endpoint: str, workdir: Path,
+            env: dict[str, str]) -> tuple[Figures, str]:
     life = args.footprint_seconds + args.footprint_cpu_window + 60
     with AgentProcess(defaults_config(endpoint), workdir, "agent-footprint", life,
-                      executable=args.footprint_agent) as agent:
+                      executable=args.footprint_agent, extra_env=env) as agent:
         started = time.monotonic()
         with PeakSampler(agent.pid) as sampler:
             attached = agent.wait_ready(timeout=120)
+            attached_rss = rss_kb(agent.pid)
             time.sleep(max(0.0, started + args.footprint_seconds - time.monotonic()))
         agent_peak = status_kb(agent.pid, "VmHWM")
         steady = smaps(agent.pid)
@@ -231,31 +258,67 @@ def measure(args: argparse.Namespace, endpoint: str, workdir: Path) -> tuple[Fig
         cpu_pct = (agent.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
         if not agent.alive():
             raise BenchError(f"the agent died\n{agent.log_tail()}")
-        code = agent.stop()
-        if code != 0:
-            raise BenchError(f"the agent exited with {code}\n{agent.log_tail()}")
+        _stop(agent)
         lines = [line.split(": ", 1)[-1] for line in agent.log if " attached (" in line]
         command = shlex.join(agent.command[3:])
-    return Figures(attached, lines, agent_peak, sampler.child_peak_kb,
+    return Figures(attached, attached_rss, lines, agent_peak, sampler.child_peak_kb,
                    len(sampler.children_seen), sampler.tree_peak_kb, steady, cpu_pct), command
+
+
+def measure_start(args: argparse.Namespace, endpoint: str, workdir: Path,
+                  env: dict[str, str]) -> Start:
+    """A second agent, only until its probes are attached."""
+    with AgentProcess(defaults_config(endpoint), workdir, "agent-warm", 120,
+                      executable=args.footprint_agent, extra_env=env) as agent:
+        with PeakSampler(agent.pid) as sampler:
+            attached = agent.wait_ready(timeout=120)
+        start = Start(attached, status_kb(agent.pid, "VmHWM"), sampler.tree_peak_kb)
+        _stop(agent)
+    return start
+
+
+def measure_floor(args: argparse.Namespace, endpoint: str, workdir: Path) -> Smaps:
+    """The agent with no probe, at the steady-state point."""
+    with AgentProcess(defaults_config(endpoint, probes=False), workdir, "agent-floor",
+                      args.footprint_seconds + 60, executable=args.footprint_agent) as agent:
+        started = time.monotonic()
+        agent.wait_ready(timeout=120)
+        time.sleep(max(0.0, started + args.footprint_seconds - time.monotonic()))
+        floor = smaps(agent.pid)
+        _stop(agent)
+    return floor
+
+
+def _stop(agent: AgentProcess) -> None:
+    code = agent.stop()
+    if code != 0:
+        raise BenchError(f"the agent exited with {code}\n{agent.log_tail()}")
 
 
 def mb(kb: int) -> str:
     return f"{kb / 1024:.1f} MB"
 
 
-def report(f: Figures) -> None:
+def report(f: Figures, warm: Start, floor: Smaps | None) -> None:
     s = f.steady
-    print(f"\nattached:   {f.attached_s:.2f} s until every default probe was attached")
+    print(f"\nattached:   {f.attached_s:.2f} s until every default probe was attached (cold: "
+          "empty compile cache)")
     for line in f.probe_lines:
-        print(f"            {line}")
+        print(f"            {line[:110]}")
+    print(f"            {warm.attached_s:.2f} s warm (the cache filled), peak: agent "
+          f"{mb(warm.agent_peak_kb)}, agent + children {mb(warm.tree_peak_kb)}")
     print(f"peak:       agent {mb(f.agent_peak_kb)} (VmHWM); loader children {f.children}, "
           f"largest {mb(f.child_peak_kb)}; agent + children sampled {mb(f.tree_peak_kb)}")
+    print(f"attach RSS: {mb(f.attached_rss_kb)} when every probe was attached")
     print(f"steady:     {mb(s.rss_kb)} RSS = {mb(s.anon_kb)} anonymous + "
           f"{mb(s.rss_kb - s.anon_kb)} file-backed and other; LLVM/clang/BCC mappings "
           f"{mb(s.compiler_kb)}")
     for kb, path in s.top_files:
         print(f"            {kb / 1024:6.1f} MB  {path}")
+    if floor is not None:
+        print(f"floor:      {mb(floor.rss_kb)} RSS = {mb(floor.anon_kb)} anonymous + "
+              f"{mb(floor.rss_kb - floor.anon_kb)} file-backed and other, with every probe "
+              "disabled (Python, gRPC, the SDK, the agent's modules)")
     print(f"cpu:        {f.cpu_pct:.2f} % of one core at rest")
     print()
     print("steady RSS  " + verdict(s.rss_kb / 1024 <= STEADY_TARGET_MB,
@@ -266,8 +329,10 @@ def report(f: Figures) -> None:
                                    f"{PEAK_TARGET_MB:g} MB"))
     print("steady CPU  " + verdict(f.cpu_pct <= CPU_TARGET_PCT,
                                    f"{f.cpu_pct:.2f} %, target <= {CPU_TARGET_PCT:g} %"))
-    print("attached    " + verdict(f.attached_s <= ATTACH_TARGET_S,
-                                   f"{f.attached_s:.2f} s, target <= {ATTACH_TARGET_S:g} s"))
+    for label, seconds in (("cold", f.attached_s), ("warm", warm.attached_s)):
+        print(f"attached    {label} " + verdict(seconds <= ATTACH_TARGET_S,
+                                                f"{seconds:.2f} s, target <= "
+                                                f"{ATTACH_TARGET_S:g} s"))
 
 
 def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
@@ -283,9 +348,12 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="otel-ebpf-bench-") as tmp, \
             collector() as endpoint:
-        figures, command = measure(args, endpoint, Path(tmp))
-    print(f"agent:   {command}")
-    report(figures)
+        env = {"OTEL_EBPF_CACHE_DIR": str(Path(tmp) / "cache")}
+        figures, command = measure(args, endpoint, Path(tmp), env)
+        warm = measure_start(args, endpoint, Path(tmp), env)
+        floor = None if args.footprint_no_floor else measure_floor(args, endpoint, Path(tmp))
+    print(f"agent:   {command}  (OTEL_EBPF_CACHE_DIR in a private directory)")
+    report(figures, warm, floor)
     print(f"took {time.monotonic() - began:.0f}s")
     return 0
 

@@ -34,17 +34,17 @@ from otel_ebpf.kernel import bpfsys
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when an entry's layout or the loader's output changes
-DEFAULT_DIR = Path("/var/cache/otel-ebpf")
+DEFAULT_ROOT = Path("/var/cache/otel-ebpf")  # shared with headers.py's merged header trees
 _HEADER_MARKERS = ("include/generated/autoconf.h", "include/generated/uapi/linux/version.h",
                    "include/config/kernel.release")
 
 
 def directory() -> Path | None:
-    """$OTEL_EBPF_CACHE_DIR, "off" for no cache, else /var/cache/otel-ebpf."""
-    chosen = os.environ.get("OTEL_EBPF_CACHE_DIR", "")
-    if chosen.lower() in ("off", "none", "0"):
+    """programs/ under $OTEL_EBPF_CACHE_DIR (default /var/cache/otel-ebpf), or None when
+    $OTEL_EBPF_COMPILE_CACHE is off."""
+    if os.environ.get("OTEL_EBPF_COMPILE_CACHE", "").lower() in ("off", "no", "false", "0"):
         return None
-    return Path(chosen) if chosen else DEFAULT_DIR
+    return Path(os.environ.get("OTEL_EBPF_CACHE_DIR") or DEFAULT_ROOT) / "programs"
 
 
 def _file_digest(path: Path) -> str:

@@ -52,7 +52,7 @@ def test_the_running_agent_maps_no_compiler(tmp_path: Path) -> None:
     # LLVM, clang or BCC once attached, and no compiler process may be left
     config = tmp_path / "agent.yaml"
     config.write_text("exporter:\n  enabled: false\nsummary:\n  enabled: false\n")
-    env = dict(os.environ, OTEL_EBPF_CACHE_DIR="off")
+    env = dict(os.environ, OTEL_EBPF_COMPILE_CACHE="off")
     proc = subprocess.Popen([sys.executable, "-m", "otel_ebpf", "run", "--config", str(config),
                              "--duration", "120s"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
