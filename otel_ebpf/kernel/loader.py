@@ -14,9 +14,11 @@ to stderr; a failure is {"error": "..."} on stdout and exit status 1.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes as ct
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -27,6 +29,7 @@ from otel_ebpf.kernel.ctypes_json import describe
 
 _LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots
 _PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
+_PR_SET_PDEATHSIG = 1
 
 
 def relocations(insns: bytes, index_of_fd: dict[int, int]) -> list[list[int]]:
@@ -85,7 +88,16 @@ def image(bcc: Any, bpf: Any) -> tuple[dict[str, Any], list[int]]:
             "functions": functions}, fds
 
 
+def _die_with_parent() -> None:
+    """A compile outliving the agent (killed mid-start) would only waste a CPU."""
+    with contextlib.suppress(OSError, AttributeError):
+        ct.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent was gone before we asked
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     sock = socket.socket(fileno=int(argv[1]))
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything BCC or clang prints joins the diagnostics
