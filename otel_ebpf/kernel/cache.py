@@ -34,6 +34,7 @@ from otel_ebpf.kernel import bpfsys
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when an entry's layout or the loader's output changes
+MAX_ENTRIES = 64  # ~20 KB each; the least recently used go first
 DEFAULT_ROOT = Path("/var/cache/otel-ebpf")  # shared with headers.py's merged header trees
 _HEADER_MARKERS = ("include/generated/autoconf.h", "include/generated/uapi/linux/version.h",
                    "include/config/kernel.release")
@@ -110,6 +111,7 @@ class ImageCache:
                     log.warning("compile cache: ignoring %s, which others could write", path)
                     return None
                 entry = json.loads(f.read())
+            os.utime(path)  # recently used: kept when the cache is trimmed
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -138,11 +140,19 @@ class ImageCache:
                 tmp = f.name
                 json.dump({"image": image, "maps": maps, "btf": btf}, f)
             os.replace(tmp, self._path(key))
+            self._trim()
         except (OSError, ValueError) as exc:
             log.info("compile cache: cannot store in %s (%s)", self.directory, exc)
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+
+    def _trim(self) -> None:
+        entries = sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for stale in entries[:-MAX_ENTRIES]:
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _create_maps(maps: list[dict[str, Any]], btf: str | None) -> list[int]:
