@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--footprint-cpu-window", type=float, default=20.0,
                         help="footprint: seconds of steady CPU measured after that point "
                              "(default: %(default)s)")
+    parser.add_argument("--footprint-jobs", type=int, default=None,
+                        help="footprint: compiles at once (OTEL_EBPF_COMPILE_JOBS; default: "
+                             "the agent's)")
     parser.add_argument("--footprint-no-floor", action="store_true",
                         help="footprint: skip the run with every probe disabled")
     parser.add_argument("--footprint-agent", type=Path, default=None,
@@ -349,6 +352,8 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="otel-ebpf-bench-") as tmp, \
             collector() as endpoint:
         env = {"OTEL_EBPF_CACHE_DIR": str(Path(tmp) / "cache")}
+        if args.footprint_jobs is not None:
+            env["OTEL_EBPF_COMPILE_JOBS"] = str(args.footprint_jobs)
         figures, command = measure(args, endpoint, Path(tmp), env)
         warm = measure_start(args, endpoint, Path(tmp), env)
         floor = None if args.footprint_no_floor else measure_floor(args, endpoint, Path(tmp))
