@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shlex
 import sys
 import tempfile
@@ -307,7 +308,9 @@ def report(f: Figures, warm: Start, floor: Smaps | None) -> None:
     print(f"\nattached:   {f.attached_s:.2f} s until every default probe was attached (cold: "
           "empty compile cache)")
     for line in f.probe_lines:
-        print(f"            {line[:110]}")
+        took = re.search(r"probe (\S+) attached .* in ([0-9.]+s)", line)
+        print(f"            probe {took.group(1)} attached in {took.group(2)}" if took
+              else f"            {line[:100]}")
     print(f"            {warm.attached_s:.2f} s warm (the cache filled), peak: agent "
           f"{mb(warm.agent_peak_kb)}, agent + children {mb(warm.tree_peak_kb)}")
     print(f"peak:       agent {mb(f.agent_peak_kb)} (VmHWM); loader children {f.children}, "
