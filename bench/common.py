@@ -383,12 +383,16 @@ class AgentProcess:
     """`otel-ebpf run --config FILE` in its own session, on every CPU (whatever this process
     is pinned to), its log kept. --duration bounds its life even if the bench is killed."""
 
-    def __init__(self, config_text: str, workdir: Path, name: str, max_seconds: float) -> None:
+    def __init__(self, config_text: str, workdir: Path, name: str, max_seconds: float,
+                 executable: Path | None = None, extra_env: Mapping[str, str] | None = None
+                 ) -> None:
         config = workdir / f"{name}.yaml"
         config.write_text(config_text)
-        self.command = ["taskset", "-c", cpu_list(all_cpus()), str(agent_executable()), "run",
+        exe = executable or agent_executable()
+        self.command = ["taskset", "-c", cpu_list(all_cpus()), str(exe), "run",
                         "--config", str(config), "--duration", f"{max_seconds:.0f}s"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, env=env, cwd=workdir, start_new_session=True)

@@ -7,6 +7,8 @@
             span (bench/spans.py)
   tcp       the retransmit probe's kernel cost per event and the agent's CPU during a lossy
             50 MB transfer (bench/tcp.py)
+  footprint the agent at rest on its defaults: seconds until attached, peak and steady RSS
+            (smaps: anonymous, file-backed, LLVM/clang), steady CPU (bench/footprint.py)
 
 Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
 per target. Shared helpers live in bench/common.py.
@@ -89,7 +91,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 # bench/profile.py must not shadow the standard library's profile module (cProfile imports
 # it), so bench/ leaves sys.path and the suites are imported as bench.* from the repository.
@@ -118,7 +120,7 @@ from bench.common import (  # noqa: E402
 # None of these import bcc; the engine imports it when it first loads a program.
 from otel_ebpf.config import SyscallLatencyConfig  # noqa: E402
 from otel_ebpf.kernel import headers, syscalls  # noqa: E402
-from otel_ebpf.kernel.engine import Engine, EngineError, Program  # noqa: E402
+from otel_ebpf.kernel.engine import Engine, EngineError  # noqa: E402
 from otel_ebpf.kernel.syscalls import SyscallTable  # noqa: E402
 from otel_ebpf.model import Collection, ExpHistogramDelta  # noqa: E402
 from otel_ebpf.probes.syscall_latency import SyscallLatency  # noqa: E402
@@ -164,18 +166,17 @@ class Baseline:
 
 class BareTracepoints:
     """A reference program on the probe's hooks (empty_tracepoints.bpf.c, the floor of any
-    program there; clock_floor.bpf.c, the floor of any latency probe). Compiled with BCC
-    directly because Engine.load only reads probes/, but wrapped in the engine's Program
-    so it is attached and detached by the same code."""
+    program there; clock_floor.bpf.c, the floor of any latency probe), loaded and attached
+    by the engine like the probe."""
 
-    def __init__(self, bcc: Any, key: str, label: str, source: Path) -> None:
-        self._bcc = bcc
+    def __init__(self, engine: Engine, key: str, label: str, source: Path) -> None:
+        self._engine = engine
         self.key, self.label, self._source = key, label, source
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        program = Program(self._bcc.BPF(src_file=str(self._source).encode()), self._bcc,
-                          self._source.name.removesuffix(".bpf.c"))
+        program = self._engine.load(self._source.name.removesuffix(".bpf.c"),
+                                    source=self._source)
         try:
             program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
             program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
@@ -356,11 +357,11 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "spans", "tcp")
+SUITES = ("syscalls", "profile", "spans", "tcp", "footprint")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import profile, spans, tcp
+    from bench import footprint, profile, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
@@ -378,11 +379,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     profile.add_arguments(parser)
     spans.add_arguments(parser)
     tcp.add_arguments(parser)
+    footprint.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
     problem = (profile.check_arguments(args) or spans.check_arguments(args)
-               or tcp.check_arguments(args))
+               or tcp.check_arguments(args) or footprint.check_arguments(args))
     if problem:
         parser.error(problem)
     return args
@@ -439,8 +441,8 @@ def run(args: argparse.Namespace) -> int:
     probe = SyscallLatencyProbe(engine, syscalls.load())
     modes: list[Mode] = [
         Baseline(),
-        BareTracepoints(bcc, "empty", "empty raw tracepoints", EMPTY_SRC),
-        BareTracepoints(bcc, "clock", "+ two clock reads", CLOCK_SRC),
+        BareTracepoints(engine, "empty", "empty raw tracepoints", EMPTY_SRC),
+        BareTracepoints(engine, "clock", "+ two clock reads", CLOCK_SRC),
         probe,
         Syscount(syscount),
     ]
@@ -489,13 +491,14 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import profile, spans, tcp
+    from bench import footprint, profile, spans, tcp
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
         "profile": profile.run_suite,
         "spans": spans.run_suite,
         "tcp": tcp.run_suite,
+        "footprint": footprint.run_suite,
     }
     chosen = SUITES if args.suite == "all" else (args.suite,)
     affinity = os.sched_getaffinity(0)

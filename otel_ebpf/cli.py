@@ -116,15 +116,18 @@ def _load_config(args: argparse.Namespace, overrides: dict[tuple[str, ...], Any]
     return config
 
 
-def _kernel_context() -> tuple[Any, Any]:
-    from otel_ebpf.kernel import headers, syscalls
+def _kernel_context(cache_reads: bool = True) -> tuple[Any, Any]:
+    from otel_ebpf.kernel import cache, headers, syscalls
     from otel_ebpf.kernel.engine import Engine
 
     source = headers.discover()
     if source is not None:
         log.info("kernel headers: %s", source.describe())
     roots = [p for p in (source and (source.bcc_kernel_source or source.path),) if p]
-    return Engine(source), syscalls.load([Path(str(r)) for r in roots])
+    directory = cache.directory()
+    images = None if directory is None else cache.ImageCache(
+        directory, Path(str(roots[0])) if roots else None, read=cache_reads)
+    return Engine(source, cache=images), syscalls.load([Path(str(r)) for r in roots])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -175,7 +178,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     logging.getLogger("otel_ebpf").setLevel(logging.WARNING)
-    engine, syscall_table = _kernel_context()
+    # doctor compiles for real (that is the check) and leaves the agent a warm cache
+    engine, syscall_table = _kernel_context(cache_reads=False)
     common = [pf.check_privileges(), pf.check_bpf_syscall(), pf.check_tracefs(),
               pf.check_btf(), pf.check_headers(engine.headers), pf.check_bcc(),
               pf.check_lockdown(), pf.check_perf_paranoid(), pf.check_kprobes()]

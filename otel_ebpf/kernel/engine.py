@@ -1,28 +1,39 @@
-"""The BCC engine: the one place that imports `bcc`.
+"""The BPF engine. Probes ask it to compile a program with some cflags, attach tracepoints
+or perf events, and drain maps; they get back plain ctypes values.
 
-Probes ask it to compile a program with some cflags, attach tracepoints or perf events,
-and drain maps. They get back plain ctypes values, so nothing above this module needs BCC
-to be importable (unit tests, `otel-ebpf --help`, config validation).
+BCC compiles, in a short-lived process of its own (otel_ebpf.kernel.compiler, .loader):
+the agent never maps LLVM or clang, nor keeps their heap. It receives the maps as file
+descriptors and loads, attaches and reads with bpf(2) and perf_event_open(2) directly
+(otel_ebpf.kernel.bpfsys, .maps, .buffers). The order a probe follows still holds: load
+(the maps exist), fill its maps, attach (each function is verified when first attached).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes as ct
-import errno
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from otel_ebpf.kernel import bpfsys
+from otel_ebpf.kernel.buffers import PerfBuffer, RingBuffer
+from otel_ebpf.kernel.cache import ImageCache
+from otel_ebpf.kernel.compiler import CompileError, Compiler, Image
 from otel_ebpf.kernel.headers import HeaderSource
+from otel_ebpf.kernel.maps import BpfMap, update_set_map
+from otel_ebpf.kernel.preflight import tracefs_root
+
+__all__ = ["BpfMap", "Engine", "EngineError", "Program", "bpf_source", "bpf_source_dir",
+           "update_set_map"]
 
 log = logging.getLogger(__name__)
 
 BPF_PACKAGE = "otel_ebpf.bpf"  # probes/, shipped inside the package
-_BATCH = 512  # entries per lookup-and-delete round: bounds the copy buffers
 
 
 class EngineError(RuntimeError):
@@ -50,179 +61,78 @@ def bpf_source(name: str) -> str:
     return (bpf_source_dir() / f"{name}.bpf.c").read_text()
 
 
-def _import_bcc() -> Any:
+def default_jobs() -> int:
+    """Compiles at once: $OTEL_EBPF_COMPILE_JOBS, else one. Each holds ~180 MB while it
+    runs, so two at once would take the start-up peak past the 300 MB a limit is set from;
+    the compile cache makes a restart need none."""
     try:
-        import bcc
-    except ImportError as exc:
-        raise EngineError(
-            "the BCC Python module is not importable. Fix: install Debian's python3-bpfcc "
-            "and run from a venv made with --system-site-packages (make setup does both)"
-        ) from exc
-    return bcc
-
-
-class BpfMap:
-    """One BPF map of a loaded program, by name."""
-
-    def __init__(self, table: Any, lib: Any) -> None:
-        self._table = table
-        self._lib = lib
-        self.key_type: type[ct.Structure] = table.Key
-        self.value_type: type[ct.Structure] = table.Leaf
-        self.key_size = ct.sizeof(self.key_type)
-        self.value_size = ct.sizeof(self.value_type)
-        self._keys = (self.key_type * _BATCH)()
-        self._values = (self.value_type * _BATCH)()
-        self._batch_ok = True
-
-    def drain(self) -> list[tuple[Any, Any]]:
-        """Look up and delete every entry: (key, value) ctypes structs."""
-        keys, values = self.drain_bytes()
-        ksize, vsize = self.key_size, self.value_size
-        return [(self.key_type.from_buffer_copy(keys, i * ksize),
-                 self.value_type.from_buffer_copy(values, i * vsize))
-                for i in range(len(keys) // ksize)]
-
-    def drain_bytes(self) -> tuple[bytes, bytes]:
-        """Look up and delete every entry, in batches where the kernel has them (5.6+): the
-        keys and the values, each packed back to back as the kernel lays them out, for
-        decoders that unpack many entries at C speed (struct.iter_unpack).
-
-        Our own loop rather than BCC's: BCC 0.26 shares one integer between the batch
-        token and the count, and allocates max_entries-sized buffers on every call.
-        """
-        if self._batch_ok:
-            try:
-                return self._drain_batched()
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise
-                log.info("map batch operations unsupported (%s); using per-key reads", exc)
-                self._batch_ok = False
-        return self._drain_per_key()
-
-    def _drain_batched(self) -> tuple[bytes, bytes]:
-        token_in, token_out, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
-        ksize, vsize = self.key_size, self.value_size
-        keys, values = bytearray(), bytearray()
-        first = True
-        while True:
-            count.value = _BATCH
-            res = self._lib.bpf_lookup_and_delete_batch(
-                self._table.map_fd,
-                None if first else ct.byref(token_in),
-                ct.byref(token_out),
-                ct.byref(self._keys),
-                ct.byref(self._values),
-                ct.byref(count),
-            )
-            err = ct.get_errno()
-            keys += memoryview(self._keys).cast("B")[: count.value * ksize]
-            values += memoryview(self._values).cast("B")[: count.value * vsize]
-            if res != 0:
-                if err == errno.ENOENT:
-                    return bytes(keys), bytes(values)
-                raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err)}")
-            token_in.value = token_out.value
-            first = False
-
-    def _drain_per_key(self) -> tuple[bytes, bytes]:
-        keys, values = bytearray(), bytearray()
-        for key in list(self._table.keys()):
-            try:
-                value = self._table[key]
-                del self._table[key]
-            except KeyError:
-                continue
-            keys += bytes(key)
-            values += bytes(value)
-        return bytes(keys), bytes(values)
-
-    def percpu_sums(self) -> list[int]:
-        """For a per-CPU array of counters: the per-index totals over all CPUs."""
-        return [int(sum(self._table[ct.c_int(i)])) for i in range(len(self._table))]
-
-    def set(self, key: Any, value: Any) -> None:
-        self._table[key] = value
-
-    def delete(self, key: Any) -> bool:
-        try:
-            del self._table[key]
-        except KeyError:
-            return False
-        return True
-
-    def get(self, key: Any) -> Any | None:
-        """The value under key, or None."""
-        try:
-            return self._table[key]
-        except KeyError:
-            return None
-
-    def delete_many(self, keys: Sequence[Any]) -> None:
-        """Delete these keys, in batches where the kernel has them (5.6+); absent keys are
-        skipped."""
-        pending = list(keys)
-        while pending and self._batch_ok:
-            chunk = pending[:_BATCH]
-            for i, key in enumerate(chunk):
-                self._keys[i] = key
-            count = ct.c_uint32(len(chunk))
-            res = self._lib.bpf_delete_batch(self._table.map_fd, ct.byref(self._keys),
-                                             ct.byref(count))
-            err = ct.get_errno()
-            done = count.value
-            if res != 0:
-                if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and done == 0:
-                    self._batch_ok = False
-                    break
-                if err != errno.ENOENT:
-                    raise OSError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
-                done += 1  # the batch stopped at a key that is already gone
-            pending = pending[done:]
-        for key in pending:
-            self.delete(key)
-
-    def set_members(self, keys: Iterable[Any]) -> None:
-        """Fill a hash used as a set (value 1), e.g. an in-kernel filter."""
-        for key in keys:
-            self._table[key] = ct.c_uint8(1)
-
-
-def update_set_map(table: BpfMap, current: set[int], wanted: set[int]) -> set[int]:
-    """Make a u64-keyed set map hold exactly `wanted`; returns the new content."""
-    table.set_members(ct.c_uint64(k) for k in wanted - current)
-    for k in current - wanted:
-        table.delete(ct.c_uint64(k))
-    return set(wanted)
+        return max(1, int(os.environ.get("OTEL_EBPF_COMPILE_JOBS", "1")))
+    except ValueError:
+        return 1
 
 
 class Program:
-    """A compiled and loaded BPF object. `close()` detaches everything it attached."""
+    """A compiled BPF object: its maps (fds handed over by the compiler process) and the
+    functions loaded so far. `close()` detaches everything it attached."""
 
-    def __init__(self, bpf: Any, bcc: Any, name: str) -> None:
-        self._bpf = bpf
-        self._bcc = bcc
-        self._lib = bcc.libbcc.lib
+    def __init__(self, name: str, image: Image, map_fds: Sequence[int]) -> None:
         self.name = name
+        self._image = image
+        self._map_fds = list(map_fds)
+        self._map_index = {spec.name: i for i, spec in enumerate(image.maps)}
         self._maps: dict[str, BpfMap] = {}
-        self._ring_tables: list[Any] = []
-        self._perf_tables: list[Any] = []
+        self._progs: dict[str, int] = {}  # function -> program fd
+        self._attachments: list[int] = []  # raw tracepoint and perf event fds
+        self._rings: list[RingBuffer] = []
+        self._perf_buffers: list[PerfBuffer] = []
         self.perf_lost = 0  # samples the perf buffer reported lost (ring buffers count in BPF)
 
-    def attach_raw_tracepoint(self, tracepoint: str, fn_name: str) -> None:
+    # -- loading and attaching ---------------------------------------------------------
+
+    def _prog_fd(self, fn_name: str, kind: str) -> int:
+        fd = self._progs.get(fn_name)
+        if fd is not None:
+            return fd
+        if fn_name not in self._image.functions:
+            raise EngineError(f"{self.name}: the program has no function {fn_name}")
+        insns = self._image.instructions(fn_name, self._map_fds)
         try:
-            self._bpf.attach_raw_tracepoint(tp=tracepoint.encode(), fn_name=fn_name.encode())
-        except Exception as exc:
+            fd, _ = bpfsys.prog_load(bpfsys.PROG_TYPES[kind], insns, self._image.license,
+                                     fn_name)
+        except OSError as exc:
+            if exc.filename:
+                sys.stderr.write(f"{exc.filename}\n")
+                sys.stderr.flush()
+            raise EngineError(f"{self.name}: the verifier refused {fn_name}: "
+                              f"{exc.strerror} (its log is above)") from exc
+        self._progs[fn_name] = fd
+        return fd
+
+    def load_function(self, fn_name: str, kind: str) -> None:
+        """Pass the verifier (kind: raw_tracepoint | tracepoint | perf_event)."""
+        self._prog_fd(fn_name, kind)
+
+    def attach_raw_tracepoint(self, tracepoint: str, fn_name: str) -> None:
+        prog = self._prog_fd(fn_name, "raw_tracepoint")
+        try:
+            self._attachments.append(bpfsys.raw_tracepoint_open(tracepoint, prog))
+        except OSError as exc:
             raise EngineError(
                 f"{self.name}: cannot attach raw tracepoint {tracepoint}: {exc}. "
                 "Run `otel-ebpf doctor` for what is missing"
             ) from exc
 
     def attach_tracepoint(self, tracepoint: str, fn_name: str) -> None:
+        """tracepoint as "category:event" (sched:sched_switch)."""
+        prog = self._prog_fd(fn_name, "tracepoint")
         try:
-            self._bpf.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn_name.encode())
-        except Exception as exc:
+            root = tracefs_root()
+            if root is None:
+                raise OSError("tracefs is not mounted")
+            event_id = int((root / "events" / tracepoint.replace(":", "/") / "id").read_text())
+            self._open_perf_events(bpfsys.PERF_TYPE_TRACEPOINT, event_id, [0], prog,
+                                   sample_period=1)
+        except (OSError, ValueError) as exc:
             raise EngineError(
                 f"{self.name}: cannot attach tracepoint {tracepoint}: {exc}. "
                 "Run `otel-ebpf doctor` for what is missing"
@@ -230,129 +140,129 @@ class Program:
 
     def attach_cpu_clock(self, fn_name: str, frequency_hz: int) -> None:
         """Run fn_name on the software cpu-clock of every online CPU (no PMU needed)."""
-        bcc = self._bcc
+        prog = self._prog_fd(fn_name, "perf_event")
         try:
-            self._bpf.attach_perf_event(
-                ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
-                fn_name=fn_name.encode(), sample_freq=frequency_hz, cpu=-1)
-        except Exception as exc:
+            self._open_perf_events(bpfsys.PERF_TYPE_SOFTWARE, bpfsys.PERF_COUNT_SW_CPU_CLOCK,
+                                   bpfsys.cpus("online"), prog, sample_freq=frequency_hz)
+        except OSError as exc:
             raise EngineError(
                 f"{self.name}: cannot open cpu-clock perf events at {frequency_hz} Hz: "
                 f"{exc}. Check perf_event_paranoid and CAP_PERFMON (`otel-ebpf doctor`)"
             ) from exc
 
+    def _open_perf_events(self, type_: int, config: int, cpus: Sequence[int], prog: int,
+                          sample_freq: int = 0, sample_period: int = 0) -> None:
+        for cpu in cpus:
+            fd = bpfsys.perf_event_open(type_, config, cpu, sample_freq=sample_freq,
+                                        sample_period=sample_period)
+            self._attachments.append(fd)
+            bpfsys.perf_event_attach(fd, prog)
+
     def program_ids(self) -> list[int]:
         """Kernel ids of the loaded programs (as `bpftool prog show` lists them)."""
-        ids = []
-        for fn in getattr(self._bpf, "funcs", {}).values():
-            info = (ct.c_uint8 * 256)()  # struct bpf_prog_info: type, id, ...
-            length = ct.c_uint32(ct.sizeof(info))
-            if self._lib.bpf_obj_get_info(fn.fd, ct.byref(info), ct.byref(length)) == 0:
-                ids.append(int.from_bytes(bytes(info[4:8]), "little"))
-        return sorted(ids)
+        return sorted(bpfsys.prog_id(fd) for fd in self._progs.values())
 
-    def load_function(self, fn_name: str, kind: str) -> None:
-        prog_type = {"raw_tracepoint": self._bcc.BPF.RAW_TRACEPOINT,
-                     "tracepoint": self._bcc.BPF.TRACEPOINT,
-                     "perf_event": self._bcc.BPF.PERF_EVENT}[kind]
-        try:
-            self._bpf.load_func(fn_name.encode(), prog_type)
-        except Exception as exc:
-            raise EngineError(f"{self.name}: the verifier refused {fn_name}: {exc}") from exc
+    # -- maps and event buffers ------------------------------------------------------------
 
     def map(self, name: str) -> BpfMap:
         if name not in self._maps:
-            self._maps[name] = BpfMap(self._bpf.get_table(name.encode()), self._lib)
+            index = self._map_index[name]  # KeyError for a map the program lacks
+            spec = self._image.maps[index]
+            self._maps[name] = BpfMap(self._map_fds[index], spec.key_type or ct.c_int,
+                                      spec.value_type or ct.c_int)
         return self._maps[name]
 
     def open_event_buffer(self, name: str, handle: Callable[[Any], None], *, perf: bool,
                           pages: int = 64) -> None:
         """Deliver each event of a BPF_RINGBUF_OUTPUT (or BPF_PERF_OUTPUT) map to `handle`
         as a ctypes struct that is only valid during the call: copy what you keep."""
-        table = self._bpf[name.encode()]
-        if perf:
-            def on_perf(_cpu: int, data: Any, _size: int) -> None:
-                handle(table.event(data))
+        index = self._map_index[name]
+        spec, fd = self._image.maps[index], self._map_fds[index]
+        if spec.event_type is None:
+            raise EngineError(f"{self.name}: BCC described no event type for {name} (it "
+                              "learns it from the program's ringbuf_output/perf_submit)")
+        try:
+            if perf:
+                self._perf_buffers.append(PerfBuffer(fd, pages, spec.event_type, handle,
+                                                     self._on_lost))
+            else:
+                size = bpfsys.map_info(fd)["max_entries"]
+                self._rings.append(RingBuffer(fd, size, spec.event_type, handle))
+        except OSError as exc:
+            raise EngineError(f"{self.name}: cannot open the event buffer {name}: {exc}"
+                              ) from exc
 
-            def on_lost(count: int) -> None:
-                self.perf_lost += count
-
-            table.open_perf_buffer(on_perf, page_cnt=pages, lost_cb=on_lost)
-            self._perf_tables.append(table)
-        else:
-            def on_ring(_ctx: Any, data: Any, _size: int) -> int:
-                handle(table.event(data))
-                return 0
-
-            table.open_ring_buffer(on_ring)
-            self._ring_tables.append(table)
+    def _on_lost(self, count: int) -> None:
+        self.perf_lost += count
 
     def event_fds(self) -> list[int]:
         """File descriptors that poll readable when an event buffer holds events (ring
         buffer maps, per-CPU perf buffers), for a reader that sleeps in epoll."""
-        fds = [table.map_fd for table in self._ring_tables]
-        perf_ids = {id(table) for table in self._perf_tables}
-        for (table_id, _cpu), reader in self._bpf.perf_buffers.items():
-            if table_id in perf_ids:
-                fds.append(int(self._lib.perf_reader_fd(reader)))
-        return fds
+        return ([ring.fd for ring in self._rings]
+                + [fd for buffer in self._perf_buffers for fd in buffer.fds])
 
     def poll_event_buffers(self) -> None:
         """Hand every pending event to its handler, without waiting for more."""
-        if self._ring_tables:
-            self._bpf.ring_buffer_consume()
-        if self._perf_tables:
-            # consume, not poll(0): a perf event's readiness is reported once (perf_poll
-            # clears it), so after the daemon's epoll saw it a poll() here finds nothing
-            self._bpf.perf_buffer_consume()
+        for ring in self._rings:
+            ring.consume()
+        for buffer in self._perf_buffers:
+            buffer.consume()
 
     def close(self) -> None:
         """Detach and unload; safe to call twice."""
-        if self._bpf is not None:
-            # Close per-CPU perf buffers while their map is still open: BCC's own
-            # destructor would try it after cleanup() and raise on the closed map.
-            for table in self._perf_tables:
-                for cpu in list(table._open_key_fds):
-                    del table[cpu]
-            self._perf_tables = []
-            self._bpf.cleanup()
-            self._bpf = None
+        for fd in self._attachments:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for buffer in self._perf_buffers:
+            buffer.close()
+        for ring in self._rings:
+            ring.close()
+        for fd in [*self._progs.values(), *self._map_fds]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._attachments, self._perf_buffers, self._rings = [], [], []
+        self._progs, self._map_fds, self._maps = {}, [], {}
 
 
 class Engine:
     """Compiles and loads BPF programs with the header tree chosen by discovery."""
 
-    def __init__(self, headers: HeaderSource | None) -> None:
+    def __init__(self, headers: HeaderSource | None, jobs: int | None = None,
+                 cache: ImageCache | None = None) -> None:
         self.headers = headers
         if headers is not None and headers.bcc_kernel_source is not None:
-            # BCC reads this when it compiles; set once, before the first program.
+            # BCC reads this when it compiles, in the compiler process (which inherits it).
             os.environ["BCC_KERNEL_SOURCE"] = str(headers.bcc_kernel_source)
+        self.compiler = Compiler(jobs or default_jobs(), cache)
 
-    def load(self, name: str, cflags: Sequence[str] = ()) -> Program:
-        bcc = _import_bcc()
+    def load(self, name: str, cflags: Sequence[str] = (), *, source: Path | None = None
+             ) -> Program:
+        """Compile probes/<name>.bpf.c (or `source`) and create its maps."""
         if self.headers is None:
             raise EngineError(
                 "no kernel headers found for BCC. Fix: install the kernel headers package "
                 "(Debian: linux-headers-amd64; `make setup` links them) or set "
                 "BCC_KERNEL_SOURCE; `otel-ebpf doctor` shows what was searched"
             )
-        text = bpf_source(name)
+        text = source.read_text() if source is not None else bpf_source(name)
         # shared headers (rate_limit.h) sit beside the sources
-        include = f"-I{bpf_source_dir()}"
+        includes = [f"-I{d}" for d in dict.fromkeys(
+            [*([source.parent] if source is not None else []), bpf_source_dir()])]
         try:
-            bpf = bcc.BPF(text=text.encode(), cflags=[include, *cflags])
-        except Exception as exc:
+            image, fds, cached = self.compiler.compile(text, [*includes, *cflags])
+        except CompileError as exc:
             raise EngineError(
                 f"{name}: BPF program failed to compile or load: {exc}. The compiler or "
                 "verifier output is above; `otel-ebpf doctor` checks the usual causes"
             ) from exc
-        return Program(bpf, bcc, name)
+        if cached:
+            log.debug("%s: compiled program from the cache", name)
+        return Program(name, image, fds)
 
     @staticmethod
     def release_compiler_memory() -> None:
-        """Give the heap that BCC's in-process clang/LLVM freed back to the system: about
-        70 MB after three programs here, which glibc would otherwise keep. Call it once the
-        programs are loaded; a no-op without glibc."""
+        """Give the heap freed since start-up back to the system (glibc keeps it
+        otherwise). The compiler's never was ours; this is start-up's own garbage."""
         with contextlib.suppress(AttributeError, OSError):
             ct.CDLL(None).malloc_trim(0)
 

@@ -135,7 +135,6 @@ def stack_map(capacity: int, stacks: int) -> Iterator[tuple[Any, BpfMap]]:
     """A real hash map of the probe's stack layout holding stacks 1..`stacks` (stack i:
     0x1000 + i, then 0x2000), as BCC's table and as the engine's BpfMap."""
     from bcc import BPF
-    from bcc.libbcc import lib
 
     bpf = BPF(text=b"struct stack { u64 ips[127]; };\n"
                    b"BPF_F_TABLE(\"hash\", u64, struct stack, stacks, %d, BPF_F_NO_PREALLOC);"
@@ -146,7 +145,7 @@ def stack_map(capacity: int, stacks: int) -> Iterator[tuple[Any, BpfMap]]:
             value = table.Leaf()
             value.ips[0], value.ips[1] = 0x1000 + stack_id, 0x2000
             table[table.Key(stack_id)] = value
-        yield table, BpfMap(table, lib)
+        yield table, BpfMap(table.map_fd, table.Key, table.Leaf)
     finally:
         bpf.cleanup()
 
