@@ -78,15 +78,20 @@ def addr(buf: ct.Array[ct.c_char] | ct.Array[ct.c_ubyte] | ct._CData | None) -> 
 # -- map elements ---------------------------------------------------------------------------
 
 
-def map_lookup(fd: int, key: ct._CData, value: ct._CData) -> bool:
-    """Copy the value under key into `value`; False if there is none."""
+def _found(cmd: int, attr: ct.Array[ct.c_char]) -> bool:
+    """Run a map command; False where the kernel says the key is not there (ENOENT)."""
     try:
-        bpf(MAP_LOOKUP_ELEM, _attr("=IIQQQ", fd, 0, addr(key), addr(value), 0))
+        bpf(cmd, attr)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return False
         raise
     return True
+
+
+def map_lookup(fd: int, key: ct._CData, value: ct._CData) -> bool:
+    """Copy the value under key into `value`; False if there is none."""
+    return _found(MAP_LOOKUP_ELEM, _attr("=IIQQQ", fd, 0, addr(key), addr(value), 0))
 
 
 def map_update(fd: int, key: ct._CData, value: ct._CData, flags: int = 0) -> None:
@@ -95,24 +100,12 @@ def map_update(fd: int, key: ct._CData, value: ct._CData, flags: int = 0) -> Non
 
 def map_delete(fd: int, key: ct._CData) -> bool:
     """False if the key was not there."""
-    try:
-        bpf(MAP_DELETE_ELEM, _attr("=IIQQQ", fd, 0, addr(key), 0, 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _found(MAP_DELETE_ELEM, _attr("=IIQQQ", fd, 0, addr(key), 0, 0))
 
 
 def map_next_key(fd: int, key: ct._CData | None, next_key: ct._CData) -> bool:
     """The key after `key` (the first key for None) into next_key; False at the end."""
-    try:
-        bpf(MAP_GET_NEXT_KEY, _attr("=IIQQQ", fd, 0, addr(key), addr(next_key), 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _found(MAP_GET_NEXT_KEY, _attr("=IIQQQ", fd, 0, addr(key), addr(next_key), 0))
 
 
 def map_lookup_and_delete_batch(fd: int, token_in: ct._CData | None, token_out: ct._CData,
