@@ -89,7 +89,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 # bench/profile.py must not shadow the standard library's profile module (cProfile imports
 # it), so bench/ leaves sys.path and the suites are imported as bench.* from the repository.
@@ -100,6 +100,7 @@ sys.path.insert(0, str(_BENCH.parent))
 from bench.common import (  # noqa: E402
     BUILD_DIR,
     FOREIGN_RETRIES,
+    BareTracepoints,
     BenchError,
     HookWatch,
     _children,
@@ -118,7 +119,7 @@ from bench.common import (  # noqa: E402
 # None of these import bcc; the engine imports it when it first loads a program.
 from otel_ebpf.config import SyscallLatencyConfig  # noqa: E402
 from otel_ebpf.kernel import headers, syscalls  # noqa: E402
-from otel_ebpf.kernel.engine import Engine, EngineError, Program  # noqa: E402
+from otel_ebpf.kernel.engine import Engine, EngineError  # noqa: E402
 from otel_ebpf.kernel.syscalls import SyscallTable  # noqa: E402
 from otel_ebpf.model import Collection, ExpHistogramDelta  # noqa: E402
 from otel_ebpf.probes.syscall_latency import SyscallLatency  # noqa: E402
@@ -160,28 +161,6 @@ class Baseline:
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         yield
-
-
-class BareTracepoints:
-    """A reference program on the probe's hooks (empty_tracepoints.bpf.c, the floor of any
-    program there; clock_floor.bpf.c, the floor of any latency probe). Compiled with BCC
-    directly because Engine.load only reads probes/, but wrapped in the engine's Program
-    so it is attached and detached by the same code."""
-
-    def __init__(self, bcc: Any, key: str, label: str, source: Path) -> None:
-        self._bcc = bcc
-        self.key, self.label, self._source = key, label, source
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[None]:
-        program = Program(self._bcc.BPF(src_file=str(self._source).encode()), self._bcc,
-                          self._source.name.removesuffix(".bpf.c"))
-        try:
-            program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
-            program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
-            yield
-        finally:
-            program.close()
 
 
 class SyscallLatencyProbe:
