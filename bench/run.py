@@ -7,6 +7,9 @@
             span (bench/spans.py)
   tcp       the retransmit probe's kernel cost per event and the agent's CPU during a lossy
             50 MB transfer (bench/tcp.py)
+  redis     a real server's throughput: Debian's redis-server driven by redis-benchmark on
+            loopback, with nothing, the empty floor, the agent's defaults and each probe
+            alone (bench/redis.py; `--suite redis --modes nothing,empty,agent` for a quick one)
 
 Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
 per target. Shared helpers live in bench/common.py.
@@ -335,33 +338,36 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "spans", "tcp")
+SUITES = ("syscalls", "profile", "spans", "tcp", "redis")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import profile, spans, tcp
+    from bench import profile, redis, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
                     "syscall on a getppid storm, next to empty raw tracepoints and "
                     "syscount-bpfcc -L. profile: the CPU profiler's slowdown of a CPU loop, "
                     "its own CPU and lost stacks. spans: slow-syscall spans exported per "
-                    "second without loss, and the agent's CPU per span.")
+                    "second without loss, and the agent's CPU per span. redis: a real "
+                    "server's requests/s with nothing, the empty floor, the agent and each "
+                    "probe alone.")
     parser.add_argument("--suite", choices=(*SUITES, "all"), default="all",
                         help="which benchmark to run (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="syscalls: rounds; each times every mode once "
+                        help="syscalls, redis: rounds; each times every mode once "
                              "(default: %(default)s)")
     parser.add_argument("--calls", type=int, default=3_000_000,
                         help="syscalls: getppid calls per storm (default: %(default)s)")
     profile.add_arguments(parser)
     spans.add_arguments(parser)
     tcp.add_arguments(parser)
+    redis.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
     problem = (profile.check_arguments(args) or spans.check_arguments(args)
-               or tcp.check_arguments(args))
+               or tcp.check_arguments(args) or redis.check_arguments(args))
     if problem:
         parser.error(problem)
     return args
@@ -468,13 +474,14 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import profile, spans, tcp
+    from bench import profile, redis, spans, tcp
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
         "profile": profile.run_suite,
         "spans": spans.run_suite,
         "tcp": tcp.run_suite,
+        "redis": redis.run_suite,
     }
     chosen = SUITES if args.suite == "all" else (args.suite,)
     affinity = os.sched_getaffinity(0)

@@ -1,0 +1,894 @@
+"""`make bench` redis suite: what the agent costs a real server, in requests per second.
+
+    .venv/bin/python bench/run.py --suite redis [--rounds N] [--requests N] [--clients N]
+                                                [--modes nothing,empty,agent] [--redis-perf]
+
+The yardstick of DESIGN.md's "Per-call cost": Debian's redis-server on loopback, driven by
+redis-benchmark, with nothing attached, with the least any syscall observer can cost, and
+with the agent.
+
+Method
+------
+One private redis-server for the whole run (a free loopback port, its own directory, no
+persistence: --save '' --appendonly no, no config file), pinned to one CPU; redis-benchmark
+pinned to another, `-t set,get -c CLIENTS -n REQUESTS --csv` (SET then GET, 3-byte values,
+one key). A short warm-up run first fills the key and the caches and times the machine,
+which gives the run-time estimate printed before the rounds. Modes:
+
+  nothing            nothing attached by us (a collector peer idles beside, as in every mode)
+  empty floor        bench/empty_tracepoints.bpf.c: two raw tracepoint programs that return 0
+                     on raw_syscalls sys_enter/sys_exit, loaded in this process through the
+                     project's Engine/Program. Every syscall of every task then takes the
+                     traced slow path and runs a BPF program twice: the least that observing
+                     every syscall can cost.
+  agent defaults     the real agent process, `otel-ebpf run` with the embedded defaults (every
+                     probe, the summary on stdout) except the exporter endpoint: OTLP/gRPC to
+                     rotel-agent (a real collector, tests/peers/rotel.py) on loopback, which
+                     forwards to the OTLP sink in this process (tests/peers/otlp_sink.py).
+                     Profiles are answered UNIMPLEMENTED by rotel, which the agent handles as
+                     in production.
+  syscall_latency,   the same agent with only that probe enabled (the others `enabled: false`
+  cpu_profile,       in its config file): what each probe costs alone.
+  tcp_retransmit
+
+Each agent is started afresh for its measurement, and the benchmark starts only once the
+agent logged that its probes are attached, plus AGENT_SETTLE s for its start-up work (first
+drains, symbolization of what it sees). The empty programs are compiled, attached and
+detached per measurement too.
+
+Noise control (as bench/run.py's syscalls suite):
+  * Alternation: every round measures every mode once, the order rotated each round, so a
+    drift of the machine spreads over all modes. Medians over rounds (--rounds, >= 5 for
+    the headline); min..max shows how far the rounds disagreed. "paired" is the median over
+    rounds of the mode's rate divided by the same round's "nothing": less sensitive to slow
+    drift than the ratio of medians.
+  * Pinning: server and client on one CPU each. On a 2-CPU machine that is every CPU, so
+    the agent's user-space threads (drains, export), rotel and this script share them with
+    the server and the client, as they would on a busy 2-CPU node: the agent's rows include
+    its user-space CPU as well as its in-kernel cost per syscall. The server's run-queue
+    wait (schedstat) shows how much CPU others took from it.
+  * Foreign hooks: anything else on the syscall or socket hooks (another session's tests
+    loading the agent, a tracer) slows every mode it overlaps. With bpftool the script
+    looks before and after each benchmark, waits for them to go (a budget of a minute per
+    run), measures again, and marks with "!" a sample it could not get clean.
+
+The target (the issue "A fifth of a busy server's throughput"): the agent's loss (1 - its
+ratio) <= LOSS_FACTOR x the empty floor's loss measured in the same run, or the agent's
+ratio >= RATIO_TARGET; judged per operation.
+
+Breakdowns: the server's CPU per request from /proc/PID/stat (user, system) always;
+with --redis-perf, one more (untimed) benchmark per mode under `perf record -e cpu-clock
+-p SERVER` (the server's own time on a CPU, its syscalls' BPF programs included), its samples
+split into BPF programs, BPF helpers and maps, tracepoint and syscall-tracing dispatch, the
+rest of the kernel and user space, in us per request. A software clock, so it works where
+the VM exposes no hardware counters (`perf stat -e instructions` tells; printed), at the
+price of sampling: the interrupt lands where interrupts are enabled, so a short BPF program
+is under-sampled and its cost partly shows in the code after it.
+
+It needs root, taskset, redis-server, redis-benchmark (make host-bench installs them) and
+the rotel wheel (make test-deps). It exits 0 whatever the numbers (a measurement, not a
+test) and nonzero only when it could not measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+if __name__ == "__main__":
+    # run as a script: bench/ must not shadow the standard library's profile module (see
+    # bench/run.py), and bench.* / tests.* are imported from the repository
+    _BENCH = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+    sys.path.insert(0, str(_BENCH.parent))
+
+from bench.common import (
+    BENCH_DIR,
+    CLK_TCK,
+    FOREIGN_RETRIES,
+    REPO_DIR,
+    SYSCALL_HOOKS,
+    AgentProcess,
+    BareTracepoints,
+    BenchError,
+    HookWatch,
+    _children,
+    _raise_exit,
+    fmt,
+    heading,
+    import_bcc,
+    machine_lines,
+    open_bpf_fds,
+    otlp_sink,
+    require,
+)
+
+if str(REPO_DIR) not in sys.path:
+    sys.path.insert(0, str(REPO_DIR))
+
+EMPTY_SRC = BENCH_DIR / "empty_tracepoints.bpf.c"
+LOOPBACK = "127.0.0.1"
+OPS = ("SET", "GET")  # the order redis-benchmark runs them in
+PROBES = ("syscall_latency", "cpu_profile", "tcp_retransmit")
+MODES = ("nothing", "empty", "agent", *PROBES)
+LABELS = {"nothing": "nothing", "empty": "empty floor", "agent": "agent defaults",
+          **{p: f"only {p}" for p in PROBES}}
+ALIASES = {"floor": "empty", "defaults": "agent", "probes": ",".join(PROBES),
+           "all": ",".join(MODES)}
+# The hooks a loopback server's traffic crosses: a foreign program on any of them slows it.
+WATCHED_HOOKS = (*SYSCALL_HOOKS, "sock_send_length", "sock_recv_length", "inet_sock_set_state")
+
+LOSS_FACTOR = 1.5  # agent loss <= 1.5 x the empty floor's loss ...
+RATIO_TARGET = 0.95  # ... or agent ratio >= 0.95
+WARMUP_REQUESTS = 50_000
+EMPTY_SETTLE = 0.3  # s after attaching the empty programs
+AGENT_SETTLE = 2.0  # s after the agent logged its probes attached
+AGENT_OVERHEAD_GUESS = 9.0  # s per agent measurement outside the benchmark (start, stop)
+EMPTY_OVERHEAD_GUESS = 1.5  # s to compile and attach the empty programs
+SERVER_START_TIMEOUT = 10.0
+MIN_RPS = 500  # for timeouts: no benchmark is allowed to run slower than this
+PERF_FREQ = 997  # Hz, cpu-clock samples for --redis-perf (prime: no lockstep with timers)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The redis suite's flags (its rounds are run.py's --rounds, shared with syscalls)."""
+    parser.add_argument("--redis-requests", "--requests", dest="redis_requests", type=int,
+                        default=300_000,
+                        help="redis: requests per operation (SET, GET) per benchmark "
+                             "(default: %(default)s)")
+    parser.add_argument("--redis-clients", "--clients", dest="redis_clients", type=int,
+                        default=50,
+                        help="redis: redis-benchmark's parallel connections "
+                             "(default: %(default)s)")
+    parser.add_argument("--redis-modes", "--modes", dest="redis_modes", default="all",
+                        help="redis: modes to alternate, comma-separated, from "
+                             f"{','.join(MODES)} (aliases: floor=empty, defaults=agent, "
+                             "probes=the three probes alone, all); nothing is always "
+                             "measured (default: %(default)s)")
+    parser.add_argument("--redis-perf", action="store_true",
+                        help="redis: after the rounds, one more benchmark per mode under "
+                             "`perf record -e cpu-clock -p SERVER`: where the server's time "
+                             "went (BPF programs, helpers, tracing dispatch, ...)")
+
+
+def modes_of(text: str) -> list[str]:
+    """The modes named in --modes, in MODES order, with nothing first; ValueError if unknown."""
+    names: set[str] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        for name in ALIASES.get(part, part).split(","):
+            if name not in MODES:
+                raise ValueError(f"unknown mode {name!r}; known: {', '.join(MODES)} "
+                                 f"and {', '.join(ALIASES)}")
+            names.add(name)
+    names.add("nothing")  # every ratio is against it
+    return [m for m in MODES if m in names]
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    try:
+        modes_of(args.redis_modes)
+    except ValueError as exc:
+        return f"--modes: {exc}"
+    if args.redis_requests < 1000 or not 1 <= args.redis_clients <= 10_000:
+        return "--requests must be >= 1000 and --clients between 1 and 10000"
+    return None
+
+
+# -- the server --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def ping(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServerCpu:
+    user_s: float  # utime of the whole process (ticks)
+    sys_s: float  # stime
+    run_s: float  # the main thread's time on a CPU (schedstat, ns)
+    wait_s: float  # ... and runnable but waiting for its CPU: what others took from it
+
+    def __sub__(self, other: ServerCpu) -> ServerCpu:
+        return ServerCpu(self.user_s - other.user_s, self.sys_s - other.sys_s,
+                         self.run_s - other.run_s, self.wait_s - other.wait_s)
+
+
+class RedisServer:
+    """A private redis-server: loopback only, no persistence, its own directory, pinned."""
+
+    def __init__(self, cpu: int, workdir: Path) -> None:
+        self.cpu = cpu
+        self.dir = workdir / "redis"
+        self.dir.mkdir()
+        self.log = self.dir / "redis.log"
+        self.port = 0
+        self.command: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, attempts: int = 3) -> None:
+        for _ in range(attempts):
+            self.port = free_port()  # may be raced: then it exits and we try another
+            self.command = [
+                "taskset", "-c", str(self.cpu), "redis-server", "--port", str(self.port),
+                "--bind", LOOPBACK, "--protected-mode", "yes", "--save", "",
+                "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
+                "--logfile", str(self.log),
+            ]
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if ping(self.port):
+                    return
+                time.sleep(0.05)
+            self.stop()
+        raise BenchError(f"redis-server did not start: {shlex.join(self.command)}\n"
+                         + self.log_tail())
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid  # taskset execs redis-server: the same process
+
+    def log_tail(self, lines: int = 10) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def cpu_now(self) -> ServerCpu:
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            run_ns, wait_ns, _ = Path(f"/proc/{self.pid}/schedstat").read_text().split()
+        except (OSError, ValueError) as exc:
+            raise BenchError("redis-server exited during the run\n" + self.log_tail()) from exc
+        fields = stat[stat.rindex(")") + 2:].split()
+        return ServerCpu(int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK,
+                         int(run_ns) / 1e9, int(wait_ns) / 1e9)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and ping(self.port)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def redis_version() -> str:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
+                         check=False).stdout
+    return next((w.removeprefix("v=") for w in out.split() if w.startswith("v=")), "?")
+
+
+# -- the client --------------------------------------------------------------------------
+
+
+def benchmark_command(cpu: int, port: int, clients: int, requests: int) -> list[str]:
+    return ["taskset", "-c", str(cpu), "redis-benchmark", "-h", LOOPBACK, "-p", str(port),
+            "-c", str(clients), "-n", str(requests), "-t", ",".join(OPS).lower(), "--csv"]
+
+
+def parse_csv(text: str) -> dict[str, float]:
+    """redis-benchmark --csv: a header row ("test","rps",...) then one row per test."""
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or rows[0][:2] != ["test", "rps"]:
+        raise ValueError("no header row")
+    return {row[0]: float(row[1]) for row in rows[1:] if len(row) >= 2}
+
+
+def run_benchmark(cmd: Sequence[str], requests: int) -> dict[str, float]:
+    timeout = 60 + len(OPS) * requests / MIN_RPS
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"redis-benchmark took over {timeout:.0f}s: {shlex.join(cmd)}") from exc
+    try:
+        rps = parse_csv(result.stdout)
+    except ValueError:
+        rps = {}
+    if result.returncode != 0 or set(rps) != set(OPS):
+        raise BenchError(f"redis-benchmark failed ({result.returncode}): {shlex.join(cmd)}\n"
+                         f"stdout: {result.stdout[-500:]!r}\nstderr: {result.stderr[-500:]}")
+    return rps
+
+
+# -- modes -------------------------------------------------------------------------------
+
+
+class Mode(Protocol):
+    key: str
+    label: str
+    note: str  # what the last attachment reported, for the progress line
+
+    def attached(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class Nothing:
+    key = "nothing"
+    label = LABELS["nothing"]
+    note = ""
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        yield
+
+
+class EmptyFloor:
+    key = "empty"
+    label = LABELS["empty"]
+    note = ""
+
+    def __init__(self, bcc: Any) -> None:
+        self._floor = BareTracepoints(bcc, "empty", self.label, EMPTY_SRC)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        with self._floor.attached():
+            time.sleep(EMPTY_SETTLE)
+            yield
+
+
+def agent_config_text(endpoint: str, only: str | None) -> str:
+    """The embedded defaults, but for the exporter's endpoint and, with `only`, every
+    other probe disabled. Nothing else is written, so a default the product changes is the
+    default measured."""
+    import yaml
+
+    config: dict[str, Any] = {"exporter": {"endpoint": endpoint}}
+    if only is not None:
+        config["probes"] = {p: {"enabled": False} for p in PROBES if p != only}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def server_syscalls_exported(sink: Any, pid: int) -> int:
+    """Syscalls of the server's process in linux.syscall.duration as the sink holds it: the
+    latest cumulative count of each series, summed (the sink is cleared before each agent).
+    Matched by process.pid: Debian's redis-server is a symlink to redis-check-rdb, the
+    executable name the agent reports."""
+    latest: dict[tuple[Any, ...], int] = {}
+    for resource, point in sink.metrics_points("linux.syscall.duration"):
+        if resource.get("process.pid") != pid:
+            continue
+        key = (tuple(sorted(resource.items())), tuple(sorted(
+            (kv.key, str(kv.value)) for kv in point.attributes)), point.start_time_unix_nano)
+        latest[key] = max(latest.get(key, 0), int(point.count))
+    return sum(latest.values())
+
+
+class Agent:
+    """The real agent as a process, started afresh for each measurement."""
+
+    def __init__(self, key: str, workdir: Path, endpoint: str, sink: Any, server_pid: int,
+                 max_seconds: float) -> None:
+        self.key = key
+        self.server_pid = server_pid
+        self.label = LABELS[key]
+        self.only = None if key == "agent" else key
+        self.workdir, self.endpoint, self.sink = workdir, endpoint, sink
+        self.max_seconds = max_seconds
+        self.note = ""
+        self.command = ""
+        self.ready_s: list[float] = []
+        self.syscalls: list[int] = []
+        self.errors: list[str] = []
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        self.sink.clear()
+        config = agent_config_text(self.endpoint, self.only)
+        with AgentProcess(config, self.workdir, f"agent-{self.key}", self.max_seconds) as agent:
+            self.command = shlex.join(agent.command[3:])
+            ready = agent.wait_ready()
+            self.ready_s.append(ready)
+            time.sleep(AGENT_SETTLE)
+            yield
+            if not agent.alive():
+                raise BenchError(f"the agent ({self.label}) died during the benchmark\n"
+                                 + agent.log_tail())
+            code = agent.stop()
+            if code != 0:
+                raise BenchError(f"the agent ({self.label}) exited with {code}\n"
+                                 + agent.log_tail())
+            self.errors.extend(agent.errors())
+        self.note = f"attached in {ready:.1f}s"
+        if self.only in (None, "syscall_latency"):
+            # the final flush went through rotel: wait for it to reach the sink
+            self.sink.wait_for(lambda: server_syscalls_exported(self.sink, self.server_pid) > 0,
+                               timeout=5.0)
+            seen = server_syscalls_exported(self.sink, self.server_pid)
+            self.syscalls.append(seen)
+            self.note += f"; it counted {seen:,} redis-server syscalls"
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    rps: dict[str, float]
+    cpu: ServerCpu
+    seconds: float
+    foreign: list[str] = field(default_factory=list)
+
+
+def measure(mode: Mode, server: RedisServer, watch: HookWatch, cmd: Sequence[str],
+            requests: int) -> Sample:
+    """One benchmark under `mode`; measured again (same attachment) while foreign hooks
+    overlapped it, up to FOREIGN_RETRIES times."""
+    with mode.attached():
+        for _ in range(1 + FOREIGN_RETRIES):
+            foreign = watch.wait_clean()
+            before, began = server.cpu_now(), time.monotonic()
+            rps = run_benchmark(cmd, requests)
+            sample = Sample(rps, server.cpu_now() - before, time.monotonic() - began)
+            # checked while still attached: our own programs must not count as foreign
+            sample.foreign = sorted(set(foreign) | set(watch.foreign()))
+            if not sample.foreign:
+                break
+            print(f"  {mode.key}: the benchmark overlapped {', '.join(sample.foreign)}; "
+                  "measuring again", flush=True)
+    return sample
+
+
+def estimate_seconds(modes: Sequence[str], rounds: int, requests: int,
+                     warm: dict[str, float], perf: bool) -> float:
+    """Seconds for the rounds (and the perf passes: one more round), from the warm-up's
+    rates and guesses of the time to attach and detach."""
+    bench = sum(requests / warm[op] for op in OPS)
+    overhead = sum(AGENT_OVERHEAD_GUESS if m not in ("nothing", "empty")
+                   else EMPTY_OVERHEAD_GUESS if m == "empty" else 0.0 for m in modes)
+    return (rounds + perf) * (len(modes) * bench + overhead)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f}s"
+
+
+# -- perf --------------------------------------------------------------------------------
+
+
+def perf_counters() -> str:
+    """What `perf stat -e instructions true` says: whether the VM exposes counters."""
+    if shutil.which("perf") is None:
+        return "perf not installed"
+    result = subprocess.run(["perf", "stat", "-x", ",", "-e", "instructions", "true"],
+                            capture_output=True, text=True, check=False)
+    for line in result.stderr.splitlines():
+        if line.endswith((",instructions", ",instructions:u")) or ",instructions," in line:
+            value = line.split(",", 1)[0]
+            return ("hardware counters supported" if value.strip().isdigit()
+                    else f"no hardware counters ({value.strip()}): cpu-clock sampling only")
+    return f"perf stat failed: {(result.stderr or result.stdout).strip()[:120]}"
+
+
+PERF_GROUPS = ("BPF programs", "BPF helpers+maps", "tracing dispatch", "other kernel", "user")
+# Symbol prefixes. rcu_read_lock/unlock and migrate_disable/enable, which the dispatch
+# calls, stay in "other kernel": the networking path calls them too.
+_DISPATCH = ("bpf_trace_run", "__bpf_trace_", "__traceiter_", "syscall_trace_enter",
+             "syscall_exit_work", "trace_sys_", "perf_syscall_")
+_HELPERS = ("bpf_", "__bpf_", "htab_", "__htab_", "ktime_get_mono_fast", "bpf_task_storage",
+            "bpf_local_storage", "array_map_", "percpu_array_", "ringbuf_", "__ringbuf_",
+            "lookup_elem_raw", "__task_storage")
+# kernel functions named bpf_* that are not BPF at work: LSM and socket-ops hook stubs
+_NOT_HELPERS = ("bpf_lsm_", "bpf_skops_", "bpf_sk_", "bpf_sock_")
+
+
+def perf_group(symbol: str, kernel: bool) -> str:
+    if not kernel:
+        return "user"
+    if symbol.startswith("bpf_prog_"):
+        return "BPF programs"
+    if symbol.startswith(_DISPATCH):
+        return "tracing dispatch"
+    if symbol.startswith(_HELPERS) and not symbol.startswith(_NOT_HELPERS):
+        return "BPF helpers+maps"
+    return "other kernel"
+
+
+@dataclass
+class PerfBreakdown:
+    samples: int
+    share: dict[str, float]  # group -> fraction of the CPU's samples
+    top_bpf: list[tuple[str, float]]  # the heaviest BPF-related symbols
+
+
+def perf_report(data: Path) -> PerfBreakdown:
+    result = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "sym",
+                             "--no-children", "-q", "-F", "overhead,sample,sym"],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"perf report failed: {result.stderr.strip()[:300]}")
+    share = dict.fromkeys(PERF_GROUPS, 0.0)
+    bpf: list[tuple[str, float]] = []
+    samples = 0
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        # "  12.34%   1234  [k] symbol"
+        if len(parts) < 4 or not parts[0].endswith("%") or parts[2] not in ("[k]", "[.]"):
+            continue
+        pct = float(parts[0].rstrip("%")) / 100
+        samples += int(parts[1])
+        symbol = parts[3]
+        group = perf_group(symbol, parts[2] == "[k]")
+        share[group] += pct
+        if group in ("BPF programs", "BPF helpers+maps", "tracing dispatch"):
+            bpf.append((symbol, pct))
+    bpf.sort(key=lambda item: -item[1])
+    return PerfBreakdown(samples, share, bpf[:6])
+
+
+def perf_pass(mode: Mode, server: RedisServer, cmd: Sequence[str], requests: int,
+              workdir: Path) -> PerfBreakdown:
+    data = workdir / f"perf-{mode.key}.data"
+    with mode.attached():
+        perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F",
+                                 str(PERF_FREQ), "-p", str(server.pid), "-o", str(data)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            time.sleep(0.5)  # perf opens its events
+            run_benchmark(cmd, requests)
+        finally:
+            perf.send_signal(signal.SIGINT)
+            try:
+                _, err = perf.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                perf.kill()
+                _, err = perf.communicate()
+    if not data.exists():
+        raise BenchError(f"perf record wrote nothing: {err.decode(errors='replace')[:300]}")
+    try:
+        return perf_report(data)
+    finally:
+        data.unlink(missing_ok=True)
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    modes: list[str]
+    samples: dict[str, list[Sample]]
+
+    def rps(self, mode: str, op: str) -> list[float]:
+        return [s.rps[op] for s in self.samples[mode]]
+
+    def median(self, mode: str, op: str) -> float:
+        return statistics.median(self.rps(mode, op))
+
+    def ratio(self, mode: str, op: str) -> float:
+        return self.median(mode, op) / self.median("nothing", op)
+
+    def paired(self, mode: str, op: str) -> float:
+        return statistics.median(
+            m.rps[op] / n.rps[op]
+            for m, n in zip(self.samples[mode], self.samples["nothing"], strict=True))
+
+
+def report(results: Results, requests: int) -> None:
+    modes = results.modes
+    floor = "empty" in modes
+    print()
+    print(f"requests/s: median over {len(results.samples['nothing'])} rounds (min..max); "
+          "ratio: median / nothing's median; paired: median of the rounds' mode / nothing; "
+          "loss: 1 - ratio; x floor: loss / the empty floor's loss")
+    for op in OPS:
+        print()
+        base = results.rps("nothing", op)
+        noise = (max(base) - min(base)) / statistics.median(base) * 100
+        print(f"{op}: nothing's rounds spread over {noise:.0f} % of their median (the noise "
+              "to read the ratios against)")
+        header = (f"{op:<22}{'requests/s':>11}{'min..max':>19}{'ratio':>8}{'paired':>8}"
+                  f"{'loss':>8}{'x floor':>9}")
+        print(header)
+        print("-" * len(header))
+        floor_loss = 1 - results.ratio("empty", op) if floor else None
+        for mode in modes:
+            values = results.rps(mode, op)
+            marks = "!" if any(s.foreign for s in results.samples[mode]) else ""
+            spread = f"{min(values):,.0f}..{max(values):,.0f}"
+            is_base = mode == "nothing"
+            loss = 1 - results.ratio(mode, op)
+            x_floor = (loss / floor_loss if floor_loss and floor_loss > 0 and not is_base
+                       and mode != "empty" else None)
+            print(f"{LABELS[mode]:<22}{results.median(mode, op):>11,.0f}{spread:>19}"
+                  f"{results.ratio(mode, op):>8.3f}{results.paired(mode, op):>8.3f}"
+                  f"{'-' if is_base else format(loss * 100, '.1f') + ' %':>8}"
+                  f"{fmt(x_floor):>9}{marks}")
+
+    print()
+    print(f"the server's CPU per request (medians over rounds; {len(OPS)} x {requests:,} "
+          "requests per benchmark): user and system time of redis-server (/proc/PID/stat, "
+          "10 ms ticks), its main thread's run time (schedstat, ns), and how long it waited "
+          "for its CPU while others ran there")
+    header = (f"{'mode':<22}{'user us':>9}{'sys us':>9}{'run us':>9}{'sys %':>7}"
+              f"{'waited ms':>11}{'bench s':>9}")
+    print(header)
+    print("-" * len(header))
+    per = len(OPS) * requests / 1e6  # requests, in millions: seconds -> us per request
+    for mode in modes:
+        ss = results.samples[mode]
+        user = statistics.median(s.cpu.user_s for s in ss) / per
+        sys_ = statistics.median(s.cpu.sys_s for s in ss) / per
+        run = statistics.median(s.cpu.run_s for s in ss) / per
+        sys_pct = statistics.median(s.cpu.sys_s / max(s.cpu.user_s + s.cpu.sys_s, 1e-9)
+                                    for s in ss) * 100
+        waited = statistics.median(s.cpu.wait_s for s in ss) * 1000
+        secs = statistics.median(s.seconds for s in ss)
+        print(f"{LABELS[mode]:<22}{user:>9.2f}{sys_:>9.2f}{run:>9.2f}{sys_pct:>6.0f}%"
+              f"{waited:>11.0f}{secs:>9.1f}")
+
+
+def headline(results: Results) -> None:
+    print()
+    print(f"target (the issue): the agent's loss <= {LOSS_FACTOR} x the empty floor's loss "
+          f"in the same run, or the agent's ratio >= {RATIO_TARGET}")
+    if not {"agent", "empty"} <= set(results.modes):
+        print("  n/a: needs the modes nothing, empty and agent")
+        return
+    verdicts = []
+    for op in OPS:
+        ratio, floor_ratio = results.ratio("agent", op), results.ratio("empty", op)
+        loss, floor_loss = 1 - ratio, 1 - floor_ratio
+        passed = loss <= LOSS_FACTOR * floor_loss or ratio >= RATIO_TARGET
+        verdicts.append(passed)
+        times = (f"{loss / floor_loss:.2f} x the floor's" if floor_loss > 0
+                 else "the floor's loss is within noise (<= 0)")
+        print(f"  {op}: agent defaults loses {loss * 100:.1f} % (ratio {ratio:.3f}), the "
+              f"empty floor {floor_loss * 100:.1f} % (ratio {floor_ratio:.3f}): {times}; "
+              f"limit {LOSS_FACTOR * floor_loss * 100:.1f} %  "
+              f"{'PASS' if passed else 'MISS'}")
+    print(f"  overall: {'PASS' if all(verdicts) else 'MISS'}")
+
+
+def perf_table(breakdowns: dict[str, PerfBreakdown], requests: int) -> None:
+    print()
+    print("where the server's own CPU time went: one more benchmark per mode under `perf "
+          f"record -e cpu-clock -F {PERF_FREQ} -p SERVER` (untimed); us per request = "
+          f"samples / {PERF_FREQ} Hz / ({len(OPS)} x {requests:,} requests), by symbol group")
+    header = (f"{'mode':<22}{'samples':>8}" + "".join(f"{g:>18}" for g in PERF_GROUPS)
+              + f"{'total':>8}")
+    print(header)
+    print("-" * len(header))
+    per = len(OPS) * requests / 1e6
+    for mode, b in breakdowns.items():
+        us = b.samples / PERF_FREQ / per
+        print(f"{LABELS[mode]:<22}{b.samples:>8}"
+              + "".join(f"{b.share[g] * us:>18.2f}" for g in PERF_GROUPS) + f"{us:>8.2f}")
+    print("heaviest symbols of the BPF and tracing groups (% of the server's samples):")
+    for mode, b in breakdowns.items():
+        if b.top_bpf:
+            print(f"  {LABELS[mode]}: " + ", ".join(f"{s} {p * 100:.1f}%" for s, p in b.top_bpf))
+
+
+# -- the suite ---------------------------------------------------------------------------
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
+    require("taskset", "redis-server", "redis-benchmark")
+    from otel_ebpf.kernel import headers
+    from otel_ebpf.kernel.engine import Engine
+    from tests.peers.rotel import RotelCollector, rotel_binary
+
+    try:
+        rotel_binary()
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from exc
+    bcc = import_bcc()
+    # Created first: it may set BCC_KERNEL_SOURCE, which the empty program's compile and
+    # the agent's (inherited environment) then use.
+    Engine(headers.discover())
+    modes = modes_of(args.redis_modes)
+    rounds, requests, clients = args.rounds, args.redis_requests, args.redis_clients
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise BenchError("needs 2 CPUs: one for redis-server, one for redis-benchmark")
+    server_cpu, client_cpu, rest = cpus[-1], cpus[-2], set(cpus[:-2])
+    if rest:
+        os.sched_setaffinity(0, rest)  # this script and the sink, off the measured CPUs
+
+    heading("redis: a real server's throughput under the agent")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    if not machine_shown:
+        for line in machine_lines(bcc):
+            print(line)
+    print(f"perf:    {perf_counters()}")
+    print(f"load:    {loadavg()} (1, 5, 15 min load average at the start)")
+    if rounds < 5:
+        print(f"note:    {rounds} rounds: the issue asks for medians of >= 5")
+    started = time.monotonic()
+    life = 120 + len(OPS) * requests / MIN_RPS
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="otel-ebpf-redis-")))
+        server = stack.enter_context(RedisServer(server_cpu, tmp))
+        sink = stack.enter_context(otlp_sink())
+        rotel = stack.enter_context(RotelCollector(sink.endpoint))
+        cmd = benchmark_command(client_cpu, server.port, clients, requests)
+        print(f"server:  {shlex.join(server.command)}  (redis {redis_version()}, pid "
+              f"{server.pid})")
+        print(f"client:  {shlex.join(cmd)}")
+        print(f"peer:    {shlex.join(rotel.command())}  ->  OTLP sink {sink.endpoint} in "
+              "this process")
+        agent_modes = [m for m in modes if m not in ("nothing", "empty")]
+        if agent_modes:
+            print(f"agent:   otel-ebpf run --config FILE --duration {life:.0f}s, FILE: the "
+                  f"defaults but exporter.endpoint {rotel.grpc_endpoint}"
+                  + ("; for a probe alone, the two others enabled: false"
+                     if set(agent_modes) - {"agent"} else ""))
+        print(f"method:  modes {', '.join(LABELS[m] for m in modes)}; {rounds} rounds, each "
+              "measures every mode once, order rotated per round; medians. Server pinned to "
+              f"CPU {server_cpu}, client to CPU {client_cpu}; "
+              + (f"this script on CPUs {','.join(map(str, sorted(rest)))}, the agent, rotel "
+                 "unpinned" if rest else
+                 "2 CPUs: the agent's user-space threads, rotel and this script share those "
+                 "two CPUs with them")
+              + f". Agents start afresh per measurement; the benchmark starts {AGENT_SETTLE:g}s "
+              "after the agent logged its probes attached. See bench/redis.py.")
+
+        # The warm-up fills the key GET reads and times the machine for the estimate.
+        warm_cmd = benchmark_command(client_cpu, server.port, clients,
+                                     min(WARMUP_REQUESTS, requests))
+        warm = run_benchmark(warm_cmd, min(WARMUP_REQUESTS, requests))
+        estimate = estimate_seconds(modes, rounds, requests, warm, args.redis_perf)
+        print(f"warm-up: {', '.join(f'{op} {warm[op]:,.0f}/s' for op in OPS)} "
+              f"({min(WARMUP_REQUESTS, requests):,} requests each, nothing attached)")
+        plus = " + the perf passes" if args.redis_perf else ""
+        print(f"time:    about {minutes(estimate)} for {rounds} rounds x {len(modes)} modes "
+              f"x {len(OPS)} x {requests:,} requests{plus} (estimated from the warm-up; agents "
+              f"~{AGENT_OVERHEAD_GUESS:.0f}s each to start and stop)", flush=True)
+
+        workdir = tmp / "agents"
+        workdir.mkdir()
+        objects: dict[str, Mode] = {"nothing": Nothing()}
+        if "empty" in modes:
+            objects["empty"] = EmptyFloor(bcc)
+        for m in agent_modes:
+            objects[m] = Agent(m, workdir, rotel.grpc_endpoint, sink, server.pid, life)
+        order_base = [objects[m] for m in modes]
+        watch = HookWatch(hooks=WATCHED_HOOKS)
+        if not watch.available:
+            print("note:    bpftool not found: cannot tell whether other tools' programs on "
+                  "the syscall and socket hooks overlap the benchmarks")
+        results = Results(modes, {m: [] for m in modes})
+        print()
+        round_times: list[float] = []
+        for r in range(rounds):
+            round_began = time.monotonic()
+            k = r % len(order_base)
+            for mode in order_base[k:] + order_base[:k]:
+                sample = measure(mode, server, watch, cmd, requests)
+                results.samples[mode.key].append(sample)
+                mark = "!" if sample.foreign else ""
+                print(f"  round {r + 1}/{rounds}  {mode.label:<22}"
+                      + "  ".join(f"{op} {sample.rps[op]:>9,.0f}/s{mark}" for op in OPS)
+                      + f"  ({sample.seconds:.1f}s, server waited "
+                      f"{sample.cpu.wait_s * 1000:.0f} ms{'; ' + mode.note if mode.note else ''})",
+                      flush=True)
+                if sample.foreign:
+                    print(f"  ! overlapped foreign hooks: {', '.join(sample.foreign)}")
+                if not server.alive():
+                    raise BenchError("redis-server stopped answering\n" + server.log_tail())
+            round_times.append(time.monotonic() - round_began)
+            left = (rounds - r - 1) * statistics.mean(round_times)
+            print(f"round {r + 1}/{rounds} took {round_times[-1]:.0f}s"
+                  + (f"; about {minutes(left)} to go" if left else ""), flush=True)
+
+        breakdowns: dict[str, PerfBreakdown] = {}
+        if args.redis_perf:
+            if shutil.which("perf") is None:
+                print("\nperf breakdown skipped: perf not installed (make host-bench)")
+            else:
+                print("\nperf breakdown: one more benchmark per mode ...", flush=True)
+                for mode in order_base:
+                    breakdowns[mode.key] = perf_pass(mode, server, cmd, requests, tmp)
+                    print(f"  {mode.label}: {breakdowns[mode.key].samples} samples", flush=True)
+
+    report(results, requests)
+    headline(results)
+    if breakdowns:
+        perf_table(breakdowns, requests)
+    agents = [o for o in objects.values() if isinstance(o, Agent)]
+    for agent in agents:
+        if agent.errors:
+            print(f"warning: {agent.label}: the agent logged errors:\n  "
+                  + "\n  ".join(agent.errors[:5]))
+        if agent.syscalls and min(agent.syscalls) < len(OPS) * requests:
+            print(f"warning: {agent.label}: in some round the agent counted fewer redis-server "
+                  f"syscalls ({min(agent.syscalls):,}) than requests were made: was it "
+                  "observing the server?")
+    disturbed = sum(1 for ss in results.samples.values() for s in ss if s.foreign)
+    if disturbed:
+        print(f"warning: {disturbed} benchmark(s) marked ! ran while another tool had "
+              "programs on the syscall or socket hooks: those numbers include its cost")
+    print(f"load:    {loadavg()} at the end")
+    print(f"took {time.monotonic() - started:.0f}s (estimated {minutes(estimate)})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="A real server's throughput (redis-server driven by redis-benchmark on "
+                    "loopback) with nothing attached, with empty programs on the syscall "
+                    "hooks, with the agent's defaults and with each probe alone.")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds; each measures every mode once (default: %(default)s)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    problem = check_arguments(args) or ("--rounds must be >= 1" if args.rounds < 1 else None)
+    if problem:
+        parser.error(problem)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    from otel_ebpf.kernel.engine import EngineError
+
+    try:
+        run_suite(args, False)
+    except (BenchError, EngineError) as exc:
+        print(f"bench: redis: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    leaked = open_bpf_fds()
+    if leaked or _children():
+        print(f"bench: redis: left behind: BPF fds {leaked}, children {sorted(_children())}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
