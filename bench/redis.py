@@ -48,9 +48,20 @@ Noise control (as bench/run.py's syscalls suite):
     its user-space CPU as well as its in-kernel cost per syscall. The server's run-queue
     wait (schedstat) shows how much CPU others took from it.
   * Foreign hooks: anything else on the syscall or socket hooks (another session's tests
-    loading the agent, a tracer) slows every mode it overlaps. With bpftool the script
-    looks before and after each benchmark, waits for them to go (a budget of a minute per
-    run), measures again, and marks with "!" a sample it could not get clean.
+    loading the agent, a tracer) slows every mode it overlaps, "nothing" included. With
+    bpftool the script looks before and after each benchmark, waits for them to go (a
+    budget of a minute per run), measures again once, and marks with "!" a sample it could
+    not get clean.
+  * Other sessions' CPU: before each benchmark the script waits (a budget of
+    QUIET_WAIT_BUDGET s per run) until the rest of the machine uses at most QUIET_OTHERS
+    CPU; during it, /proc/stat's busy time minus the server's, the client's and the agent's
+    is what every other task used ("others", in CPUs). A sample with no foreign hook and
+    others <= QUIET_OTHERS is "quiet"; others are marked "~". With >= 3 quiet samples per
+    mode the tables and the headline are printed again over those alone.
+  * CPU per request (server, client, agent) is printed beside requests/s: the cost ratio
+    it gives is what a CPU-bound machine would lose, and is moved less by CPU that other
+    sessions take than requests/s is (though a contended server batches more requests per
+    loop, so it moves too).
 
 The target (the issue "A fifth of a busy server's throughput"): the agent's loss (1 - its
 ratio) <= LOSS_FACTOR x the empty floor's loss measured in the same run, or the agent's
@@ -87,7 +98,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -144,6 +155,11 @@ AGENT_OVERHEAD_GUESS = 9.0  # s per agent measurement outside the benchmark (sta
 EMPTY_OVERHEAD_GUESS = 1.5  # s to compile and attach the empty programs
 SERVER_START_TIMEOUT = 10.0
 MIN_RPS = 500  # for timeouts: no benchmark is allowed to run slower than this
+# A benchmark is "quiet" when, besides no foreign hooks, other tasks (other sessions' work,
+# kernel threads) used at most this much CPU during it, in CPUs (0.1 = 10 % of one CPU).
+QUIET_OTHERS = 0.10
+QUIET_WAIT_BUDGET = 90.0  # s per run spent waiting for a quiet machine before benchmarks
+QUIET_WINDOW = 0.5  # s over which the machine's load is sampled before a benchmark
 PERF_FREQ = 997  # Hz, cpu-clock samples for --redis-perf (prime: no lockstep with timers)
 
 
@@ -304,6 +320,39 @@ def redis_version() -> str:
     out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
                          check=False).stdout
     return next((w.removeprefix("v=") for w in out.split() if w.startswith("v=")), "?")
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat: busy is user,
+    nice, system, irq and softirq time; steal is what the hypervisor gave others."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+class QuietGate:
+    """Waits, out of a budget for the whole run, until the machine is quiet: in a window of
+    QUIET_WINDOW s the CPU used by anyone but the mode's own process (an agent settling)
+    stays within QUIET_OTHERS. Nothing of ours runs then, so all of it is someone else."""
+
+    def __init__(self) -> None:
+        self.budget = QUIET_WAIT_BUDGET
+
+    def wait(self, mode_cpu: Callable[[], float]) -> None:
+        announced = False
+        while True:
+            busy0, _ = machine_busy_s()
+            own0 = mode_cpu()
+            time.sleep(QUIET_WINDOW)
+            busy1, _ = machine_busy_s()
+            others = (busy1 - busy0 - (mode_cpu() - own0)) / QUIET_WINDOW
+            if others <= QUIET_OTHERS or self.budget <= 0:
+                return
+            if not announced:
+                print(f"  waiting (up to {self.budget:.0f}s more) for a quiet machine: others "
+                      f"use {others:.2f} CPU", flush=True)
+                announced = True
+            self.budget -= QUIET_WINDOW
 
 
 # -- the client --------------------------------------------------------------------------
@@ -489,26 +538,45 @@ class Agent:
 
 @dataclass
 class Sample:
+    round: int
     rps: dict[str, float]
     cpu: ServerCpu
     client_s: float  # redis-benchmark's CPU
     agent_s: float  # the agent's CPU over the benchmark (0 without one)
     seconds: float
+    others: float  # CPU used by every other task during the benchmark, in CPUs
+    steal: float  # CPU the hypervisor took, in CPUs
     foreign: list[str] = field(default_factory=list)
 
+    @property
+    def quiet(self) -> bool:
+        return not self.foreign and self.others <= QUIET_OTHERS
 
-def measure(mode: Mode, server: RedisServer, watch: HookWatch, cmd: Sequence[str],
-            requests: int) -> Sample:
+    @property
+    def mark(self) -> str:
+        return "!" if self.foreign else "" if self.quiet else "~"
+
+
+def measure(mode: Mode, server: RedisServer, watch: HookWatch, gate: QuietGate,
+            cmd: Sequence[str], requests: int, round_: int) -> Sample:
     """One benchmark under `mode`; measured again (same attachment) once if foreign hooks
     overlapped it: a benchmark here is 10-20 s, and on a shared machine other sessions'
     tests come and go all the time, so more retries would mostly lengthen the run."""
     with mode.attached():
         for _ in range(1 + min(FOREIGN_RETRIES, 1)):
             foreign = watch.wait_clean()
-            before, agent_before, began = server.cpu_now(), mode.cpu_seconds(), time.monotonic()
+            gate.wait(mode.cpu_seconds)
+            before, agent_before = server.cpu_now(), mode.cpu_seconds()
+            (busy_before, steal_before), began = machine_busy_s(), time.monotonic()
             rps, client_s = run_benchmark(cmd, requests)
-            sample = Sample(rps, server.cpu_now() - before, client_s,
-                            mode.cpu_seconds() - agent_before, time.monotonic() - began)
+            seconds = time.monotonic() - began
+            busy, steal = machine_busy_s()
+            cpu, agent_s = server.cpu_now() - before, mode.cpu_seconds() - agent_before
+            # the rest of the machine's busy time: other sessions, kernel threads, rotel
+            # and this script (both idle while the benchmark runs)
+            others = busy - busy_before - (cpu.user_s + cpu.sys_s + client_s + agent_s)
+            sample = Sample(round_, rps, cpu, client_s, agent_s, seconds,
+                            max(0.0, others) / seconds, (steal - steal_before) / seconds)
             # checked while still attached: our own programs must not count as foreign
             sample.foreign = sorted(set(foreign) | set(watch.foreign()))
             if not sample.foreign:
@@ -659,42 +727,58 @@ class Results:
     def ratio(self, mode: str, op: str) -> float:
         return self.median(mode, op) / self.median("nothing", op)
 
-    def paired(self, mode: str, op: str) -> float:
-        return statistics.median(
-            m.rps[op] / n.rps[op]
-            for m, n in zip(self.samples[mode], self.samples["nothing"], strict=True))
+    def paired(self, mode: str, op: str) -> float | None:
+        """Median over the rounds that have both samples of mode / nothing."""
+        base = {s.round: s.rps[op] for s in self.samples["nothing"]}
+        pairs = [s.rps[op] / base[s.round] for s in self.samples[mode] if s.round in base]
+        return statistics.median(pairs) if pairs else None
+
+    def quiet(self) -> Results:
+        return Results(self.modes, {m: [s for s in ss if s.quiet]
+                                    for m, ss in self.samples.items()}, self.requests)
+
+    def complete(self, least: int = 1) -> bool:
+        return all(len(ss) >= least for ss in self.samples.values())
 
 
-def report(results: Results, requests: int) -> None:
+def rps_tables(results: Results, what: str) -> None:
     modes = results.modes
     floor = "empty" in modes
     print()
-    print(f"requests/s: median over {len(results.samples['nothing'])} rounds (min..max); "
-          "ratio: median / nothing's median; paired: median of the rounds' mode / nothing; "
-          "loss: 1 - ratio; x floor: loss / the empty floor's loss")
+    print(f"requests/s, {what}: median (min..max); n: samples (of them quiet: no foreign "
+          "hook, others used <= "
+          f"{QUIET_OTHERS:g} CPU); ratio: median / nothing's median; paired: median over "
+          "rounds of mode / nothing in the same round; loss: 1 - ratio; x floor: loss / the "
+          "empty floor's loss")
     for op in OPS:
         print()
         nothing = results.rps("nothing", op)
         noise = (max(nothing) - min(nothing)) / statistics.median(nothing) * 100
-        print(f"{op}: nothing's rounds spread over {noise:.0f} % of their median (the noise "
+        print(f"{op}: nothing's samples spread over {noise:.0f} % of their median (the noise "
               "to read the ratios against)")
-        header = (f"{op:<22}{'requests/s':>11}{'min..max':>19}{'ratio':>8}{'paired':>8}"
-                  f"{'loss':>8}{'x floor':>9}")
+        header = (f"{op:<22}{'requests/s':>11}{'min..max':>19}{'n':>6}{'ratio':>8}"
+                  f"{'paired':>8}{'loss':>9}{'x floor':>9}")
         print(header)
         print("-" * len(header))
         floor_loss = 1 - results.ratio("empty", op) if floor else None
         for mode in modes:
+            ss = results.samples[mode]
             values = results.rps(mode, op)
-            marks = "!" if any(s.foreign for s in results.samples[mode]) else ""
             spread = f"{min(values):,.0f}..{max(values):,.0f}"
             is_base = mode == "nothing"
             loss = 1 - results.ratio(mode, op)
             x_floor = (loss / floor_loss if floor_loss and floor_loss > 0 and not is_base
                        and mode != "empty" else None)
-            print(f"{LABELS[mode]:<22}{results.median(mode, op):>11,.0f}{spread:>19}"
-                  f"{results.ratio(mode, op):>8.3f}{results.paired(mode, op):>8.3f}"
-                  f"{'-' if is_base else format(loss * 100, '.1f') + ' %':>8}"
-                  f"{fmt(x_floor):>9}{marks}")
+            n = f"{len(ss)}/{sum(s.quiet for s in ss)}"
+            print(f"{LABELS[mode]:<22}{results.median(mode, op):>11,.0f}{spread:>19}{n:>6}"
+                  f"{results.ratio(mode, op):>8.3f}{fmt(results.paired(mode, op), '.3f'):>8}"
+                  f"{'-' if is_base else format(loss * 100, '.1f') + ' %':>9}"
+                  f"{fmt(x_floor):>9}")
+
+
+def report(results: Results, requests: int) -> None:
+    modes = results.modes
+    rps_tables(results, f"all {len(results.samples['nothing'])} rounds")
 
     print()
     print(f"CPU per request, us (medians over rounds; SET and GET together, {len(OPS)} x "
@@ -704,9 +788,11 @@ def report(results: Results, requests: int) -> None:
           "time over the benchmark; total = run + client + agent; cost ratio: nothing's total "
           "/ the mode's (the throughput ratio a CPU-bound machine would see, insensitive to "
           "CPU that other sessions take); waited: the server's run-queue wait, ms per "
-          "benchmark (CPU others took from it: the noise)")
+          "benchmark; others: CPUs used by every other task meanwhile (/proc/stat busy time "
+          "minus server, client and agent; other sessions, kernel threads): the noise")
     header = (f"{'mode':<22}{'user':>7}{'sys':>7}{'run':>7}{'client':>8}{'agent':>7}"
-              f"{'total':>8}{'+us':>7}{'cost ratio':>11}{'waited ms':>11}{'bench s':>9}")
+              f"{'total':>8}{'+us':>7}{'cost ratio':>11}{'waited ms':>11}{'others':>8}"
+              f"{'bench s':>9}")
     print(header)
     print("-" * len(header))
     base = results.cpu_total("nothing")
@@ -724,6 +810,7 @@ def report(results: Results, requests: int) -> None:
               f"{total:>8.2f}{'-' if mode == 'nothing' else format(total - base, '+.2f'):>7}"
               f"{base / total:>11.3f}"
               f"{statistics.median(s.cpu.wait_s for s in ss) * 1000:>11.0f}"
+              f"{statistics.median(s.others for s in ss):>8.2f}"
               f"{statistics.median(s.seconds for s in ss):>9.1f}")
 
 
@@ -747,10 +834,17 @@ def headline(results: Results) -> None:
         return
     verdicts = [judge(op, results.ratio("agent", op), results.ratio("empty", op))
                 for op in OPS]
-    print(f"  overall, requests/s: {'PASS' if all(verdicts) else 'MISS'}")
+    print(f"  overall, requests/s, all rounds: {'PASS' if all(verdicts) else 'MISS'}")
+    quiet = results.quiet()
+    if quiet.complete(3) and quiet.samples != results.samples:
+        verdicts = [judge(op, quiet.ratio("agent", op), quiet.ratio("empty", op))
+                    for op in OPS]
+        print(f"  overall, requests/s, quiet samples only: {'PASS' if all(verdicts) else 'MISS'}")
+    elif quiet.samples != results.samples:
+        print("  (too few quiet samples, < 3 in some mode, for the same on quiet samples only)")
     base = results.cpu_total("nothing")
-    print("the same test on the cost ratio (CPU per request, SET and GET together; not the "
-          "issue's figure, a cross-check that CPU taken by other sessions does not move):")
+    print("the same test on the cost ratio (CPU per request, SET and GET together, all rounds; "
+          "not the issue's figure: a cross-check less moved by CPU other sessions take):")
     judge("CPU", base / results.cpu_total("agent"), base / results.cpu_total("empty"))
 
 
@@ -872,18 +966,18 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
         results = Results(modes, {m: [] for m in modes}, requests)
         print()
         round_times: list[float] = []
+        gate = QuietGate()
         for r in range(rounds):
             round_began = time.monotonic()
             k = r % len(order_base)
             for mode in order_base[k:] + order_base[:k]:
-                sample = measure(mode, server, watch, cmd, requests)
+                sample = measure(mode, server, watch, gate, cmd, requests, r)
                 results.samples[mode.key].append(sample)
-                mark = "!" if sample.foreign else ""
                 print(f"  round {r + 1}/{rounds}  {mode.label:<22}"
-                      + "  ".join(f"{op} {sample.rps[op]:>9,.0f}/s{mark}" for op in OPS)
-                      + f"  ({sample.seconds:.1f}s, server waited "
-                      f"{sample.cpu.wait_s * 1000:.0f} ms{'; ' + mode.note if mode.note else ''})",
-                      flush=True)
+                      + "  ".join(f"{op} {sample.rps[op]:>9,.0f}/s{sample.mark:1}" for op in OPS)
+                      + f"  ({sample.seconds:.1f}s, others {sample.others:.2f} CPU, server "
+                      f"waited {sample.cpu.wait_s * 1000:.0f} ms"
+                      f"{'; ' + mode.note if mode.note else ''})", flush=True)
                 if sample.foreign:
                     print(f"  ! overlapped foreign hooks: {', '.join(sample.foreign)}")
                 if not server.alive():
@@ -904,6 +998,9 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
                     print(f"  {mode.label}: {breakdowns[mode.key].samples} samples", flush=True)
 
     report(results, requests)
+    quiet = results.quiet()
+    if quiet.complete(3) and quiet.samples != results.samples:
+        rps_tables(quiet, "quiet samples only")
     headline(results)
     if breakdowns:
         perf_table(breakdowns, requests)
@@ -920,6 +1017,10 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     if disturbed:
         print(f"warning: {disturbed} benchmark(s) marked ! ran while another tool had "
               "programs on the syscall or socket hooks: those numbers include its cost")
+    busy = sum(1 for ss in results.samples.values() for s in ss if not s.quiet and not s.foreign)
+    if busy:
+        print(f"warning: {busy} benchmark(s) marked ~ ran while other tasks used more than "
+              f"{QUIET_OTHERS:g} CPU")
     print(f"load:    {loadavg()} at the end")
     print(f"took {time.monotonic() - started:.0f}s (estimated {minutes(estimate)})")
     return 0
