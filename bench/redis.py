@@ -871,6 +871,31 @@ def perf_table(breakdowns: dict[str, PerfBreakdown], requests: int) -> None:
 # -- the suite ---------------------------------------------------------------------------
 
 
+def hook_holders() -> list[str]:
+    """Other processes holding programs on the watched hooks now, with their age and
+    whether they are orphans (parent 1: a test run that ended without stopping them, say),
+    so a run whose "nothing" is not nothing says so up front."""
+    from bench.common import bpftool_json
+
+    own = {os.getpid()} | _children()
+    pids = sorted({int(perf.get("pid", 0)) for perf in bpftool_json("perf", "show")
+                   if str(perf.get("tracepoint", "")).startswith(WATCHED_HOOKS)} - own - {0})
+    boot_ticks = time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK
+    out = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        ppid, age = int(fields[1]), (boot_ticks - int(fields[19])) / CLK_TCK
+        out.append(f"pid {pid}{' (orphan)' if ppid == 1 else ''}, {minutes(age)} old: "
+                   f"{cmdline[:110]}")
+    return out
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -908,6 +933,12 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
             print(line)
     print(f"perf:    {perf_counters()}")
     print(f"load:    {loadavg()} (1, 5, 15 min load average at the start)")
+    holders = hook_holders()
+    if holders:
+        print(f"warning: {len(holders)} other process(es) hold BPF programs on the syscall or "
+              "socket hooks now; while they do, every mode, nothing included, pays for them:")
+        for line in holders:
+            print(f"           {line}")
     if rounds < 5:
         print(f"note:    {rounds} rounds: the issue asks for medians of >= 5")
     started = time.monotonic()
