@@ -560,8 +560,9 @@ class Sample:
 def measure(mode: Mode, server: RedisServer, watch: HookWatch, gate: QuietGate,
             cmd: Sequence[str], requests: int, round_: int) -> Sample:
     """One benchmark under `mode`; measured again (same attachment) once if foreign hooks
-    overlapped it: a benchmark here is 10-20 s, and on a shared machine other sessions'
-    tests come and go all the time, so more retries would mostly lengthen the run."""
+    overlapped it and the run's budget for waiting them out is not spent: a benchmark here
+    is 10-20 s, and on a shared machine other sessions' tests come and go all the time, so
+    more retries would mostly lengthen the run."""
     with mode.attached():
         for _ in range(1 + min(FOREIGN_RETRIES, 1)):
             foreign = watch.wait_clean()
@@ -579,8 +580,8 @@ def measure(mode: Mode, server: RedisServer, watch: HookWatch, gate: QuietGate,
                             max(0.0, others) / seconds, (steal - steal_before) / seconds)
             # checked while still attached: our own programs must not count as foreign
             sample.foreign = sorted(set(foreign) | set(watch.foreign()))
-            if not sample.foreign:
-                break
+            if not sample.foreign or watch.wait_budget <= 0:
+                break  # clean, or no budget left to wait for them: measuring again won't help
             print(f"  {mode.key}: the benchmark overlapped {', '.join(sample.foreign)}; "
                   "measuring again", flush=True)
     return sample
