@@ -501,6 +501,21 @@ class Agent:
         assert self._process is not None, "only while attached"
         return self._process.cpu_seconds()  # its threads' schedstat run time
 
+    def _final_count(self, timeout: float = 5.0) -> int:
+        """The server's syscalls once the agent's final flush went through rotel: the sink
+        may still hold only a periodic export from mid-benchmark when the agent exits, so
+        wait until the count is non-zero and has not changed for a second."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            count = server_syscalls_exported(self.sink, self.server_pid)
+            if count != last:
+                last, since = count, time.monotonic()
+            elif count > 0 and time.monotonic() - since >= 1.0:
+                break
+            time.sleep(0.2)
+        return last
+
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         self.sink.clear()
@@ -525,10 +540,7 @@ class Agent:
             self.errors.extend(agent.errors())
         self.note = f"attached in {ready:.1f}s"
         if self.only in (None, "syscall_latency"):
-            # the final flush went through rotel: wait for it to reach the sink
-            self.sink.wait_for(lambda: server_syscalls_exported(self.sink, self.server_pid) > 0,
-                               timeout=5.0)
-            seen = server_syscalls_exported(self.sink, self.server_pid)
+            seen = self._final_count()
             self.syscalls.append(seen)
             self.note += f"; it counted {seen:,} redis-server syscalls"
 
