@@ -1,7 +1,8 @@
 # otel-ebpf - every target sets up what it needs, idempotently.
 #   make run     set up this host and run the agent on its embedded defaults (as root)
 #   make test    set up host + test peers, then the whole test suite
-#   make bench   overhead benchmarks (prints ratios; not a test)
+#   make bench   overhead benchmarks, incl. a real redis server (prints ratios; not a test);
+#                BENCH_ARGS="--suite redis --modes nothing,empty,agent" to pick
 #   make lint    ruff + mypy on the package
 
 VENV        ?= .venv
@@ -11,8 +12,9 @@ PY          := $(VENV)/bin/python
 SYSTEM_PY   ?= /usr/bin/python3
 PYTEST_ARGS ?=
 RUN_ARGS    ?=
+BENCH_ARGS  ?=
 
-.PHONY: setup host host-test venv test-deps run test bench lint clean
+.PHONY: setup host host-test host-bench venv test-deps bench-deps run test bench lint clean
 
 setup: host venv
 
@@ -21,6 +23,10 @@ host:
 
 host-test:
 	bash deploy/host-setup.sh --test
+
+# --test's packages plus redis-server, redis-tools (the redis suite) and linux-perf
+host-bench:
+	bash deploy/host-setup.sh --bench
 
 $(VENV)/.created:
 	$(SYSTEM_PY) -m venv --system-site-packages $(VENV)
@@ -39,6 +45,8 @@ venv: $(VENV)/.installed
 
 test-deps: host-test $(VENV)/.installed-test
 
+bench-deps: host-bench $(VENV)/.installed-test
+
 run: setup
 	$(VENV)/bin/otel-ebpf run $(RUN_ARGS)
 
@@ -48,8 +56,8 @@ test: test-deps
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
 
-bench: test-deps
-	$(PY) bench/run.py
+bench: bench-deps
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check otel_ebpf tests bench

@@ -22,7 +22,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from otel_ebpf.kernel.engine import Engine
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -126,6 +129,30 @@ def build_c(source: Path, binary: Path, *extra_flags: str) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BenchError(f"compiling {source.name} failed: {shlex.join(cmd)}\n{result.stderr}")
+
+
+# -- the floor: empty programs on the syscall hooks --------------------------------------
+
+
+class BareTracepoints:
+    """A reference program on the syscall hooks (empty_tracepoints.bpf.c, the floor of any
+    program there; clock_floor.bpf.c, the floor of any latency probe), loaded and attached
+    by the engine like the probes."""
+
+    def __init__(self, engine: Engine, key: str, label: str, source: Path) -> None:
+        self._engine = engine
+        self.key, self.label, self._source = key, label, source
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        program = self._engine.load(self._source.name.removesuffix(".bpf.c"),
+                                    source=self._source)
+        try:
+            program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
+            program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
+            yield
+        finally:
+            program.close()
 
 
 # -- processes and BPF objects -----------------------------------------------------------
@@ -269,13 +296,16 @@ class HookWatch:
     every task on the syscall slow path and runs its program on every storm syscall: the
     storm it overlaps measures that tool, not ours. Any syscall tracepoint counts, the
     per-syscall syscalls/sys_enter_* ones included, since they switch on the same slow path.
-    Needs bpftool; without it the bench cannot tell and says so.
+    Needs bpftool; without it the bench cannot tell and says so. `hooks` (name prefixes)
+    widens the watch, e.g. to the socket tracepoints a network server's traffic crosses.
     """
 
-    def __init__(self, own_pids: Iterable[int] = ()) -> None:
+    def __init__(self, own_pids: Iterable[int] = (),
+                 hooks: tuple[str, ...] = SYSCALL_HOOKS) -> None:
         self.available = shutil.which("bpftool") is not None
         self.wait_budget = FOREIGN_WAIT_BUDGET
         self.own_pids = set(own_pids)  # e.g. the agent process a suite started
+        self.hooks = hooks
 
     def _bpftool(self, *args: str) -> list[dict[str, Any]]:
         return bpftool_json(*args)
@@ -290,14 +320,14 @@ class HookWatch:
         seen_progs: set[int] = set()
         for perf in self._bpftool("perf", "show"):
             hook = str(perf.get("tracepoint", ""))
-            if hook.startswith(SYSCALL_HOOKS):
+            if hook.startswith(self.hooks):
                 seen_progs.add(int(perf.get("prog_id", -1)))
                 if perf.get("pid") not in own_pids:
                     holders.setdefault(int(perf.get("pid", 0)), set()).add(hook)
         own_links = _own_links()
         for link in self._bpftool("link", "show"):
             hook = str(link.get("tp_name", ""))
-            if (link.get("type") == "raw_tracepoint" and hook.startswith(SYSCALL_HOOKS)
+            if (link.get("type") == "raw_tracepoint" and hook.startswith(self.hooks)
                     and link.get("id") not in own_links
                     and int(link.get("prog_id", -1)) not in seen_progs):
                 holders.setdefault(0, set()).add(hook)

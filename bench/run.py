@@ -9,6 +9,9 @@
             50 MB transfer (bench/tcp.py)
   footprint the agent at rest on its defaults: seconds until attached, peak and steady RSS
             (smaps: anonymous, file-backed, LLVM/clang), steady CPU (bench/footprint.py)
+  redis     a real server's throughput: Debian's redis-server driven by redis-benchmark on
+            loopback, with nothing, the empty floor, the agent's defaults and each probe
+            alone (bench/redis.py; `--suite redis --modes nothing,empty,agent` for a quick one)
 
 Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
 per target. Shared helpers live in bench/common.py.
@@ -102,6 +105,7 @@ sys.path.insert(0, str(_BENCH.parent))
 from bench.common import (  # noqa: E402
     BUILD_DIR,
     FOREIGN_RETRIES,
+    BareTracepoints,
     BenchError,
     HookWatch,
     _children,
@@ -162,27 +166,6 @@ class Baseline:
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         yield
-
-
-class BareTracepoints:
-    """A reference program on the probe's hooks (empty_tracepoints.bpf.c, the floor of any
-    program there; clock_floor.bpf.c, the floor of any latency probe), loaded and attached
-    by the engine like the probe."""
-
-    def __init__(self, engine: Engine, key: str, label: str, source: Path) -> None:
-        self._engine = engine
-        self.key, self.label, self._source = key, label, source
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[None]:
-        program = self._engine.load(self._source.name.removesuffix(".bpf.c"),
-                                    source=self._source)
-        try:
-            program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
-            program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
-            yield
-        finally:
-            program.close()
 
 
 class SyscallLatencyProbe:
@@ -357,22 +340,24 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "spans", "tcp", "footprint")
+SUITES = ("syscalls", "profile", "spans", "tcp", "footprint", "redis")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import footprint, profile, spans, tcp
+    from bench import footprint, profile, redis, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
                     "syscall on a getppid storm, next to empty raw tracepoints and "
                     "syscount-bpfcc -L. profile: the CPU profiler's slowdown of a CPU loop, "
                     "its own CPU and lost stacks. spans: slow-syscall spans exported per "
-                    "second without loss, and the agent's CPU per span.")
+                    "second without loss, and the agent's CPU per span. redis: a real "
+                    "server's requests/s with nothing, the empty floor, the agent and each "
+                    "probe alone.")
     parser.add_argument("--suite", choices=(*SUITES, "all"), default="all",
                         help="which benchmark to run (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="syscalls: rounds; each times every mode once "
+                        help="syscalls, redis: rounds; each times every mode once "
                              "(default: %(default)s)")
     parser.add_argument("--calls", type=int, default=3_000_000,
                         help="syscalls: getppid calls per storm (default: %(default)s)")
@@ -380,11 +365,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     spans.add_arguments(parser)
     tcp.add_arguments(parser)
     footprint.add_arguments(parser)
+    redis.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
     problem = (profile.check_arguments(args) or spans.check_arguments(args)
-               or tcp.check_arguments(args) or footprint.check_arguments(args))
+               or tcp.check_arguments(args) or footprint.check_arguments(args)
+               or redis.check_arguments(args))
     if problem:
         parser.error(problem)
     return args
@@ -491,7 +478,7 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import footprint, profile, spans, tcp
+    from bench import footprint, profile, redis, spans, tcp
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
@@ -499,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "spans": spans.run_suite,
         "tcp": tcp.run_suite,
         "footprint": footprint.run_suite,
+        "redis": redis.run_suite,
     }
     chosen = SUITES if args.suite == "all" else (args.suite,)
     affinity = os.sched_getaffinity(0)

@@ -3,10 +3,21 @@
 # Idempotent and fast when everything is in place (no apt-get call then). Run as root.
 #   deploy/host-setup.sh          what the agent needs
 #   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables, ...)
+#   deploy/host-setup.sh --bench  plus what `make bench` needs: --test's packages, Debian's
+#                                 redis (server and redis-benchmark) for the real-application
+#                                 suite, linux-perf for its optional breakdown. The bench runs
+#                                 its own private redis-server; the package's system service is
+#                                 never started (policy-rc.d) or, if it was, stopped again.
 set -euo pipefail
 
 want_test=0
-[[ "${1:-}" == "--test" ]] && want_test=1
+want_bench=0
+case "${1:-}" in
+  "") ;;
+  --test) want_test=1 ;;
+  --bench) want_test=1; want_bench=1 ;;
+  *) printf 'host-setup: unknown argument %s (expected --test or --bench)\n' "$1" >&2; exit 2 ;;
+esac
 
 say() { printf 'host-setup: %s\n' "$*" >&2; }
 
@@ -27,11 +38,39 @@ packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip bpftool iproute2 ca
 if (( want_test )); then
   packages+=(gcc libc6-dev make nftables iputils-ping procps)
 fi
+if (( want_bench )); then
+  packages+=(redis-server redis-tools linux-perf)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+
+# The service Debian's redis-server package may have started despite policy-rc.d (a host
+# whose own policy allows it): stop it, and on systemd keep it from starting at boot. Only
+# called right after this script installed the package, so it never stops a redis that an
+# admin runs on purpose.
+stop_packaged_redis() {
+  local pidfile=/run/redis/redis-server.pid pid
+  if [[ -d /run/systemd/system ]]; then
+    systemctl disable --now redis-server.service >/dev/null 2>&1 || true
+  elif [[ -x /etc/init.d/redis-server ]]; then
+    timeout 30 /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+  fi
+  if [[ -f $pidfile ]]; then
+    pid=$(cat "$pidfile")
+    if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server ]]; then
+      kill "$pid"
+      for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
+    fi
+  fi
+  if [[ -f $pidfile ]] && [[ -d /proc/$(cat "$pidfile") ]]; then
+    say "the redis-server service the package started (pid $(cat "$pidfile")) is still running"
+    exit 1
+  fi
+  say "installed redis-server; its system service is not running (the bench starts its own)"
+}
 
 # Kernel headers: the running kernel's own package if the archive has it, else the
 # distribution's current headers (valid for tracepoint-only programs).
@@ -66,7 +105,25 @@ if (( ${#missing[@]} )); then
       real+=("$p")
     fi
   done
+  # Debian's redis-server starts a system-wide service on install; the bench wants none.
+  # policy-rc.d (exit 101: "action forbidden") is how Debian lets the admin veto service
+  # starts from maintainer scripts; only made here if the host has none, and removed after.
+  made_policy=0
+  if [[ " ${real[*]} " == *" redis-server "* && ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\n# host-setup.sh: no service starts while it installs packages\nexit 101\n' \
+      > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${real[@]}" >/dev/null
+  if (( made_policy )); then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+  if [[ " ${real[*]} " == *" redis-server "* ]]; then
+    stop_packaged_redis
+  fi
 fi
 
 # Link distribution headers where the running kernel has none, as BCC looks for them.
