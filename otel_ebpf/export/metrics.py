@@ -103,7 +103,7 @@ def build_metrics_data(
                 data = ExponentialHistogram(data_points=points, aggregation_temporality=CUMULATIVE)
             else:
                 data = Sum(data_points=points, aggregation_temporality=CUMULATIVE,
-                           is_monotonic=True)
+                           is_monotonic=head.descriptor.monotonic)
             metrics.append(Metric(name=name, description=head.descriptor.description,
                                   unit=head.descriptor.unit, data=data))
         resource_metrics.append(ResourceMetrics(
