@@ -1,0 +1,157 @@
+"""The official OTLP exporters made to attempt once (otel_ebpf/export/transport.py) and the
+profiles sender, against real loopback servers: a failure returns at once, and says
+whether it is worth retrying. Pins the SDK internals the agent relies on, and the cause of
+the slow first export after an outage (the SDK's own backoff sleeping)."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext
+
+from otel_ebpf.config import ExporterConfig
+from otel_ebpf.export.metrics import make_otlp_exporter
+from otel_ebpf.export.queue import EXPORT_REFUSED
+from otel_ebpf.export.transport import OneAttempt
+from tests.peers.otlp_sink import OtlpSink
+
+SPAN = ReadableSpan(name="s", context=SpanContext(1, 1, is_remote=False),
+                    resource=Resource({}), start_time=1, end_time=2)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def exporter_config(protocol: str, port: int, timeout: float = 5.0) -> ExporterConfig:
+    return ExporterConfig(endpoint=f"http://127.0.0.1:{port}", protocol=protocol,
+                          timeout=timeout)
+
+
+class StatusServer:
+    """An HTTP server answering every POST with one status code."""
+
+    def __init__(self, status: int) -> None:
+        self.posts: list[str] = []
+        posts = self.posts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                posts.append(self.path)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def refusing_grpc() -> Iterator[int]:
+    """A gRPC server whose trace service answers INVALID_ARGUMENT, and has nothing else."""
+
+    class Refuse(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: object, context: grpc.ServicerContext) -> object:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad spans")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Refuse(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0).wait()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_the_sdk_exporter_sleeps_in_its_backoff_while_the_collector_is_away(
+        protocol: str) -> None:
+    """The cause: each export during an outage retries inside the SDK, sleeping 1 s, 2 s,
+    4 s (+-20 %) within its timeout, so a returning collector waits for the sleep."""
+    exporter = make_otlp_exporter(exporter_config(protocol, closed_port(), timeout=2.5),
+                                  "traces")
+    began = time.monotonic()
+    assert exporter.export([SPAN]).name == "FAILURE"
+    assert time.monotonic() - began >= 0.8  # at least its first backoff
+    exporter.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_one_attempt_fails_at_once_and_retryably_when_nothing_listens(protocol: str) -> None:
+    exporter = OneAttempt(make_otlp_exporter(exporter_config(protocol, closed_port()),
+                                             "traces"), "traces")
+    assert exporter.single
+    began = time.monotonic()
+    assert exporter.export([SPAN]).name == "FAILURE"
+    assert time.monotonic() - began < 0.5
+    outcome = exporter.outcome
+    assert not outcome.ok and outcome.retryable, outcome
+    assert not exporter.probe()
+    exporter.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_one_attempt_delivers_and_probes(protocol: str) -> None:
+    if protocol == "grpc":
+        with OtlpSink() as sink:
+            config = exporter_config("grpc", sink.port)
+            spans = OneAttempt(make_otlp_exporter(config, "traces"), "traces")
+            metrics = OneAttempt(make_otlp_exporter(config, "metrics"), "metrics")
+            assert spans.export([SPAN]).name == "SUCCESS"
+            assert metrics.probe() and spans.probe()
+            assert len(sink.spans()) == 1
+            assert len(sink.metrics_requests) == 1 and not sink.metrics_requests[0].resource_metrics
+        return
+    server = StatusServer(200)
+    try:
+        exporter = OneAttempt(make_otlp_exporter(exporter_config(protocol, server.port),
+                                                 "metrics"), "metrics")
+        assert exporter.probe()
+        assert server.posts == ["/v1/metrics"]  # an empty request, really sent
+    finally:
+        server.close()
+
+
+def test_a_grpc_refusal_is_not_retryable(refusing_grpc: int) -> None:
+    exporter = OneAttempt(make_otlp_exporter(exporter_config("grpc", refusing_grpc),
+                                             "traces"), "traces")
+    assert exporter.export([SPAN]).name == "FAILURE"
+    assert exporter.outcome.retryable is False
+    assert exporter.outcome.reason == EXPORT_REFUSED
+    assert "INVALID_ARGUMENT" in exporter.outcome.why
+
+
+@pytest.mark.parametrize("status, retryable", [(400, False), (413, False), (429, True),
+                                               (503, True)])
+def test_http_status_codes_are_classified(status: int, retryable: bool) -> None:
+    server = StatusServer(status)
+    try:
+        exporter = OneAttempt(make_otlp_exporter(exporter_config("http/protobuf", server.port),
+                                                 "traces"), "traces")
+        began = time.monotonic()
+        assert exporter.export([SPAN]).name == "FAILURE"
+        assert time.monotonic() - began < 0.5
+        assert exporter.outcome.retryable is retryable
+        assert exporter.outcome.why == f"HTTP {status}"
+    finally:
+        server.close()
