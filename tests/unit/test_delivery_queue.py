@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pytest
+
 from otel_ebpf.enrich.identity import AGENT
 from otel_ebpf.export.queue import (
     EXPORT_REFUSED,
@@ -168,3 +170,11 @@ def test_drop_counter_cardinality_is_capped_with_an_overflow_series() -> None:
     assert series[overflow] == 7 + 5
     assert series[frozenset({"reason": QUEUE_FULL, "service.name": "svc1"}.items())] == 2
     assert sum(series.values()) == 10 + 6
+
+
+@pytest.mark.parametrize("text, expected", [("8MiB", 8 << 20), ("512KiB", 512 << 10),
+                                            (65536, 65536), ("1GiB", 1 << 30)])
+def test_queue_sizes_parse(text: object, expected: int) -> None:
+    from otel_ebpf.config import QueueBound
+
+    assert QueueBound(max_items=1, max_bytes=text).max_bytes == expected  # type: ignore[arg-type]

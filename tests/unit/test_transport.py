@@ -14,6 +14,9 @@ from concurrent import futures
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -21,7 +24,8 @@ from opentelemetry.trace import SpanContext
 
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.export.metrics import make_otlp_exporter
-from otel_ebpf.export.queue import EXPORT_REFUSED
+from otel_ebpf.export.profile_sender import ProfilesSender
+from otel_ebpf.export.queue import EXPORT_REFUSED, UNSUPPORTED
 from otel_ebpf.export.transport import OneAttempt
 from tests.peers.otlp_sink import OtlpSink
 
@@ -155,3 +159,25 @@ def test_http_status_codes_are_classified(status: int, retryable: bool) -> None:
         assert exporter.outcome.why == f"HTTP {status}"
     finally:
         server.close()
+
+
+def test_profiles_sender_delivers_bytes_and_classifies_failures(refusing_grpc: int) -> None:
+    request = ExportProfilesServiceRequest().SerializeToString()
+    with OtlpSink() as sink:
+        sender = ProfilesSender(exporter_config("grpc", sink.port))
+        assert sender.send(request).ok
+        assert len(sink.profiles_requests) == 1
+        sender.close()
+    down = ProfilesSender(exporter_config("grpc", closed_port()))
+    outcome = down.send(request)
+    assert not outcome.ok and outcome.retryable
+    # a collector without a profiles service (this one has traces only)
+    unsupported = ProfilesSender(exporter_config("grpc", refusing_grpc)).send(request)
+    assert not unsupported.retryable and unsupported.reason == UNSUPPORTED
+    for status, reason, retryable in ((404, UNSUPPORTED, False), (503, EXPORT_REFUSED, True)):
+        server = StatusServer(status)
+        try:
+            outcome = ProfilesSender(exporter_config("http/protobuf", server.port)).send(request)
+            assert outcome.retryable is retryable and outcome.reason == reason
+        finally:
+            server.close()
