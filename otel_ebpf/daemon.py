@@ -27,8 +27,10 @@ from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics import OtlpShipper
 from otel_ebpf.export.metrics_export import MetricsExport
 from otel_ebpf.export.profiles import ProfileExport
+from otel_ebpf.export.queue import Backoff
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanExport, exemplar_of
+from otel_ebpf.export.transport import OneAttempt, until_answered
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
@@ -293,15 +295,36 @@ class Agent:
     async def _export_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.exporter.interval)
-            if self._export_busy:
-                continue  # the previous export is still running; cumulative data waits
-            try:
-                # shield: cancelling this loop at shutdown must not forget a running export
-                await asyncio.shield(self._start_export())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("metrics export failed unexpectedly; retrying next interval")
+            if not await self._export_metrics():
+                # the collector is away: as soon as it answers, export (once: a failure
+                # then waits for the interval, so a collector that answers empty exports
+                # but fails real ones never makes the agent rebuild its export in a loop)
+                await self._until_collector_answers()
+                await self._export_metrics()
+
+    async def _export_metrics(self) -> bool:
+        """One export; False when it failed in a way worth retrying before the interval."""
+        if self._export_busy:
+            return True  # the previous export is still running; cumulative data waits
+        try:
+            # shield: cancelling this loop at shutdown must not forget a running export
+            if await asyncio.shield(self._start_export()):
+                return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("metrics export failed unexpectedly; retrying next interval")
+            return True
+        exporter = self.shipper and self.shipper.exporter
+        return not (isinstance(exporter, OneAttempt) and exporter.outcome.retryable)
+
+    async def _until_collector_answers(self) -> None:
+        """Cumulative values lose nothing by waiting, but the first export after an outage
+        should not wait for the interval."""
+        assert self.shipper is not None and isinstance(self.shipper.exporter, OneAttempt)
+        retry = self.config.exporter.retry
+        await until_answered(self.shipper.exporter, self._export_pool,
+                             Backoff(retry.initial_backoff, retry.max_backoff))
 
     # ---- spans -----------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any
@@ -107,15 +106,13 @@ class OneAttempt:
         self.exporter.shutdown()
 
 
-async def until_answered(exporter: OneAttempt, pool: Executor, backoff: Backoff,
-                         within: float) -> None:
-    """Ask the collector with empty exports on the backoff until it answers (return at
-    once) or `within` seconds passed: a cheap way back for a signal that does not resend
-    what failed (cumulative metrics rebuild their whole export on the next attempt)."""
+async def until_answered(exporter: OneAttempt, pool: Executor, backoff: Backoff) -> None:
+    """Ask the collector with empty exports on the backoff until it answers: a cheap way
+    back for a signal that does not resend what failed (cumulative metrics rebuild their
+    whole export on the next attempt, so they wait for an answer before building one)."""
     loop = asyncio.get_running_loop()
-    deadline = time.monotonic() + within
-    while (left := deadline - time.monotonic()) > 0:
-        await asyncio.sleep(min(left, backoff.next()))
+    while True:
+        await asyncio.sleep(backoff.next())
         if await asyncio.shield(loop.run_in_executor(pool, exporter.probe)):
             return
 
