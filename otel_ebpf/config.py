@@ -74,13 +74,20 @@ class QueueBound(_Strict):
     max_bytes: Size
 
 
+class SpanQueueBound(QueueBound):
+    max_items: int = Field(default=8192, ge=1, le=1 << 24)  # ~1.2 KB a span as queued
+    max_bytes: Size = 16 << 20
+
+
+class ProfileQueueBound(QueueBound):
+    # profiles: one per workload and window; bytes: the serialized requests (exact)
+    max_items: int = Field(default=4096, ge=1, le=1 << 24)
+    max_bytes: Size = 16 << 20
+
+
 class QueueConfig(_Strict):
-    # ~860 bytes a span as queued: 8192 spans hold ~7 MiB
-    spans: QueueBound = Field(default_factory=lambda: QueueBound(max_items=8192,
-                                                                 max_bytes=8 << 20))
-    # serialized requests (exact bytes); items are profiles (one per workload and window)
-    profiles: QueueBound = Field(default_factory=lambda: QueueBound(max_items=4096,
-                                                                    max_bytes=16 << 20))
+    spans: SpanQueueBound = Field(default_factory=SpanQueueBound)
+    profiles: ProfileQueueBound = Field(default_factory=ProfileQueueBound)
     # distinct workloads on the drop counters; the rest share an overflow series
     max_workloads: int = Field(default=100, ge=1, le=10_000)
 

@@ -268,8 +268,8 @@ class ProfileExport:
         if self.delivery is not None:
             request = build_profiles_request(samples, identity_of, self.window.period_ns,
                                              start, end).SerializeToString()
-            self.delivery.offer([Entry(request, len(request),
-                                       profiles_by_workload(samples, identity_of))])
+            self.delivery.offer([Entry.shared(request, len(request),
+                                              profiles_by_workload(samples, identity_of))])
 
 
 def profiles_by_workload(samples: Iterable[StackSample],

@@ -47,16 +47,25 @@ DELIVERED = Outcome(True)
 
 @dataclass(frozen=True, slots=True)
 class Entry(Generic[T]):
-    """One queued item: its size in bytes (estimated or exact), and the signal units it
-    holds per workload (one span; a profile request holds a profile per workload)."""
+    """One queued item: its size in bytes (estimated or exact) and the signal units it
+    holds (`count`), all the `workload`'s; an item holding several workloads' units (a
+    profile request) has each one's in `shares` (see `shared`). Small on purpose: a
+    queue holds thousands, one a span."""
 
     item: T
     nbytes: int
-    units: Mapping[Workload, int]
+    workload: Workload
+    count: int = 1
+    shares: Mapping[Workload, int] | None = None
+
+    @classmethod
+    def shared(cls, item: T, nbytes: int, shares: Mapping[Workload, int]) -> Entry[T]:
+        return cls(item, nbytes, next(iter(shares)), sum(shares.values()), dict(shares))
 
     @property
-    def count(self) -> int:
-        return sum(self.units.values())
+    def units(self) -> Mapping[Workload, int]:
+        """Units by workload: whom a drop of this entry is counted against."""
+        return self.shares if self.shares is not None else {self.workload: self.count}
 
 
 class DropLedger:

@@ -63,7 +63,7 @@ def make(collector: FakeCollector, max_items: int = 1000, batch: int = 10
 
 
 def offer(delivery: Delivery[int], numbers: Iterable[int]) -> None:
-    delivery.offer([Entry(n, 100, {W: 1}) for n in numbers])
+    delivery.offer([Entry(n, 100, W) for n in numbers])
 
 
 def dropped(records: list[CounterDelta]) -> dict[str, int]:

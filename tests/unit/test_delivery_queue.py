@@ -27,7 +27,7 @@ B = Workload(pid=20, comm="b")
 
 
 def entry(n: int, workload: Workload = A, nbytes: int = 100) -> Entry[int]:
-    return Entry(n, nbytes, {workload: 1})
+    return Entry(n, nbytes, workload)
 
 
 def items(queue: BoundedQueue[int]) -> list[int]:
@@ -59,8 +59,8 @@ def test_the_byte_bound_holds_too_and_an_oversized_entry_goes_at_once() -> None:
 def test_units_count_per_workload_and_an_entry_of_many_units_fills_the_bound() -> None:
     ledger = DropLedger()
     queue: BoundedQueue[str] = BoundedQueue(4, 1 << 20, ledger)
-    queue.offer(Entry("request-1", 10, {A: 2, B: 1}))
-    queue.offer(Entry("request-2", 10, {B: 2}))
+    queue.offer(Entry.shared("request-1", 10, {A: 2, B: 1}))
+    queue.offer(Entry.shared("request-2", 10, {B: 2}))
     assert queue.items == 2
     assert ledger.take() == {(QUEUE_FULL, A): 2, (QUEUE_FULL, B): 1}
 
