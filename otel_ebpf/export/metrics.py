@@ -127,7 +127,9 @@ class _QuietExporterLogs(logging.Filter):
         super().__init__()
         self.listeners: list[Callable[[str], None]] = []
         for name in self.LOGGERS:
-            logging.getLogger(name).addFilter(self)
+            # first: the SDK's DuplicateFilter on these loggers drops a message whose
+            # template repeats within 20 s, which would hide every refusal but the first
+            logging.getLogger(name).filters.insert(0, self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:

@@ -181,3 +181,29 @@ def test_profiles_sender_delivers_bytes_and_classifies_failures(refusing_grpc: i
             assert outcome.retryable is retryable and outcome.reason == reason
         finally:
             server.close()
+
+
+def test_every_exporter_failure_reaches_the_shipper_despite_the_sdks_duplicate_filter(
+        ) -> None:
+    """The SDK's gRPC exporter logger drops a message whose template repeats within 20 s
+    (its DuplicateFilter, installed when the module is imported, as in every run of the
+    agent): a second size refusal in a row must still be seen as one, not as an outage."""
+    import logging
+
+    from opentelemetry.exporter.otlp.proto.grpc import exporter as sdk_grpc
+
+    from otel_ebpf.export.metrics import OtlpShipper, Sent
+
+    class Refusing:
+        def export(self, data: object) -> object:
+            logging.getLogger(sdk_grpc.__name__).error(
+                "Failed to export %s to %s, error code: %s, error details: %s", "metrics",
+                "here", "StatusCode.RESOURCE_EXHAUSTED",
+                "grpc: received message larger than max (5000000 vs. 4194304)")
+            from opentelemetry.sdk.metrics.export import MetricExportResult
+
+            return MetricExportResult.FAILURE
+
+    shipper = OtlpShipper(Refusing(), "here", "metrics")
+    assert shipper.send(object()) is Sent.TOO_LARGE
+    assert shipper.send(object()) is Sent.TOO_LARGE
