@@ -57,36 +57,28 @@ class _Strict(BaseModel):
 
 
 class RetryConfig(_Strict):
-    """The agent's own retry while a collector does not answer (the SDK exporters are made
-    to attempt once): the wait after a failed attempt starts at `initial_backoff` and
-    doubles up to `max_backoff`, so the first attempt after the collector's return is at
-    most `max_backoff` (+20 % jitter) away."""
+    """The agent's own retry (the exporters attempt once): the wait after a failed attempt
+    doubles from initial_backoff to max_backoff, the most a returning collector waits."""
 
     initial_backoff: Duration = 0.25
     max_backoff: Duration = 2.0
 
 
 class QueueBound(_Strict):
-    """A signal's items waiting for the collector: past either bound the oldest are
-    dropped (counted as queue_full)."""
+    """Spans waiting for the collector (~1.2 KB each as queued): past either bound the
+    oldest are dropped (queue_full)."""
 
-    max_items: int = Field(ge=1, le=1 << 24)
-    max_bytes: Size
-
-
-class SpanQueueBound(QueueBound):
-    max_items: int = Field(default=8192, ge=1, le=1 << 24)  # ~1.2 KB a span as queued
+    max_items: int = Field(default=8192, ge=1, le=1 << 24)
     max_bytes: Size = 16 << 20
 
 
 class ProfileQueueBound(QueueBound):
-    # profiles: one per workload and window; bytes: the serialized requests (exact)
+    # items: profiles (one per workload and window); bytes: the serialized requests
     max_items: int = Field(default=4096, ge=1, le=1 << 24)
-    max_bytes: Size = 16 << 20
 
 
 class QueueConfig(_Strict):
-    spans: SpanQueueBound = Field(default_factory=SpanQueueBound)
+    spans: QueueBound = Field(default_factory=QueueBound)
     profiles: ProfileQueueBound = Field(default_factory=ProfileQueueBound)
     # distinct workloads on the drop counters; the rest share an overflow series
     max_workloads: int = Field(default=100, ge=1, le=10_000)
