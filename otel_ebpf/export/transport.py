@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 RETRYABLE_GRPC = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
                             "OUT_OF_RANGE", "UNAVAILABLE", "DATA_LOSS"})
 RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+# how servers word a request refused for its size (as otel_ebpf.export.metrics reads them)
+TOO_LARGE = re.compile(r"larger than max|exceeds max|too large", re.IGNORECASE)
 GRPC_STATUS = "rpc.response.status_code"
 HTTP_STATUS = "http.response.status_code"
 
@@ -121,7 +124,12 @@ def classify(error: BaseException | None, attrs: Any) -> Outcome:
     """A failed attempt, from the error and status code the exporter recorded."""
     if GRPC_STATUS in attrs:
         code = str(attrs[GRPC_STATUS])
-        return Outcome(False, code in RETRYABLE_GRPC, f"gRPC {code}", _retry_info(error))
+        details = _details(error)
+        # a request over the receiver's size limit (RESOURCE_EXHAUSTED from grpc-go,
+        # OUT_OF_RANGE from tonic) would be refused again, however long it waited
+        retryable = code in RETRYABLE_GRPC and not TOO_LARGE.search(details)
+        why = f"gRPC {code}" + (f": {details}" if details else "")
+        return Outcome(False, retryable, why, _retry_info(error))
     if HTTP_STATUS in attrs:
         status = int(attrs[HTTP_STATUS])
         return Outcome(False, status in RETRYABLE_HTTP, f"HTTP {status}")
@@ -129,6 +137,14 @@ def classify(error: BaseException | None, attrs: Any) -> Outcome:
         return Outcome(False, False, str(error))
     # no answer at all: refused connection, timeout, DNS, TLS handshake
     return Outcome(False, True, f"{type(error).__name__}: {error}" if error else "no answer")
+
+
+def _details(error: BaseException | None) -> str:
+    details = getattr(error, "details", None)
+    try:
+        return str(details() or "") if callable(details) else ""
+    except Exception:
+        return ""
 
 
 def _retry_info(error: BaseException | None) -> float | None:

@@ -71,20 +71,46 @@ class StatusServer:
         self.server.server_close()
 
 
-@pytest.fixture
-def refusing_grpc() -> Iterator[int]:
-    """A gRPC server whose trace service answers INVALID_ARGUMENT, and has nothing else."""
+def grpc_answering(code: grpc.StatusCode, details: str) -> tuple[grpc.Server, int]:
+    """A gRPC server whose trace service answers `code`, and has nothing else."""
 
     class Refuse(trace_service_pb2_grpc.TraceServiceServicer):
         def Export(self, request: object, context: grpc.ServicerContext) -> object:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad spans")
+            context.abort(code, details)
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Refuse(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return server, port
+
+
+@pytest.fixture
+def refusing_grpc() -> Iterator[int]:
+    server, port = grpc_answering(grpc.StatusCode.INVALID_ARGUMENT, "bad spans")
     yield port
     server.stop(0).wait()
+
+
+@pytest.mark.parametrize("code, details, retryable", [
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "grpc: received message larger than max (5 vs. 4)",
+     False),
+    (grpc.StatusCode.OUT_OF_RANGE, "decoded message length too large: found 5 bytes, the "
+     "limit is: 4 bytes", False),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "quota exceeded", True),
+    (grpc.StatusCode.UNAVAILABLE, "shutting down", True),
+])
+def test_a_size_refusal_is_not_retried_but_a_quota_is(
+        code: grpc.StatusCode, details: str, retryable: bool) -> None:
+    server, port = grpc_answering(code, details)
+    try:
+        exporter = OneAttempt(make_otlp_exporter(exporter_config("grpc", port), "traces"),
+                              "traces")
+        assert exporter.export([SPAN]).name == "FAILURE"
+        assert exporter.outcome.retryable is retryable, exporter.outcome
+        assert details in exporter.outcome.why
+    finally:
+        server.stop(0).wait()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
