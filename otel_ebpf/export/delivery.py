@@ -39,7 +39,7 @@ class Delivery(Generic[T]):
     def __init__(self, signal: str, send: Callable[[list[T]], Outcome],
                  queue: BoundedQueue[T], backoff: Backoff, metrics: DeliveryMetrics,
                  *, close: Callable[[], None], batch_items: int, batch_bytes: int,
-                 linger: float) -> None:
+                 linger: float, say_outage: bool = True) -> None:
         self.signal = signal
         self.queue = queue
         self.backoff = backoff
@@ -58,6 +58,7 @@ class Delivery(Generic[T]):
         self._queued = asyncio.Event()  # the queue holds an item
         self._ready = asyncio.Event()  # ... a full batch
         self._failing = False
+        self._say_outage = say_outage  # False: the transport tells of an outage itself
 
     # ---- feeding (any thread) --------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Delivery(Generic[T]):
         if outcome.ok:
             self.delivered_units += units
             self.backoff.reset()
-            if self._failing:
+            if self._failing and self._say_outage:
                 log.info("%s delivery works again; %d %s waiting", self.signal,
                          self.queue.items, self.signal)
             self._failing = False
@@ -128,7 +129,7 @@ class Delivery(Generic[T]):
                 self.on_delivered([e.item for e in batch])
         elif outcome.retryable:
             self.queue.put_back(batch)
-            if not self._failing:
+            if not self._failing and self._say_outage:
                 log.warning("%s: the collector does not answer (%s); %s wait in a queue of "
                             "at most %d (%d bytes), oldest dropped first", self.signal,
                             outcome.why, self.signal, self.queue.max_items,

@@ -265,7 +265,8 @@ class OtlpShipper:
             "exporter.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT. Retrying quietly; %s",
             self.signal, self.endpoint, reason,
             "values are cumulative, so nothing is lost once it answers." if
-            self.signal == "metrics" else "spans that cannot be sent are counted as dropped.")
+            self.signal == "metrics" else
+            f"{self.signal} wait in a bounded queue (exporter.queue) until it answers.")
 
     def ship(self, data: Any) -> bool:
         """Blocking: run it in an executor."""

@@ -100,7 +100,8 @@ class SpanExport:
         backoff = Backoff(config.retry.initial_backoff, config.retry.max_backoff)
         self.delivery = Delivery("spans", self._send, queue, backoff, metrics,
                                  close=shipper.shutdown, batch_items=SPAN_BATCH,
-                                 batch_bytes=SPAN_BATCH_BYTES, linger=SPAN_EXPORT_S)
+                                 batch_bytes=SPAN_BATCH_BYTES, linger=SPAN_EXPORT_S,
+                                 say_outage=False)  # the shipper says it
 
     def offer(self, records: list[SpanRecord]) -> list[QueuedSpan]:
         """Queue spans (minting their ids); the queued spans, for exemplars."""
