@@ -16,7 +16,7 @@ every millisecond with an absolute clock_nanosleep, at increasing K (--span-rate
 ends once the sink holds every span of that generator (counted by name and thread.id, the
 generator being single-threaded) or none arrived for NO_PROGRESS_S. A step is lossless when
 received == offered and the agent's self-metrics otel_ebpf.spans.dropped (queue_full,
-export_failed) and otel_ebpf.probe.lost_events{probe=syscall_latency} (buffer_full,
+export_refused, shutdown) and otel_ebpf.probe.lost_events{probe=syscall_latency} (buffer_full,
 rate_limited, map_full) did not grow during it. The steps stop at the first loss; the
 result is the highest lossless K.
 
@@ -67,7 +67,7 @@ METRICS_INTERVAL = 1.0  # s
 NO_PROGRESS_S = 3.0  # the daemon exports at least every SPAN_EXPORT_S (0.5 s) while spans wait
 DRAIN_TIMEOUT = 60.0
 IDLE_SECONDS = 3.0
-DROP_REASONS = ("queue_full", "export_failed")
+DROP_REASONS = ("queue_full", "export_refused", "shutdown")
 LOSS_REASONS = ("buffer_full", "rate_limited", "map_full")
 
 
@@ -135,20 +135,24 @@ class SpanCounter:
 def product_constants() -> str:
     """The daemon's span pipeline constants and the span config defaults, as running."""
     from otel_ebpf import daemon
-    from otel_ebpf.config import SlowSpansConfig
+    from otel_ebpf.config import ExporterConfig, SlowSpansConfig
     from otel_ebpf.export import traces
 
     defaults = SlowSpansConfig()
+    queue = ExporterConfig().queue.spans
     constants = (("SPAN_POLL_S", daemon), ("SPAN_EXPORT_S", traces), ("SPAN_BATCH", traces))
     return (", ".join(f"{n} {getattr(module, n, '?')}" for n, module in constants)
-            + f"; slow_spans.queue_size {defaults.queue_size}, buffer_size "
+            + f"; exporter.queue.spans {queue.max_items} spans / {queue.max_bytes} bytes, "
+            f"buffer_size "
             f"{defaults.buffer_size} bytes (defaults)")
 
 
 def self_metrics(sink: Any) -> dict[str, float]:
     out: dict[str, float] = {}
+    # one series per (reason, workload): summed per reason
     for key, value in last_counter_values(sink, "otel_ebpf.spans.dropped").items():
-        out[str(dict(key).get("reason"))] = value
+        reason = str(dict(key).get("reason"))
+        out[reason] = out.get(reason, 0.0) + value
     for key, value in last_counter_values(sink, "otel_ebpf.probe.lost_events").items():
         attrs = dict(key)
         if attrs.get("probe") == "syscall_latency":

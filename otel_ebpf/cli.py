@@ -135,9 +135,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.enrich.host import host_attributes
     from otel_ebpf.enrich.identity import IdentityResolver
     from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
-    from otel_ebpf.export.profile_sender import ProfilesSender
+    from otel_ebpf.export.profile_sender import ProfilesSender, profiles_delivery
     from otel_ebpf.export.profiles import ProfileExport
     from otel_ebpf.export.traces import SpanExport
+    from otel_ebpf.export.transport import OneAttempt
 
     config = _load_config(args, _overrides(args))
     if config is None:
@@ -153,20 +154,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     shipper = span_shipper = profiles_sender = None
     if config.exporter.enabled:
         endpoint = config.exporter.resolved_endpoint()
-        shipper = OtlpShipper(make_otlp_exporter(config.exporter), endpoint, "metrics")
+        # the exporters attempt once per export: the agent owns the retry (transport.py)
+        shipper = OtlpShipper(OneAttempt(make_otlp_exporter(config.exporter), "metrics"),
+                              endpoint, "metrics")
         if slow.enabled and slow.slow_spans.enabled:
-            span_shipper = OtlpShipper(make_otlp_exporter(config.exporter, "traces"),
-                                       endpoint, "traces")
+            span_shipper = OtlpShipper(
+                OneAttempt(make_otlp_exporter(config.exporter, "traces"), "traces"),
+                endpoint, "traces")
         if profile_cfg.enabled:
             profiles_sender = ProfilesSender(config.exporter)
+    identity = IdentityResolver(config, host_attributes())
     profiles = None
     if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
-        profiles = ProfileExport(profiles_sender, profile_cfg.folded_path, time.time_ns())
-    identity = IdentityResolver(config, host_attributes())
+        delivery = (profiles_delivery(profiles_sender, config.exporter,
+                                      identity.sample_resolver)
+                    if profiles_sender is not None else None)
+        profiles = ProfileExport(delivery, profile_cfg.folded_path, time.time_ns())
     spans = None
     if span_shipper is not None:
-        spans = SpanExport(span_shipper, config.probes.syscall_latency.slow_spans.queue_size,
-                           identity.resolver)
+        spans = SpanExport(span_shipper, config.exporter, identity.resolver)
     agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles)
     return asyncio.run(agent.run(args.duration))
 

@@ -36,9 +36,52 @@ def parse_duration(value: Any) -> Any:
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_UNIT_BYTES = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, None: 1}
+
+
+def parse_size(value: Any) -> Any:
+    """'512KiB', '8MiB', '1GiB' or a bare number of bytes -> bytes."""
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _UNIT_BYTES[m.group(2)]
+    if isinstance(value, str):
+        raise ValueError("expected a size such as 65536, 512KiB, 8MiB or 1GiB")
+    return value
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=1 << 16, le=1 << 34)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RetryConfig(_Strict):
+    """The agent's own retry (the exporters attempt once): the wait after a failed attempt
+    doubles from initial_backoff to max_backoff, the most a returning collector waits."""
+
+    initial_backoff: Duration = 0.25
+    max_backoff: Duration = 2.0
+
+
+class QueueBound(_Strict):
+    """Spans waiting for the collector (~1.2 KB each as queued): past either bound the
+    oldest are dropped (queue_full)."""
+
+    max_items: int = Field(default=8192, ge=1, le=1 << 24)
+    max_bytes: Size = 16 << 20
+
+
+class ProfileQueueBound(QueueBound):
+    # items: profiles (one per workload and window); bytes: the serialized requests
+    max_items: int = Field(default=4096, ge=1, le=1 << 24)
+
+
+class QueueConfig(_Strict):
+    spans: QueueBound = Field(default_factory=QueueBound)
+    profiles: ProfileQueueBound = Field(default_factory=ProfileQueueBound)
+    # distinct workloads on the drop counters; the rest share an overflow series
+    max_workloads: int = Field(default=100, ge=1, le=10_000)
 
 
 class ExporterConfig(_Strict):
@@ -63,6 +106,8 @@ class ExporterConfig(_Strict):
     cardinality_limits: dict[Annotated[str, Field(min_length=1)],
                              Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
         default_factory=dict)  # per metric name, overriding cardinality_limit
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
 
     def resolved_endpoint(self) -> str:
         if self.endpoint:
@@ -114,7 +159,6 @@ class SlowSpansConfig(_Strict):
     burst: int = Field(default=200, ge=1, le=1_000_000)
     buffer_size: int = Field(default=1 << 20, ge=1 << 16, le=1 << 28,
                              description="kernel event buffer in bytes (power of two)")
-    queue_size: int = Field(default=8192, ge=16, le=1 << 20)
     exemplars_per_series: int = Field(default=4, ge=0, le=64)
 
 

@@ -15,9 +15,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TextIO
-
-from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
+from typing import Any, TextIO
 
 from otel_ebpf import __version__
 from otel_ebpf.aggregate import CumulativeStore
@@ -25,15 +23,18 @@ from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
 from otel_ebpf.enrich.process import pid_alive
+from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics import OtlpShipper
 from otel_ebpf.export.metrics_export import MetricsExport
 from otel_ebpf.export.profiles import ProfileExport
+from otel_ebpf.export.queue import Backoff
 from otel_ebpf.export.summary import HistogramSummary
-from otel_ebpf.export.traces import QueuedSpan, SpanExport
+from otel_ebpf.export.traces import QueuedSpan, SpanExport, exemplar_of
+from otel_ebpf.export.transport import OneAttempt, until_answered
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
-from otel_ebpf.selfmetrics import LOST_EVENTS, PROFILES_DROPPED, SPANS_DROPPED
+from otel_ebpf.selfmetrics import LOST_EVENTS
 from otel_ebpf.workers import EventReader, PeriodicCollector
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ class Agent:
         self.shipper = shipper
         self.spans = spans
         self.profiles = profiles
-        self._profiles_dropped_seen = 0
         slow = config.probes.syscall_latency.slow_spans
         self.identity = identity
         self.out = out
@@ -88,6 +88,18 @@ class Agent:
         self._selected_cgroups: set[int] = set()
         self._summary_started = time.monotonic()
         self._stop = asyncio.Event()
+        # every signal's delivery counts its drops and queue depth the same way, into the
+        # store, under the agent's resource
+        self._deliveries: list[Delivery[Any]] = [d for d in (
+            spans.delivery if spans else None, profiles.delivery if profiles else None) if d]
+        for delivery in self._deliveries:
+            delivery.metrics.sink = self._add_self_metrics
+        if spans is not None:
+            spans.delivery.on_delivered = self._remember_exemplars
+
+    def _add_self_metrics(self, records: list[CounterDelta]) -> None:
+        now = time.time_ns()
+        self.store.add(records, min(self._started_ns.values(), default=now), now)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -109,8 +121,8 @@ class Agent:
                 tasks.append(asyncio.create_task(self._summary_loop(), name="summary"))
             if self.identity.selection.active:
                 tasks.append(asyncio.create_task(self._selection_loop(), name="selection"))
-            if self.spans is not None:
-                tasks.append(asyncio.create_task(self.spans.run(), name="span-export"))
+            for delivery in self._deliveries:
+                tasks.append(asyncio.create_task(delivery.run(), name=delivery.signal))
             if self.profiles is not None:
                 tasks.append(asyncio.create_task(self._profile_loop(), name="profiles"))
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
@@ -283,55 +295,56 @@ class Agent:
     async def _export_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.exporter.interval)
-            if self._export_busy:
-                continue  # the previous export is still retrying; cumulative data waits
-            try:
-                # shield: cancelling this loop at shutdown must not forget a running export
-                await asyncio.shield(self._start_export())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("metrics export failed unexpectedly; retrying next interval")
+            if not await self._export_metrics():
+                # the collector is away: as soon as it answers, export (once: a failure
+                # then waits for the interval, so a collector that answers empty exports
+                # but fails real ones never makes the agent rebuild its export in a loop)
+                await self._until_collector_answers()
+                await self._export_metrics()
+
+    async def _export_metrics(self) -> bool:
+        """One export; False when it failed in a way worth retrying before the interval."""
+        if self._export_busy:
+            return True  # the previous export is still running; cumulative data waits
+        try:
+            # shield: cancelling this loop at shutdown must not forget a running export
+            if await asyncio.shield(self._start_export()):
+                return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("metrics export failed unexpectedly; retrying next interval")
+            return True
+        exporter = self.shipper and self.shipper.exporter
+        return not (isinstance(exporter, OneAttempt) and exporter.outcome.retryable)
+
+    async def _until_collector_answers(self) -> None:
+        """Cumulative values lose nothing by waiting, but the first export after an outage
+        should not wait for the interval."""
+        assert self.shipper is not None and isinstance(self.shipper.exporter, OneAttempt)
+        retry = self.config.exporter.retry
+        await until_answered(self.shipper.exporter, self._export_pool,
+                             Backoff(retry.initial_backoff, retry.max_backoff))
 
     # ---- spans -----------------------------------------------------------------------
 
     def _take_spans(self, records: list[SpanRecord]) -> None:
-        for record in records:
-            queued = self.spans.offer(record) if self.spans is not None else None
-            if queued is not None and record.example_of is not None:
-                self._remember_exemplar(queued)
-        if self.spans is not None and (drops := self.spans.take_drops()):
-            now = time.time_ns()
-            self.store.add([CounterDelta(SPANS_DROPPED, AGENT, {"reason": reason}, n)
-                            for reason, n in drops.items()],
-                           min(self._started_ns.values(), default=now), now)
+        if self.spans is not None and records:
+            self.spans.offer(records)
 
-    def _remember_exemplar(self, queued: QueuedSpan) -> None:
-        r = queued.record
-        assert r.example_of is not None
-        metric, workload, attributes = r.example_of
-        self.store.add_exemplar(metric, workload, attributes, Exemplar(
-            filtered_attributes={"thread.id": r.attributes.get("thread.id", 0)},
-            value=(r.end_unix_ns - r.start_unix_ns) / 1e9,
-            time_unix_nano=r.end_unix_ns,
-            span_id=queued.span_id,
-            trace_id=queued.trace_id,
-        ))
+    def _remember_exemplars(self, delivered: list[QueuedSpan]) -> None:
+        """Delivered slow-call spans become their histogram series' exemplars."""
+        for queued in delivered:
+            if (linked := exemplar_of(queued)) is not None:
+                self.store.add_exemplar(*linked)
 
     # ---- profiles --------------------------------------------------------------------
 
     def _flush_profiles(self) -> None:
+        """The profile window, built and queued for delivery (and the folded file)."""
         assert self.profiles is not None
         workloads = self.profiles.workloads()
         self.profiles.flush(self.identity.sample_resolver(workloads), time.time_ns())
-        sender = self.profiles.sender
-        if sender is not None and sender.dropped > self._profiles_dropped_seen:
-            reason = "unsupported" if sender.unsupported else "export_failed"
-            now = time.time_ns()
-            self.store.add([CounterDelta(PROFILES_DROPPED, AGENT, {"reason": reason},
-                                         sender.dropped - self._profiles_dropped_seen)],
-                           min(self._started_ns.values(), default=now), now)
-            self._profiles_dropped_seen = sender.dropped
 
     async def _profile_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -346,7 +359,7 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("profile export failed unexpectedly; retrying next interval")
+                log.exception("building the profile window failed; retrying next interval")
 
     async def _summary_loop(self) -> None:
         while True:
@@ -368,16 +381,16 @@ class Agent:
         if self.profiles is None:
             return
         if self._profile_future is not None and not self._profile_future.done():
-            log.warning("a profile export was still running at shutdown; last window dropped")
+            log.warning("a profile window was still being built at shutdown; dropped")
         else:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self._profile_pool, self._flush_profiles)
             try:
                 await asyncio.wait_for(future, max(0.1, deadline - time.monotonic()))
             except TimeoutError:
-                log.warning("final profile export did not finish in time; dropped")
-        if self.profiles.sender is not None:
-            self.profiles.sender.close()
+                log.warning("the last profile window was not built in time; dropped")
+        if self.profiles.delivery is not None:
+            await self.profiles.delivery.flush(deadline)
 
     async def _final_flush(self) -> None:
         """Last drain and export within SHUTDOWN_BUDGET_S; a collector that does not answer

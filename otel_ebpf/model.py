@@ -54,6 +54,8 @@ class MetricDescriptor:
     name: str
     unit: str
     description: str
+    # False: an UpDownCounter (a queue's depth), whose deltas may be negative
+    monotonic: bool = True
 
 
 @dataclass(slots=True)

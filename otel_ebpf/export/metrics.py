@@ -103,7 +103,7 @@ def build_metrics_data(
                 data = ExponentialHistogram(data_points=points, aggregation_temporality=CUMULATIVE)
             else:
                 data = Sum(data_points=points, aggregation_temporality=CUMULATIVE,
-                           is_monotonic=True)
+                           is_monotonic=head.descriptor.monotonic)
             metrics.append(Metric(name=name, description=head.descriptor.description,
                                   unit=head.descriptor.unit, data=data))
         resource_metrics.append(ResourceMetrics(
@@ -127,7 +127,9 @@ class _QuietExporterLogs(logging.Filter):
         super().__init__()
         self.listeners: list[Callable[[str], None]] = []
         for name in self.LOGGERS:
-            logging.getLogger(name).addFilter(self)
+            # first: the SDK's DuplicateFilter on these loggers drops a message whose
+            # template repeats within 20 s, which would hide every refusal but the first
+            logging.getLogger(name).filters.insert(0, self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
@@ -263,7 +265,8 @@ class OtlpShipper:
             "exporter.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT. Retrying quietly; %s",
             self.signal, self.endpoint, reason,
             "values are cumulative, so nothing is lost once it answers." if
-            self.signal == "metrics" else "spans that cannot be sent are counted as dropped.")
+            self.signal == "metrics" else
+            f"{self.signal} wait in a bounded queue (exporter.queue) until it answers.")
 
     def ship(self, data: Any) -> bool:
         """Blocking: run it in an executor."""

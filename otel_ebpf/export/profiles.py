@@ -27,7 +27,8 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from otel_ebpf import __version__
-from otel_ebpf.export.profile_sender import ProfilesSender
+from otel_ebpf.export.delivery import Delivery
+from otel_ebpf.export.queue import Entry
 from otel_ebpf.frames import Frame
 from otel_ebpf.frames import Mapping as MappingInfo
 from otel_ebpf.model import AttributeValue, Identity, StackSample, Workload
@@ -235,13 +236,14 @@ def folded_stack(sample: StackSample, process: str) -> tuple[str, ...]:
 
 
 class ProfileExport:
-    """Collects samples into windows and, on each flush, sends one request and rewrites
-    the folded file. Blocking (`flush`): the daemon runs it in an executor. Samples may be
-    added from another thread than the one flushing."""
+    """Collects samples into windows; each flush queues one request (serialized, one
+    Profile per workload resource) for the profiles Delivery and rewrites the folded file.
+    Blocking (`flush`): the daemon runs it in an executor. Samples may be added from
+    another thread than the one flushing."""
 
-    def __init__(self, sender: ProfilesSender | None, folded_path: Path | None,
+    def __init__(self, delivery: Delivery[bytes] | None, folded_path: Path | None,
                  start_ns: int) -> None:
-        self.sender = sender
+        self.delivery = delivery
         self.folded_path = folded_path
         self.window = ProfileWindow(start_ns, keep_folded=folded_path is not None)
         self._lock = threading.Lock()
@@ -263,9 +265,24 @@ class ProfileExport:
             self.window.fold(samples, lambda w: str(
                 identity_of(w).point.get("process.executable.name") or w.comm or w.pid))
             write_atomically(self.folded_path, "\n".join(folded_lines(self.window.folded)))
-        if self.sender is not None:
-            self.sender.send(build_profiles_request(samples, identity_of,
-                                                    self.window.period_ns, start, end))
+        if self.delivery is not None:
+            request = build_profiles_request(samples, identity_of, self.window.period_ns,
+                                             start, end).SerializeToString()
+            self.delivery.offer([Entry.shared(request, len(request),
+                                              profiles_by_workload(samples, identity_of))])
+
+
+def profiles_by_workload(samples: Iterable[StackSample],
+                         identity_of: Callable[[Workload], Identity]) -> dict[Workload, int]:
+    """The request's profiles (one per resource), each counted for the first workload
+    seen in it: whom a drop of the request is counted against."""
+    first: dict[frozenset[tuple[str, AttributeValue]], Workload] = {}
+    for s in samples:
+        first.setdefault(frozenset(identity_of(s.workload).resource.items()), s.workload)
+    counts: dict[Workload, int] = {}
+    for workload in first.values():
+        counts[workload] = counts.get(workload, 0) + 1
+    return counts
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -1,30 +1,30 @@
 """Span records -> OTLP spans through the official span exporter, behind a bounded queue.
 
-Ids are minted here, when a span is accepted into the queue, so that exemplars only ever
-point at spans that were handed to the exporter; a span refused by a full queue is counted
-and leaves no exemplar behind.
+Ids are minted here, when a span is queued. Exemplars are linked once a span was
+delivered (Delivery.on_delivered), so they only ever point at spans the collector got; a
+span dropped from the queue leaves no exemplar behind.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import random
-import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from otel_ebpf import __version__
+from otel_ebpf.config import ExporterConfig
+from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics import OtlpShipper
+from otel_ebpf.export.queue import DELIVERED, Backoff, BoundedQueue, DropLedger, Entry, Outcome
 from otel_ebpf.model import AttributeValue, Identity, SpanRecord, Workload
+from otel_ebpf.selfmetrics import SPANS_DROPPED, SPANS_QUEUED, DeliveryMetrics, Resolver
 
 log = logging.getLogger(__name__)
 SCOPE = InstrumentationScope("otel-ebpf", __version__)
@@ -36,29 +36,6 @@ class QueuedSpan:
     record: SpanRecord
     trace_id: int
     span_id: int
-
-
-class SpanQueue:
-    """A bounded FIFO of spans waiting for export. Never grows past `capacity`."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.dropped = 0  # refused because the queue was full
-        self._items: deque[QueuedSpan] = deque()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def offer(self, record: SpanRecord) -> QueuedSpan | None:
-        if len(self._items) >= self.capacity:
-            self.dropped += 1
-            return None
-        queued = QueuedSpan(record, _rng.getrandbits(128) or 1, _rng.getrandbits(64) or 1)
-        self._items.append(queued)
-        return queued
-
-    def take(self, limit: int) -> list[QueuedSpan]:
-        return [self._items.popleft() for _ in range(min(limit, len(self._items)))]
 
 
 def build_spans(
@@ -94,82 +71,79 @@ def build_spans(
 
 
 SPAN_BATCH = 512
+SPAN_BATCH_BYTES = 4 << 20  # estimated, as queued (the OTLP request is smaller)
 SPAN_EXPORT_S = 0.5  # the longest a queued span waits for a batch to fill
 
 
+def span_bytes(record: SpanRecord) -> int:
+    """What a queued span holds in memory, estimated: ~1,210 bytes measured with
+    tracemalloc for a slow-syscall span of four attributes (the record, its attribute
+    dict, workload and exemplar key, the ids, the queue entry); ~120 more an attribute."""
+    return 730 + 120 * len(record.attributes) + len(record.name)
+
+
 class SpanExport:
-    """The span side of the agent: a bounded queue in front of the official OTLP span
-    exporter, exported in batches on a thread of its own as soon as a batch is full, or
-    SPAN_EXPORT_S after the first span of a batch was queued; an empty queue waits without
-    waking. Counts what it drops; never grows past the queue."""
+    """The span side of the agent: ids are minted as spans are queued, and the queue, its
+    bounds, the retry and the drop counts are the span Delivery's
+    (otel_ebpf/export/delivery.py). Exporting the batches is one attempt each through the
+    official OTLP span exporter."""
 
-    def __init__(self, shipper: OtlpShipper, capacity: int,
-                 resolver: Callable[[Iterable[Workload]], Callable[[Workload], Identity]]
-                 ) -> None:
+    def __init__(self, shipper: OtlpShipper, config: ExporterConfig,
+                 resolver: Resolver) -> None:
         self.shipper = shipper
-        self.queue = SpanQueue(capacity)
-        self.failed = 0  # spans in batches the exporter could not deliver
         self._resolver = resolver
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="spans")
-        self._future: asyncio.Future[bool] | None = None
-        self._queued = asyncio.Event()  # the queue holds a span
-        self._ready = asyncio.Event()  # ... a full batch
+        bound = config.queue.spans
+        metrics = DeliveryMetrics(SPANS_DROPPED, SPANS_QUEUED, config.queue.max_workloads,
+                                  resolver)
+        queue: BoundedQueue[QueuedSpan] = BoundedQueue(bound.max_items, bound.max_bytes,
+                                                       DropLedger())
+        backoff = Backoff(config.retry.initial_backoff, config.retry.max_backoff)
+        self.delivery = Delivery("spans", self._send, queue, backoff, metrics,
+                                 close=shipper.shutdown, batch_items=SPAN_BATCH,
+                                 batch_bytes=SPAN_BATCH_BYTES, linger=SPAN_EXPORT_S,
+                                 say_outage=False)  # the shipper says it
 
-    def offer(self, record: SpanRecord) -> QueuedSpan | None:
-        queued = self.queue.offer(record)
-        self._queued.set()
-        if len(self.queue) >= SPAN_BATCH:
-            self._ready.set()
+    def offer(self, records: list[SpanRecord]) -> list[QueuedSpan]:
+        """Queue spans (minting their ids); the queued spans, for exemplars."""
+        queued = [QueuedSpan(r, _rng.getrandbits(128) or 1, _rng.getrandbits(64) or 1)
+                  for r in records]
+        self.delivery.offer([Entry(q, span_bytes(q.record), q.record.workload)
+                             for q in queued])
         return queued
 
-    def take_drops(self) -> dict[str, int]:
-        """reason -> spans dropped since the previous call."""
-        drops = {"queue_full": self.queue.dropped, "export_failed": self.failed}
-        self.queue.dropped = self.failed = 0
-        return {reason: n for reason, n in drops.items() if n}
-
-    def _export(self, batch: list[QueuedSpan]) -> bool:
+    def _send(self, batch: list[QueuedSpan]) -> Outcome:
         identity_of = self._resolver(q.record.workload for q in batch)
-        ok = self.shipper.ship(build_spans(batch, identity_of))
-        if not ok:
-            self.failed += len(batch)
-        return ok
-
-    def _start(self) -> asyncio.Future[bool] | None:
-        if not len(self.queue) or (self._future is not None and not self._future.done()):
-            return None
-        loop = asyncio.get_running_loop()
-        self._future = loop.run_in_executor(self._pool, self._export,
-                                            self.queue.take(SPAN_BATCH))
-        return self._future
+        if self.shipper.ship(build_spans(batch, identity_of)):
+            return DELIVERED
+        return outcome_of(self.shipper.exporter)
 
     async def run(self) -> None:
-        while True:
-            await self._queued.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), SPAN_EXPORT_S)
-            self._queued.clear()
-            self._ready.clear()
-            while (future := self._start()) is not None:
-                try:
-                    # shield: cancelling this loop at shutdown must not lose the batch
-                    await asyncio.shield(future)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("span export failed unexpectedly")
-                    break
+        await self.delivery.run()
 
     async def flush(self, deadline: float) -> None:
-        """Export what is queued until `deadline` (monotonic), then shut the exporter."""
-        if self._future is not None and not self._future.done():
-            log.warning("a span export was still retrying at shutdown; %d spans dropped",
-                        len(self.queue))
-        else:
-            while time.monotonic() < deadline and (future := self._start()) is not None:
-                try:
-                    await asyncio.wait_for(future, max(0.1, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-        self.shipper.shutdown()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Deliver what is queued until `deadline` (monotonic), then shut the exporter;
+        what is left is counted as dropped (shutdown)."""
+        await self.delivery.flush(deadline)
+
+
+def exemplar_of(queued: QueuedSpan
+                ) -> tuple[str, Workload, dict[str, AttributeValue], Exemplar] | None:
+    """The exemplar a delivered span makes for the metric series it is an example of:
+    (metric, workload, attributes, exemplar), or None."""
+    r = queued.record
+    if r.example_of is None:
+        return None
+    metric, workload, attributes = r.example_of
+    return metric, workload, attributes, Exemplar(
+        filtered_attributes={"thread.id": r.attributes.get("thread.id", 0)},
+        value=(r.end_unix_ns - r.start_unix_ns) / 1e9,
+        time_unix_nano=r.end_unix_ns,
+        span_id=queued.span_id,
+        trace_id=queued.trace_id,
+    )
+
+
+def outcome_of(exporter: object) -> Outcome:
+    """Why an export failed: a OneAttempt exporter knows; any other is retried."""
+    outcome = getattr(exporter, "outcome", None)
+    return outcome if isinstance(outcome, Outcome) else Outcome(False, True, "export failed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from typing import Any
@@ -76,6 +77,8 @@ class OtlpSink:
         self._traces: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self._logs: list[logs_service_pb2.ExportLogsServiceRequest] = []
         self._profiles: list[Any] = []
+        # (time.monotonic() when recorded, signal) for each request, in arrival order
+        self._arrivals: list[tuple[float, str]] = []
         self._server: grpc.Server | None = None
         self._port: int | None = None
 
@@ -91,7 +94,8 @@ class OtlpSink:
             raise RuntimeError("OtlpSink already started")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers))
         for add_to_server, base, response, bucket in self._services():
-            record = functools.partial(self._record, bucket)
+            record = functools.partial(self._record, bucket, base.__name__.removesuffix(
+                "ServiceServicer").lower())
             add_to_server(_recorder(base, response, record), server)
         port = int(server.add_insecure_port(f"{LOOPBACK}:{port}"))
         if port == 0:
@@ -148,10 +152,17 @@ class OtlpSink:
         return f"http://{self.address}"
 
     # ------------------------------------------------------------------ recording
-    def _record(self, bucket: list[Any], request: Any) -> None:
+    def _record(self, bucket: list[Any], signal: str, request: Any) -> None:
         with self._cond:
             bucket.append(request)
+            self._arrivals.append((time.monotonic(), signal))
             self._cond.notify_all()
+
+    def first_arrival(self, signal: str, after: float) -> float | None:
+        """When (time.monotonic()) the first request of `signal` (metrics, trace, logs,
+        profiles) arrived after `after`, or None."""
+        with self._cond:
+            return next((t for t, s in self._arrivals if s == signal and t > after), None)
 
     @property
     def metrics_requests(self) -> list[metrics_service_pb2.ExportMetricsServiceRequest]:

@@ -50,19 +50,21 @@ class PeerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def launch(self, command: Callable[[int, int], Sequence[str]], log_path: Path,
-               attempts: int = 3, **popen: object) -> tuple[int, int] | None:
+               attempts: int = 3, ports: tuple[int, int] | None = None,
+               **popen: object) -> tuple[int, int] | None:
         """Start `command(grpc_port, http_port)` until both ports accept; the ports, or
-        None when every attempt failed (the log says why)."""
+        None when every attempt failed (the log says why). Fresh free ports each attempt
+        unless `ports` are given (a restart on the same ports)."""
         for _ in range(attempts):
-            ports = free_port(), free_port()
+            chosen = ports or (free_port(), free_port())
             with open(log_path, "ab") as log:
                 self.proc = subprocess.Popen(  # type: ignore[call-overload]
-                    list(command(*ports)), stdout=log, stderr=subprocess.STDOUT,
+                    list(command(*chosen)), stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, **popen)
             assert self.proc is not None
             _LIVE.add(self.proc)
-            if self._wait_ready(ports):
-                return ports
+            if self._wait_ready(chosen):
+                return chosen
             self.terminate()
         return None
 
@@ -105,6 +107,7 @@ class CollectorPeer:
         self._requested_log_path = log_path
         self._log_path: Path | None = None
         self._peer = PeerProcess(startup_timeout)
+        self._relaunch: Callable[[tuple[int, int]], object] | None = None
         self._final_log: str | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -170,11 +173,29 @@ class CollectorPeer:
             self.grpc_port, self.http_port = grpc_port, http_port
             return command()
 
+        def relaunch(ports: tuple[int, int]) -> object:
+            return self._peer.launch(with_ports, self.log_path, attempts, ports=ports,
+                                     cwd=self.workdir, **popen)
+
+        self._relaunch = relaunch
         if self._peer.launch(with_ports, self._log_path, attempts, cwd=self.workdir,
                              **popen) is None:
             output = self.read_log()
             self.stop()
             raise RuntimeError(f"{self.name} failed to start; output:\n{output}")
+
+    def pause(self, timeout: float | None = None) -> None:
+        """The collector goes away (SIGTERM, then SIGKILL after `timeout`): its ports
+        refuse connections; its directory and log stay for `resume`."""
+        self._peer.terminate(self.stop_timeout if timeout is None else timeout)
+
+    def resume(self) -> None:
+        """The collector comes back on the same ports; returns once both accept."""
+        if self._relaunch is None or self._tmpdir is None:
+            raise RuntimeError(f"{type(self).__name__} not started")
+        if self._relaunch((self.grpc_port, self.http_port)) is None:
+            raise RuntimeError(f"{self.name} did not restart on ports {self.grpc_port}, "
+                               f"{self.http_port}; output:\n{self.read_log()}")
 
     def _keep(self) -> None:
         """Called at stop() while the private directory still exists."""
