@@ -23,6 +23,7 @@ from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
 from otel_ebpf.enrich.process import pid_alive
+from otel_ebpf.export.agent_metrics import MapFill, process_metrics
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics import OtlpShipper
 from otel_ebpf.export.metrics_export import MetricsExport
@@ -71,8 +72,10 @@ class Agent:
         limit = SeriesLimit(config.exporter.cardinality_limit, config.exporter.cardinality_limits)
         self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series,
                                      limit=limit)
+        self.map_fill = MapFill()
         self.metrics = None if shipper is None else MetricsExport(
-            self.store, shipper, identity.resolver, config.exporter, time.time_ns())
+            self.store, shipper, identity.resolver, config.exporter, time.time_ns(),
+            lambda start: process_metrics(start) + self.map_fill.metrics(start))
         # only when printed: its windows grow with every (process, syscall) until a print
         self.summary = HistogramSummary(config.summary.top) if config.summary.enabled else None
         self._started_ns: dict[str, int] = {}
@@ -270,6 +273,7 @@ class Agent:
         self.store.add(collection.records, start, now)
         if self.summary is not None:
             self.summary.add(collection.records)
+        self.map_fill.update(collection.probe, collection.map_fill)
         lost = [CounterDelta(LOST_EVENTS, AGENT, {"probe": collection.probe, "reason": r}, n)
                 for r, n in collection.lost_events.items()]
         self.store.add(lost, start, now)

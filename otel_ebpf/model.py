@@ -135,3 +135,6 @@ class Collection:
     lost_events: dict[str, int] = field(default_factory=dict)
     samples: list[StackSample] = field(default_factory=list)
     period_ns: int = 0  # the sampling period of `samples`
+    # kernel map name -> (entries in use at the drain, capacity): the operator's warning
+    # before map_full
+    map_fill: dict[str, tuple[int, int]] = field(default_factory=dict)

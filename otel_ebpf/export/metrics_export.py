@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -53,8 +53,11 @@ class MetricsExport:
 
     def __init__(self, store: CumulativeStore, shipper: OtlpShipper,
                  resolver: Callable[[Iterable[Workload]], Callable[[Workload], Identity]],
-                 config: ExporterConfig, start_ns: int) -> None:
+                 config: ExporterConfig, start_ns: int,
+                 agent_metrics: Callable[[int], list[Metric]] | None = None) -> None:
         self.store = store
+        # the agent's own metrics read at export time (process, map fill), by start time
+        self.agent_metrics = agent_metrics
         self.shipper = shipper
         self.max_bytes = config.max_request_bytes  # lowered when a collector refuses
         self.max_points = config.max_request_points
@@ -77,7 +80,9 @@ class MetricsExport:
         origin: dict[int, Series] = {}
         data = build_metrics_data(series, identity_of, exemplars_of=self.store.exemplars_of,
                                   origin=origin)
-        data = with_series_gauge(data, identity_of(AGENT).resource, self._start_ns)
+        data = with_series_gauge(data, identity_of(AGENT).resource, self._start_ns,
+                                 self.agent_metrics(self._start_ns) if self.agent_metrics
+                                 else [])
         handled: list[Any] = []  # points delivered, or that never can be
         ok = self._deliver(data, handled)
         self.store.mark_exported(origin[id(p)] for p in handled if id(p) in origin)
@@ -180,9 +185,10 @@ class MetricsExport:
                         limit.limit(metric) if limit else 0, METRICS_OVERFLOWED.name)
 
 
-def with_series_gauge(data: MetricsData, agent: Any, start_ns: int) -> MetricsData:
-    """`data` plus otel_ebpf.metrics.series: how many series of each metric it holds, on
-    the agent's resource (`agent`: its attributes)."""
+def with_series_gauge(data: MetricsData, agent: Any, start_ns: int,
+                      extra: Sequence[Metric] = ()) -> MetricsData:
+    """`data` plus otel_ebpf.metrics.series: how many series of each metric it holds, and
+    `extra` metrics, on the agent's resource (`agent`: its attributes)."""
     counts: Counter[str] = Counter()
     for rm in data.resource_metrics:
         for sm in rm.scope_metrics:
@@ -204,10 +210,11 @@ def with_series_gauge(data: MetricsData, agent: Any, start_ns: int) -> MetricsDa
             resource_metrics[i] = ResourceMetrics(
                 resource=rm.resource, schema_url=rm.schema_url,
                 scope_metrics=[ScopeMetrics(scope=first.scope, schema_url=first.schema_url,
-                                            metrics=[*first.metrics, gauge]), *rest])
+                                            metrics=[*first.metrics, gauge, *extra]),
+                              *rest])
             break
     else:
         resource_metrics.append(ResourceMetrics(
             resource=resource, schema_url="",
-            scope_metrics=[ScopeMetrics(scope=SCOPE, metrics=[gauge], schema_url="")]))
+            scope_metrics=[ScopeMetrics(scope=SCOPE, metrics=[gauge, *extra], schema_url="")]))
     return MetricsData(resource_metrics=resource_metrics)

@@ -64,6 +64,10 @@ class InternedStacks:
     while its stack was being deleted decodes.
     """
 
+    def __len__(self) -> int:
+        """The stacks the kernel map holds."""
+        return len(self._last_used)
+
     def __init__(self, table: BpfMap, capacity: int, retain_drains: int) -> None:
         self.table = table
         self.capacity = capacity
@@ -201,8 +205,11 @@ class CpuProfile(Probe):
         if took > self.config.interval:
             log.info("cpu_profile: symbolizing %d stacks took %.2fs (longer than the %.2fs "
                      "interval)", len(samples), took, self.config.interval)
+        fill = {"samples": (len(samples), self.max_samples),
+                "user_stacks": (len(self._user_stacks), self.config.user_stack_entries),
+                "kernel_stacks": (len(self._kernel_stacks), self.config.kernel_stack_entries)}
         return Collection(self.name, samples=samples, lost_events=lost,
-                          period_ns=self.period_ns)
+                          period_ns=self.period_ns, map_fill=fill)
 
     def decode(self, key: tuple[int, int, int, int, int, int, bytes],
                value: tuple[int, int], evicted: dict[str, int]) -> StackSample:

@@ -187,7 +187,8 @@ class SyscallLatency(Probe):
         for meta, estimate in self.estimator.settle(seen):
             workload, attributes = cast(tuple[Workload, dict[str, AttributeValue]], meta)
             records.append(_record(workload, attributes, estimate, 0, 0))
-        return Collection(self.name, records, lost)
+        return Collection(self.name, records, lost,
+                          map_fill={"latency": (len(entries), self.config.max_entries)})
 
     def decode(self, key: Any, value: Any) -> ExpHistogramDelta | None:
         """One drained entry as a histogram of every call counted in it (None when all its

@@ -337,7 +337,8 @@ class TcpRetransmit(Probe):
             lost["map_evicted"] = evicted - self._evicted_reported
             self._evicted_reported = evicted
         self._stats_seen = totals
-        return Collection(self.name, list(records), lost)
+        return Collection(self.name, list(records), lost,
+                          map_fill={"retransmits": (len(entries), self.config.max_entries)})
 
     def attributes(self, key: Any) -> dict[str, AttributeValue]:
         """The data point attributes of a key, as far as the aggregation kept them: all
