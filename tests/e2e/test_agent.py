@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers.otlp_sink import OtlpSink
+from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 from tests.peers.rotel import RotelCollector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
@@ -160,6 +160,12 @@ def test_agent_exports_through_rotel_and_stops_cleanly(
     assert point.scale == 2 and point.count == N_GETPPID
     assert sum(point.positive.bucket_counts) == N_GETPPID
     assert 0 < point.min <= point.max and point.sum > 0
+    # the agent's own process metrics and map fill, on its own resource
+    (agent_resource, rss), *_ = otlp_sink.metrics_points("process.memory.usage")
+    assert agent_resource["service.name"] == "otel-ebpf" and 10 << 20 < rss.as_int < 1 << 30
+    fills = {attrs_to_dict(p.attributes)["map"]: p.as_double
+             for _, p in otlp_sink.metrics_points("otel_ebpf.probe.map.fill")}
+    assert 0 <= fills["latency"] < 1
 
     code, took = agent.stop()
     assert code == 0, "".join(agent.stderr)
