@@ -467,14 +467,20 @@ def agent_config_text(endpoint: str, only: str | None) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+SERVER_EXECUTABLES = ("redis-server", "redis-check-rdb")
+
+
 def server_syscalls_exported(sink: Any, pid: int) -> int:
     """Syscalls of the server's process in linux.syscall.duration as the sink holds it: the
     latest cumulative count of each series, summed (the sink is cleared before each agent).
-    Matched by process.pid: Debian's redis-server is a symlink to redis-check-rdb, the
-    executable name the agent reports."""
+    Matched by process.pid with aggregation: process; by default (per workload) by the
+    executable: Debian's redis-server is a symlink to redis-check-rdb, the executable name
+    the agent reports, and the server is the only process running it."""
     latest: dict[tuple[Any, ...], int] = {}
     for resource, point in sink.metrics_points("linux.syscall.duration"):
-        if resource.get("process.pid") != pid:
+        exe = next((kv.value.string_value for kv in point.attributes
+                    if kv.key == "process.executable.name"), None)
+        if resource.get("process.pid") != pid and exe not in SERVER_EXECUTABLES:
             continue
         key = (tuple(sorted(resource.items())), tuple(sorted(
             (kv.key, str(kv.value)) for kv in point.attributes)), point.start_time_unix_nano)
