@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -560,3 +560,25 @@ def verdict(passed: bool | None, detail: str) -> str:
 def heading(title: str) -> None:
     print()
     print(f"== {title} " + "=" * max(0, 86 - len(title)))
+
+
+def run_standalone(name: str, run_suite: Callable[[Any, bool], int], args: Any) -> int:
+    """A suite run as a script (`python bench/<name>.py`): its exit code, after checking
+    it left no BPF object or child process behind."""
+    signal.signal(signal.SIGTERM, _raise_exit)
+    from otel_ebpf.kernel.engine import EngineError
+
+    try:
+        run_suite(args, False)
+    except (BenchError, EngineError) as exc:
+        print(f"bench: {name}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    leaked = open_bpf_fds()
+    if leaked or _children():
+        print(f"bench: {name}: left behind: BPF fds {leaked}, children {sorted(_children())}",
+              file=sys.stderr)
+        return 1
+    return 0

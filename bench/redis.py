@@ -124,14 +124,13 @@ from bench.common import (
     BenchError,
     HookWatch,
     _children,
-    _raise_exit,
     fmt,
     heading,
     import_bcc,
     machine_lines,
-    open_bpf_fds,
     otlp_sink,
     require,
+    run_standalone,
 )
 
 if str(REPO_DIR) not in sys.path:
@@ -1091,23 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = check_arguments(args) or ("--rounds must be >= 1" if args.rounds < 1 else None)
     if problem:
         parser.error(problem)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    from otel_ebpf.kernel.engine import EngineError
-
-    try:
-        run_suite(args, False)
-    except (BenchError, EngineError) as exc:
-        print(f"bench: redis: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    leaked = open_bpf_fds()
-    if leaked or _children():
-        print(f"bench: redis: left behind: BPF fds {leaked}, children {sorted(_children())}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_standalone("redis", run_suite, args)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,6 @@ import argparse
 import contextlib
 import random
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -92,8 +91,6 @@ from bench.common import (
     REPO_DIR,
     AgentProcess,
     BenchError,
-    _children,
-    _raise_exit,
     agent_command_for_report,
     agent_config,
     bpf_run_time_stats,
@@ -102,10 +99,10 @@ from bench.common import (
     heading,
     import_bcc,
     machine_lines,
-    open_bpf_fds,
     otlp_sink,
     prog_ids_of,
     require,
+    run_standalone,
     wait_programs_gone,
 )
 
@@ -600,23 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = check_arguments(args)
     if problem:
         parser.error(problem)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    from otel_ebpf.kernel.engine import EngineError
-
-    try:
-        run_suite(args, False)
-    except (BenchError, EngineError) as exc:
-        print(f"bench: tcp: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    leaked = open_bpf_fds()
-    if leaked or _children():
-        print(f"bench: tcp: left behind: BPF fds {leaked}, children {sorted(_children())}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_standalone("tcp", run_suite, args)
 
 
 if __name__ == "__main__":
