@@ -51,6 +51,22 @@ def parse_size(value: Any) -> Any:
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=1 << 16, le=1 << 34)]
 
+# YAML 1.1 (PyYAML) reads unquoted on/off/yes/no/true/false as booleans: where a word
+# setting offers on and off, those are what the user meant. Only such settings take them.
+_SWITCH_WORDS = {"yes": "on", "true": "on", "no": "off", "false": "off"}
+
+
+def switch_word(value: Any) -> Any:
+    """True/False (and quoted yes/no/true/false) -> "on"/"off"; anything else as given."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        return _SWITCH_WORDS.get(value.strip().lower(), value)
+    return value
+
+
+OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(switch_word)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -233,7 +249,7 @@ class DockerConfig(_Strict):
 
 class KubernetesConfig(_Strict):
     # auto: on when running in a pod (service account token present)
-    mode: Literal["auto", "on", "off"] = "auto"
+    mode: OnOffAuto = "auto"
     # default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
     api_url: str | None = None
     token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
@@ -369,6 +385,55 @@ def _explain(
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+_FIX = ("Fix: point --config at a readable YAML file of keys (config/otel-ebpf.yaml is "
+        "a complete example), or leave --config out to run on the embedded defaults.")
+
+
+def _bad_file(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"config file {path} {problem}. {_FIX}")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A parser error in one line: what and where (PyYAML's own text spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"is not valid YAML ({what}{where})"
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping. Every way a file can be unusable - missing, a
+    directory, a dangling link, unreadable, not UTF-8, not YAML, not a mapping - is a
+    ConfigError naming the file and the fix, never another exception."""
+    try:
+        if not path.exists():
+            problem = ("is a symbolic link to a missing file" if path.is_symlink()
+                       else "does not exist")
+            raise _bad_file(path, problem)
+        if not path.is_file():  # a FIFO would block the read; a directory cannot be read
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise _bad_file(path, f"is {kind}")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise _bad_file(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise _bad_file(path, f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start}); save it as UTF-8") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _bad_file(path, _yaml_problem(exc)) from exc
+    except (ValueError, TypeError, RecursionError) as exc:
+        # PyYAML's constructors: a date that is no date (2024-02-30), nesting too deep
+        raise _bad_file(path, f"has a value YAML cannot build ({exc})") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise _bad_file(path, f"holds a {type(loaded).__name__}, but its top level must "
+                              "be a mapping of keys such as `probes:`")
+    return loaded
+
+
 def load(
     path: Path | None = None,
     *,
@@ -381,18 +446,10 @@ def load(
     raw: dict[str, Any] = {}
     source: Path | None = None
     if path is None:
-        path = next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
-    elif not path.is_file():
-        raise ConfigError(f"config file {path} does not exist. Fix: pass an existing file to "
-                          "--config, or leave it out to run on the embedded defaults")
+        # present, even broken: a bad file where the agent looks is an error, not defaults
+        path = next((p for p in DEFAULT_CONFIG_PATHS if p.is_symlink() or p.exists()), None)
     if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
-        raw, source = loaded or {}, path
+        raw, source = read_file(path), path
 
     origins: dict[tuple[str, ...], str] = {}
     for var, target, convert in _ENV:

@@ -109,7 +109,7 @@ def test_env_errors_name_the_variable() -> None:
 def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(cfg.ConfigError, match="top level must be a mapping"):
         cfg.load(write(tmp_path, "- a\n- b\n"), env={})
-    with pytest.raises(cfg.ConfigError, match="cannot read config file"):
+    with pytest.raises(cfg.ConfigError, match="is not valid YAML"):
         cfg.load(write(tmp_path, "a: [\n"), env={})
 
 
