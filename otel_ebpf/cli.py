@@ -48,8 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the agent (needs root or CAP_BPF+CAP_PERFMON)",
                          description="Load the enabled probes and export until SIGTERM/SIGINT "
-                                     "or --duration. Flags override OTEL_* variables, which "
-                                     "override the config file.")
+                                     "or --duration; SIGHUP re-reads the config file and "
+                                     "reloads the probes whose settings changed. Flags "
+                                     "override OTEL_* variables, which override the config "
+                                     "file.")
     add_config(run)
     run.add_argument("--duration", type=_duration_arg, metavar="DURATION",
                      help="stop cleanly after this long, e.g. 30s or 5m (default: run until "
@@ -139,15 +141,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.export.profiles import ProfileExport
     from otel_ebpf.export.traces import SpanExport
     from otel_ebpf.export.transport import OneAttempt
+    from otel_ebpf.reload import Reloader, Wiring
 
-    config = _load_config(args, _overrides(args))
+    overrides = _overrides(args)
+    config = _load_config(args, overrides)
     if config is None:
         return EXIT_USAGE
     engine, syscall_table = _kernel_context()
     log.info("syscall names: %s", syscall_table.source)
-    probes = registry.build(config, syscall_table,
-                            select_cgroups=bool(config.identity.filter.model_dump(
-                                exclude_defaults=True)))
+    select = bool(config.identity.filter.model_dump(exclude_defaults=True))
+
+    def build(c: cfg.Config) -> list[registry.Probe]:
+        return registry.build(c, syscall_table, select_cgroups=select)
+
+    probes = build(config)
     # a signal's exporter (and its connection) exists only when a probe produces it
     slow = config.probes.syscall_latency
     profile_cfg = config.probes.cpu_profile
@@ -173,7 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     spans = None
     if span_shipper is not None:
         spans = SpanExport(span_shipper, config.exporter, identity.resolver)
-    agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles)
+    reloader = Reloader(lambda: cfg.load(args.config, overrides=overrides)[0], build,
+                        Wiring(spans=spans is not None, profiles=profiles is not None))
+    agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles,
+                  reloader=reloader)
     return asyncio.run(agent.run(args.duration))
 
 

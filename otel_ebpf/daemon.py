@@ -1,6 +1,6 @@
 """The agent's event loop: load probes, drain them on their intervals, export, summarise,
 and on SIGTERM/SIGINT (or the end of --duration) collect and flush once more, detach
-everything and exit.
+everything and exit. SIGHUP re-reads the configuration (otel_ebpf/reload.py).
 
 Blocking work never runs on the loop: each probe drains its maps on a thread of its own
 and exports run on another (otel_ebpf/workers.py), so a collector that hangs cannot delay
@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
@@ -35,6 +36,7 @@ from otel_ebpf.export.transport import OneAttempt, until_answered
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
+from otel_ebpf.reload import Reloader
 from otel_ebpf.selfmetrics import LOST_EVENTS
 from otel_ebpf.workers import EventReader, PeriodicCollector
 
@@ -59,6 +61,7 @@ class Agent:
         out: TextIO = sys.stdout,
         spans: SpanExport | None = None,
         profiles: ProfileExport | None = None,
+        reloader: Reloader | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -66,6 +69,7 @@ class Agent:
         self.shipper = shipper
         self.spans = spans
         self.profiles = profiles
+        self.reloader = reloader
         slow = config.probes.syscall_latency.slow_spans
         self.identity = identity
         self.out = out
@@ -110,6 +114,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
         try:
             await self.identity.start()
             if not await self._start_probes():
@@ -128,6 +134,8 @@ class Agent:
                 tasks.append(asyncio.create_task(delivery.run(), name=delivery.signal))
             if self.profiles is not None:
                 tasks.append(asyncio.create_task(self._profile_loop(), name="profiles"))
+            if self.reloader is not None:
+                tasks.append(asyncio.create_task(self.reloader.run(self), name="reload"))
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
                      ", ".join(p.name for p in self.probes) or "none",
                      self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)",
@@ -143,7 +151,7 @@ class Agent:
             await self._final_flush()
             return 0
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_workers()
             self._stop_probes()
@@ -173,13 +181,14 @@ class Agent:
     def _start_probe(self, probe: Probe) -> None:
         began = time.monotonic()
         probe.start(self.engine)
-        self._started_ns[probe.name] = time.time_ns()
+        # a reloaded probe's series go on from the first start
+        self._started_ns.setdefault(probe.name, time.time_ns())
         log.info("probe %s attached (%s) in %.1fs; BPF program ids %s", probe.name,
                  ", ".join(str(h) for h in probe.hooks), time.monotonic() - began,
                  " ".join(map(str, probe.program_ids())))
 
-    def _stop_probes(self) -> None:
-        for probe in self.probes:
+    def _stop_probes(self, probes: list[Probe] | None = None) -> None:
+        for probe in self.probes if probes is None else probes:
             try:
                 probe.stop()
             except Exception as exc:  # detaching the others matters more
@@ -211,27 +220,63 @@ class Agent:
         return float(getattr(self.config.probes, probe.name).interval)
 
     def _start_workers(self) -> None:
+        for probe in self.probes:
+            self._start_collector(probe)
+        self._start_events()
+
+    def _start_collector(self, probe: Probe) -> None:
         loop = asyncio.get_running_loop()
 
         def deliver(collection: Collection) -> None:
             if collection.records or collection.lost_events:
                 loop.call_soon_threadsafe(self._absorb, collection)
 
-        for probe in self.probes:
-            collector = PeriodicCollector(probe, self._interval(probe),
-                                          self._collect_blocking, deliver)
-            collector.start()
-            self._collectors.append(collector)
+        collector = PeriodicCollector(probe, self._interval(probe), self._collect_blocking,
+                                      deliver)
+        collector.start()
+        self._collectors.append(collector)
+
+    def _start_events(self) -> None:
+        loop = asyncio.get_running_loop()
         self._events = EventReader(
             self.probes, lambda spans: loop.call_soon_threadsafe(self._take_spans, spans),
             SPAN_POLL_S)
         self._events.start()
 
-    async def _stop_workers(self) -> None:
-        """Stop the drain threads and the event reader; what the event buffers still hold
-        is read once more and taken."""
+    async def swap_probes(self, old: list[Probe], new: list[Probe]) -> list[Probe]:
+        """Reload: `old` drained a last time and detached, `new` started in their place;
+        every other probe keeps its programs and its drain thread. Returns the new probes
+        that failed to start (detached again)."""
         loop = asyncio.get_running_loop()
-        collectors, self._collectors = self._collectors, []
+        await self._stop_workers(lambda c: c.probe in old)
+        for probe in old:
+            await self._collect(probe)
+        self.probes = [p for p in self.probes if p not in old]  # a new list: loops iterate
+        self._stop_probes(old)
+        failed = []
+        for probe in new:
+            try:
+                await loop.run_in_executor(None, self._start_probe, probe)
+                if self.identity.selection.active:
+                    probe.set_cgroup_filter(self._selected_cgroups)
+            except Exception as exc:
+                log.error("probe %s failed to start: %s", probe.name, exc)
+                self._stop_probes([probe])
+                failed.append(probe)
+                continue
+            self.probes = [*self.probes, probe]
+            self._start_collector(probe)
+        self.engine.release_compiler_memory()
+        self._start_events()
+        return failed
+
+    async def _stop_workers(self, which: Callable[[PeriodicCollector], bool] = lambda c: True
+                            ) -> None:
+        """Stop the drain threads (`which` of them) and the event reader; what the event
+        buffers still hold is read once more and taken."""
+        loop = asyncio.get_running_loop()
+        collectors = [c for c in self._collectors if which(c)]
+        self._collectors = [c for c in self._collectors if c not in collectors]
         for collector in collectors:
             collector.request_stop()  # all at once: the waits below then overlap
         for collector in collectors:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from otel_ebpf.config import Config
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.probes.base import Probe
+
+__all__ = ["PROBE_TYPES", "Probe", "build", "enabled_names"]
 from otel_ebpf.probes.cpu_profile import CpuProfile
 from otel_ebpf.probes.syscall_latency import SyscallLatency
 from otel_ebpf.probes.tcp_retransmit import TcpRetransmit
