@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
@@ -38,7 +37,7 @@ from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
 from otel_ebpf.reload import Reloader
 from otel_ebpf.selfmetrics import LOST_EVENTS
-from otel_ebpf.workers import EventReader, PeriodicCollector
+from otel_ebpf.workers import ProbeWorkers
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +86,8 @@ class Agent:
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         # kernel event buffers are read apart from the map drains, which can take a while
         # (symbolizing): announcements and slow calls must not wait behind them
-        self._collectors: list[PeriodicCollector] = []
-        self._events: EventReader | None = None
+        self._workers = ProbeWorkers(self._collect_blocking, self._absorb, self._take_spans,
+                                     SPAN_POLL_S, THREAD_STOP_S)
         self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
         self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
@@ -221,34 +220,15 @@ class Agent:
 
     def _start_workers(self) -> None:
         for probe in self.probes:
-            self._start_collector(probe)
-        self._start_events()
-
-    def _start_collector(self, probe: Probe) -> None:
-        loop = asyncio.get_running_loop()
-
-        def deliver(collection: Collection) -> None:
-            if collection.records or collection.lost_events:
-                loop.call_soon_threadsafe(self._absorb, collection)
-
-        collector = PeriodicCollector(probe, self._interval(probe), self._collect_blocking,
-                                      deliver)
-        collector.start()
-        self._collectors.append(collector)
-
-    def _start_events(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._events = EventReader(
-            self.probes, lambda spans: loop.call_soon_threadsafe(self._take_spans, spans),
-            SPAN_POLL_S)
-        self._events.start()
+            self._workers.start_collector(probe, self._interval(probe))
+        self._workers.start_events(self.probes)
 
     async def swap_probes(self, old: list[Probe], new: list[Probe]) -> list[Probe]:
         """Reload: `old` drained a last time and detached, `new` started in their place;
         every other probe keeps its programs and its drain thread. Returns the new probes
         that failed to start (detached again)."""
         loop = asyncio.get_running_loop()
-        await self._stop_workers(lambda c: c.probe in old)
+        self._take_spans(await self._workers.stop(old))
         for probe in old:
             await self._collect(probe)
         self.probes = [p for p in self.probes if p not in old]  # a new list: loops iterate
@@ -265,34 +245,13 @@ class Agent:
                 failed.append(probe)
                 continue
             self.probes = [*self.probes, probe]
-            self._start_collector(probe)
+            self._workers.start_collector(probe, self._interval(probe))
         self.engine.release_compiler_memory()
-        self._start_events()
+        self._workers.start_events(self.probes)
         return failed
 
-    async def _stop_workers(self, which: Callable[[PeriodicCollector], bool] = lambda c: True
-                            ) -> None:
-        """Stop the drain threads (`which` of them) and the event reader; what the event
-        buffers still hold is read once more and taken."""
-        loop = asyncio.get_running_loop()
-        collectors = [c for c in self._collectors if which(c)]
-        self._collectors = [c for c in self._collectors if c not in collectors]
-        for collector in collectors:
-            collector.request_stop()  # all at once: the waits below then overlap
-        for collector in collectors:
-            if not await loop.run_in_executor(None, collector.stop, THREAD_STOP_S):
-                log.warning("probe %s: a drain was still running at shutdown",
-                            collector.probe.name)
-        events, self._events = self._events, None
-        if events is None:
-            return
-        spans = await loop.run_in_executor(None, events.stop, THREAD_STOP_S)
-        events.close()
-        if spans is None:
-            log.warning("the event reader was still busy at shutdown; its last events are "
-                        "dropped")
-        else:
-            self._take_spans(spans)
+    async def _stop_workers(self) -> None:
+        self._take_spans(await self._workers.stop())
 
     async def _collect(self, probe: Probe) -> None:
         loop = asyncio.get_running_loop()

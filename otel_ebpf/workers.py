@@ -10,6 +10,7 @@ records for it; an idle event buffer wakes nobody.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -131,3 +132,62 @@ class EventReader:
         for fd in (self._wake_read, self._wake_write):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class ProbeWorkers:
+    """Every probe's drain thread and the one event reader: started with the agent's
+    probes, stopped all together at shutdown or probe by probe on a reload (the event
+    reader is then started again on the probes that remain). `absorb` and `take_spans`
+    run on the event loop that started the workers."""
+
+    def __init__(self, collect: Callable[[Probe], Collection],
+                 absorb: Callable[[Collection], None],
+                 take_spans: Callable[[list[SpanRecord]], None],
+                 batch_s: float, stop_s: float) -> None:
+        self._collect = collect
+        self._absorb = absorb
+        self._take_spans = take_spans
+        self._batch_s = batch_s
+        self._stop_s = stop_s
+        self._collectors: list[PeriodicCollector] = []
+        self._events: EventReader | None = None
+
+    def start_collector(self, probe: Probe, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def deliver(collection: Collection) -> None:
+            if collection.records or collection.lost_events:
+                loop.call_soon_threadsafe(self._absorb, collection)
+
+        collector = PeriodicCollector(probe, interval, self._collect, deliver)
+        collector.start()
+        self._collectors.append(collector)
+
+    def start_events(self, probes: Sequence[Probe]) -> None:
+        loop = asyncio.get_running_loop()
+        self._events = EventReader(
+            probes, lambda spans: loop.call_soon_threadsafe(self._take_spans, spans),
+            self._batch_s)
+        self._events.start()
+
+    async def stop(self, probes: Sequence[Probe] | None = None) -> list[SpanRecord]:
+        """Stop the drain threads of `probes` (None: all) and the event reader; returns
+        what the event buffers still held."""
+        loop = asyncio.get_running_loop()
+        stopping = [c for c in self._collectors if probes is None or c.probe in probes]
+        self._collectors = [c for c in self._collectors if c not in stopping]
+        for collector in stopping:
+            collector.request_stop()  # all at once: the waits below then overlap
+        for collector in stopping:
+            if not await loop.run_in_executor(None, collector.stop, self._stop_s):
+                log.warning("probe %s: a drain was still running when it was stopped",
+                            collector.probe.name)
+        events, self._events = self._events, None
+        if events is None:
+            return []
+        spans = await loop.run_in_executor(None, events.stop, self._stop_s)
+        events.close()
+        if spans is None:
+            log.warning("the event reader was still busy when stopped; its last events "
+                        "are dropped")
+        return spans or []
