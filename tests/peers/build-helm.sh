@@ -10,6 +10,9 @@
 # /var/cache/otel-ebpf is not writable). If the binary exists it prints the path at once.
 # GOMODCACHE, GOCACHE, GOPROXY and GOTOOLCHAIN are honoured as usual (defaults: Go's own,
 # i.e. ~/go/pkg/mod and ~/.cache/go-build), shared with build-otelcol.sh.
+# Measured on a 2-vCPU VM (Go caches warm with the collector builds only): 3 min 38 s wall
+# clock; ~110 MB binary, Go's module cache +400 MB, its build cache +700 MB. Later runs: the
+# fast path (no Go), a few milliseconds.
 # Concurrent runs are serialised with flock(1). Progress on stderr; stdout is the path only.
 set -euo pipefail
 
