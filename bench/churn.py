@@ -293,12 +293,18 @@ class Export:
 
     time_ns: int
     requests: list[int] = field(default_factory=list)  # points per request
-    series: set[tuple[Any, ...]] = field(default_factory=set)
+    series: Counter[tuple[Any, ...]] = field(default_factory=Counter)  # identity -> points
     exact: dict[str, Any] = field(default_factory=dict)  # the set_tid_address points
 
     @property
     def points(self) -> int:
         return sum(self.requests)
+
+    @property
+    def duplicated(self) -> int:
+        """Points whose identity (resource, metric, attributes) another point of the same
+        export has too: series a backend cannot tell apart."""
+        return sum(n for n in self.series.values() if n > 1)
 
     def syscall_count(self) -> int:
         return sum(int(p.count) for p in self.exact.values())
@@ -331,7 +337,7 @@ def exports_of(requests: list[Any]) -> list[Export]:
             exports.append(export)
         export.requests.append(points)
         for key, point, name, attrs in found:
-            export.series.add(key)
+            export.series[key] += 1
             if (name == DURATION_METRIC and attrs.get("process.executable.name") == EXE_NAME
                     and attrs.get("linux.syscall.name") == SYSCALL):
                 export.exact[repr(key)] = point
@@ -576,7 +582,7 @@ def report(run: ChurnRun) -> None:
     churn_exports = exports[run.exports_before:]
     max_request = max((n for e in exports for n in e.requests), default=0)
     max_export = max((e.points for e in exports), default=0)
-    all_series = set().union(*(e.series for e in exports)) if exports else set()
+    all_series = set().union(*(e.series.keys() for e in exports)) if exports else set()
     final = exports[-1] if exports else None
     before = exports[run.exports_before - 1] if run.exports_before else None
     periodic = exports[run.exports_periodic - 1] if run.exports_periodic else None
@@ -601,8 +607,10 @@ def report(run: ChurnRun) -> None:
         ("most data points in one export", str(max_export), f"<= {POINTS_TARGET}"),
         ("export requests / exports", f"{sum(len(e.requests) for e in exports)} / "
                                       f"{len(exports)}", ""),
-        ("metric series in the final export", str(len(final.series) if final else 0), ""),
-        ("metric series exported over the run", str(len(all_series)), ""),
+        ("metric series in the final export", str(final.points if final else 0), ""),
+        ("  of them sharing an identity with another", str(final.duplicated if final else 0),
+         ""),
+        ("metric series (distinct identities) over the run", str(len(all_series)), ""),
         (f"{SYSCALL} of {EXE_NAME!r}, final export", str(exported), f"== {expected}"),
         ("  the same, last export before SIGTERM", str(periodic_count), ""),
     ]
@@ -611,6 +619,12 @@ def report(run: ChurnRun) -> None:
     print("-" * 76)
     for label, value, target in rows:
         print(f"{label:<48}{value:>14}  {target:<12}")
+    if final is not None and final.duplicated:
+        twins = [key for key, n in final.series.items() if n > 1]
+        example = twins[0]
+        print(f"({final.duplicated} points of the final export share their resource, metric "
+              f"and attributes with another point: workloads the export does not tell apart, "
+              f"e.g. {example[1]} {dict(example[2])} x{final.series[example]})")
     print(f"({EXE_NAME!r} {SYSCALL} series in the final export: "
           f"{len(final.exact) if final else 0}; baseline before the churn {base}; "
           f"spawned {d.spawned} x {run.per_process} call(s) each = {expected})")
@@ -629,7 +643,9 @@ def report(run: ChurnRun) -> None:
     print(f"busiest agent threads over the churn (of {len(run.end.threads)}): " + ", ".join(
         f"{tid} {comm} {s / wall * 100:.2f} %" for s, tid, comm in busiest[:5]))
     if final is not None:
-        by_metric = Counter(key[1] for key in final.series)
+        by_metric: Counter[str] = Counter()
+        for key, n in final.series.items():
+            by_metric[key[1]] += n
         print("series in the final export by metric: " + ", ".join(
             f"{name} {n}" for name, n in by_metric.most_common()))
     if churn_exports:
