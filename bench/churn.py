@@ -27,10 +27,15 @@ Measured, all from outside the agent:
     flush is in), and VmHWM when its probes had just attached (BCC's compile is then over).
   * CPU, % of one core over the churn: utime+stime (/proc/PID/stat, every thread, ended
     ones included, 10 ms ticks) and the sum of the threads' schedstat run time (ns); the
-    verdict takes the larger. The busiest threads are listed.
+    verdict takes the larger. For scale: the first --churn-idle seconds after attach
+    (start-up work, first export) and the drain after the churn (the same machine without
+    our churn). The busiest threads are listed. The probes' in-kernel cost is not in it:
+    it runs in the churned processes' time (the driver's children's CPU).
   * The metrics requests the sink received: data points per request, per export (the
     requests of one export share their points' time stamp), series (resource, metric,
-    point attributes) in the final export and over the run.
+    point attributes) in the final export and over the run; points of one export that
+    share their identity with another (workloads the export does not tell apart); series
+    whose value no delta changed for a minute but which are still exported.
   * Exactness: the final export's linux.syscall.duration count of the series with
     process.executable.name "true" and linux.syscall.name "set_tid_address" (cumulative:
     its latest value, minus its value in the last export before the churn) against the
@@ -105,6 +110,7 @@ EXPORT_INTERVAL_S = 10.0  # the product's default (exporter.interval); not set h
 SAMPLE_S = 1.0  # how often RSS and CPU are read during the churn
 TIMELINE_S = 0.2  # how often VmRSS and VmHWM are read, launch to exit
 PROGRESS_S = 10.0  # how often a line is printed
+QUIET_EXPORTS = 6  # a series unchanged over this many exports (60 s) is "quiet"
 SELF_METRICS = ("otel_ebpf.spans.dropped", "otel_ebpf.profiles.dropped",
                 "otel_ebpf.metrics.overflowed", "otel_ebpf.metrics.dropped",
                 "otel_ebpf.metrics.requests.split")
@@ -287,8 +293,10 @@ def _attrs(kvs: Any) -> dict[str, Any]:
     return attrs_to_dict(kvs)
 
 
-def _key(attrs: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in attrs.items()))
+def _key(attrs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    # scalars as they are; arrays and maps (unhashable) as text
+    return tuple(sorted((k, v if isinstance(v, str | int | float | bool) else repr(v))
+                        for k, v in attrs.items()))
 
 
 @dataclass
@@ -300,6 +308,7 @@ class Export:
     requests: list[int] = field(default_factory=list)  # points per request
     series: Counter[tuple[Any, ...]] = field(default_factory=Counter)  # identity -> points
     exact: dict[str, Any] = field(default_factory=dict)  # the set_tid_address points
+    values: dict[tuple[Any, ...], float] = field(default_factory=dict)  # identity -> value
 
     @property
     def points(self) -> int:
@@ -313,6 +322,13 @@ class Export:
 
     def syscall_count(self) -> int:
         return sum(int(p.count) for p in self.exact.values())
+
+
+def _value(point: Any) -> float:
+    """A point's cumulative value: a histogram's count, a number's value."""
+    if hasattr(point, "count"):
+        return float(point.count)
+    return float(point.as_int if point.WhichOneof("value") == "as_int" else point.as_double)
 
 
 def exports_of(requests: list[Any]) -> list[Export]:
@@ -343,6 +359,7 @@ def exports_of(requests: list[Any]) -> list[Export]:
         export.requests.append(points)
         for key, point, name, attrs in found:
             export.series[key] += 1
+            export.values[key] = _value(point)
             if (name == DURATION_METRIC and attrs.get("process.executable.name") == EXE_NAME
                     and attrs.get("linux.syscall.name") == SYSCALL):
                 export.exact[repr(key)] = point
@@ -508,7 +525,9 @@ class ChurnRun:
         drain = 2 * EXPORT_INTERVAL_S + 2
         print(f"churn over: {self.driver.spawned} spawned; waiting {drain:g}s (two export "
               "intervals) before SIGTERM", flush=True)
+        drain0 = Reading.of(self.agent)
         time.sleep(drain)
+        self.drain_window = (drain0, Reading.of(self.agent))
         self.requests_periodic = len(self.sink.metrics_requests)
         ours, others = self.execs.read()
         self.execs_ours = ours - self.execs_start[0]
@@ -612,6 +631,8 @@ def report(run: ChurnRun) -> None:
     growth = (run.end.rss_kb - run.mid.rss_kb) / run.mid.rss_kb * 100
     stat_pct, run_pct = cpu_pct(run.start, run.end)
     _, idle_run = cpu_pct(*run.idle_window)
+    _, drain_run = cpu_pct(*run.drain_window)
+    drain_s = run.drain_window[1].at - run.drain_window[0].at
     cpu = max(stat_pct, run_pct)
     peak_kb, peak_t, peak_phase = run.timeline.peak()
     peak_kb = max(peak_kb, run.end.hwm_kb)
@@ -620,6 +641,15 @@ def report(run: ChurnRun) -> None:
     max_request = max((n for e in exports for n in e.requests), default=0)
     max_export = max((e.points for e in exports), default=0)
     all_series = set().union(*(e.series.keys() for e in exports)) if exports else set()
+    # series whose value no delta changed over the last QUIET_EXPORTS periodic exports:
+    # kept (and exported) however long their workload has been quiet or gone
+    quiet = None
+    if run.exports_periodic > QUIET_EXPORTS:
+        now, then = exports[run.exports_periodic - 1], exports[run.exports_periodic - 1
+                                                               - QUIET_EXPORTS]
+        quiet = sum(1 for key, value in now.values.items()
+                    if now.series[key] == 1 and then.series.get(key) == 1
+                    and then.values.get(key) == value)
     final = exports[-1] if exports else None
     before = exports[run.exports_before - 1] if run.exports_before else None
     periodic = exports[run.exports_periodic - 1] if run.exports_periodic else None
@@ -641,6 +671,7 @@ def report(run: ChurnRun) -> None:
         ("agent CPU over the churn, utime+stime", f"{stat_pct:.2f} %", f"<= {CPU_TARGET:g} %"),
         ("  the same, threads' schedstat", f"{run_pct:.2f} %", ""),
         (f"  first {args.churn_idle:g}s after attach (schedstat)", f"{idle_run:.2f} %", ""),
+        (f"  {drain_s:.0f}s after the churn (schedstat)", f"{drain_run:.2f} %", ""),
         ("most data points in one export request", str(max_request), ""),
         ("most data points in one export", str(max_export), f"<= {POINTS_TARGET}"),
         ("export requests / exports", f"{sum(len(e.requests) for e in exports)} / "
@@ -649,6 +680,8 @@ def report(run: ChurnRun) -> None:
         ("  of them sharing an identity with another", str(final.duplicated if final else 0),
          ""),
         ("metric series (distinct identities) over the run", str(len(all_series)), ""),
+        (f"  unchanged for {QUIET_EXPORTS * EXPORT_INTERVAL_S:.0f}s, still exported",
+         str(quiet) if quiet is not None else "-", ""),
         (f"{SYSCALL} of {EXE_NAME!r}, final export", str(exported), f"== {expected}"),
         ("  the same, last export before SIGTERM", str(periodic_count), ""),
     ]
@@ -662,7 +695,9 @@ def report(run: ChurnRun) -> None:
         example = twins[0]
         print(f"({final.duplicated} points of the final export share their resource, metric "
               f"and attributes with another point: workloads the export does not tell apart, "
-              f"e.g. {example[1]} {dict(example[2])} x{final.series[example]})")
+              f"e.g. {example[1]} "
+              + ", ".join(f"{k}={v}" for k, v in example[2])
+              + f" x{final.series[example]})")
     print(f"({EXE_NAME!r} {SYSCALL} points in the final export: "
           f"{len(final.exact) if final else 0}; baseline before the churn {base}; "
           f"({d.spawned} spawned + {run.execs_others} other {EXE_NAME!r} on the machine) x "
