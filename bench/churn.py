@@ -23,8 +23,10 @@ agent with SIGTERM, on which it drains its maps and exports once more.
 Measured, all from outside the agent:
   * RSS (/proc/PID/status VmRSS) at the middle of the churn (60 s by default) and at its
     end: the growth over the second half; the smaps_rollup breakdown (anonymous vs file)
-    and the largest mappings. Peak RSS is VmHWM, read until the agent exited (so the final
-    flush is in), and VmHWM when its probes had just attached (BCC's compile is then over).
+    and the largest mappings. Peak RSS is VmHWM, which a thread reads with VmRSS every
+    0.2 s from the agent's launch until it exited (the final flush included), so the
+    phase it was reached in is known (start-up: BCC's compile; idle; churn; drain;
+    shutdown), with the highest VmRSS sampled in each phase.
   * CPU, % of one core over the churn: utime+stime (/proc/PID/stat, every thread, ended
     ones included, 10 ms ticks) and the sum of the threads' schedstat run time (ns); the
     verdict takes the larger. For scale: the first --churn-idle seconds after attach
@@ -119,7 +121,6 @@ RSS_GROWTH_TARGET = 5.0  # %, over the second half of the churn
 PEAK_RSS_TARGET_MB = 300.0
 CPU_TARGET = 5.0  # % of one core
 POINTS_TARGET = 5000  # per export
-MB = 1024 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
