@@ -26,7 +26,12 @@ Measured, all from outside the agent:
     and the largest mappings. Peak RSS is VmHWM, which a thread reads with VmRSS every
     0.2 s from the agent's launch until it exited (the final flush included), so the
     phase it was reached in is known (start-up: BCC's compile; idle; churn; drain;
-    shutdown), with the highest VmRSS sampled in each phase.
+    shutdown), with the highest VmRSS sampled in each phase. The engine compiles in
+    short-lived child processes: until the probes are attached the RSS of the agent and
+    its children is summed every 20 ms (bench/footprint.py's sampler; an upper bound, as
+    shared pages count twice) and the children's VmHWM kept. The verdict takes the larger
+    of the agent's VmHWM and that sum. The agent gets a compile cache of its own
+    (OTEL_EBPF_CACHE_DIR in the run's directory): a cold start, every program compiled.
   * CPU, % of one core over the churn: utime+stime (/proc/PID/stat, every thread, ended
     ones included, 10 ms ticks) and the sum of the threads' schedstat run time (ns); the
     verdict takes the larger. For scale: the first --churn-idle seconds after attach
@@ -466,7 +471,15 @@ class ChurnRun:
         self.strace_note = ""
 
     def attach(self) -> None:
-        self.ready_s = self.agent.wait_ready()
+        # the engine compiles in short-lived child processes: their memory counts against
+        # a node's limit as much as the agent's own
+        from bench.footprint import PeakSampler
+
+        with PeakSampler(self.agent.pid) as sampler:
+            self.ready_s = self.agent.wait_ready()
+        self.tree_peak_kb = sampler.tree_peak_kb
+        self.child_peak_kb = sampler.child_peak_kb
+        self.children = len(sampler.children_seen)
         self.prog_ids = prog_ids_of(self.agent.pid)
         self.ready = Reading.of(self.agent)
 
@@ -577,9 +590,11 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
         stack.callback(execs.close)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="otel-ebpf-bench-"))
         sink = stack.enter_context(otlp_sink())
-        # the embedded defaults, but for where to export
+        # the embedded defaults, but for where to export; a cold compile cache of its own,
+        # so that the start-up peak is a first start's, whatever ran before
         config = f"exporter:\n  endpoint: {sink.endpoint}\n"
-        with AgentProcess(config, Path(tmp), "agent-churn", life) as agent:
+        env = {"OTEL_EBPF_CACHE_DIR": str(Path(tmp) / "cache")}
+        with AgentProcess(config, Path(tmp), "agent-churn", life, extra_env=env) as agent:
             run = ChurnRun(args, agent, sink, execs)
             run.per_process, run.strace_note = per_process, strace_note
             try:
@@ -587,7 +602,8 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
                 print(f"agent:   {agent_command_for_report(agent)}  (attached in "
                       f"{run.ready_s:.1f}s)")
                 print(f"config:  the embedded defaults; exporter.endpoint {sink.endpoint} "
-                      "(the in-process sink)")
+                      "(the in-process sink); OTEL_EBPF_CACHE_DIR a new directory (a cold "
+                      "start: every program compiled)")
                 print(flush=True)
                 run.idle()
                 run.churn()
@@ -637,6 +653,7 @@ def report(run: ChurnRun) -> None:
     cpu = max(stat_pct, run_pct)
     peak_kb, peak_t, peak_phase = run.timeline.peak()
     peak_kb = max(peak_kb, run.end.hwm_kb)
+    peak = max(peak_kb, run.tree_peak_kb)  # the larger: what a memory limit meets
     exports = run.exports
     churn_exports = exports[run.exports_before:]
     max_request = max((n for e in exports for n in e.requests), default=0)
@@ -666,9 +683,13 @@ def report(run: ChurnRun) -> None:
         (f"RSS at the end ({wall:.0f}s)", _mb(run.end.rss_kb), ""),
         (f"RSS growth over the second {wall - half:.0f}s", f"{growth:+.2f} %",
          f"<= {RSS_GROWTH_TARGET:g} %"),
-        ("peak RSS (VmHWM, launch to exit)", _mb(peak_kb), f"<= {PEAK_RSS_TARGET_MB:g} MB"),
+        ("peak RSS, the agent (VmHWM, launch to exit)", _mb(peak_kb),
+         f"<= {PEAK_RSS_TARGET_MB:g} MB"),
         (f"  reached {peak_t:.1f}s after launch, in", peak_phase, ""),
         ("  VmHWM when the probes had attached", _mb(run.ready.hwm_kb), ""),
+        (f"peak RSS, agent + {run.children} compiler process(es)", _mb(run.tree_peak_kb),
+         f"<= {PEAK_RSS_TARGET_MB:g} MB"),
+        ("  a compiler's own VmHWM, the largest", _mb(run.child_peak_kb), ""),
         ("agent CPU over the churn, utime+stime", f"{stat_pct:.2f} %", f"<= {CPU_TARGET:g} %"),
         ("  the same, threads' schedstat", f"{run_pct:.2f} %", ""),
         (f"  first {args.churn_idle:g}s after attach (schedstat)", f"{idle_run:.2f} %", ""),
@@ -750,8 +771,9 @@ def report(run: ChurnRun) -> None:
         (f"RSS growth over the second half <= {RSS_GROWTH_TARGET:g} %", growth
          <= RSS_GROWTH_TARGET, f"{growth:+.2f} %, {_mb(run.mid.rss_kb)} -> "
                                f"{_mb(run.end.rss_kb)}"),
-        (f"peak RSS <= {PEAK_RSS_TARGET_MB:g} MB", peak_kb / 1024 <= PEAK_RSS_TARGET_MB,
-         f"{_mb(peak_kb)}, in {peak_phase}"),
+        (f"peak RSS <= {PEAK_RSS_TARGET_MB:g} MB", peak / 1024 <= PEAK_RSS_TARGET_MB,
+         f"{_mb(peak)}: the agent {_mb(peak_kb)} (in {peak_phase}), with its compilers "
+         f"{_mb(run.tree_peak_kb)}"),
         (f"CPU <= {CPU_TARGET:g} % of one core", cpu <= CPU_TARGET,
          f"{cpu:.2f} %, the larger of stat and schedstat"),
         (f"<= {POINTS_TARGET} points per export", max_export <= POINTS_TARGET,
