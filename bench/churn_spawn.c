@@ -1,8 +1,10 @@
 /* churn_spawn.c - short-lived processes at a steady rate, for bench/churn.py.
  *
- * Usage: churn_spawn RATE SECONDS [PROGRAM]
+ * Usage: churn_spawn RATE SECONDS [PROGRAM [CGROUP]]
  * Starts PROGRAM (default /bin/true, no arguments) RATE times a second for SECONDS seconds,
- * or until SIGTERM/SIGINT, then waits for every child. Spawn k is due at start + k / RATE
+ * or until SIGTERM/SIGINT, then waits for every child. With CGROUP (a cgroup v2 directory)
+ * the driver first moves itself into it, so every child starts there: the agent then
+ * counts them in a workload series of their own, apart from anyone else's PROGRAM. Spawn k is due at start + k / RATE
  * (an absolute clock_nanosleep, so a late wake-up does not shift the schedule; a late
  * driver catches up). posix_spawn is glibc's vfork-style clone: the driver's cost per
  * child is a clone and an exec, not a copy of its memory, so it keeps up where Python's
@@ -57,6 +59,19 @@ static double cpu_s(const struct timeval *user, const struct timeval *sys)
 
 static long long exited_ok, failed, running;
 
+/* Move this process into the cgroup v2 directory `dir` ("0" names the writer). */
+static int join_cgroup(const char *self, const char *dir)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/cgroup.procs", dir);
+    FILE *procs = fopen(path, "w");
+    if (!procs || fputs("0\n", procs) == EOF || fclose(procs) != 0) {
+        fprintf(stderr, "%s: cannot join %s: %s\n", self, dir, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 static void reap(int options)
 {
     int status;
@@ -72,12 +87,14 @@ static void reap(int options)
 
 int main(int argc, char **argv)
 {
-    if (argc < 3 || argc > 4) {
-        fprintf(stderr, "usage: %s RATE SECONDS [PROGRAM]\n", argv[0]);
+    if (argc < 3 || argc > 5) {
+        fprintf(stderr, "usage: %s RATE SECONDS [PROGRAM [CGROUP]]\n", argv[0]);
         return 2;
     }
     double rate = atof(argv[1]), seconds = atof(argv[2]);
-    char *program = argc == 4 ? argv[3] : "/bin/true";
+    char *program = argc >= 4 ? argv[3] : "/bin/true";
+    if (argc == 5 && join_cgroup(argv[0], argv[4]) != 0)
+        return 2;
     if (rate <= 0 || seconds <= 0) {
         fprintf(stderr, "%s: RATE and SECONDS must be positive\n", argv[0]);
         return 2;
