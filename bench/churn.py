@@ -55,6 +55,9 @@ Measured, all from outside the agent:
     counts the processes named "true" exec'd from attach to SIGTERM, the driver's children
     (a check of the driver's count) and anyone else's (what the machine-wide sum holds
     beyond ours).
+    With strace available, every syscall kind of /bin/true is checked the same way
+    (strace's count per process x spawned; execve counts in the series of the image that
+    made it, and exit_group never returns, so neither is expected in "true").
   * The agent's self-metric otel_ebpf.probe.lost_events (every probe and reason, latest
     value), and the other self-metrics of drops, splits and overflows.
 Targets (the issue's): RSS growth over the second half <= 5 %, peak RSS <= 300 MB, CPU <=
@@ -313,8 +316,9 @@ class Export:
     time_ns: int
     requests: list[int] = field(default_factory=list)  # points per request
     series: Counter[tuple[Any, ...]] = field(default_factory=Counter)  # identity -> points
-    # the set_tid_address points of "true": identity -> (its linux.cgroup.path, point)
-    exact: dict[str, tuple[str | None, Any]] = field(default_factory=dict)
+    # the linux.syscall.duration points of "true": identity -> (linux.cgroup.path, syscall,
+    # point)
+    exact: dict[str, tuple[str | None, str, Any]] = field(default_factory=dict)
     values: dict[tuple[Any, ...], float] = field(default_factory=dict)  # identity -> value
 
     @property
@@ -330,8 +334,15 @@ class Export:
     def syscall_count(self, cgroup: str | None = None) -> int:
         """set_tid_address of "true" in the workload series of `cgroup` (a path below the
         cgroup2 root), or in every one."""
-        return sum(int(p.count) for path, p in self.exact.values()
-                   if cgroup is None or path == cgroup)
+        return self.syscalls(cgroup)[SYSCALL]
+
+    def syscalls(self, cgroup: str | None = None) -> Counter[str]:
+        """Every syscall of "true" in the series of `cgroup` (None: every cgroup)."""
+        out: Counter[str] = Counter()
+        for path, name, point in self.exact.values():
+            if cgroup is None or path == cgroup:
+                out[name] += int(point.count)
+        return out
 
 
 def _value(point: Any) -> float:
@@ -370,9 +381,9 @@ def exports_of(requests: list[Any]) -> list[Export]:
         for key, point, name, attrs in found:
             export.series[key] += 1
             export.values[key] = _value(point)
-            if (name == DURATION_METRIC and attrs.get("process.executable.name") == EXE_NAME
-                    and attrs.get("linux.syscall.name") == SYSCALL):
-                export.exact[repr(key)] = (dict(key[0]).get("linux.cgroup.path"), point)
+            if name == DURATION_METRIC and attrs.get("process.executable.name") == EXE_NAME:
+                export.exact[repr(key)] = (dict(key[0]).get("linux.cgroup.path"),
+                                           str(attrs.get("linux.syscall.name")), point)
     return exports
 
 
@@ -389,21 +400,30 @@ def self_metric_values(sink: Any) -> dict[str, dict[str, float]]:
 # -- the run -----------------------------------------------------------------------------
 
 
-def syscalls_per_process() -> tuple[int, str]:
-    """How many set_tid_address calls one /bin/true makes, by strace; 1 if strace is
-    missing (glibc's loader makes one), said so in the note."""
+# syscalls that never return: the kernel's sys_exit never sees them, so nothing counts them
+NO_RETURN = frozenset({"exit", "exit_group"})
+_STRACE_LINE = re.compile(r"^(?:\d+\s+)?(\w+)\(")
+
+
+def syscalls_per_process() -> tuple[Counter[str], str]:
+    """The syscalls one /bin/true makes (those that return), by strace. Without strace:
+    one set_tid_address (glibc's dynamic loader makes one) and nothing else known."""
     if shutil.which("strace") is None:
-        return 1, "strace not found: assumed 1 (glibc's dynamic loader makes one)"
+        return (Counter({SYSCALL: 1}),
+                f"strace not found: assumed 1 {SYSCALL} (glibc's dynamic loader makes one)")
     with tempfile.NamedTemporaryFile(prefix="otel-ebpf-churn-strace-") as out:
-        cmd = ["strace", "-f", "-qq", "-o", out.name, "-e", f"trace={SYSCALL}", PROGRAM]
+        cmd = ["strace", "-f", "-qq", "-o", out.name, PROGRAM]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise BenchError(f"{shlex.join(cmd)} failed ({result.returncode}): "
                              f"{result.stderr.strip()}")
-        calls = sum(1 for line in Path(out.name).read_text().splitlines()
-                    if f"{SYSCALL}(" in line)
-    shown = ["strace", "-f", "-e", f"trace={SYSCALL}", PROGRAM]
-    return calls, f"{shlex.join(shown)}: {calls} call(s) per process"
+        calls: Counter[str] = Counter()
+        for line in Path(out.name).read_text().splitlines():
+            m = _STRACE_LINE.match(line)
+            if m and m[1] not in NO_RETURN:
+                calls[m[1]] += 1
+    return calls, (f"strace -f {PROGRAM}: {calls[SYSCALL]} {SYSCALL} call(s) per process "
+                   f"({sum(calls.values())} syscalls that return, {len(calls)} kinds)")
 
 
 @dataclass
@@ -503,7 +523,7 @@ class ChurnRun:
         self.timeline = MemoryTimeline(agent.pid)
         self.ready_s = 0.0
         self.per_process = 1
-        self.strace_note = ""
+        self.strace_calls: Counter[str] = Counter()
 
     def attach(self) -> None:
         # the engine compiles in short-lived child processes: their memory counts against
@@ -610,7 +630,8 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     if not machine_shown:
         for line in machine_lines(bcc):
             print(line)
-    per_process, strace_note = syscalls_per_process()
+    strace_calls, strace_note = syscalls_per_process()
+    per_process = strace_calls[SYSCALL]
     if per_process < 1:
         raise BenchError(f"{PROGRAM} made no {SYSCALL} call under strace: {strace_note}")
     print(f"load:    {DRIVER_BIN} {args.churn_rate:g} {args.churn_seconds:g} {PROGRAM}  "
@@ -632,7 +653,7 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
         env = {"OTEL_EBPF_CACHE_DIR": str(Path(tmp) / "cache")}
         with AgentProcess(config, Path(tmp), "agent-churn", life, extra_env=env) as agent:
             run = ChurnRun(args, agent, sink, execs, cgroup)
-            run.per_process, run.strace_note = per_process, strace_note
+            run.per_process, run.strace_calls = per_process, strace_calls
             try:
                 run.attach()
                 print(f"agent:   {agent_command_for_report(agent)}  (attached in "
@@ -757,11 +778,23 @@ def report(run: ChurnRun) -> None:
               f"e.g. {example[1]} "
               + ", ".join(f"{k}={v}" for k, v in example[2])
               + f" x{final.series[example]})")
+    tids = sum(1 for _, name, _ in final.exact.values() if name == SYSCALL) if final else 0
     print(f"(the driver's cgroup {ours}: {d.spawned} spawned x {run.per_process} call(s) "
           f"each = {expected}; the exec tracepoints saw {run.execs_ours} {EXE_NAME!r} of the "
           f"driver's and {run.execs_others} of others' from attach to SIGTERM; "
-          f"{len(final.exact) if final else 0} {EXE_NAME!r} {SYSCALL} point(s) in the final "
-          "export)")
+          f"{tids} {EXE_NAME!r} {SYSCALL} point(s) in the final export)")
+    if final is not None and len(run.strace_calls) > 1:
+        got = final.syscalls(ours)
+        # an execve counts in the series of the image that made it (the driver's child
+        # before it became "true"), not of the image it started
+        made = {name: n * d.spawned for name, n in run.strace_calls.items()
+                if name not in ("execve", "execveat")}
+        off = {name: got[name] - made.get(name, 0) for name in set(got) | set(made)
+               if got[name] != made.get(name, 0)}
+        print(f"(every syscall of the driver's {EXE_NAME!r}, strace's counts x {d.spawned}: "
+              f"{len(made) - len(off.keys() & made.keys())} of {len(made)} kinds exact"
+              + ("; off: " + ", ".join(f"{name} {n:+d}" for name, n in sorted(off.items()))
+                 if off else "") + ")")
     if run.execs_ours != d.spawned:
         print(f"warning: the exec tracepoints saw {run.execs_ours} {EXE_NAME!r} of the "
               f"driver, which reported {d.spawned}: the ground truth is in doubt")
