@@ -66,7 +66,11 @@ Targets (the issue's): RSS growth over the second half <= 5 %, peak RSS <= 300 M
 Caveats
   * The agent watches the whole machine: whatever else runs (another session's test suite)
     adds its processes, series and CPU to the agent's; the machine's forks during the churn
-    (/proc/stat processes) and its load are printed beside ours.
+    (/proc/stat processes) and its load are printed beside ours. RSS growth is the most
+    exposed: the CPU profiler keeps the symbol table of every ELF file it has sampled in
+    (checked here: the first BCC compile it samples, libLLVM and libclang-cpp mapped, adds
+    ~11 MB that stay; the next adds nothing), so a neighbour starting new large binaries
+    during the second half shows up as growth that the churn of /bin/true did not cause.
 """
 
 from __future__ import annotations
