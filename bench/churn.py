@@ -391,6 +391,22 @@ def exports_of(requests: list[Any]) -> list[Export]:
     return exports
 
 
+MAP_FILL = "otel_ebpf.probe.map.fill"  # a gauge per probe and map, where main has it
+
+
+def map_fill_peaks(sink: Any) -> dict[str, float]:
+    """The highest value of each series of the agent's map-fill gauge over the run
+    (attributes as text -> value): how full the kernel maps got at their drains."""
+    from tests.peers.otlp_sink import attrs_to_dict
+
+    out: dict[str, float] = {}
+    for _, point in sink.metrics_points(MAP_FILL):
+        attrs = ",".join(f"{k}={v}" for k, v in sorted(attrs_to_dict(point.attributes).items()))
+        value = point.as_int if point.WhichOneof("value") == "as_int" else point.as_double
+        out[attrs] = max(out.get(attrs, value), value)
+    return out
+
+
 def self_metric_values(sink: Any) -> dict[str, dict[str, float]]:
     """metric -> attributes (as text) -> latest value, for the agent's drop counters."""
     out: dict[str, dict[str, float]] = {}
@@ -620,6 +636,7 @@ class ChurnRun:
         self.exports_periodic = len(exports_of(requests[:self.requests_periodic]))
         self.exports_before = len(exports_of(requests[:self.requests_before]))
         self.self_metrics = self_metric_values(sink)
+        self.map_fill = map_fill_peaks(sink)
         self.spans = sum(len(ss.spans) for r in sink.trace_requests
                          for rs in r.resource_spans for ss in rs.scope_spans)
         self.profiles = len(sink.profiles_requests)
@@ -838,6 +855,9 @@ def report(run: ChurnRun) -> None:
     print("other drop/split/overflow self-metrics: " + ("; ".join(
         f"{name} " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(values.items()))
         for name, values in sorted(others.items())) or "none"))
+    if run.map_fill:
+        print(f"kernel map fill ({MAP_FILL}), the highest over the run: " + ", ".join(
+            f"{k} {v:g}" for k, v in sorted(run.map_fill.items())))
     print(f"also received: {run.spans} spans, {run.profiles} profile requests")
 
     print()
