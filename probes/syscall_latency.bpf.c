@@ -25,7 +25,11 @@
  *             calls) pairs and adds them to the map when the task leaves the CPU, when a
  *             9th syscall number needs a slot, or when user space flips the generation:
  *             a hash update per flush, not per call. Nothing is lost; a count flushed
- *             after a flip lands in the next interval's map.
+ *             after a flip lands in the next interval's map. The switch tracepoint runs
+ *             with interrupts off, where a new key of this no-prealloc map may find no
+ *             memory: there it adds to keys already in the map only, and the rest waits
+ *             for the next flush from a syscall (measured under 200 exits a second:
+ *             inserts from the switch lost 10-21 calls a run; none since).
  * Maps:       cpu_state     per-CPU array (1): the call in flight, the sampling countdown,
  *                           the running task's identity and its pending counts.
  *             task_state    task-local storage: the call in flight of a task that left the
@@ -56,7 +60,8 @@
  *             redis suites) against the empty programs on the same hooks.
  *
  * Compile-time switches (cflags from otel_ebpf/probes/syscall_latency.py):
- *   MAX_ENTRIES, SAMPLE_PERIOD, NR_EXECVE, NR_EXECVEAT, FILTER_TGID, FILTER_COMM,
+ *   MAX_ENTRIES, SAMPLE_PERIOD, NR_EXECVE, NR_EXECVEAT, NR_CLONE, NR_CLONE3, NR_FORK,
+ *   NR_VFORK (-1 where the architecture has none), FILTER_TGID, FILTER_COMM,
  *   FILTER_CGROUP, KEY_WORKLOAD (+ the offsets workload.h reads), KEY_TGID, KEY_CGROUP,
  *   SLOW_EVENTS, SLOW_MIN_NS, SLOW_RATE, SLOW_BURST, RINGBUF_PAGES, USE_PERF_BUFFER.
  */
@@ -71,6 +76,8 @@
 
 #define SLOTS 8
 #define SYSCALL_SLOTS 1024
+#define ERRNO_2BIG 7    /* errno values are ABI */
+#define ERRNO_NOMEM 12
 
 #define CALL_OFFCPU 1       /* task_state.flags: a call in flight left the CPU */
 #define CALL_ENTRY_EXACT 2  /* ... and its start is its entry, not when it left */
@@ -129,12 +136,14 @@ struct cpu_state {
 };
 
 enum probe_stat {
-    STAT_MAP_FULL = 0,      /* a new key did not fit in latency: its counts are lost */
+    STAT_MAP_FULL = 0,      /* calls lost: their key did not fit in a full latency map */
     STAT_NO_START = 1,      /* sys_exit without a recorded enter (started before attach) */
     STAT_RATE_LIMITED = 2,  /* a slow call refused by the token bucket */
     STAT_BUFFER_FULL = 3,   /* a slow call that found the event buffer full */
     STAT_NO_STATE = 4,      /* a call left the CPU but task storage was unavailable */
-    STAT_COUNT = 5,
+    STAT_NO_MEMORY = 5,     /* calls lost: the kernel had no memory for their new key */
+    STAT_TIMING_LOST = 6,   /* a timed call whose key could not be inserted (counted still) */
+    STAT_COUNT = 7,
 };
 
 BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
@@ -183,11 +192,16 @@ BPF_HASH(comm_filter, struct comm_key, u8, 256);
 BPF_HASH(cgroup_filter, u64, u8, 16384);
 #endif
 
-static __always_inline void count_stat(u32 stat)
+static __always_inline void count_stats(u32 stat, u64 n)
 {
     u64 *v = probe_stats.lookup(&stat);
     if (v)
-        (*v)++;
+        *v += n;
+}
+
+static __always_inline void count_stat(u32 stat)
+{
+    count_stats(stat, 1);
 }
 
 static __always_inline int wanted(void)
@@ -243,13 +257,17 @@ static __always_inline void current_identity(struct identity *out)
     __builtin_memcpy(out, &id, sizeof(id));
 }
 
-/* The value of `key` in latency_<which>, inserted when new; NULL when the map is full
- * (counted). `which` is a constant at each call, so each copy touches one map. */
+/* The value of `key` in latency_<which>, inserted when new (with `insert`); NULL when it is
+ * not there and could not be (*err: -E2BIG, a full map; -ENOMEM, no memory for it, as
+ * when the allocator cannot refill its per-CPU reserve with interrupts off, in the switch
+ * tracepoint; 0, not asked to insert). `which` is a constant at each call, so each copy
+ * touches one map. */
 static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *key,
-                                                  struct identity *id)
+                                                  struct identity *id, int insert, int *err)
 {
     struct hist_value *value = which ? latency_1.lookup(key) : latency_0.lookup(key);
-    if (value)
+    *err = 0;
+    if (value || !insert)
         return value;
     u32 zero = 0;
     struct hist_value *init = zero_value.lookup(&zero);
@@ -257,13 +275,10 @@ static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *k
         return NULL;
     /* insert() is BPF_NOEXIST: when another CPU inserted the key first, its entry (and
      * its counts) stay and the lookup below finds it. */
-    if (which)
-        latency_1.insert(key, init);
-    else
-        latency_0.insert(key, init);
+    int res = which ? latency_1.insert(key, init) : latency_0.insert(key, init);
     value = which ? latency_1.lookup(key) : latency_0.lookup(key);
     if (!value) {
-        count_stat(STAT_MAP_FULL);
+        *err = res ? res : -ERRNO_2BIG;
         return NULL;
     }
     if (!value->comm[0]) {
@@ -275,25 +290,34 @@ static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *k
     return value;
 }
 
-static __always_inline struct hist_value *entry(u32 gen, struct identity *id, u32 nr)
+static __always_inline struct hist_value *entry(u32 gen, struct identity *id, u32 nr,
+                                               int insert, int *err)
 {
     struct hist_key key = id->key;
     key.nr = nr;
-    return gen ? entry_of(1, &key, id) : entry_of(0, &key, id);
+    return gen ? entry_of(1, &key, id, insert, err) : entry_of(0, &key, id, insert, err);
 }
 
-/* Add the pending counts to the current map and free the slots. */
-static __always_inline void flush(struct cpu_state *c, u32 gen)
+/* Add the pending counts to the current map and free their slots. With `insert` off (in
+ * the switch tracepoint, where interrupts are off and a new key may find no memory) the
+ * counts of keys not yet in the map stay pending, for the next flush from a syscall. */
+static __always_inline void flush(struct cpu_state *c, u32 gen, int insert)
 {
 #pragma unroll
     for (int i = 0; i < SLOTS; i++) {
         u32 slot_nr = c->slot_nr[i];
         if (slot_nr) {
-            struct hist_value *v = entry(gen, &c->owner_id, slot_nr - 1);
+            int err;
+            struct hist_value *v = entry(gen, &c->owner_id, slot_nr - 1, insert, &err);
             if (v)
                 __sync_fetch_and_add(&v->calls, c->slot_calls[i]);
-            c->slot_nr[i] = 0;
-            c->slot_calls[i] = 0;
+            else if (err)
+                count_stats(err == -ERRNO_NOMEM ? STAT_NO_MEMORY : STAT_MAP_FULL,
+                            c->slot_calls[i]);
+            if (v || err) {
+                c->slot_nr[i] = 0;
+                c->slot_calls[i] = 0;
+            }
         }
     }
 }
@@ -311,7 +335,7 @@ static __always_inline u32 own(struct cpu_state *c, u64 task)
 {
     u32 gen = current_generation();
     if (c->owner != task || c->gen != gen) {
-        flush(c, gen);
+        flush(c, gen, 1);
         if (c->owner != task) {
             current_identity(&c->owner_id);
             c->owner = task;
@@ -340,7 +364,7 @@ static __always_inline void count_call(struct cpu_state *c, u32 nr)
         }
     }
     /* a 9th syscall number: make room */
-    flush(c, c->gen);
+    flush(c, c->gen, 1);
     c->slot_nr[0] = want;
     c->slot_calls[0] = 1;
 }
@@ -428,9 +452,12 @@ static __always_inline void record(struct bpf_raw_tracepoint_args *ctx, struct c
 #ifdef SLOW_EVENTS
     emit_if_slow(ctx, &c->owner_id, nr, start_ns, exit_ns, entry_exact);
 #endif
-    struct hist_value *v = entry(gen, &c->owner_id, nr);
-    if (!v)
+    int err;
+    struct hist_value *v = entry(gen, &c->owner_id, nr, 1, &err);
+    if (!v) {
+        count_stat(STAT_TIMING_LOST);
         return;
+    }
     u32 slot = hist_slot(delta);
     if (offcpu) {
         __sync_fetch_and_add(&v->offcpu, 1);
@@ -462,6 +489,24 @@ static __always_inline u32 sample(struct cpu_state *c, u32 nr)
     c->countdown = 1 + bpf_get_prandom_u32() % (2 * SAMPLE_PERIOD - 1);
 #endif
     return 1;
+}
+
+/* A new task's first return, from the clone or fork its parent entered: no call of its
+ * own, so no enter to find. The number is in the saved registers (pt_regs is ABI). */
+static __always_inline int is_fork_return(struct bpf_raw_tracepoint_args *ctx)
+{
+#ifdef NR_CLONE
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long nr = -1;
+#if defined(__TARGET_ARCH_arm64) || defined(__aarch64__)
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->syscallno);
+#else
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+#endif
+    return nr == NR_CLONE || nr == NR_CLONE3 || nr == NR_FORK || nr == NR_VFORK;
+#else
+    return 0;
+#endif
 }
 
 /* Named on_* rather than BCC's raw_tracepoint__* so that BCC does not attach them on
@@ -507,7 +552,8 @@ int on_sys_exit(struct bpf_raw_tracepoint_args *ctx)
         struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
         struct task_state *s = task_state.task_storage_get(t, 0, 0);
         if (!s || !(s->flags & CALL_OFFCPU)) {
-            count_stat(STAT_NO_START);
+            if (!is_fork_return(ctx))
+                count_stat(STAT_NO_START);
             return 0;
         }
         nr = s->nr;
@@ -520,7 +566,7 @@ int on_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 #ifdef NR_EXECVE
     /* a successful exec changes the executable: recompute the identity */
     if ((nr == NR_EXECVE || nr == NR_EXECVEAT) && (s64)ctx->args[1] == 0) {
-        flush(c, c->gen);
+        flush(c, c->gen, 1);
         c->owner = 0;
         struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
         struct task_state *s = task_state.task_storage_get(t, 0, 0);
@@ -562,7 +608,9 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx)
         }
     }
     if (c->owner == prev) {
-        flush(c, current_generation());
+        /* what stays pending (new keys) goes with the next syscall's flush, under the
+         * identity kept in owner_id */
+        flush(c, current_generation(), 0);
         c->owner = 0;
     }
     return 0;

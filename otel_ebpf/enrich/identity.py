@@ -88,10 +88,14 @@ class IdentityResolver:
             attrs.update(self.kubernetes.lookup(cg.pod_uid, cg.container_id))
         return attrs
 
-    def workload_resource(self, cg: CgroupIdentity | None) -> dict[str, AttributeValue]:
+    def workload_resource(self, cg: CgroupIdentity | None, cgroup_id: int = 0
+                          ) -> dict[str, AttributeValue]:
         """The resource of a workload outside containers: its cgroup (on a systemd host,
-        its unit, which also names the service)."""
+        its unit, which also names the service); a cgroup gone before its path was read
+        keeps its id, so that it is not taken for the root's."""
         resource = dict(self.base)
+        if cg is None and cgroup_id:
+            resource["linux.cgroup.id"] = cgroup_id
         if cg is not None and cg.path not in ("", "/"):
             resource["linux.cgroup.path"] = cg.path
             if cg.systemd_unit:
@@ -117,7 +121,7 @@ class IdentityResolver:
             return Identity(resource, {k: point[k] for k in ("process.pid",
                                        "process.executable.name") if k in point})
         if workload.pid <= 0:
-            return Identity(self.workload_resource(cg))
+            return Identity(self.workload_resource(cg, workload.cgroup_id))
         resource = {**self.base, **point}
         if "process.executable.name" in point:
             resource["service.name"] = point["process.executable.name"]

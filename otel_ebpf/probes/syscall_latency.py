@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 HIST_SCALE = 2
 HIST_MIN_INDEX = -104
 HIST_BUCKETS = 152
-_STAT_REASONS = ("map_full", "no_start", "rate_limited", "buffer_full", "no_task_storage")
+_STAT_REASONS = ("map_full", "no_start", "rate_limited", "buffer_full", "no_task_storage",
+                 "no_memory", "timing_lost")
 # After the generation flips, programs that read the old one may still be adding to its
 # map: they finish within microseconds unless preempted; this covers a preempted one on
 # anything but a hopelessly overloaded machine. The collecting thread sleeps, at no cost.
@@ -93,6 +94,9 @@ class SyscallLatency(Probe):
         numbers = {name: nr for nr, name in self.syscalls.names.items()}
         if "execve" in numbers and "execveat" in numbers:
             flags += [f"-DNR_EXECVE={numbers['execve']}", f"-DNR_EXECVEAT={numbers['execveat']}"]
+        if "clone" in numbers:  # a child's first return: no call of its own
+            flags += [f"-DNR_{name.upper()}={numbers.get(name, -1)}"
+                      for name in ("clone", "clone3", "fork", "vfork")]
         if self.config.aggregation == "workload":
             flags.append("-DKEY_WORKLOAD")
             try:

@@ -8,10 +8,10 @@ exported count is exact, and each quantile is that of an unbiased sample of the 
 calls mixed with every off-CPU call.
 
 The sample used, in order of preference: the series' sample of this interval, the series'
-sample so far, the sample so far of the same syscall across every series. The kernel
-times the first call of each syscall number it sees, so the last always exists once a
-syscall's first call stayed on the CPU; until some sample exists the fast calls wait
-(`pending`), never guessed. The kernel adds a call's count to the map when its task
+sample so far, the sample so far of the same syscall across every series, and last the
+same syscall's calls that left the CPU. The kernel times the first call of each syscall
+number it sees, so one of these exists once a syscall has been seen; until then the fast
+calls wait (`pending`), never guessed. The kernel adds a call's count to the map when its task
 leaves the CPU, so in one interval a series may show more off-CPU calls than calls: the
 difference is carried, never exported negative.
 """
@@ -89,6 +89,9 @@ class FastCallEstimator:
     def __init__(self, keep_idle: int = 12) -> None:
         self._series: dict[object, _SeriesState] = {}
         self._pools: dict[int, _Sample] = {}  # syscall nr -> every series' sample
+        # syscall nr -> every series' calls that left the CPU: the last resort, for a
+        # syscall whose only timed calls blocked
+        self._offcpu_pools: dict[int, _Sample] = {}
         self.keep_idle = keep_idle
         self.forgotten = 0
 
@@ -111,9 +114,13 @@ class FastCallEstimator:
                                                       interval.sampled_sum_s, size)
         o_offset, o_counts = interval.offcpu
         offcpu = sum(o_counts)
+        if offcpu:
+            self._offcpu_pools.setdefault(nr, _Sample()).add(o_offset, o_counts,
+                                                             interval.offcpu_sum_s, offcpu)
         state.pending += interval.calls - offcpu
         estimate = Estimate(o_offset, list(o_counts), offcpu, interval.offcpu_sum_s)
-        self._spread(state, estimate, (now, state.sample, self._pools.get(nr)))
+        self._spread(state, estimate, (now, state.sample, self._pools.get(nr),
+                                       self._offcpu_pools.get(nr)))
         return estimate
 
     def _spread(self, state: _SeriesState, into: Estimate,
@@ -141,7 +148,8 @@ class FastCallEstimator:
             state.idle += 1
             if state.pending > 0:
                 estimate = Estimate(0, [], 0, 0.0)
-                self._spread(state, estimate, (state.sample, self._pools.get(state.nr)))
+                self._spread(state, estimate, (state.sample, self._pools.get(state.nr),
+                                               self._offcpu_pools.get(state.nr)))
                 if estimate.count:
                     settled.append((state.meta, estimate))
             if state.idle > self.keep_idle:

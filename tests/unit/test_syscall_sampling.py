@@ -79,3 +79,10 @@ def test_idle_series_are_forgotten_and_their_waiting_calls_counted() -> None:
         est.settle(set())
     assert est.forgotten == 4
     assert est.pending == 0
+
+
+def test_a_syscall_whose_only_timed_calls_blocked_spreads_by_those() -> None:
+    est = FastCallEstimator()
+    # its first (forced-timed) call blocked: no on-CPU sample anywhere, only off-CPU ones
+    got = est.estimate("a", 11, interval(5, (9, [1])), "A")
+    assert (got.offset, got.counts, got.count) == (9, [5], 5)

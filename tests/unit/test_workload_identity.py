@@ -25,6 +25,8 @@ def test_other_cgroups_keep_their_path_and_the_root_none() -> None:
     assert resolver().workload_resource(cg)["linux.cgroup.path"] == cg.path
     assert resolver().workload_resource(parse_cgroup_path("/")) == HOST
     assert resolver().workload_resource(None) == HOST
+    # a cgroup removed before its path was read: its id, never the root's resource
+    assert resolver().workload_resource(None, 777) == {**HOST, "linux.cgroup.id": 777}
 
 
 def test_profile_samples_share_their_workloads_resource() -> None:
