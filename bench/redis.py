@@ -509,17 +509,17 @@ class Agent:
         assert self._process is not None, "only while attached"
         return self._process.cpu_seconds()  # its threads' schedstat run time
 
-    def _final_count(self, timeout: float = 5.0) -> int:
+    def _final_count(self, timeout: float = 10.0) -> int:
         """The server's syscalls once the agent's final flush went through rotel: the sink
         may still hold only a periodic export from mid-benchmark when the agent exits, so
-        wait until the count is non-zero and has not changed for a second."""
+        wait until the count is non-zero and has not changed for two seconds."""
         deadline = time.monotonic() + timeout
         last, since = -1, time.monotonic()
         while time.monotonic() < deadline:
             count = server_syscalls_exported(self.sink, self.server_pid)
             if count != last:
                 last, since = count, time.monotonic()
-            elif count > 0 and time.monotonic() - since >= 1.0:
+            elif count > 0 and time.monotonic() - since >= 2.0:
                 break
             time.sleep(0.2)
         return last
@@ -667,6 +667,7 @@ class PerfBreakdown:
     samples: int
     share: dict[str, float]  # group -> fraction of the CPU's samples
     top_bpf: list[tuple[str, float]]  # the heaviest BPF-related symbols
+    foreign: list[str] = field(default_factory=list)  # others' hooks during the pass
 
 
 def perf_report(data: Path) -> PerfBreakdown:
@@ -694,10 +695,11 @@ def perf_report(data: Path) -> PerfBreakdown:
     return PerfBreakdown(samples, share, bpf[:6])
 
 
-def perf_pass(mode: Mode, server: RedisServer, cmd: Sequence[str], requests: int,
-              workdir: Path) -> PerfBreakdown:
+def perf_pass(mode: Mode, server: RedisServer, watch: HookWatch, cmd: Sequence[str],
+              requests: int, workdir: Path) -> PerfBreakdown:
     data = workdir / f"perf-{mode.key}.data"
     with mode.attached():
+        foreign = watch.wait_clean()
         perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F",
                                  str(PERF_FREQ), "-p", str(server.pid), "-o", str(data)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -705,6 +707,7 @@ def perf_pass(mode: Mode, server: RedisServer, cmd: Sequence[str], requests: int
         try:
             time.sleep(0.5)  # perf opens its events
             run_benchmark(cmd, requests)
+            foreign = sorted(set(foreign) | set(watch.foreign()))
         finally:
             perf.send_signal(signal.SIGINT)
             try:
@@ -715,9 +718,11 @@ def perf_pass(mode: Mode, server: RedisServer, cmd: Sequence[str], requests: int
     if not data.exists():
         raise BenchError(f"perf record wrote nothing: {err.decode(errors='replace')[:300]}")
     try:
-        return perf_report(data)
+        breakdown = perf_report(data)
     finally:
         data.unlink(missing_ok=True)
+    breakdown.foreign = foreign
+    return breakdown
 
 
 # -- the report --------------------------------------------------------------------------
@@ -882,7 +887,8 @@ def perf_table(breakdowns: dict[str, PerfBreakdown], requests: int) -> None:
     for mode, b in breakdowns.items():
         us = b.samples / PERF_FREQ / per
         print(f"{LABELS[mode]:<22}{b.samples:>8}"
-              + "".join(f"{b.share[g] * us:>18.2f}" for g in PERF_GROUPS) + f"{us:>8.2f}")
+              + "".join(f"{b.share[g] * us:>18.2f}" for g in PERF_GROUPS) + f"{us:>8.2f}"
+              + ("  ! others' hooks: their programs count here too" if b.foreign else ""))
     print("heaviest symbols of the BPF and tracing groups (% of the server's samples):")
     for mode, b in breakdowns.items():
         if b.top_bpf:
@@ -1046,13 +1052,14 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
             else:
                 print("\nperf breakdown: one more benchmark per mode ...", flush=True)
                 for mode in order_base:
-                    breakdowns[mode.key] = perf_pass(mode, server, cmd, requests, tmp)
+                    breakdowns[mode.key] = perf_pass(mode, server, watch, cmd, requests, tmp)
                     print(f"  {mode.label}: {breakdowns[mode.key].samples} samples", flush=True)
 
     report(results, requests)
     quiet = results.quiet()
-    if quiet.complete(3) and quiet.samples != results.samples:
-        rps_tables(quiet, "quiet samples only")
+    if quiet.complete(2) and quiet.samples != results.samples:
+        rps_tables(quiet, "quiet samples only (few: read with care)" if not quiet.complete(3)
+                   else "quiet samples only")
     headline(results)
     if breakdowns:
         perf_table(breakdowns, requests)
