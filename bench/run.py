@@ -334,10 +334,9 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
     clock = added["clock"]
     clock_vs_floor, clock_vs_syscount = ratio(clock, floor_added), ratio(clock, syscount_added)
     if clock_vs_floor is not None and clock_vs_syscount is not None:
-        print(f"floor:  two clock reads alone add {clock:.1f} ns = {clock_vs_floor:.2f}x the "
-              f"empty floor, {clock_vs_syscount:.2f}x syscount's; the probe's own work "
-              f"(enter time per task, histogram) adds {added['probe'] - clock:.1f} ns above "
-              "them")
+        print(f"clock:  two clock reads alone add {clock:.1f} ns = {clock_vs_floor:.2f}x the "
+              f"empty floor, {clock_vs_syscount:.2f}x syscount's; the probe, which reads no "
+              f"clock on most calls, adds {added['probe'] - clock:+.1f} ns against them")
 
 
 # -- main --------------------------------------------------------------------------------
