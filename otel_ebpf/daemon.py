@@ -17,13 +17,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
+from opentelemetry.sdk.metrics.export import Metric
+
 from otel_ebpf import __version__
 from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
 from otel_ebpf.enrich.process import pid_alive
-from otel_ebpf.export.agent_metrics import MapFill, process_metrics
+from otel_ebpf.export.agent_metrics import MapFill, process_metrics, sample_period_metric
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics import OtlpShipper
 from otel_ebpf.export.metrics_export import MetricsExport
@@ -78,7 +80,7 @@ class Agent:
         self.map_fill = MapFill()
         self.metrics = None if shipper is None else MetricsExport(
             self.store, shipper, identity.resolver, config.exporter, time.time_ns(),
-            lambda start: process_metrics(start) + self.map_fill.metrics(start))
+            self._agent_metrics)
         # only when printed: its windows grow with every (process, syscall) until a print
         self.summary = HistogramSummary(config.summary.top) if config.summary.enabled else None
         self._started_ns: dict[str, int] = {}
@@ -108,6 +110,14 @@ class Agent:
         self.store.add(records, min(self._started_ns.values(), default=now), now)
 
     # ---- lifecycle -------------------------------------------------------------------
+
+    def _agent_metrics(self, start_ns: int) -> list[Metric]:
+        """The agent's own metrics read at each export: process, map fill, sampling."""
+        metrics = process_metrics(start_ns) + self.map_fill.metrics(start_ns)
+        syscalls = self.config.probes.syscall_latency
+        if syscalls.enabled:
+            metrics.append(sample_period_metric(syscalls.sample_period, start_ns))
+        return metrics
 
     async def run(self, duration: float | None = None) -> int:
         loop = asyncio.get_running_loop()

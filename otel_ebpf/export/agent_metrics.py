@@ -82,3 +82,15 @@ class MapFill:
                        description="Share of a kernel map's capacity in use at the probe's "
                        "last drain, by probe and map; near 1 the probe counts map_full.",
                        data=Gauge(data_points=points))]
+
+
+def sample_period_metric(period: int, start_ns: int, now_ns: int | None = None) -> Metric:
+    """The syscall probe's sampling period: of the calls that stay on the CPU, one in
+    `period` is timed (1: every call). A backend reading quantiles needs it to judge them;
+    counts never depend on it."""
+    now_ns = now_ns or time.time_ns()
+    return Metric(name="otel_ebpf.syscall.sample_period", unit="{call}",
+                  description="Of the syscalls that stay on the CPU, one in this many is "
+                  "timed; the others are spread over that sample (counts stay exact).",
+                  data=Gauge(data_points=[_point(period, start_ns, now_ns,
+                                                 {"probe": "syscall_latency"})]))

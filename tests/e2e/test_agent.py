@@ -166,6 +166,8 @@ def test_agent_exports_through_rotel_and_stops_cleanly(
     fills = {attrs_to_dict(p.attributes)["map"]: p.as_double
              for _, p in otlp_sink.metrics_points("otel_ebpf.probe.map.fill")}
     assert 0 <= fills["latency"] < 1
+    (_, period), *_ = otlp_sink.metrics_points("otel_ebpf.syscall.sample_period")
+    assert period.as_int == 64  # the default: quantiles are read knowing it
 
     code, took = agent.stop()
     assert code == 0, "".join(agent.stderr)
