@@ -107,9 +107,13 @@ struct hist_value {
     u32 sampled_buckets[HIST_BUCKETS];
 };
 
-/* Who a task is, for the key, and the names stored with a new key. */
+/* Who a task is, for the key, and what is stored with a new key: its counts may be
+ * flushed from another task's syscall, so nothing of a new key comes from `current`. */
 struct identity {
     struct hist_key key;  /* nr = 0 */
+    u64 cgroup_id;
+    u32 tgid;
+    u32 _pad;
     char comm[TASK_COMM_LEN];
     char exe[EXE_LEN];
 };
@@ -238,11 +242,13 @@ static __always_inline void current_identity(struct identity *out)
         return;
     }
     struct identity id = {};
+    id.cgroup_id = cgroup_id;
+    id.tgid = bpf_get_current_pid_tgid() >> 32;
 #if defined(KEY_WORKLOAD) || defined(KEY_CGROUP)
     id.key.cgroup_id = cgroup_id;
 #endif
 #ifdef KEY_TGID
-    id.key.tgid = bpf_get_current_pid_tgid() >> 32;
+    id.key.tgid = id.tgid;
 #endif
     bpf_get_current_comm(&id.comm, sizeof(id.comm));
 #ifdef KEY_WORKLOAD
@@ -284,8 +290,8 @@ static __always_inline struct hist_value *entry_of(u32 which, struct hist_key *k
     if (!value->comm[0]) {
         __builtin_memcpy(value->comm, id->comm, TASK_COMM_LEN);
         __builtin_memcpy(value->exe, id->exe, EXE_LEN);
-        value->cgroup_id = id->key.cgroup_id ? id->key.cgroup_id : bpf_get_current_cgroup_id();
-        value->tgid = id->key.tgid ? id->key.tgid : bpf_get_current_pid_tgid() >> 32;
+        value->cgroup_id = id->cgroup_id;
+        value->tgid = id->tgid;
     }
     return value;
 }

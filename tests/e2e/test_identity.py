@@ -104,7 +104,7 @@ def test_same_container_identity_on_metrics_spans_and_profiles(
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint})
     helpers: dict[str, subprocess.Popen[str]] = {}
     try:
-        agent.wait_for_log("probe cpu_profile attached")
+        agent.wait_for_log(" running: probes")  # every probe: they attach side by side
         for name, (path, _, _) in cgroups.items():
             helpers[name] = start_in_cgroup(cpu_hot, path, "0.5")
         for proc in helpers.values():
