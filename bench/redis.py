@@ -1100,6 +1100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # SIGTERM (_raise_exit): say so, or the log just stops
+        print(f"bench: stopped by a signal (exit {exc.code}); everything it started is "
+              "stopped", file=sys.stderr, flush=True)
+        raise
     leaked = open_bpf_fds()
     if leaked or _children():
         print(f"bench: redis: left behind: BPF fds {leaked}, children {sorted(_children())}",
