@@ -576,6 +576,10 @@ def run_standalone(name: str, run_suite: Callable[[Any, bool], int], args: Any) 
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # SIGTERM (_raise_exit): say so, or the log just stops
+        print(f"bench: stopped by a signal (exit {exc.code}); everything it started is "
+              "stopped", file=sys.stderr, flush=True)
+        raise
     leaked = open_bpf_fds()
     if leaked or _children():
         print(f"bench: {name}: left behind: BPF fds {leaked}, children {sorted(_children())}",

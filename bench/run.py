@@ -508,6 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("bench: interrupted", file=sys.stderr)
             return 130
+        except SystemExit as exc:  # SIGTERM (_raise_exit): say so, or the log just stops
+            print(f"bench: stopped by a signal (exit {exc.code}); everything it started is "
+                  "stopped", file=sys.stderr, flush=True)
+            raise
         finally:
             os.sched_setaffinity(0, affinity)  # the syscalls suite pins us
         try:
