@@ -278,13 +278,16 @@ class Btf:
                         return hit[0], bits + hit[1], hit[2]
         return None
 
-    def member_offset(self, struct_name: str, path: str) -> int:
-        """Byte offset of a (non-bitfield) member from the start of the struct."""
+    def member_offset(self, struct_name: str, path: str, size: int | None = None) -> int:
+        """Byte offset of a (non-bitfield) member from the start of the struct; with
+        `size`, the member must be that many bytes (what a probe reads there)."""
         m = self.member(struct_name, path)
         if m.bitfield_size:
             raise BtfError(f"{struct_name}.{path} is a bitfield; it has no byte offset")
         if m.bit_offset % 8:
             raise BtfError(f"{struct_name}.{path} does not start on a byte boundary")
+        if size is not None and m.size != size:
+            raise BtfError(f"{struct_name}.{path} is {m.size} bytes, the probe reads {size}")
         return m.offset
 
 

@@ -23,11 +23,5 @@ POINTER_FIELDS: dict[str, tuple[str, str]] = {
 def offset_flags(btf: kbtf.Btf) -> list[str]:
     """-D flags for every offset the program reads. Raises BtfError naming what is
     missing when the kernel's layout cannot be known."""
-    flags = []
-    size = btf.pointer_size
-    for flag, (struct, path) in POINTER_FIELDS.items():
-        member = btf.member(struct, path)
-        if member.bitfield_size or member.bit_offset % 8 or member.size != size:
-            raise kbtf.BtfError(f"{struct}.{path} is not a pointer in this kernel")
-        flags.append(f"-D{flag}={member.offset}")
-    return flags
+    return [f"-D{flag}={btf.member_offset(struct, path, btf.pointer_size)}"
+            for flag, (struct, path) in POINTER_FIELDS.items()]

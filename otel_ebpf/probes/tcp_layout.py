@@ -26,15 +26,6 @@ OPTIONAL_FIELDS = (*IPV6_FIELDS, "SK_NET_OFF")
 MAX_SKC_READ = 256  # the one-read copy of the start of struct sock lives on the BPF stack
 
 
-def _byte_member(btf: kbtf.Btf, struct_name: str, path: str, size: int) -> int:
-    m = btf.member(struct_name, path)
-    if m.bitfield_size or m.bit_offset % 8:
-        raise kbtf.BtfError(f"{struct_name}.{path} is a bitfield in this kernel")
-    if m.size != size:
-        raise kbtf.BtfError(f"{struct_name}.{path} is {m.size} bytes, the probe reads {size}")
-    return m.offset
-
-
 def segment_count_offset(btf: kbtf.Btf) -> int:
     """offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs): where
     tcp_skb_pcount() reads a buffer's segment count."""
@@ -45,18 +36,18 @@ def segment_count_offset(btf: kbtf.Btf) -> int:
     if cb_size > cb.size:
         raise kbtf.BtfError(f"tcp_skb_cb ({cb_size} bytes) does not fit sk_buff.cb "
                             f"({cb.size} bytes)")
-    return cb.offset + _byte_member(btf, "tcp_skb_cb", "tcp_gso_segs", 2)
+    return cb.offset + btf.member_offset("tcp_skb_cb", "tcp_gso_segs", 2)
 
 
 def offset_flags(btf: kbtf.Btf) -> list[str]:
     """-D flags for every struct offset the program reads, from the running kernel's BTF.
     Raises BtfError, with what is missing, when the kernel's layout cannot be known."""
     flags = [f"-DSKB_PCOUNT_OFF={segment_count_offset(btf)}",
-             f"-DSK_PROTOCOL_OFF={_byte_member(btf, 'sock', 'sk_protocol', 2)}"]
+             f"-DSK_PROTOCOL_OFF={btf.member_offset('sock', 'sk_protocol', 2)}"]
     read = 0
     for flag, (path, size) in SOCK_FIELDS.items():
         try:
-            offset = _byte_member(btf, "sock", path, size)
+            offset = btf.member_offset("sock", path, size)
         except kbtf.BtfError:
             if flag in OPTIONAL_FIELDS:
                 continue  # no IPv6: no AF_INET6 sockets; no namespaces: one port space
@@ -64,8 +55,8 @@ def offset_flags(btf: kbtf.Btf) -> list[str]:
         flags.append(f"-D{flag}={offset}")
         read = max(read, offset + size)
     # A request sock (a connection not yet accepted) starts with the same sock_common.
-    req_common = _byte_member(btf, "request_sock", "__req_common",
-                              btf.struct_size("sock_common"))
+    req_common = btf.member_offset("request_sock", "__req_common",
+                                    btf.struct_size("sock_common"))
     flags.append(f"-DREQ_COMMON_OFF={req_common}")
     if read > MAX_SKC_READ:
         raise kbtf.BtfError(f"struct sock's address fields end at byte {read}, beyond the "
