@@ -18,11 +18,12 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from otel_ebpf.config import KubernetesConfig
+
+if TYPE_CHECKING:  # imported where used: a host without it never loads aiohttp (~15 MB)
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class KubernetesPods:
                         "or KUBERNETES_SERVICE_HOST. Pods will not be named")
             return
         self._task = asyncio.current_task()
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.timeout)
         connector = aiohttp.TCPConnector(ssl=self._ssl_context())
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -158,6 +161,8 @@ class KubernetesPods:
             await asyncio.wait([task])  # unlike `await task`, never re-raises our cancel
 
     async def _loop(self, session: aiohttp.ClientSession) -> None:
+        import aiohttp
+
         deadline = 0.0
         while True:
             try:
@@ -180,6 +185,8 @@ class KubernetesPods:
                 await self._back_off()
 
     async def _list(self, session: aiohttp.ClientSession) -> None:
+        import aiohttp
+
         # a node runs a few hundred pods at most: one page, no `limit`/`continue`
         async with session.get(
             self._pods_url, params={"fieldSelector": f"spec.nodeName={self.node}"},
