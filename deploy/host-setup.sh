@@ -2,7 +2,11 @@
 # Prepares a Debian host to run otel-ebpf: packages, kernel headers for BCC, tracefs.
 # Idempotent and fast when everything is in place (no apt-get call then). Run as root.
 #   deploy/host-setup.sh          what the agent needs
-#   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables, ...)
+#   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables,
+#                                 Debian's prometheus for the /metrics scrape test, ...); the
+#                                 tests run their own private prometheus, and the package's
+#                                 system service is never started (policy-rc.d) or, if it
+#                                 was, stopped again.
 #   deploy/host-setup.sh --bench  plus what `make bench` needs: --test's packages, Debian's
 #                                 redis (server and redis-benchmark) for the real-application
 #                                 suite, linux-perf for its optional breakdown. The bench runs
@@ -36,7 +40,7 @@ esac
 packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip bpftool iproute2 ca-certificates
           linux-libc-dev)
 if (( want_test )); then
-  packages+=(gcc libc6-dev make nftables iputils-ping procps)
+  packages+=(gcc libc6-dev make nftables iputils-ping procps prometheus)
 fi
 if (( want_bench )); then
   packages+=(redis-server redis-tools linux-perf)
@@ -47,29 +51,30 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
-# The service Debian's redis-server package may have started despite policy-rc.d (a host
-# whose own policy allows it): stop it, and on systemd keep it from starting at boot. Only
-# called right after this script installed the package, so it never stops a redis that an
-# admin runs on purpose.
-stop_packaged_redis() {
-  local pidfile=/run/redis/redis-server.pid pid
+# The service a Debian package (redis-server, prometheus) may have started despite
+# policy-rc.d (a host whose own policy allows it): stop it, and on systemd keep it from
+# starting at boot. Only called right after this script installed the package, so it never
+# stops a service that an admin runs on purpose. The tests and the bench run their own.
+#   stop_packaged_service SERVICE PROCESS-NAME PIDFILE
+stop_packaged_service() {
+  local service=$1 comm=$2 pidfile=$3 pid
   if [[ -d /run/systemd/system ]]; then
-    systemctl disable --now redis-server.service >/dev/null 2>&1 || true
-  elif [[ -x /etc/init.d/redis-server ]]; then
-    timeout 30 /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+    systemctl disable --now "$service.service" >/dev/null 2>&1 || true
+  elif [[ -x /etc/init.d/$service ]]; then
+    timeout 30 "/etc/init.d/$service" stop >/dev/null 2>&1 || true
   fi
   if [[ -f $pidfile ]]; then
     pid=$(cat "$pidfile")
-    if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server ]]; then
+    if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]; then
       kill "$pid"
       for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
     fi
   fi
   if [[ -f $pidfile ]] && [[ -d /proc/$(cat "$pidfile") ]]; then
-    say "the redis-server service the package started (pid $(cat "$pidfile")) is still running"
+    say "the $service service the package started (pid $(cat "$pidfile")) is still running"
     exit 1
   fi
-  say "installed redis-server; its system service is not running (the bench starts its own)"
+  say "installed $service; its system service is not running (tests and bench start their own)"
 }
 
 # Kernel headers: the running kernel's own package if the archive has it, else the
@@ -105,11 +110,11 @@ if (( ${#missing[@]} )); then
       real+=("$p")
     fi
   done
-  # Debian's redis-server starts a system-wide service on install; the bench wants none.
-  # policy-rc.d (exit 101: "action forbidden") is how Debian lets the admin veto service
+  # Debian's redis-server and prometheus start a system-wide service on install; the tests
+  # and the bench want none. policy-rc.d (exit 101: "action forbidden") is how Debian lets the admin veto service
   # starts from maintainer scripts; only made here if the host has none, and removed after.
   made_policy=0
-  if [[ " ${real[*]} " == *" redis-server "* && ! -e /usr/sbin/policy-rc.d ]]; then
+  if [[ " ${real[*]} " =~ \ (redis-server|prometheus)\  && ! -e /usr/sbin/policy-rc.d ]]; then
     printf '#!/bin/sh\n# host-setup.sh: no service starts while it installs packages\nexit 101\n' \
       > /usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
@@ -122,7 +127,10 @@ if (( ${#missing[@]} )); then
     trap - EXIT
   fi
   if [[ " ${real[*]} " == *" redis-server "* ]]; then
-    stop_packaged_redis
+    stop_packaged_service redis-server redis-server /run/redis/redis-server.pid
+  fi
+  if [[ " ${real[*]} " == *" prometheus "* ]]; then
+    stop_packaged_service prometheus prometheus /run/prometheus/prometheus.pid
   fi
 fi
 

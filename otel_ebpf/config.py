@@ -6,6 +6,7 @@ from, and what would be accepted.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -14,7 +15,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATHS = (Path("config/otel-ebpf.yaml"), Path("/etc/otel-ebpf/otel-ebpf.yaml"))
 
@@ -290,6 +298,39 @@ class IdentityConfig(_Strict):
     filter: WorkloadFilter = Field(default_factory=WorkloadFilter)
 
 
+def is_loopback(address: str) -> bool:
+    """A literal loopback address, or `localhost` (no name is resolved here)."""
+    if address == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+class EndpointsConfig(_Strict):
+    """The local HTTP server (/metrics, /healthz, /readyz): loopback unless allowed."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)  # 0: any free port (logged)
+    # serve on a non-loopback address: /metrics then tells anyone who can reach it what
+    # runs on this host
+    allow_remote: bool = False
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> EndpointsConfig:
+        if self.enabled and not self.allow_remote and not is_loopback(self.address):
+            raise ValueError(
+                f"address {self.address!r} is not a loopback address: /metrics would tell "
+                "any host that reaches it which workloads run here. Use 127.0.0.1, ::1 or "
+                "localhost, or set endpoints.allow_remote: true to serve other hosts "
+                "(a Prometheus on another machine, a pod's probes)")
+        return self
+
+
 class Config(_Strict):
     service_name: str = "otel-ebpf"
     resource_attributes: dict[str, str] = Field(default_factory=dict)
@@ -298,6 +339,7 @@ class Config(_Strict):
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    endpoints: EndpointsConfig = Field(default_factory=EndpointsConfig)
 
 
 class ConfigError(Exception):

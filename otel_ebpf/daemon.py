@@ -23,6 +23,7 @@ from otel_ebpf import __version__
 from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
+from otel_ebpf.endpoints.server import Endpoints
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
 from otel_ebpf.enrich.process import pid_alive
 from otel_ebpf.export.agent_metrics import MapFill, process_metrics, sample_period_metric
@@ -104,6 +105,10 @@ class Agent:
             delivery.metrics.sink = self._add_self_metrics
         if spans is not None:
             spans.delivery.on_delivered = self._remember_exemplars
+        # /metrics, /healthz, /readyz (otel_ebpf.endpoints): read-only views of the above
+        self.last_export: tuple[int, bool] | None = None  # (time_ns, delivered)
+        self.endpoints = (Endpoints(config.endpoints, self, self._agent_metrics)
+                          if config.endpoints.enabled else None)
 
     def _add_self_metrics(self, records: list[CounterDelta]) -> None:
         now = time.time_ns()
@@ -127,6 +132,8 @@ class Agent:
             loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
         try:
             await self.identity.start()
+            if self.endpoints is not None:  # /healthz answers while the probes compile
+                await self.endpoints.start()
             if not await self._start_probes():
                 return 1
             if self.identity.selection.active:
@@ -165,6 +172,8 @@ class Agent:
             await self._stop_workers()
             self._stop_probes()
             await self.identity.close()
+            if self.endpoints is not None:
+                await self.endpoints.stop()
             for pool in (self._bpf_pool, self._export_pool, self._profile_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
 
@@ -297,6 +306,7 @@ class Agent:
     def _export_once(self) -> bool:
         assert self.metrics is not None
         ok = self.metrics.export_once()
+        self.last_export = (time.time_ns(), ok)
         if ok:
             self.store.expire(pid_alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
         return ok

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # settings read once, when the agent is wired: changing them takes a restart
 FIXED: tuple[tuple[str, ...], ...] = (
     ("service_name",), ("resource_attributes",), ("exporter",), ("summary",),
-    ("identity",),
+    ("identity",), ("endpoints",),
     ("probes", "syscall_latency", "slow_spans", "exemplars_per_series"),  # the store's
     ("probes", "cpu_profile", "folded_path"),  # the profile export's
 )

@@ -1,0 +1,162 @@
+"""The aiohttp server: /metrics, /healthz, /readyz.
+
+/metrics renders on a thread of its own (resolving identities reads /proc), one scrape at
+a time. /healthz answers while the event loop runs. /readyz is 200 when every enabled
+probe has its programs loaded and the last metrics export did not fail (an agent with its
+exporter off is judged by its probes alone), else 503; its JSON body says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
+
+from opentelemetry.sdk.metrics.export import Metric as OtelMetric
+from opentelemetry.sdk.metrics.export import MetricsData
+
+from otel_ebpf.config import Config, EndpointsConfig
+from otel_ebpf.enrich.identity import AGENT
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from otel_ebpf.aggregate import CumulativeStore
+    from otel_ebpf.enrich.identity import IdentityResolver
+    from otel_ebpf.probes.base import Probe
+
+log = logging.getLogger(__name__)
+
+RENDER_TIMEOUT_S = 10.0  # a scrape that takes longer is answered 503
+
+
+class AgentView(Protocol):
+    """What the endpoints read from the agent (otel_ebpf.daemon.Agent)."""
+
+    config: Config
+    probes: list[Probe]
+    store: CumulativeStore
+    identity: IdentityResolver
+    shipper: Any
+    # (time_ns, delivered) of the last metrics export; None before the first
+    last_export: tuple[int, bool] | None
+
+
+class Endpoints:
+    def __init__(self, config: EndpointsConfig, agent: AgentView,
+                 agent_metrics: Callable[[int], list[OtelMetric]]) -> None:
+        self.config = config
+        self.agent = agent
+        self.agent_metrics = agent_metrics
+        self.start_ns = time.time_ns()
+        self.url: str | None = None  # once serving
+        self._runner: web.AppRunner | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="scrape")
+        self._registry: Any = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Serve; False (logged) when the address cannot be bound: the agent runs on
+        without its endpoints."""
+        from aiohttp import web
+        from prometheus_client import CollectorRegistry
+
+        from otel_ebpf.endpoints.prometheus import MetricsCollector
+
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(MetricsCollector(self.snapshot))
+        app = web.Application(client_max_size=4096)  # GETs only: no body worth reading
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.address, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            log.error("endpoints: cannot listen on %s port %d (%s); /metrics, /healthz and "
+                      "/readyz are off until a restart. Set endpoints.port to a free port, "
+                      "or endpoints.enabled: false.", self.config.address, self.config.port,
+                      exc.strerror or exc)
+            return False
+        self._runner = runner
+        host, port = runner.addresses[0][:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        log.info("endpoints: serving /metrics, /healthz, /readyz on %s", self.url)
+        return True
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- content ---------------------------------------------------------------------
+
+    def snapshot(self) -> MetricsData:
+        """What an export would send now (blocking: identities come from /proc)."""
+        from otel_ebpf.export.metrics import build_metrics_data
+        from otel_ebpf.export.metrics_export import with_series_gauge
+
+        series = self.agent.store.series()
+        identity_of = self.agent.identity.resolver(s.workload for s in series)
+        data = build_metrics_data(series, identity_of)
+        return with_series_gauge(data, identity_of(AGENT).resource, self.start_ns,
+                                 self.agent_metrics(self.start_ns))
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self._registry), content_type
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        from otel_ebpf.probes import enabled_names
+
+        attached = {p.name for p in self.agent.probes if p.program_ids()}
+        probes = {name: "attached" if name in attached else "not attached"
+                  for name in enabled_names(self.agent.config)}
+        last = self.agent.last_export
+        if self.agent.shipper is None:
+            export = "disabled"
+        elif last is None:
+            export = "pending"
+        else:
+            export = "ok" if last[1] else "failed"
+        ready = all(state == "attached" for state in probes.values()) and export != "failed"
+        return ready, {"ready": ready, "probes": probes, "metrics_export": export}
+
+    # ---- handlers --------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        loop = asyncio.get_running_loop()
+        try:
+            body, content_type = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, self.render,
+                                     request.headers.get("Accept", "")), RENDER_TIMEOUT_S)
+        except TimeoutError:
+            return web.Response(status=503, text="rendering /metrics timed out\n")
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def _healthz(self, _: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        ready, body = self.readiness()
+        return web.Response(status=200 if ready else 503, text=json.dumps(body) + "\n",
+                            content_type="application/json")

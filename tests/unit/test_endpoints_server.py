@@ -1,0 +1,137 @@
+"""The endpoints' server over real sockets: /metrics from the agent's store, /healthz,
+/readyz from the probes and the last export, a port already taken, and the loopback rule."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from otel_ebpf import config as cfg
+from otel_ebpf.aggregate import CumulativeStore
+from otel_ebpf.endpoints.server import Endpoints
+from otel_ebpf.enrich.identity import IdentityResolver
+from otel_ebpf.export.agent_metrics import process_metrics
+from otel_ebpf.model import CounterDelta, Workload
+from otel_ebpf.probes.base import Probe
+from otel_ebpf.probes.tcp_retransmit import RETRANSMITS
+
+NO_PROBES = {"probes": {name: {"enabled": False} for name in
+                        ("syscall_latency", "cpu_profile", "tcp_retransmit")}}
+
+
+@dataclass
+class AgentState:
+    """The part of otel_ebpf.daemon.Agent the endpoints read, with real components."""
+
+    config: cfg.Config
+    store: CumulativeStore = field(default_factory=CumulativeStore)
+    probes: list[Probe] = field(default_factory=list)
+    shipper: Any = None
+    last_export: tuple[int, bool] | None = None
+    identity: IdentityResolver = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identity = IdentityResolver(self.config, {"host.name": "node-1"})
+
+
+def make_config(**endpoints: Any) -> cfg.Config:
+    return cfg.Config.model_validate({**NO_PROBES, "identity": {"docker": {"enabled": False}},
+                                      "endpoints": {"port": 0, **endpoints}})
+
+
+async def get(url: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+async def test_serves_metrics_health_and_readiness_on_loopback() -> None:
+    agent = AgentState(make_config())
+    agent.store.add([CounterDelta(RETRANSMITS, Workload(pid=0, cgroup_id=1), {}, 3)], 1, 2)
+    endpoints = Endpoints(agent.config.endpoints, agent, process_metrics)
+    assert await endpoints.start()
+    try:
+        assert endpoints.url is not None and endpoints.url.startswith("http://127.0.0.1:")
+        status, content_type, text = await get(endpoints.url + "/metrics")
+        assert status == 200 and content_type.startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert [s.value for s in families["linux_tcp_retransmits"].samples
+                if s.name.endswith("_total")] == [3]
+        assert "process_cpu_time_seconds" in families
+        assert (await get(endpoints.url + "/healthz"))[0] == 200
+        # no probe enabled, exporter off: ready
+        status, _, body = await get(endpoints.url + "/readyz")
+        assert status == 200 and '"metrics_export": "disabled"' in body
+        # an export that failed: not ready, and it says why
+        agent.shipper, agent.last_export = object(), (1, False)
+        status, _, body = await get(endpoints.url + "/readyz")
+        assert status == 503 and '"metrics_export": "failed"' in body
+        agent.last_export = (2, True)
+        assert (await get(endpoints.url + "/readyz"))[0] == 200
+        assert (await get(endpoints.url + "/nothing"))[0] == 404
+    finally:
+        await endpoints.stop()
+
+
+async def test_an_enabled_probe_not_attached_is_not_ready() -> None:
+    config = cfg.Config.model_validate({"endpoints": {"port": 0},
+                                        "identity": {"docker": {"enabled": False}}})
+    agent = AgentState(config)
+    endpoints = Endpoints(config.endpoints, agent, process_metrics)
+    assert await endpoints.start()
+    try:
+        assert endpoints.url is not None
+        status, _, body = await get(endpoints.url + "/readyz")
+        assert status == 503 and '"syscall_latency": "not attached"' in body
+    finally:
+        await endpoints.stop()
+
+
+async def test_a_port_in_use_is_reported_and_the_agent_runs_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = AgentState(make_config(port=port))
+        endpoints = Endpoints(agent.config.endpoints, agent, process_metrics)
+        assert not await endpoints.start()
+        await endpoints.stop()
+    assert f"cannot listen on 127.0.0.1 port {port}" in caplog.text
+    assert "endpoints.port" in caplog.text
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.0.2.1", "example.com"])
+def test_a_non_loopback_address_is_refused_unless_allowed(address: str) -> None:
+    with pytest.raises(ValidationError, match="allow_remote"):
+        cfg.Config.model_validate({"endpoints": {"address": address}})
+    with pytest.raises(cfg.ConfigError, match="not a loopback address"):
+        cfg.load(overrides={("endpoints", "address"): address}, env={})
+    allowed = cfg.Config.model_validate({"endpoints": {"address": address,
+                                                       "allow_remote": True}})
+    assert allowed.endpoints.address == address
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.53", "::1", "localhost",
+                                     "::ffff:127.0.0.1"])
+def test_loopback_addresses_need_nothing(address: str) -> None:
+    assert cfg.Config.model_validate({"endpoints": {"address": address}})
+
+
+def test_run_exits_2_on_a_non_loopback_bind(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("endpoints:\n  address: 0.0.0.0\n")
+    out = subprocess.run([sys.executable, "-m", "otel_ebpf", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "endpoints: address '0.0.0.0' is not a loopback address" in out.stderr
+    assert "endpoints.allow_remote: true" in out.stderr
+    assert "Traceback" not in out.stderr
