@@ -44,9 +44,9 @@ class AgentProcess:
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
                  program: Sequence[str] = (sys.executable, "-m", "otel_ebpf"),
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, config_text: str = CONFIG) -> None:
         config = tmp_path / "agent.yaml"
-        config.write_text(CONFIG)
+        config.write_text(config_text)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         environ.update(env or {})
         self.proc = subprocess.Popen(
