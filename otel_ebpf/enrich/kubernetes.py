@@ -311,17 +311,24 @@ class KubernetesPods:
                       "read from %s (HTTP 401: %s); pods will not be named until a valid "
                       "token is there", self.api_url, self.config.token_path, exc.message)
             return
-        until = ("pods are listed again every 30 s or so, and changes in between are "
-                 "missed" if exc.verb == "watch" else "pods will not be named")
+        until = (f"pods are listed again every {self._backoff[1]:.0f} s or so, and changes "
+                 "in between are missed" if exc.verb == "watch" else "pods will not be named")
         log.error("kubernetes: API server %s refuses to %s pods (HTTP 403: %s). The agent "
                   "needs exactly list and watch on pods, cluster-wide: grant them with a "
                   "ClusterRole bound to its service account (deploy/kubernetes/rbac.yaml); "
                   "until then %s", self.api_url, exc.verb, exc.message, until)
 
     def _allowed(self, verb: str) -> None:
-        if self._denied is not None and (self._denied[0] == 401 or self._denied[1] == verb):
-            self._denied = None
+        if self._denied is None:
+            return
+        status, refused = self._denied
+        if status == 401:
+            log.info("kubernetes: API server %s accepts the token now", self.api_url)
+        elif refused == verb:
             log.info("kubernetes: API server %s allows %s on pods now", self.api_url, verb)
+        else:
+            return
+        self._denied = None
 
     def _recovered(self) -> None:
         if self._outage:

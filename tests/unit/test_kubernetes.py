@@ -317,6 +317,22 @@ async def test_forbidden_watch_is_one_error_across_relists(
     assert pods.lookup(WEB_UID, None)
 
 
+async def test_rejected_token_is_one_error_naming_its_file(
+    api: FakeApiServer, start: Callable[..., KubernetesPods], token: Path,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "otel_ebpf.enrich.kubernetes")
+    unauthorized = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+    api.lists = deque([(401, unauthorized)] * 4 + [(200, POD_LIST)])
+    pods = start()
+    await synced(pods)
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"does not accept the service account token read from {token}" in error
+    assert "HTTP 401: Unauthorized" in error
+    assert sum("accepts the token now" in r.getMessage() for r in caplog.records) == 1
+
+
 async def test_token_is_read_again_on_every_connection(
     api: FakeApiServer, start: Callable[..., KubernetesPods], token: Path
 ) -> None:
