@@ -22,6 +22,25 @@ from typing import Any
 
 from tests.peers.process import _LIVE, LOOPBACK, free_port
 
+BUILD3 = Path(__file__).with_name("build-prometheus3.sh")
+BUILD3_TIMEOUT = 3600.0  # a cold build on a busy 2-core machine
+
+
+def prometheus3() -> Path:
+    """Prometheus 3 built from its Go module (tests/peers/build-prometheus3.sh, cached
+    outside the repository: milliseconds once built)."""
+    try:
+        result = subprocess.run(["bash", str(BUILD3)], capture_output=True, text=True,
+                                timeout=BUILD3_TIMEOUT, stdin=subprocess.DEVNULL,
+                                check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{BUILD3.name} timed out after {BUILD3_TIMEOUT:.0f}s") from exc
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{BUILD3.name} failed (exit {result.returncode}); it needs Go "
+                           f"and the Go module proxy on a cold cache:\n{result.stderr}")
+    return Path(lines[-1])
+
 
 def debian_prometheus() -> Path:
     binary = shutil.which("prometheus")
@@ -139,6 +158,14 @@ class PrometheusServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def otlp_config(promoted: list[str]) -> str:
+    """A Prometheus 3 configuration for OTLP in (`--web.enable-otlp-receiver`): the
+    resource attributes in `promoted` become labels of every series."""
+    listed = "".join(f"\n    - {name}" for name in promoted)
+    return ("global:\n  evaluation_interval: 2s\n"
+            f"otlp:\n  promote_resource_attributes:{listed}\n")
 
 
 def scrape_config(target_port: int, interval: str = "2s") -> str:
