@@ -3,10 +3,10 @@
 # Idempotent and fast when everything is in place (no apt-get call then). Run as root.
 #   deploy/host-setup.sh          what the agent needs
 #   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables,
-#                                 Debian's prometheus for the /metrics scrape test, ...); the
-#                                 tests run their own private prometheus, and the package's
-#                                 system service is never started (policy-rc.d) or, if it
-#                                 was, stopped again.
+#                                 Debian's prometheus for the /metrics scrape test and
+#                                 chromium for the live page's, ...); the tests run their own
+#                                 private prometheus, and the package's system service is
+#                                 never started (policy-rc.d) or, if it was, stopped again.
 #   deploy/host-setup.sh --bench  plus what `make bench` needs: --test's packages, Debian's
 #                                 redis (server and redis-benchmark) for the real-application
 #                                 suite, linux-perf for its optional breakdown. The bench runs
@@ -40,7 +40,7 @@ esac
 packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip bpftool iproute2 ca-certificates
           linux-libc-dev)
 if (( want_test )); then
-  packages+=(gcc libc6-dev make nftables iputils-ping procps prometheus)
+  packages+=(gcc libc6-dev make nftables iputils-ping procps prometheus chromium)
 fi
 if (( want_bench )); then
   packages+=(redis-server redis-tools linux-perf)

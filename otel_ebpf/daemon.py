@@ -288,6 +288,8 @@ class Agent:
         # their cost, and the loop should only schedule
         if self.profiles is not None and collection.samples:
             self.profiles.add(collection.samples, collection.period_ns)
+        if self.endpoints is not None and collection.samples:
+            self.endpoints.stacks.add(collection.samples)  # the live page's flame graph
         return collection
 
     def _absorb(self, collection: Collection) -> None:

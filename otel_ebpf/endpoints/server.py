@@ -1,4 +1,5 @@
-"""The aiohttp server: /metrics, /healthz, /readyz.
+"""The aiohttp server: /metrics, /healthz, /readyz, and the live page (/ and its JSON,
+/api/live and /api/profile; otel_ebpf.endpoints.live).
 
 /metrics renders on a thread of its own (resolving identities reads /proc), one scrape at
 a time. /healthz answers while the event loop runs. /readyz is 200 when every enabled
@@ -20,7 +21,15 @@ from opentelemetry.sdk.metrics.export import Metric as OtelMetric
 from opentelemetry.sdk.metrics.export import MetricsData
 
 from otel_ebpf.config import Config, EndpointsConfig
+from otel_ebpf.endpoints.live import (
+    RecentStacks,
+    flame_tree,
+    health_view,
+    retransmit_view,
+    syscall_view,
+)
 from otel_ebpf.enrich.identity import AGENT
+from otel_ebpf.model import Workload
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -32,6 +41,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RENDER_TIMEOUT_S = 10.0  # a scrape that takes longer is answered 503
+STATIC = {"/": ("index.html", "text/html"), "/live.js": ("live.js", "text/javascript"),
+          "/live.css": ("live.css", "text/css")}
+# the page loads only its own files and talks only to this server; nothing inline
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self'; base-uri 'none'; "
+                               "frame-ancestors 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store"}
 
 
 class AgentView(Protocol):
@@ -57,6 +75,7 @@ class Endpoints:
         self._runner: web.AppRunner | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="scrape")
         self._registry: Any = None
+        self.stacks = RecentStacks()  # CPU samples for the flame graph (the daemon adds)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -74,6 +93,10 @@ class Endpoints:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        for path in STATIC:
+            app.router.add_get(path, self._static)
+        app.router.add_get("/api/live", self._json(self.live))
+        app.router.add_get("/api/profile", self._json(self.profile))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.config.address, self.config.port)
@@ -117,6 +140,27 @@ class Endpoints:
         encoder, content_type = choose_encoder(accept)
         return encoder(self._registry), content_type
 
+    def live(self) -> dict[str, Any]:
+        """The live page's data now (blocking: identities come from /proc)."""
+        series = self.agent.store.series()
+        identity_of = self.agent.identity.resolver(s.workload for s in series)
+        return {"time": time.time(), "ready": self.readiness()[1],
+                "health": health_view(self.agent_metrics(self.start_ns), series),
+                "syscalls": syscall_view(series, identity_of),
+                "retransmits": retransmit_view(series, identity_of)}
+
+    def profile(self) -> dict[str, Any]:
+        """Flame graph of the last minutes of CPU samples (blocking)."""
+        totals = self.stacks.totals()
+        identity_of = self.agent.identity.resolver(w for w, _ in totals)
+
+        def process_name(workload: Workload) -> str:
+            name = identity_of(workload).point.get("process.executable.name")
+            return str(name or workload.comm or workload.pid)
+
+        return {"window_seconds": self.stacks.window_s,
+                "dropped": self.stacks.dropped, "root": flame_tree(totals, process_name)}
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         from otel_ebpf.probes import enabled_names
 
@@ -148,6 +192,31 @@ class Endpoints:
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
+
+    def _json(self, build: Callable[[], dict[str, Any]]
+              ) -> Callable[[web.Request], Any]:
+        async def handler(_: web.Request) -> web.StreamResponse:
+            from aiohttp import web
+
+            loop = asyncio.get_running_loop()
+            try:
+                body = await asyncio.wait_for(loop.run_in_executor(self._pool, build),
+                                              RENDER_TIMEOUT_S)
+            except TimeoutError:
+                return web.Response(status=503, text="timed out\n")
+            return web.Response(text=json.dumps(body), content_type="application/json",
+                                headers=SECURITY_HEADERS)
+
+        return handler
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        from importlib.resources import files
+
+        from aiohttp import web
+
+        name, content_type = STATIC[request.path]
+        body = files("otel_ebpf.endpoints").joinpath("static", name).read_bytes()
+        return web.Response(body=body, content_type=content_type, headers=SECURITY_HEADERS)
 
     async def _healthz(self, _: web.Request) -> web.StreamResponse:
         from aiohttp import web
