@@ -118,9 +118,12 @@ class PrometheusServer:
         return body["data"]
 
     def query(self, promql: str) -> list[dict[str, Any]]:
-        """The instant vector `promql` evaluates to now: [{metric: labels, value: float}]."""
+        """The instant vector `promql` evaluates to now: [{metric: labels, value: float}];
+        a native histogram sample's value is its count (its buckets under "histogram")."""
         data = self.api("query", query=promql)
-        return [{"metric": r["metric"], "value": float(r["value"][1])}
+        return [{"metric": r["metric"], "value": float(r["value"][1])} if "value" in r
+                else {"metric": r["metric"], "value": float(r["histogram"][1]["count"]),
+                      "histogram": r["histogram"][1]}
                 for r in data["result"]]
 
     def wait_for(self, promql: str, expected: float, timeout: float = 60.0
