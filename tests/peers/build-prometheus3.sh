@@ -12,6 +12,9 @@
 # Go and costs milliseconds. Concurrent runs are serialised with flock(1). The web UI's
 # assets are not built in (the `builtinassets` tag needs npm): the HTTP API, which the
 # tests use, is complete without them. Progress on stderr.
+#
+# Measured on the 2-vCPU test VM shared with other builds (load 7-9), empty caches:
+# 1780 s wall clock; go-mod/ 1.9 GB, go-build/ 2.1 GB, the binary 141 MB. Warm: ~10 ms.
 set -euo pipefail
 
 # Prometheus v3.x is published as Go module versions v0.3xx.y (v3.16.0 -> v0.316.0)
