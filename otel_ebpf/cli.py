@@ -204,7 +204,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     # doctor compiles for real (that is the check) and leaves the agent a warm cache
     engine, syscall_table = _kernel_context(cache_reads=False)
     common = [pf.check_privileges(), pf.check_bpf_syscall(), pf.check_tracefs(),
-              pf.check_btf(), pf.check_headers(engine.headers), pf.check_bcc(),
+              pf.check_btf(), pf.check_headers(engine.headers), pf.check_cgroup(), pf.check_bcc(),
               pf.check_lockdown(), pf.check_perf_paranoid(), pf.check_kprobes()]
     checks = list(common)
     for probe in registry.build(config, syscall_table):
