@@ -65,8 +65,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=2m --retries=3 \
     CMD ["otel-ebpf", "health"]
 ENTRYPOINT ["otel-ebpf"]
 CMD ["run", "--config", "/etc/otel-ebpf/otel-ebpf.yaml"]
-
-# the commit built (deploy/image/build.sh passes `git describe --always --dirty`); last,
-# so a new commit rebuilds no layer
-ARG REVISION=unknown
-LABEL org.opencontainers.image.revision="${REVISION}"
+# org.opencontainers.image.revision, the commit, is set by deploy/image/build.sh
+# (podman build --label ...: a build argument would not reach podman 4.3's layer cache key)

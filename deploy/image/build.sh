@@ -173,7 +173,8 @@ fi
 
 # 4. the image
 mounts=()
-args=(--build-arg "REVISION=$(git -C "${root}" describe --always --dirty 2>/dev/null || echo unknown)")
+revision=$(git -C "${root}" describe --always --dirty 2>/dev/null || echo unknown)
+args=(--label "org.opencontainers.image.revision=${revision}")
 if [[ -s ${host_ca} ]]; then
   mounts+=(-v "${host_ca}:/run/host-ca.crt:ro")
   args+=(--build-arg PIP_CERT=/run/host-ca.crt)
@@ -182,6 +183,9 @@ say "podman build -t ${tag} ${root}"
 podman build --format docker --pull=never --layers --network=host -t "${tag}" "${mounts[@]}" "${args[@]}" \
   -f "${root}/Dockerfile" "${root}" >&2
 id=$(podman image inspect --format '{{.Id}}' "${tag}")
+# earlier builds of this Dockerfile that no image uses any more (the layers of the one just
+# built, the cache of the next build, stay)
+podman image prune -f --filter "label=org.opencontainers.image.title=otel-ebpf" >/dev/null
 say "built ${tag} (${id:0:12}); run it (README, Deploy):"
 say "  ${conf:+CONTAINERS_CONF=${conf} }podman run -d --name otel-ebpf --pid=host --network=host" \
     "--user 0 --cap-drop=all --cap-add=BPF,PERFMON,SYS_PTRACE,SYSLOG,DAC_READ_SEARCH" \
