@@ -15,11 +15,13 @@ cached outside the repository); warm, a few seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import threading
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +136,34 @@ def test_mounts_and_capabilities_are_the_documented_ones() -> None:
     for path in mounts:
         assert f"{path}:{path}:ro" in words, path
         assert path in (ROOT / "Dockerfile").read_text(), path
+
+
+CAP_BITS = {"DAC_READ_SEARCH": 2, "SYS_PTRACE": 19, "SYSLOG": 34, "PERFMON": 38, "BPF": 39}
+
+
+def test_the_agent_holds_exactly_the_listed_capabilities(image: Image, cache: Path) -> None:
+    argv = agent_argv(image, cache, container_name("caps"), ["/proc/self/status"],
+                      extra=["--entrypoint", "cat"])
+    done = subprocess.run(argv, capture_output=True, text=True, env=image.env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    status = dict(line.split(":\t", 1) for line in done.stdout.splitlines() if ":\t" in line)
+    wanted = sum(1 << CAP_BITS[c] for c in daemonset_capabilities())
+    assert status["Uid"].split()[:2] == ["0", "0"]
+    for field in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[field], 16) == wanted, (field, status[field])
+    assert status["Seccomp"].strip() == "2"  # filtered, not unconfined
+
+
+def test_image_labels(image: Image) -> None:
+    labels = json.loads(podman(image, "image", "inspect", "--format",
+                               "{{json .Config.Labels}}", image.tag).stdout)
+    revision = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert labels["org.opencontainers.image.revision"] == revision
+    assert labels["org.opencontainers.image.version"] == project["version"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"]["text"]
+    assert labels["org.opencontainers.image.title"] == "otel-ebpf"
 
 
 def test_doctor_passes_in_the_image(image: Image, cache: Path) -> None:
