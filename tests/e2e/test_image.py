@@ -246,7 +246,7 @@ def started(image: Image) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        podman(image, "rm", "-f", "--ignore", name, check=False)
+        podman(image, "rm", "-f", "--time", "0", "--ignore", name, check=False)
 
 
 def getppid_points(sink: OtlpSink, container_id: str) -> list[tuple[dict[str, Any], Any]]:
