@@ -108,7 +108,7 @@ class BoundedQueue(Generic[T]):
 
     With a spool (`spills`), the bounds are where spilling starts: past them the oldest
     wait for the spool's writer (`over_bound`, `take_spill`) and are dropped only past
-    twice the bounds, should the writer fall that far behind."""
+    twice the bounds plus one of the writer's batches, should it fall that far behind."""
 
     def __init__(self, max_items: int, max_bytes: int, ledger: DropLedger) -> None:
         self.max_items = max_items
@@ -116,16 +116,18 @@ class BoundedQueue(Generic[T]):
         self.ledger = ledger
         self.items = 0  # signal units queued
         self.nbytes = 0
-        self._slack = 1  # the bounds' multiple past which the oldest are dropped
+        self._hard = (max_items, max_bytes)  # past these the oldest are dropped
         self._entries: deque[Entry[T]] = deque()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def spills(self) -> None:
-        """A spool takes what is past the bounds: drop only past twice the bounds."""
-        self._slack = 2
+    def spills(self, batch_items: int, batch_bytes: int) -> None:
+        """A spool takes what is past the bounds, in batches of up to these: drop only
+        past twice the bounds and one batch (an offer as large as a batch, a burst of
+        spans, fits while the writer wakes up)."""
+        self._hard = (2 * self.max_items + batch_items, 2 * self.max_bytes + batch_bytes)
 
     @property
     def over_bound(self) -> bool:
@@ -204,7 +206,7 @@ class BoundedQueue(Generic[T]):
         self.nbytes += entry.nbytes
 
     def _evict(self) -> None:
-        max_items, max_bytes = self.max_items * self._slack, self.max_bytes * self._slack
+        max_items, max_bytes = self._hard
         while self._entries and (self.items > max_items or self.nbytes > max_bytes):
             oldest = self._entries.popleft()
             self.items -= oldest.count

@@ -8,8 +8,8 @@ holds entries older than those in memory, and the delivery reads the spool first
 
 The writer is a thread rather than the delivery's: the delivery's thread may sit in an
 attempt for a whole exporter timeout while spans keep coming. Should the writer fall
-behind (a slow disk), the memory queue drops its oldest past twice its bounds, so memory
-stays bounded whatever the disk does.
+behind (a slow disk), the memory queue drops its oldest past twice its bounds and one
+batch, so memory stays bounded whatever the disk does.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Spill(Generic[T]):
         self._stop = False
         self._warned = False
         self._thread: threading.Thread | None = None
-        queue.spills()
+        queue.spills(batch_items, batch_bytes)
 
     def start(self) -> None:
         if self._thread is None:

@@ -67,7 +67,7 @@ async def test_past_the_memory_bound_nothing_is_lost_and_order_holds(tmp_path: P
     delivery, records = make(collector, tmp_path)
     worker = asyncio.create_task(delivery.run())
     most = await an_outage(delivery, collector, 200)
-    assert most <= 2 * delivery.queue.max_items
+    assert most <= 2 * delivery.queue.max_items + 4  # and one of the writer's batches
     assert delivery.spill is not None and delivery.spill.spool.items > 150  # on disk
     assert delivery.waiting == 200  # memory, in flight and spool
     collector.up = True

@@ -1,6 +1,7 @@
-"""Spans through the spool: written as the OTLP request the exporter sends, read back as
-the same spans (ids, times, attributes, status, resource), delivered through the real
-exporter to a real OTLP server after the agent's "restart"."""
+"""Spans and profiles through the spool: spans written as the OTLP request the exporter
+sends and read back as the same spans (ids, times, attributes, status, resource),
+profile requests byte for byte; both delivered through the real transports to a real
+OTLP server by the next run of the agent (a new delivery on the same directory)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,37 @@ async def test_spans_left_in_the_spool_by_one_run_reach_the_collector_from_the_n
                                                   "process.executable.name": "slowpoke"}
         assert resource == {"service.name": "slowpoke", "host.name": "h"}
     assert [p.name for p in (tmp_path / "spans").iterdir()] == ["lock"]
+
+
+async def test_profiles_left_in_the_spool_reach_the_collector_from_the_next_run(
+        tmp_path: Path) -> None:
+    """Profiles too: each request one spool file, byte for byte, counted per workload
+    (a request of two workloads' profiles counts two)."""
+    from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+        ExportProfilesServiceRequest,
+    )
+    from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
+
+    from otel_ebpf.export.profile_sender import ProfilesSender, profiles_delivery
+    from otel_ebpf.export.queue import Entry
+
+    requests = [ExportProfilesServiceRequest(resource_profiles=[
+        pb.ResourceProfiles(schema_url=f"window-{i}")]).SerializeToString() for i in range(6)]
+    other = Workload(pid=99, comm="other", cgroup_id=78)
+    sender = ProfilesSender(exporter_config(closed_port(), tmp_path))
+    first = profiles_delivery(sender, sender.config, identity)
+    first.offer([Entry.shared(r, len(r), {W: 1, other: 1}) for r in requests])
+    await first.flush(time.monotonic() + 1)
+    assert first.spill is not None and (len(first.spill.spool), first.spill.spool.items) == (6, 12)
+    with OtlpSink() as sink:
+        sender = ProfilesSender(exporter_config(sink.port, tmp_path))
+        second = profiles_delivery(sender, sender.config, identity)
+        assert second.waiting == 12
+        worker = asyncio.create_task(second.run())
+        assert await asyncio.to_thread(
+            sink.wait_for, lambda: len(sink.profiles_requests) >= 6, 10)
+        worker.cancel()
+        await second.flush(time.monotonic() + 1)
+        got = [r.SerializeToString() for r in sink.profiles_requests]
+    assert got == requests  # in order, as they were queued
+    assert second.delivered_units == 12
