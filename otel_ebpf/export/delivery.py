@@ -67,6 +67,7 @@ class Delivery(Generic[T]):
         self._failing = False
         self._say_outage = say_outage  # False: the transport tells of an outage itself
         self.spill: Spill[T] | None = None
+        self._spilled = False  # shutdown wrote what was left to the spool
 
     def spill_to(self, spill: Spill[T]) -> None:
         self.spill = spill
@@ -172,6 +173,8 @@ class Delivery(Generic[T]):
             self.queue.put_back(batch)
             return
         with spill.lock:
+            if self._spilled:
+                return  # a stuck attempt that settled late: shutdown spooled it
             if len(spill.spool):
                 spill.write(batch, front=True)
             else:
@@ -244,7 +247,8 @@ class Delivery(Generic[T]):
         self._close()  # cuts an attempt short: it settles as a retryable failure
         settled = await self._settled(time.monotonic() + SETTLE_S)
         loop = asyncio.get_running_loop()
-        stuck, self._in_flight = (self._in_flight, []) if not settled else ([], [])
+        stuck = [] if settled else self._in_flight
+        self._in_flight = []
         if self.spill is not None:  # stuck in the transport too: delivered at least once
             await loop.run_in_executor(None, self._spill_at_shutdown, self.spill, stuck)
         else:
@@ -258,6 +262,7 @@ class Delivery(Generic[T]):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _spill_at_shutdown(self, spill: Spill[T], stuck: list[Entry[T]]) -> None:
+        self._spilled = True
         spill.spill_all(stuck)
         spool = spill.spool
         if len(spool):

@@ -51,14 +51,15 @@ def offer(delivery: Delivery[int], numbers: Iterable[int]) -> None:
 
 
 async def an_outage(delivery: Delivery[int], collector: FakeCollector, n: int) -> int:
-    """The collector away while n items are offered in tens; the most memory held."""
+    """The collector away while n items are offered in tens, each offer once the spool's
+    writer caught up with the previous (its lagging is test_a_lagging_writer_...'s); the
+    most memory held."""
     collector.up = False
     most = 0
     for start in range(0, n, 10):
         offer(delivery, range(start, start + 10))
         most = max(most, delivery.queue.items)
-        await asyncio.sleep(0.005)
-    await until(lambda: not delivery.queue.over_bound)  # the writer caught up
+        await until(lambda: not delivery.queue.over_bound)
     return most
 
 
@@ -117,3 +118,20 @@ async def test_what_is_queued_at_shutdown_is_delivered_by_the_next_run(
     worker.cancel()
     await delivery.flush(time.monotonic() + 1)
     assert dropped(records) == {}
+
+
+def test_a_lagging_writer_bounds_memory_by_dropping_the_oldest(tmp_path: Path) -> None:
+    """The writer never runs (a stalled disk): past twice its bounds and one of the
+    writer's batches the memory queue drops its oldest (queue_full), as without a
+    spool; below that it holds them for the writer."""
+    ledger = DropLedger()
+    queue: BoundedQueue[int] = BoundedQueue(8, 1 << 30, ledger)
+    queue.spills(4, 1 << 20)
+    queue.offer_many(Entry(n, 100, W) for n in range(20))
+    assert (queue.items, ledger.take()) == (20, {})  # over its bound: for the writer
+    queue.offer_many(Entry(n, 100, W) for n in range(20, 30))
+    assert queue.items == 20 and ledger.take() == {("queue_full", W): 10}
+    assert [e.item for e in queue.take_spill(4, 1 << 30)] == [10, 11, 12, 13]
+    while queue.take_spill(4, 1 << 30):
+        pass
+    assert queue.items == 4  # a spill takes the queue down to half its bound
