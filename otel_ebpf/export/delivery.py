@@ -136,6 +136,7 @@ class Delivery(Generic[T]):
             with self.spill.lock:  # nothing between memory and the spool while we look
                 spooled = self.spill.oldest()
                 batch = [] if spooled else self.queue.take(self.batch_items, self.batch_bytes)
+                self._in_flight = batch
             if spooled is not None:
                 return self._send_spooled(self.spill, spooled)
         if not batch:
@@ -173,6 +174,7 @@ class Delivery(Generic[T]):
             self.queue.put_back(batch)
             return
         with spill.lock:
+            self._in_flight = []
             if self._spilled:
                 return  # a stuck attempt that settled late: shutdown spooled it
             if len(spill.spool):
@@ -226,9 +228,13 @@ class Delivery(Generic[T]):
 
     @property
     def waiting(self) -> int:
-        """Units queued, in memory, in flight and in the spool."""
-        spooled = self.spill.spool.items if self.spill is not None else 0
-        return self.queue.items + sum(e.count for e in self._in_flight) + spooled
+        """Units queued, in memory, in flight and in the spool (blocking: with a spool, a
+        consistent count waits for a spool write under way)."""
+        if self.spill is None:
+            return self.queue.items + sum(e.count for e in self._in_flight)
+        with self.spill.lock:
+            return (self.queue.items + sum(e.count for e in self._in_flight)
+                    + self.spill.spool.items)
 
     def report(self) -> None:
         """Blocking: the drops since the last report and the depth, as self-metrics."""
