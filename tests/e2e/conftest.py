@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from otel_ebpf.enrich.cgroup import cgroup2_root
+from tests.e2e.test_agent import AgentProcess
 from tests.peers.otelcol import OtelCollector, ensure_built
 from tests.peers.otlp_sink import OtlpSink
 from tests.peers.rotel import RotelCollector
@@ -72,3 +73,11 @@ def cgroup() -> Iterator[Path]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_agent_left() -> Iterator[None]:
+    """Agents a test started and did not stop (it failed first) are killed after it."""
+    yield
+    while AgentProcess.started:
+        AgentProcess.started.pop().kill()
