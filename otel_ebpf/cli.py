@@ -146,6 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
     from otel_ebpf.export.profile_sender import ProfilesSender, profiles_delivery
     from otel_ebpf.export.profiles import ProfileExport
+    from otel_ebpf.export.spool import SpoolError
     from otel_ebpf.export.traces import SpanExport
     from otel_ebpf.export.transport import OneAttempt
     from otel_ebpf.reload import Reloader, Wiring
@@ -179,14 +180,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             profiles_sender = ProfilesSender(config.exporter)
     identity = IdentityResolver(config, host_attributes())
     profiles = None
-    if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
-        delivery = (profiles_delivery(profiles_sender, config.exporter,
-                                      identity.sample_resolver)
-                    if profiles_sender is not None else None)
-        profiles = ProfileExport(delivery, profile_cfg.folded_path, time.time_ns())
     spans = None
-    if span_shipper is not None:
-        spans = SpanExport(span_shipper, config.exporter, identity.resolver)
+    try:
+        if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
+            delivery = (profiles_delivery(profiles_sender, config.exporter,
+                                          identity.sample_resolver)
+                        if profiles_sender is not None else None)
+            profiles = ProfileExport(delivery, profile_cfg.folded_path, time.time_ns())
+        if span_shipper is not None:
+            spans = SpanExport(span_shipper, config.exporter, identity.resolver)
+    except SpoolError as exc:
+        print(f"otel-ebpf: exporter.queue.spool_directory: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     reloader = Reloader(lambda: cfg.load(args.config, overrides=overrides)[0], build,
                         Wiring(spans=spans is not None, profiles=profiles is not None))
     agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles,

@@ -25,7 +25,6 @@ from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
-from otel_ebpf.enrich.process import pid_alive
 from otel_ebpf.export.agent_metrics import MapFill, process_metrics, sample_period_metric
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics import OtlpShipper
@@ -48,7 +47,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BUDGET_S = 4.0  # the final flush gives up after this; SIGTERM-to-exit stays < 5 s
 SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
 SPAN_POLL_S = 0.2  # a busy event buffer is emptied at most this often (batches the hand-off)
-# a gone process's series is forgotten once exported and this long without a delta
+# a gone process's series, and any aggregated workload's, is forgotten once exported and
+# this long without a delta
 EXPIRE_QUIET_S = 60.0
 THREAD_STOP_S = 1.0  # how long shutdown waits for a drain or an event read under way
 
@@ -87,6 +87,7 @@ class Agent:
         # only when printed: its windows grow with every (process, syscall) until a print
         self.summary = HistogramSummary(config.summary.top) if config.summary.enabled else None
         self._started_ns: dict[str, int] = {}
+        self._drained_ns: dict[str, int] = {}  # probe -> when its latest drain began
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         # kernel event buffers are read apart from the map drains, which can take a while
@@ -284,7 +285,12 @@ class Agent:
         self._absorb(collection)
 
     def _collect_blocking(self, probe: Probe) -> Collection:
+        began = time.time_ns()
         collection = probe.collect()
+        # what this drain read was counted since the previous one began (or the start)
+        collection.window_start_ns = self._drained_ns.get(
+            probe.name, self._started_ns.get(probe.name, began))
+        self._drained_ns[probe.name] = began
         # stack samples go to the profile window from here: merging them is the bulk of
         # their cost, and the loop should only schedule
         if self.profiles is not None and collection.samples:
@@ -294,7 +300,10 @@ class Agent:
     def _absorb(self, collection: Collection) -> None:
         now = time.time_ns()
         start = self._started_ns.get(collection.probe, now)
-        self.store.add(collection.records, start, now)
+        # a series new in this window (a new workload, or one forgotten when quiet and
+        # counted again) starts with the window: its values never go down against its
+        # start time
+        self.store.add(collection.records, collection.window_start_ns or start, now)
         if self.summary is not None:
             self.summary.add(collection.records)
         self.map_fill.update(collection.probe, collection.map_fill)
@@ -308,7 +317,7 @@ class Agent:
         assert self.metrics is not None
         ok = self.metrics.export_once()
         if ok:
-            self.store.expire(pid_alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
+            self.store.expire(self.identity.alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
         return ok
 
     @property
