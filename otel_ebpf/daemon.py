@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TextIO
 
 from opentelemetry.sdk.metrics.export import Metric
@@ -25,7 +26,6 @@ from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
 from otel_ebpf.endpoints.server import Endpoints
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
-from otel_ebpf.enrich.process import pid_alive
 from otel_ebpf.export.agent_metrics import MapFill, process_metrics, sample_period_metric
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics import OtlpShipper
@@ -35,6 +35,7 @@ from otel_ebpf.export.queue import Backoff
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanExport, exemplar_of
 from otel_ebpf.export.transport import OneAttempt, until_answered
+from otel_ebpf.health import HealthReporter
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BUDGET_S = 4.0  # the final flush gives up after this; SIGTERM-to-exit stays < 5 s
 SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
 SPAN_POLL_S = 0.2  # a busy event buffer is emptied at most this often (batches the hand-off)
-# a gone process's series is forgotten once exported and this long without a delta
+# a gone process's series, and any aggregated workload's, is forgotten once exported and
+# this long without a delta
 EXPIRE_QUIET_S = 60.0
 THREAD_STOP_S = 1.0  # how long shutdown waits for a drain or an event read under way
 
@@ -64,6 +66,7 @@ class Agent:
         spans: SpanExport | None = None,
         profiles: ProfileExport | None = None,
         reloader: Reloader | None = None,
+        health_file: Path | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -85,6 +88,7 @@ class Agent:
         # only when printed: its windows grow with every (process, syscall) until a print
         self.summary = HistogramSummary(config.summary.top) if config.summary.enabled else None
         self._started_ns: dict[str, int] = {}
+        self._drained_ns: dict[str, int] = {}  # probe -> when its latest drain began
         self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         # kernel event buffers are read apart from the map drains, which can take a while
@@ -92,6 +96,9 @@ class Agent:
         self._workers = ProbeWorkers(self._collect_blocking, self._absorb, self._take_spans,
                                      SPAN_POLL_S, THREAD_STOP_S)
         self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
+        # `otel-ebpf health` reads it: written while the probes are attached and drained
+        self.health = (None if health_file is None
+                       else HealthReporter(health_file, self._workers.drain_ages))
         self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
         self._selected_cgroups: set[int] = set()
@@ -152,6 +159,8 @@ class Agent:
                 tasks.append(asyncio.create_task(self._profile_loop(), name="profiles"))
             if self.reloader is not None:
                 tasks.append(asyncio.create_task(self.reloader.run(self), name="reload"))
+            if self.health is not None:
+                tasks.append(asyncio.create_task(self.health.run(), name="health"))
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
                      ", ".join(p.name for p in self.probes) or "none",
                      self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)",
@@ -167,6 +176,8 @@ class Agent:
             await self._final_flush()
             return 0
         finally:
+            if self.health is not None:
+                self.health.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_workers()
@@ -283,7 +294,12 @@ class Agent:
         self._absorb(collection)
 
     def _collect_blocking(self, probe: Probe) -> Collection:
+        began = time.time_ns()
         collection = probe.collect()
+        # what this drain read was counted since the previous one began (or the start)
+        collection.window_start_ns = self._drained_ns.get(
+            probe.name, self._started_ns.get(probe.name, began))
+        self._drained_ns[probe.name] = began
         # stack samples go to the profile window from here: merging them is the bulk of
         # their cost, and the loop should only schedule
         if self.profiles is not None and collection.samples:
@@ -295,7 +311,10 @@ class Agent:
     def _absorb(self, collection: Collection) -> None:
         now = time.time_ns()
         start = self._started_ns.get(collection.probe, now)
-        self.store.add(collection.records, start, now)
+        # a series new in this window (a new workload, or one forgotten when quiet and
+        # counted again) starts with the window: its values never go down against its
+        # start time
+        self.store.add(collection.records, collection.window_start_ns or start, now)
         if self.summary is not None:
             self.summary.add(collection.records)
         self.map_fill.update(collection.probe, collection.map_fill)
@@ -310,7 +329,7 @@ class Agent:
         ok = self.metrics.export_once()
         self.last_export = (time.time_ns(), ok)
         if ok:
-            self.store.expire(pid_alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
+            self.store.expire(self.identity.alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
         return ok
 
     @property
