@@ -114,7 +114,8 @@ class Agent:
             spans.delivery.on_delivered = self._remember_exemplars
         # /metrics, /healthz, /readyz (otel_ebpf.endpoints): read-only views of the above
         self.last_export: tuple[int, bool] | None = None  # (time_ns, delivered)
-        self.endpoints = (Endpoints(config.endpoints, self, self._agent_metrics)
+        self.endpoints = (Endpoints(config.endpoints, self, self._agent_metrics,
+                                    self._workers.drain_ages)
                           if config.endpoints.enabled else None)
 
     def _add_self_metrics(self, records: list[CounterDelta]) -> None:

@@ -2,9 +2,11 @@
 /api/live and /api/profile; otel_ebpf.endpoints.live).
 
 /metrics renders on a thread of its own (resolving identities reads /proc), one scrape at
-a time. /healthz answers while the event loop runs. /readyz is 200 when every enabled
-probe has its programs loaded and the last metrics export did not fail (an agent with its
-exporter off is judged by its probes alone), else 503; its JSON body says which.
+a time. The health rules are `otel-ebpf health`'s (otel_ebpf.health): /healthz is 200
+while the event loop answers and every probe's drain thread keeps draining, else 503
+naming the stuck probe; /readyz is 200 when, besides, every enabled probe has its programs
+loaded. Both say the last metrics export's state in their JSON body, but a collector that
+does not answer fails neither: the agent keeps counting and delivers when it returns.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from otel_ebpf.endpoints.live import (
     syscall_view,
 )
 from otel_ebpf.enrich.identity import AGENT
+from otel_ebpf.health import DRAIN_INTERVALS, STALE_S, DrainAges
 from otel_ebpf.model import Workload
 
 if TYPE_CHECKING:
@@ -66,10 +69,12 @@ class AgentView(Protocol):
 
 class Endpoints:
     def __init__(self, config: EndpointsConfig, agent: AgentView,
-                 agent_metrics: Callable[[int], list[OtelMetric]]) -> None:
+                 agent_metrics: Callable[[int], list[OtelMetric]],
+                 drain_ages: Callable[[], DrainAges] = dict) -> None:
         self.config = config
         self.agent = agent
         self.agent_metrics = agent_metrics
+        self.drain_ages = drain_ages  # probe -> (interval, seconds since its last drain)
         self.start_ns = time.time_ns()
         self.url: str | None = None  # once serving
         self._runner: web.AppRunner | None = None
@@ -161,21 +166,32 @@ class Endpoints:
         return {"window_seconds": self.stacks.window_s,
                 "dropped": self.stacks.dropped, "root": flame_tree(totals, process_name)}
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        from otel_ebpf.probes import enabled_names
-
-        attached = {p.name for p in self.agent.probes if p.program_ids()}
-        probes = {name: "attached" if name in attached else "not attached"
-                  for name in enabled_names(self.agent.config)}
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Alive: no probe's drain is stuck (otel_ebpf.health's rule)."""
+        stuck = {name: round(age, 1) for name, (interval, age) in self.drain_ages().items()
+                 if age > max(DRAIN_INTERVALS * interval, STALE_S)}
         last = self.agent.last_export
         if self.agent.shipper is None:
             export = "disabled"
         elif last is None:
             export = "pending"
         else:
-            export = "ok" if last[1] else "failed"
-        ready = all(state == "attached" for state in probes.values()) and export != "failed"
-        return ready, {"ready": ready, "probes": probes, "metrics_export": export}
+            export = "ok" if last[1] else "failing"
+        body: dict[str, Any] = {"alive": not stuck, "metrics_export": export}
+        if stuck:
+            body["stuck_drains_seconds"] = stuck
+        return not stuck, body
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: alive, and every enabled probe has its programs loaded."""
+        from otel_ebpf.probes import enabled_names
+
+        alive, body = self.health()
+        attached = {p.name for p in self.agent.probes if p.program_ids()}
+        probes = {name: "attached" if name in attached else "not attached"
+                  for name in enabled_names(self.agent.config)}
+        ready = alive and all(state == "attached" for state in probes.values())
+        return ready, {"ready": ready, "probes": probes, **body}
 
     # ---- handlers --------------------------------------------------------------------
 
@@ -221,7 +237,9 @@ class Endpoints:
     async def _healthz(self, _: web.Request) -> web.StreamResponse:
         from aiohttp import web
 
-        return web.Response(text="ok\n")
+        alive, body = self.health()
+        return web.Response(status=200 if alive else 503, text=json.dumps(body) + "\n",
+                            content_type="application/json")
 
     async def _readyz(self, _: web.Request) -> web.StreamResponse:
         from aiohttp import web

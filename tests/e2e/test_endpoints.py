@@ -85,11 +85,12 @@ def test_prometheus_scrapes_exact_counts_and_finite_p99(
         agent.wait_for_log(f"endpoints: serving /metrics, /healthz, /readyz on "
                            f"http://127.0.0.1:{port}")
         base = f"http://127.0.0.1:{port}"
-        assert http_get(base + "/healthz") == (200, "ok\n")
+        status, body = http_get(base + "/healthz")
+        assert status == 200 and json.loads(body)["alive"] is True, body
         status, body = http_get(base + "/readyz")
         assert status == 200, body
         assert json.loads(body) == {"ready": True, "probes": {"syscall_latency": "attached"},
-                                    "metrics_export": "disabled"}
+                                    "alive": True, "metrics_export": "disabled"}
         maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
         assert "aiohttp" in maps  # the server's, loaded when it started
 

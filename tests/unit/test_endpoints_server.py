@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -66,17 +67,38 @@ async def test_serves_metrics_health_and_readiness_on_loopback() -> None:
         assert [s.value for s in families["linux_tcp_retransmits"].samples
                 if s.name.endswith("_total")] == [3]
         assert "process_cpu_time_seconds" in families
-        assert (await get(endpoints.url + "/healthz"))[0] == 200
+        status, _, body = await get(endpoints.url + "/healthz")
+        assert status == 200 and json.loads(body) == {"alive": True,
+                                                      "metrics_export": "disabled"}
         # no probe enabled, exporter off: ready
         status, _, body = await get(endpoints.url + "/readyz")
-        assert status == 200 and '"metrics_export": "disabled"' in body
-        # an export that failed: not ready, and it says why
+        assert status == 200 and json.loads(body)["ready"] is True
+        # a collector that does not answer is said, but fails neither check (as in
+        # `otel-ebpf health`: the agent keeps counting and delivers when it returns)
         agent.shipper, agent.last_export = object(), (1, False)
-        status, _, body = await get(endpoints.url + "/readyz")
-        assert status == 503 and '"metrics_export": "failed"' in body
+        for path in ("/healthz", "/readyz"):
+            status, _, body = await get(endpoints.url + path)
+            assert status == 200 and json.loads(body)["metrics_export"] == "failing"
         agent.last_export = (2, True)
-        assert (await get(endpoints.url + "/readyz"))[0] == 200
+        assert json.loads((await get(endpoints.url + "/readyz"))[2])["metrics_export"] == "ok"
         assert (await get(endpoints.url + "/nothing"))[0] == 404
+    finally:
+        await endpoints.stop()
+
+
+async def test_a_stuck_drain_fails_health_and_readiness() -> None:
+    agent = AgentState(make_config())
+    ages = {"syscall_latency": (5.0, 2.0)}
+    endpoints = Endpoints(agent.config.endpoints, agent, process_metrics, lambda: ages)
+    assert await endpoints.start()
+    try:
+        assert endpoints.url is not None
+        assert (await get(endpoints.url + "/healthz"))[0] == 200
+        ages["syscall_latency"] = (5.0, 31.0)  # over max(3 intervals, 30 s)
+        for path in ("/healthz", "/readyz"):
+            status, _, body = await get(endpoints.url + path)
+            assert status == 503, body
+            assert json.loads(body)["stuck_drains_seconds"] == {"syscall_latency": 31.0}
     finally:
         await endpoints.stop()
 
