@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from otel_ebpf.frames import Frame
+    from otel_ebpf.symbolize.frames import Frame
 
 AttributeValue = str | int | float | bool
 Attributes = Mapping[str, AttributeValue]

@@ -29,9 +29,9 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from otel_ebpf import __version__
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.queue import Entry
-from otel_ebpf.frames import Frame
-from otel_ebpf.frames import Mapping as MappingInfo
 from otel_ebpf.model import AttributeValue, Identity, StackSample, Workload
+from otel_ebpf.symbolize.frames import Frame
+from otel_ebpf.symbolize.frames import Mapping as MappingInfo
 
 BUILD_ID_ATTRIBUTE = "process.executable.build_id.gnu"
 FRAME_TYPE_ATTRIBUTE = "profile.frame.type"

@@ -23,7 +23,7 @@ from otel_ebpf.config import CpuProfileConfig
 from otel_ebpf.kernel.engine import BpfMap, Engine, EngineError, Program, update_set_map
 from otel_ebpf.model import Collection, MetricDescriptor, StackSample, Workload
 from otel_ebpf.probes.base import Hook, Probe
-from otel_ebpf.symbols import Frame, Symbolizer
+from otel_ebpf.symbolize.symbols import Frame, Symbolizer
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from otel_ebpf.export.profiles import (
 )
 from otel_ebpf.model import Identity, StackSample, Workload
 from otel_ebpf.probes.cpu_profile import samples_map_size
-from otel_ebpf.symbols import Frame, Mapping
+from otel_ebpf.symbolize.symbols import Frame, Mapping
 
 APP = Mapping(0x400000, 0x401000, 0, "/usr/bin/app", "ab" * 20)
 LIBC = Mapping(0x7F0000000000, 0x7F0000200000, 0x28000, "/lib/libc.so.6", None)
