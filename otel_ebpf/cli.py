@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import Agent
     from otel_ebpf.enrich.host import host_attributes
     from otel_ebpf.enrich.identity import IdentityResolver
-    from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
+    from otel_ebpf.export.otlp import OtlpShipper, make_otlp_exporter
     from otel_ebpf.export.profile_sender import ProfilesSender, profiles_delivery
     from otel_ebpf.export.profiles import ProfileExport
     from otel_ebpf.export.traces import SpanExport

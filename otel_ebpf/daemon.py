@@ -27,8 +27,8 @@ from otel_ebpf.enrich.identity import AGENT, IdentityResolver
 from otel_ebpf.enrich.process import pid_alive
 from otel_ebpf.export.agent_metrics import MapFill, process_metrics, sample_period_metric
 from otel_ebpf.export.delivery import Delivery
-from otel_ebpf.export.metrics import OtlpShipper
 from otel_ebpf.export.metrics_export import MetricsExport
+from otel_ebpf.export.otlp import OtlpShipper
 from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.queue import Backoff
 from otel_ebpf.export.summary import HistogramSummary

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
+from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from otel_ebpf import __version__
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.export.delivery import Delivery
-from otel_ebpf.export.metrics import OtlpShipper
+from otel_ebpf.export.otlp import OtlpShipper
 from otel_ebpf.export.queue import DELIVERED, Backoff, BoundedQueue, DropLedger, Entry, Outcome
 from otel_ebpf.model import AttributeValue, Identity, SpanRecord, Workload
 from otel_ebpf.selfmetrics import SPANS_DROPPED, SPANS_QUEUED, DeliveryMetrics, Resolver

@@ -26,7 +26,7 @@ from otel_ebpf.kernel.cache import ImageCache
 from otel_ebpf.kernel.compiler import CompileError, Compiler, Image
 from otel_ebpf.kernel.headers import HeaderSource
 from otel_ebpf.kernel.maps import BpfMap, update_set_map
-from otel_ebpf.kernel.preflight import tracefs_root
+from otel_ebpf.kernel.tracefs import tracefs_root
 
 __all__ = ["BpfMap", "Engine", "EngineError", "Program", "bpf_source", "bpf_source_dir",
            "update_set_map"]

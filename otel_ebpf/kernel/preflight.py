@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otel_ebpf.kernel import headers as kheaders
+from otel_ebpf.kernel.tracefs import tracefs_root
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 _BPF_MAP_CREATE, _BPF_MAP_TYPE_ARRAY = 0, 2
@@ -72,10 +72,6 @@ def check_bpf_syscall() -> Check:
              errno.ENOSYS: "the kernel was built without CONFIG_BPF_SYSCALL"}
     return Check("bpf() syscall", FAIL, f"BPF_MAP_CREATE failed: {os.strerror(err)}",
                  fixes.get(err, "see dmesg"))
-
-
-def tracefs_root() -> Path | None:
-    return next((p for p in TRACEFS_ROOTS if (p / "events").is_dir()), None)
 
 
 def check_tracefs() -> Check:

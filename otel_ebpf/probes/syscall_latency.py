@@ -15,9 +15,9 @@ from typing import Any, cast
 
 from otel_ebpf.clock import MonotonicClock
 from otel_ebpf.config import SyscallLatencyConfig
-from otel_ebpf.enrich.cgroup import cgroup_id
 from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound, trim
 from otel_ebpf.kernel import btf as kbtf
+from otel_ebpf.kernel.cgroupfs import cgroup_id
 from otel_ebpf.kernel.engine import Engine, EngineError, Program, update_set_map
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import (

@@ -32,7 +32,7 @@ from otel_ebpf.clock import MonotonicClock
 from otel_ebpf.config import TcpRetransmitConfig
 from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.engine import Engine, EngineError, Program
-from otel_ebpf.kernel.preflight import tracefs_root
+from otel_ebpf.kernel.tracefs import event_has_field
 from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
 from otel_ebpf.probes.base import Hook, Probe
 from otel_ebpf.probes.task_layout import offset_flags as task_offset_flags
@@ -201,15 +201,7 @@ def _comm(raw: bytes) -> str:
 def retransmit_has_err(root: Path | None = None) -> bool:
     """Whether tcp_retransmit_skb carries `err` (6.17+). Before, it fired for successful
     retransmissions only, and failures are not visible to this probe."""
-    root = root or tracefs_root()
-    if root is None:
-        return False
-    try:
-        text = (root / "events" / "tcp" / "tcp_retransmit_skb" / "format").read_text()
-    except OSError:
-        return False
-    return any(line.split(";")[0].strip().endswith(" err")
-               for line in text.splitlines() if "field:" in line)
+    return event_has_field("tcp/tcp_retransmit_skb", "err", root)
 
 
 def ringbuf_pages(rate_per_second: int, burst: int, interval_s: float) -> int:
