@@ -8,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from otel_ebpf.kernel.engine import BPF_PACKAGE, bpf_source, bpf_source_dir
+from otel_ebpf.kernel.engine import (
+    BPF_PACKAGE,
+    MAIN_FILE,
+    bpf_source,
+    bpf_source_dir,
+    inline_headers,
+)
 
 PROBES = Path(__file__).resolve().parents[2] / "probes"
 PRINT_DIR = "from otel_ebpf.kernel.engine import bpf_source_dir; print(bpf_source_dir())"
@@ -28,3 +34,17 @@ def test_a_source_tree_that_nothing_installed_uses_its_probes_dir() -> None:
     proc = subprocess.run([sys.executable, "-S", "-c", PRINT_DIR], cwd=PROBES.parent,
                           capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == str(PROBES)
+
+
+def test_shared_headers_are_pasted_into_the_program(tmp_path: Path) -> None:
+    # BCC rewrites map calls only in the file it compiles: a shared helper that calls a
+    # map must be in it, and compiler messages still name the header
+    (tmp_path / "outer.h").write_text('#include "inner.h"\nint outer;\n')
+    (tmp_path / "inner.h").write_text("int inner;\n")
+    text = inline_headers('#include <linux/sched.h>\n#include "outer.h"\n'
+                          '#include "absent.h"\nint main_line;\n', [tmp_path])
+    assert text.splitlines() == [
+        "#include <linux/sched.h>",
+        '#line 1 "outer.h"', '#line 1 "inner.h"', "int inner;", '#line 2 "outer.h"',
+        "int outer;", f'#line 3 "{MAIN_FILE}"',
+        '#include "absent.h"', "int main_line;"]
