@@ -135,8 +135,9 @@ class SpanCounter:
 def product_constants() -> str:
     """The daemon's span pipeline constants and the span config defaults, as running."""
     from otel_ebpf import daemon
-    from otel_ebpf.config import ExporterConfig, SlowSpansConfig
+    from otel_ebpf.config import ExporterConfig
     from otel_ebpf.export import traces
+    from otel_ebpf.probes.slow_syscalls import SlowSpansConfig
 
     defaults = SlowSpansConfig()
     queue = ExporterConfig().queue.spans

@@ -25,7 +25,7 @@ from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
 from otel_ebpf.enrich.identity import AGENT, IdentityResolver
 from otel_ebpf.enrich.process import pid_alive
-from otel_ebpf.export.agent_metrics import MapFill, process_metrics, sample_period_metric
+from otel_ebpf.export.agent_metrics import MapFill, process_metrics, setting_metrics
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.metrics_export import MetricsExport
 from otel_ebpf.export.otlp import OtlpShipper
@@ -36,7 +36,8 @@ from otel_ebpf.export.traces import QueuedSpan, SpanExport, exemplar_of
 from otel_ebpf.export.transport import OneAttempt, until_answered
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
-from otel_ebpf.probes.base import Probe
+from otel_ebpf.probes import PROBE_TYPES
+from otel_ebpf.probes.base import AnyProbe
 from otel_ebpf.reload import Reloader
 from otel_ebpf.selfmetrics import LOST_EVENTS
 from otel_ebpf.workers import ProbeWorkers
@@ -56,7 +57,7 @@ class Agent:
         self,
         config: Config,
         engine: Engine,
-        probes: list[Probe],
+        probes: list[AnyProbe],
         shipper: OtlpShipper | None,
         identity: IdentityResolver,
         out: TextIO = sys.stdout,
@@ -71,12 +72,12 @@ class Agent:
         self.spans = spans
         self.profiles = profiles
         self.reloader = reloader
-        slow = config.probes.syscall_latency.slow_spans
         self.identity = identity
         self.out = out
         limit = SeriesLimit(config.exporter.cardinality_limit, config.exporter.cardinality_limits)
-        self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series,
-                                     limit=limit)
+        exemplars = max((probe.exemplars_per_series(config.probes.section(name))
+                         for name, probe in PROBE_TYPES.items()), default=0)
+        self.store = CumulativeStore(exemplars_per_series=exemplars, limit=limit)
         self.map_fill = MapFill()
         self.metrics = None if shipper is None else MetricsExport(
             self.store, shipper, identity.resolver, config.exporter, time.time_ns(),
@@ -113,11 +114,9 @@ class Agent:
 
     def _agent_metrics(self, start_ns: int) -> list[Metric]:
         """The agent's own metrics read at each export: process, map fill, sampling."""
-        metrics = process_metrics(start_ns) + self.map_fill.metrics(start_ns)
-        syscalls = self.config.probes.syscall_latency
-        if syscalls.enabled:
-            metrics.append(sample_period_metric(syscalls.sample_period, start_ns))
-        return metrics
+        settings = [setting for probe in self.probes for setting in probe.settings()]
+        return (process_metrics(start_ns) + self.map_fill.metrics(start_ns)
+                + setting_metrics(settings, start_ns))
 
     async def run(self, duration: float | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -187,7 +186,7 @@ class Agent:
         self.engine.release_compiler_memory()
         return not failed
 
-    def _start_probe(self, probe: Probe) -> None:
+    def _start_probe(self, probe: AnyProbe) -> None:
         began = time.monotonic()
         probe.start(self.engine)
         # a reloaded probe's series go on from the first start
@@ -196,7 +195,7 @@ class Agent:
                  ", ".join(str(h) for h in probe.hooks), time.monotonic() - began,
                  " ".join(map(str, probe.program_ids())))
 
-    def _stop_probes(self, probes: list[Probe] | None = None) -> None:
+    def _stop_probes(self, probes: list[AnyProbe] | None = None) -> None:
         for probe in self.probes if probes is None else probes:
             try:
                 probe.stop()
@@ -225,15 +224,15 @@ class Agent:
 
     # ---- collection ------------------------------------------------------------------
 
-    def _interval(self, probe: Probe) -> float:
-        return float(getattr(self.config.probes, probe.name).interval)
+    def _interval(self, probe: AnyProbe) -> float:
+        return float(probe.config.interval)
 
     def _start_workers(self) -> None:
         for probe in self.probes:
             self._workers.start_collector(probe, self._interval(probe))
         self._workers.start_events(self.probes)
 
-    async def swap_probes(self, old: list[Probe], new: list[Probe]) -> list[Probe]:
+    async def swap_probes(self, old: list[AnyProbe], new: list[AnyProbe]) -> list[AnyProbe]:
         """Reload: `old` drained a last time and detached, `new` started in their place;
         every other probe keeps its programs and its drain thread. Returns the new probes
         that failed to start (detached again)."""
@@ -263,7 +262,7 @@ class Agent:
     async def _stop_workers(self) -> None:
         self._take_spans(await self._workers.stop())
 
-    async def _collect(self, probe: Probe) -> None:
+    async def _collect(self, probe: AnyProbe) -> None:
         loop = asyncio.get_running_loop()
         try:
             collection = await loop.run_in_executor(self._bpf_pool, self._collect_blocking,
@@ -273,12 +272,14 @@ class Agent:
             return
         self._absorb(collection)
 
-    def _collect_blocking(self, probe: Probe) -> Collection:
+    def _collect_blocking(self, probe: AnyProbe) -> Collection:
         collection = probe.collect()
         # stack samples go to the profile window from here: merging them is the bulk of
         # their cost, and the loop should only schedule
-        if self.profiles is not None and collection.samples:
-            self.profiles.add(collection.samples, collection.period_ns)
+        if (self.profiles is not None and collection.samples
+                and collection.profile_type is not None):
+            self.profiles.add(collection.samples, collection.period_ns,
+                              collection.profile_type)
         return collection
 
     def _absorb(self, collection: Collection) -> None:

@@ -42,8 +42,10 @@
  *             generation    1-entry array: which latency map is current (0 or 1).
  *             timed_once    array by syscall nr: has a call of it been timed yet.
  *             zero_value    1-entry array: the zeroed value to insert (too big for stack).
- *             probe_stats   per-CPU counters of events this program could not record.
- *             *_filter      hash sets for the optional pid / comm / cgroup filters.
+ *             probe_stats   per-CPU counters of events this program could not record
+ *                           (probe_stats.h).
+ *             *_filter      hash sets for the optional pid / comm / cgroup filters
+ *                           (cgroup_filter.h).
  *             slow_threshold_ns  array by syscall nr (SYSCALL_SLOTS): 0 = never a span.
  *             slow_rate     1-entry array: the rate limiter's state (GCRA, one u64).
  *             slow_events   ring buffer (perf buffer before 5.8) of slow-call events.
@@ -144,7 +146,7 @@ enum probe_stat {
     STAT_NO_START = 1,      /* sys_exit without a recorded enter (started before attach) */
     STAT_RATE_LIMITED = 2,  /* a slow call refused by the token bucket */
     STAT_BUFFER_FULL = 3,   /* a slow call that found the event buffer full */
-    STAT_NO_STATE = 4,      /* a call left the CPU but task storage was unavailable */
+    STAT_NO_TASK_STORAGE = 4,  /* a call left the CPU but task storage was unavailable */
     STAT_NO_MEMORY = 5,     /* calls lost: the kernel had no memory for their new key */
     STAT_TIMING_LOST = 6,   /* a timed call whose key could not be inserted (counted still) */
     STAT_COUNT = 7,
@@ -159,7 +161,8 @@ BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_1, MAX_ENTRIES,
 BPF_ARRAY(generation, u32, 1);
 BPF_ARRAY(timed_once, u8, SYSCALL_SLOTS);
 BPF_ARRAY(zero_value, struct hist_value, 1);
-BPF_PERCPU_ARRAY(probe_stats, u64, STAT_COUNT);
+#include "probe_stats.h"
+#include "cgroup_filter.h"
 
 #ifdef SLOW_EVENTS
 struct slow_event {
@@ -192,21 +195,6 @@ BPF_HASH(tgid_filter, u32, u8, 1024);
 struct comm_key { char comm[TASK_COMM_LEN]; };
 BPF_HASH(comm_filter, struct comm_key, u8, 256);
 #endif
-#ifdef FILTER_CGROUP
-BPF_HASH(cgroup_filter, u64, u8, 16384);
-#endif
-
-static __always_inline void count_stats(u32 stat, u64 n)
-{
-    u64 *v = probe_stats.lookup(&stat);
-    if (v)
-        *v += n;
-}
-
-static __always_inline void count_stat(u32 stat)
-{
-    count_stats(stat, 1);
-}
 
 static __always_inline int wanted(void)
 {
@@ -221,12 +209,7 @@ static __always_inline int wanted(void)
     if (!comm_filter.lookup(&ck))
         return 0;
 #endif
-#ifdef FILTER_CGROUP
-    u64 cg = bpf_get_current_cgroup_id();
-    if (!cgroup_filter.lookup(&cg))
-        return 0;
-#endif
-    return 1;
+    return current_selected();
 }
 
 /* The current task's identity, from its task storage; computed on the task's first call
@@ -610,7 +593,7 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx)
                 s->flags = CALL_OFFCPU;
             }
         } else {
-            count_stat(STAT_NO_STATE);
+            count_stat(STAT_NO_TASK_STORAGE);
         }
     }
     if (c->owner == prev) {

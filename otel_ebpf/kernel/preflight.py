@@ -142,7 +142,9 @@ def check_kprobes() -> Check:
                  "not available (not needed: every probe uses tracepoints or perf events)")
 
 
-def check_events(probe: str, events: Sequence[str]) -> Check:
+def check_events(probe: str, events: Sequence[str], optional: Sequence[str] = ()) -> Check:
+    """The probe's trace events: a missing required one fails, a missing optional one
+    warns (the probe runs without it)."""
     root = tracefs_root()
     if root is None:
         return Check(f"{probe}: tracepoints", FAIL, "tracefs missing", "see tracefs above")
@@ -150,7 +152,11 @@ def check_events(probe: str, events: Sequence[str]) -> Check:
     if missing:
         return Check(f"{probe}: tracepoints", FAIL, f"missing {', '.join(missing)}",
                      "this kernel lacks the tracepoints; CONFIG_FTRACE_SYSCALLS for syscalls")
-    return Check(f"{probe}: tracepoints", OK, ", ".join(events))
+    absent = [e for e in optional if not (root / "events" / e).is_dir()]
+    if absent:
+        return Check(f"{probe}: tracepoints", WARN, f"optional {', '.join(absent)} missing",
+                     "the probe runs without them (`otel-ebpf probes` says what is lost)")
+    return Check(f"{probe}: tracepoints", OK, ", ".join([*events, *optional]))
 
 
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}

@@ -48,3 +48,6 @@ def test_shared_headers_are_pasted_into_the_program(tmp_path: Path) -> None:
         '#line 1 "outer.h"', '#line 1 "inner.h"', "int inner;", '#line 2 "outer.h"',
         "int outer;", f'#line 3 "{MAIN_FILE}"',
         '#include "absent.h"', "int main_line;"]
+    program = inline_headers(bpf_source("cpu_profile"), [bpf_source_dir()])
+    assert '#include "probe_stats.h"' not in program
+    assert "probe_stats.lookup(&stat)" in program
