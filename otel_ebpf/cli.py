@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -135,17 +134,7 @@ def _kernel_context(cache_reads: bool = True) -> tuple[Any, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from otel_ebpf.config_base import ProfilesProbeConfig
-    from otel_ebpf.daemon import Agent
-    from otel_ebpf.enrich.host import host_attributes
-    from otel_ebpf.enrich.identity import IdentityResolver
-    from otel_ebpf.export.otlp import OtlpShipper, make_otlp_exporter
-    from otel_ebpf.export.profile_sender import ProfilesSender, profiles_delivery
-    from otel_ebpf.export.profiles import ProfileExport
-    from otel_ebpf.export.traces import SpanExport
-    from otel_ebpf.export.transport import OneAttempt
-    from otel_ebpf.reload import Reloader, Wiring
-    from otel_ebpf.signals import needed
+    from otel_ebpf.daemon import build_agent
 
     overrides = _overrides(args)
     config = _load_config(args, overrides)
@@ -153,45 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     engine, syscall_table = _kernel_context()
     log.info("syscall names: %s", syscall_table.source)
-    context = registry.ProbeContext(
-        syscall_table, select_cgroups=bool(config.identity.filter.model_dump(
-            exclude_defaults=True)))
-
-    def build(c: cfg.Config) -> list[registry.AnyProbe]:
-        return registry.build(c, context)
-
-    probes = build(config)
-    # a signal's exporter (and its connection) exists only when a probe produces it
-    signals = needed(config)
-    shipper = span_shipper = profiles_sender = None
-    if config.exporter.enabled:
-        endpoint = config.exporter.resolved_endpoint()
-        # the exporters attempt once per export: the agent owns the retry (transport.py)
-        shipper = OtlpShipper(OneAttempt(make_otlp_exporter(config.exporter), "metrics"),
-                              endpoint, "metrics")
-        if registry.Signal.SPANS in signals:
-            span_shipper = OtlpShipper(
-                OneAttempt(make_otlp_exporter(config.exporter, "traces"), "traces"),
-                endpoint, "traces")
-        if registry.Signal.PROFILES in signals:
-            profiles_sender = ProfilesSender(config.exporter)
-    identity = IdentityResolver(config, host_attributes())
-    profiles = None
-    if registry.Signal.PROFILES in signals:
-        delivery = (profiles_delivery(profiles_sender, config.exporter,
-                                      identity.sample_resolver)
-                    if profiles_sender is not None else None)
-        folded = next((p.config.folded_path for p in probes
-                       if isinstance(p.config, ProfilesProbeConfig) and p.config.folded_path),
-                      None)
-        profiles = ProfileExport(delivery, folded, time.time_ns())
-    spans = None
-    if span_shipper is not None:
-        spans = SpanExport(span_shipper, config.exporter, identity.resolver)
-    reloader = Reloader(lambda: cfg.load(args.config, overrides=overrides)[0], build,
-                        Wiring(spans=spans is not None, profiles=profiles is not None))
-    agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles,
-                  reloader=reloader)
+    agent = build_agent(config, engine, syscall_table,
+                        lambda: cfg.load(args.config, overrides=overrides)[0])
     return asyncio.run(agent.run(args.duration))
 
 
