@@ -33,7 +33,7 @@
  * KERNEL_STACK_ENTRIES, KEEP_IDLE, FILTER_CGROUP.
  */
 #include <uapi/linux/bpf_perf_event.h>
-#include <linux/sched.h>
+#define TASK_COMM_LEN 16
 
 #define MAX_STACK_DEPTH 127
 

@@ -67,7 +67,11 @@
  *   FILTER_CGROUP, KEY_WORKLOAD (+ the offsets workload.h reads), KEY_TGID, KEY_CGROUP,
  *   SLOW_EVENTS, SLOW_MIN_NS, SLOW_RATE, SLOW_BURST, RINGBUF_PAGES, USE_PERF_BUFFER.
  */
-#include <linux/sched.h>
+#include <asm/ptrace.h>  /* struct pt_regs: the arguments of sys_enter */
+/* task_struct only as an opaque pointer (task storage): linux/sched.h would cost ~1 s of
+ * compile time for nothing */
+struct task_struct;
+#define TASK_COMM_LEN 16
 #include "exp_histogram.h"
 #include "rate_limit.h"
 #ifdef KEY_WORKLOAD

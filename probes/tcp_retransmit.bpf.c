@@ -65,7 +65,9 @@
  *   its start that cover every SK_*_OFF field but the protocol, and REQ_COMMON_OFF: where
  *   struct request_sock keeps its struct sock_common.
  */
-#include <linux/sched.h>
+/* task_struct only as an opaque pointer (task storage); no kernel header needed */
+struct task_struct;
+#define TASK_COMM_LEN 16
 #include "rate_limit.h"
 #include "workload.h"
 

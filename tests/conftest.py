@@ -11,10 +11,16 @@ import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.peers.kube import KubeApiServer
+
+ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).parent / "helpers"
 HELPER_BIN = HELPERS / "bin"
 REQUIRE_KERNEL = os.environ.get("OTEL_EBPF_REQUIRE_KERNEL") == "1"
@@ -95,3 +101,26 @@ def cpu_hot() -> Path:
 @pytest.fixture(scope="session")
 def syscall_mix() -> Path:
     return build_helper("syscall_mix")
+
+
+@pytest.fixture(scope="session")
+def kube_api() -> Iterator[KubeApiServer]:
+    """A real etcd + kube-apiserver on loopback (tests/peers/kube.py), one per session:
+    built from Go modules on first use (cached outside the repository), ready in seconds."""
+    from tests.peers.kube import KubeApiServer, ensure_built
+
+    with KubeApiServer(ensure_built()) as api:
+        yield api
+    print(f"--- kube control plane output ---\n{api.read_logs()[-20000:]}")
+
+
+@pytest.fixture(scope="session")
+def kube_agent_objects(kube_api: KubeApiServer) -> list[dict[str, object]]:
+    """deploy/kubernetes rendered by kustomize and applied for real: the agent's Namespace,
+    ServiceAccount, ClusterRole and binding, ConfigMap and DaemonSet (no controller runs
+    it here)."""
+    import yaml
+
+    rendered = kube_api.kubectl("kustomize", str(ROOT / "deploy" / "kubernetes")).stdout
+    kube_api.kubectl("apply", "-f", "-", stdin=rendered)
+    return [d for d in yaml.safe_load_all(rendered) if d]

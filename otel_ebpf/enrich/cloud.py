@@ -13,15 +13,16 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from otel_ebpf.config import CloudConfig
 
+if TYPE_CHECKING:  # imported where used: a host without it never loads aiohttp (~15 MB)
+    import aiohttp
+
 log = logging.getLogger(__name__)
 
-Detector = Callable[[aiohttp.ClientSession, str], Awaitable[dict[str, str]]]
+Detector = Callable[["aiohttp.ClientSession", str], Awaitable[dict[str, str]]]
 
 
 class MetadataError(Exception):
@@ -31,6 +32,8 @@ class MetadataError(Exception):
 async def detect(config: CloudConfig) -> dict[str, str]:
     if not config.detectors:
         return {}
+    import aiohttp
+
     urls = {"ec2": config.ec2_url, "gcp": config.gcp_url, "azure": config.azure_url}
     # trust_env=False: metadata must never travel through an HTTP proxy from the environment
     async with aiohttp.ClientSession(
@@ -51,6 +54,8 @@ async def detect(config: CloudConfig) -> dict[str, str]:
 async def _attempt(
     name: str, detector: Detector, session: aiohttp.ClientSession, base: str, timeout: float
 ) -> dict[str, str]:
+    import aiohttp
+
     try:
         # a bound on the whole detector, not only on each of its requests
         async with asyncio.timeout(timeout):

@@ -16,12 +16,13 @@ import re
 import stat
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from otel_ebpf.config import DockerConfig
 from otel_ebpf.enrich.container import bounded_put
+
+if TYPE_CHECKING:  # imported where used: a host without it never loads aiohttp (~15 MB)
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class DockerMetadata:
             log.debug("no Docker-compatible API socket at %s: no container names or images",
                       ", ".join(self.config.sockets) or "(none configured)")
             return
+        import aiohttp
+
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=self.socket),
             timeout=aiohttp.ClientTimeout(total=self.config.timeout))
@@ -130,6 +133,8 @@ class DockerMetadata:
             await asyncio.wait(tasks)  # unlike gather, a cancelled caller leaves them running
 
     async def _fetch(self, container_id: str) -> None:
+        import aiohttp
+
         try:
             async with self._limit:
                 if self._session is not None:  # None: closed while waiting

@@ -18,11 +18,12 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from otel_ebpf.config import KubernetesConfig
+
+if TYPE_CHECKING:  # imported where used: a host without it never loads aiohttp (~15 MB)
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,11 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo | None:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, verb: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.message = message
+        self.verb = verb  # what we asked for: list or watch
 
 
 class _Expired(Exception):
@@ -100,6 +103,7 @@ class KubernetesPods:
         self._deleted: dict[str, float] = {}  # pod uid -> when its deletion was seen
         self._grace = deleted_grace
         self._outage = False
+        self._denied: tuple[int, str] | None = None  # (401 or 403, verb) said once
         self._failures = 0
         self._version: str | None = None  # where the watch resumes; None: list first
         self._task: asyncio.Task[None] | None = None
@@ -146,6 +150,8 @@ class KubernetesPods:
                         "or KUBERNETES_SERVICE_HOST. Pods will not be named")
             return
         self._task = asyncio.current_task()
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.timeout)
         connector = aiohttp.TCPConnector(ssl=self._ssl_context())
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -158,6 +164,8 @@ class KubernetesPods:
             await asyncio.wait([task])  # unlike `await task`, never re-raises our cancel
 
     async def _loop(self, session: aiohttp.ClientSession) -> None:
+        import aiohttp
+
         deadline = 0.0
         while True:
             try:
@@ -180,12 +188,14 @@ class KubernetesPods:
                 await self._back_off()
 
     async def _list(self, session: aiohttp.ClientSession) -> None:
+        import aiohttp
+
         # a node runs a few hundred pods at most: one page, no `limit`/`continue`
         async with session.get(
             self._pods_url, params={"fieldSelector": f"spec.nodeName={self.node}"},
             headers=self._headers(), timeout=aiohttp.ClientTimeout(total=self.config.timeout),
         ) as resp:
-            body = await _json_body(resp)
+            body = await _json_body(resp, "list")
         items = [parse_pod(i) for i in body.get("items") or () if isinstance(i, dict)]
         self._pods = {pod.uid: pod for pod in items if pod}
         self._by_container = {c: p.uid for p in self._pods.values() for c in p.containers}
@@ -193,6 +203,7 @@ class KubernetesPods:
         self._version = str(_dict(body, "metadata").get("resourceVersion") or "")
         self.synced.set()
         self._recovered()
+        self._allowed("list")
         log.debug("kubernetes: listed %d pods on node %s (version %s)", len(self._pods),
                   self.node, self._version)
 
@@ -212,7 +223,8 @@ class KubernetesPods:
                 self._pods_url, params=params, headers=self._headers()
             ) as resp:
                 if resp.status != 200:
-                    await _json_body(resp)  # raises, with the server's message
+                    await _json_body(resp, "watch")  # raises, with the server's message
+                self._allowed("watch")
                 async for line in _lines(resp.content):
                     self._apply(json.loads(line))
                     events += 1
@@ -229,7 +241,7 @@ class KubernetesPods:
             if code == 410:
                 raise _Expired
             raise ApiError(int(code) if isinstance(code, int) else 0,
-                           str(obj.get("message") or "watch error"))
+                           str(obj.get("message") or "watch error"), "watch")
         # data, not just a 200: only this ends an outage and resets the backoff
         self._recovered()
         self._failures = 0
@@ -277,14 +289,46 @@ class KubernetesPods:
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, ApiError) and exc.status in (401, 403):
+            self._refused(exc)
+            return
         if self._outage:
             log.debug("kubernetes: still failing: %r", exc)
             return
         self._outage = True
-        hint = (" (the service account needs get/list/watch on pods)"
-                if isinstance(exc, ApiError) and exc.status in (401, 403) else "")
-        log.warning("kubernetes: API server %s: %s%s; retrying with backoff, pod names may "
-                    "be stale until it answers", self.api_url, str(exc) or type(exc).__name__, hint)
+        log.warning("kubernetes: API server %s: %s; retrying with backoff, pod names may "
+                    "be stale until it answers", self.api_url, str(exc) or type(exc).__name__)
+
+    def _refused(self, exc: ApiError) -> None:
+        """One error per refusal, however often the retries meet it: a missing permission
+        stays missing until someone changes the RBAC objects."""
+        if self._denied == (exc.status, exc.verb):
+            log.debug("kubernetes: still refused: %s", exc)
+            return
+        self._denied = (exc.status, exc.verb)
+        if exc.status == 401:
+            log.error("kubernetes: API server %s does not accept the service account token "
+                      "read from %s (HTTP 401: %s); pods will not be named until a valid "
+                      "token is there", self.api_url, self.config.token_path, exc.message)
+            return
+        until = (f"pods are listed again every {self._backoff[1]:.0f} s or so, and changes "
+                 "in between are missed" if exc.verb == "watch" else "pods will not be named")
+        log.error("kubernetes: API server %s refuses to %s pods (HTTP 403: %s). The agent "
+                  "needs exactly list and watch on pods, cluster-wide: grant them with a "
+                  "ClusterRole bound to its service account (deploy/kubernetes/rbac.yaml); "
+                  "until then %s", self.api_url, exc.verb, exc.message, until)
+
+    def _allowed(self, verb: str) -> None:
+        if self._denied is None:
+            return
+        status, refused = self._denied
+        if status == 401:
+            log.info("kubernetes: API server %s accepts the token now", self.api_url)
+        elif refused == verb:
+            log.info("kubernetes: API server %s allows %s on pods now", self.api_url, verb)
+        else:
+            return
+        self._denied = None
 
     def _recovered(self) -> None:
         if self._outage:
@@ -299,14 +343,14 @@ def _service_url(env: Mapping[str, str]) -> str | None:
     return f"https://{host}:{env.get('KUBERNETES_SERVICE_PORT') or '443'}"
 
 
-async def _json_body(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+async def _json_body(resp: aiohttp.ClientResponse, verb: str) -> dict[str, Any]:
     text = await resp.text()
     if resp.status == 410:
         raise _Expired
     if resp.status != 200:
         with contextlib.suppress(ValueError, AttributeError):
             text = str(json.loads(text).get("message") or text)  # from a Status object
-        raise ApiError(resp.status, text[:300])
+        raise ApiError(resp.status, text[:300], verb)
     body = json.loads(text)
     if not isinstance(body, dict):
         raise ValueError("the API server answered with JSON that is not an object")

@@ -53,7 +53,7 @@ class ElfSymbols:
     would double the load time and memory for the few hundred that samples ever hit.
     """
 
-    __slots__ = ("__weakref__", "_ends", "_name_at", "_segments", "_starts", "_strtab",
+    __slots__ = ("__weakref__", "_name_at", "_names", "_segments", "_sizes", "_starts",
                  "build_id", "source")
 
     def __init__(self, build_id: str | None, source: str, segments: list[tuple[int, int, int]],
@@ -62,11 +62,17 @@ class ElfSymbols:
         self.source = source
         self._segments = segments  # (p_offset, p_vaddr, p_filesz) of executable PT_LOADs
         if table is None:
-            table = _Table(array("Q"), array("Q"), array("Q"), b"")
-        self._starts, self._ends, self._name_at, self._strtab = table
+            table = _Table(array("Q"), array("L"), array("L"), b"")
+        self._starts, self._sizes, self._name_at, self._names = table
 
     def __len__(self) -> int:
         return len(self._starts)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the table (what the cache's byte budget counts)."""
+        return (len(self._names) + self._starts.itemsize * len(self._starts)
+                + (self._sizes.itemsize + self._name_at.itemsize) * len(self._sizes))
 
     def vaddr_for_offset(self, file_offset: int) -> int | None:
         for p_offset, p_vaddr, p_filesz in self._segments:
@@ -80,24 +86,34 @@ class ElfSymbols:
         # Nested symbols (a function with a local label symbol inside) make the nearest
         # start miss; the enclosing one is a few entries back.
         for j in range(i, max(i - _MAX_BACKSCAN, -1), -1):
-            if vaddr < self._ends[j]:
-                return _text(self._strtab, self._name_at[j]), self._starts[j]
+            if vaddr < self._starts[j] + self._sizes[j]:
+                return _text(self._names, self._name_at[j]), self._starts[j]
         return None
 
 
 class _Table(NamedTuple):
-    starts: array[int]
-    ends: array[int]
-    name_at: array[int]
-    strtab: bytes
+    starts: array[int]  # Q
+    sizes: array[int]  # L
+    name_at: array[int]  # L, into names
+    names: bytes  # NUL-terminated function names
+
+
+_MAX_SIZE = (1 << 32) - 1
+# What the symbol tables of a node's busy binaries take (libc, python, a JIT runtime, a few
+# large C++ servers hold 1-6 MB each); past it the least recently used are read again.
+DEFAULT_MAX_BYTES = 24 << 20
 
 
 class ElfCache:
     """Symbol tables by file identity (dev, inode, mtime, size), least recently used first
-    out; files of the same build id share one table. The counters feed self-metrics."""
+    out once there are `max_files` of them or they hold `max_bytes` together (the newest
+    one always stays); files of the same build id share one table. The counters feed
+    self-metrics."""
 
-    def __init__(self, max_files: int = 512, debug_root: Path | None = DEBUG_ROOT) -> None:
-        self._max_files, self._debug_root = max_files, debug_root
+    def __init__(self, max_files: int = 512, debug_root: Path | None = DEBUG_ROOT,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self._max_files, self._max_bytes, self._debug_root = max_files, max_bytes, debug_root
+        self.nbytes = 0
         self._files: OrderedDict[tuple[int, int, int, int], ElfSymbols | None] = OrderedDict()
         # Weak: a table lives as long as the LRU or a process snapshot holds it.
         self._by_build_id: WeakValueDictionary[str, ElfSymbols] = WeakValueDictionary()
@@ -133,8 +149,11 @@ class ElfCache:
         if table is not None and table.build_id is not None and table.source in _FULL:
             self._by_build_id[table.build_id] = table
         self._files[key] = table
-        while len(self._files) > self._max_files:
-            self._files.popitem(last=False)
+        self.nbytes += table.nbytes if table is not None else 0
+        while len(self._files) > 1 and (len(self._files) > self._max_files
+                                        or self.nbytes > self._max_bytes):
+            _, evicted = self._files.popitem(last=False)
+            self.nbytes -= evicted.nbytes if evicted is not None else 0
             self.evictions += 1
         return table
 
@@ -271,8 +290,11 @@ def _functions(elf: ELFFile, name: str) -> _Table | None:
 
 def _extents(raw: list[tuple[int, int, int, int, int]], strtab: bytes) -> _Table:
     # One entry per address: the preferred alias with the largest size of the group;
-    # without any size it stops at the next function or at its section's end.
-    table = _Table(array("Q"), array("Q"), array("Q"), strtab)
+    # without any size it stops at the next function or at its section's end. Only the
+    # kept names are copied out of the string table (which also holds every object,
+    # file and section name), NUL-terminated, into a table of their own.
+    table = _Table(array("Q"), array("L"), array("L"), b"")
+    names = bytearray()
     i, count = 0, len(raw)
     while i < count:
         start, size, limit, _, name_at = raw[i]
@@ -284,11 +306,13 @@ def _extents(raw: list[tuple[int, int, int, int, int]], strtab: bytes) -> _Table
             size, limit = max(g[1] for g in group), max(g[2] for g in group)
             name_at = min(group, key=lambda g: _alias_preference(_text(strtab, g[4]), g[3]))[4]
         next_start = raw[j][0] if j < count else limit
+        end = start + size if size else min(limit, next_start)
         table.starts.append(start)
-        table.ends.append(start + size if size else min(limit, next_start))
-        table.name_at.append(name_at)
+        table.sizes.append(min(end - start, _MAX_SIZE))
+        table.name_at.append(len(names))
+        names += strtab[name_at:strtab.find(b"\0", name_at) + 1]
         i = j
-    return table
+    return table._replace(names=bytes(names))
 
 
 def _text(strtab: bytes, at: int) -> str:

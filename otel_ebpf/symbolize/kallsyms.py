@@ -1,8 +1,15 @@
 """Kernel frames: the text symbols of /proc/kallsyms, one Mapping per module with the build
-id the kernel publishes under /sys."""
+id the kernel publishes under /sys.
+
+A kernel has 100k+ text symbols. They are held in flat arrays (addresses, name offsets into
+one bytes blob, module indices: about 25 bytes a symbol) and a name is decoded only when a
+sample hits it. As Python tuples and strings the same table took over 30 MB and twice that
+while parsing.
+"""
 
 from __future__ import annotations
 
+import re
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
@@ -13,83 +20,117 @@ from otel_ebpf.symbolize.frames import KERNEL, Frame, Mapping
 
 KALLSYMS = Path("/proc/kallsyms")
 SYSFS = Path("/sys")
-_TEXT_TYPES = frozenset("tTwW")
+# address, type, name, [module]; text symbols (tTwW) only
+_LINE = re.compile(rb"^([0-9a-fA-F]+) [tTwW] (\S+)(?:\s+\[(\S+)\])?[ \t]*$", re.M)
 # Region markers, not functions: an address in such a group resolves to nothing.
-_MARKERS = frozenset({"_text", "_stext", "_etext", "_sinittext", "_einittext"})
+_MARKERS = frozenset({b"_text", b"_stext", b"_etext", b"_sinittext", b"_einittext"})
 # kallsyms has no sizes; past the last symbol of a module the extent is unknown, and kernel
 # functions beyond this size are practically nonexistent.
 _MAX_KERNEL_TAIL = 1 << 16
+_SEQ_BITS = 24  # room for 16M symbols in the sort key
 
 
 class KernelSymbols:
     """Text symbols of /proc/kallsyms; `usable` is False when the addresses are hidden
     (zeroed by kptr_restrict for unprivileged readers), and then nothing resolves."""
 
-    def __init__(self, starts: array[int], ends: array[int], names: list[str | None],
-                 mappings: list[Mapping]) -> None:
-        self._starts, self._ends, self._names, self._mappings = starts, ends, names, mappings
+    __slots__ = ("_mappings", "_module", "_names", "_offsets", "_starts", "usable")
+
+    def __init__(self, starts: array[int], offsets: array[int], names: bytes,
+                 module: array[int], mappings: list[Mapping]) -> None:
+        # symbol i: starts[i], name names[offsets[i]:offsets[i + 1]] (empty for a region
+        # marker), mapping mappings[module[i]]
+        self._starts, self._offsets, self._names = starts, offsets, names
+        self._module, self._mappings = module, mappings
         self.usable = len(starts) > 0
 
     @classmethod
+    def empty(cls) -> KernelSymbols:
+        return cls(array("Q"), array("L", [0]), b"", array("H"), [])
+
+    @classmethod
     def load(cls, path: Path = KALLSYMS, sysfs: Path | None = SYSFS) -> KernelSymbols:
-        with path.open() as f:
-            return cls.parse(f, sysfs)
+        return cls.from_bytes(path.read_bytes(), sysfs)
 
     @classmethod
     def parse(cls, lines: Iterable[str], sysfs: Path | None = None) -> KernelSymbols:
-        entries: list[tuple[int, bool, int, int, str, str]] = []
-        for seq, line in enumerate(lines):
-            fields = line.split()
-            if len(fields) < 3 or fields[1] not in _TEXT_TYPES:
-                continue
-            name = fields[2]
-            marker = name in _MARKERS or name.endswith(("_text_start", "_text_end"))
-            module = fields[3].strip("[]") if len(fields) > 3 else ""
-            entries.append((int(fields[0], 16), marker, _underscores(name), seq, name, module))
-        if not any(e[0] for e in entries):
-            return cls(array("Q"), array("Q"), [], [])
-        # Aliases at one address: a function over a marker, fewer leading underscores, the
-        # first listed; a group of markers only stays as a boundary that resolves to nothing.
-        entries.sort()
-        starts, ends, names, modules = array("Q"), array("Q"), [], []
-        for start, marker, _, _, name, module in entries:
+        return cls.from_bytes("\n".join(lines).encode(), sysfs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, sysfs: Path | None = None) -> KernelSymbols:
+        # One int per symbol sorts the table: address, then among aliases at one address a
+        # function over a marker, fewer leading underscores, the first listed.
+        keys: list[int] = []
+        seq_names, seq_offsets, seq_modules = bytearray(), array("L", [0]), array("H")
+        module_index: dict[bytes, int] = {}
+        for seq, match in enumerate(_LINE.finditer(data)):
+            name = match[2]
+            marker = name in _MARKERS or name.endswith((b"_text_start", b"_text_end"))
+            underscores = min(len(name) - len(name.lstrip(b"_")), 127)
+            keys.append(int(match[1], 16) << 32 | (marker << 7 | underscores) << _SEQ_BITS | seq)
+            if not marker:
+                seq_names += name
+            seq_offsets.append(len(seq_names))
+            seq_modules.append(module_index.setdefault(match[3] or b"", len(module_index)))
+        if not any(key >> 32 for key in keys):
+            return cls.empty()
+        keys.sort()
+        starts, offsets, module = array("Q"), array("L", [0]), array("H")
+        blob = bytearray()
+        seq_mask = (1 << _SEQ_BITS) - 1
+        for key in keys:
+            start, seq = key >> 32, key & seq_mask
             if starts and starts[-1] == start:
-                continue
+                continue  # a group of markers only stays as a boundary resolving to nothing
             starts.append(start)
-            names.append(None if marker else name)
-            modules.append(module)
-        for i, start in enumerate(starts):
-            if i + 1 == len(starts):
-                ends.append(start + _MAX_KERNEL_TAIL)
-            elif modules[i + 1] == modules[i]:
-                ends.append(starts[i + 1])
-            else:
-                ends.append(min(start + _MAX_KERNEL_TAIL, starts[i + 1]))
-        return cls(starts, ends, names, _module_mappings(starts, ends, modules, sysfs))
+            blob += seq_names[seq_offsets[seq]:seq_offsets[seq + 1]]
+            offsets.append(len(blob))
+            module.append(seq_modules[seq])
+        del keys, seq_names, seq_offsets, seq_modules
+        names = [b.decode(errors="replace") for b, _ in sorted(module_index.items(),
+                                                                key=lambda item: item[1])]
+        table = cls(starts, offsets, bytes(blob), module, [])
+        table._mappings = _module_mappings(table, names, sysfs)
+        return table
+
+    def _end(self, i: int) -> int:
+        start = self._starts[i]
+        if i + 1 == len(self._starts):
+            return start + _MAX_KERNEL_TAIL
+        if self._module[i + 1] == self._module[i]:
+            return self._starts[i + 1]
+        return min(start + _MAX_KERNEL_TAIL, self._starts[i + 1])
 
     def resolve(self, addr: int, return_address: bool = False) -> Frame | None:
         """The frame of `addr`; a return address is looked up one byte back, so a call that
         ends its function does not land in the next one."""
         lookup = addr - 1 if return_address else addr
         i = bisect_right(self._starts, lookup) - 1
-        if i < 0 or lookup >= self._ends[i] or self._names[i] is None:
+        if i < 0 or lookup >= self._end(i):
             return None
-        return Frame(addr, self._names[i], KERNEL, self._mappings[i], addr - self._starts[i])
+        low, high = self._offsets[i], self._offsets[i + 1]
+        if low == high:
+            return None
+        name = self._names[low:high].decode(errors="replace")
+        return Frame(addr, name, KERNEL, self._mappings[self._module[i]],
+                     addr - self._starts[i])
 
 
-def _module_mappings(starts: array[int], ends: array[int], modules: list[str],
+def _module_mappings(table: KernelSymbols, names: list[str],
                      sysfs: Path | None) -> list[Mapping]:
     # One Mapping per module named like perf does ([kernel.kallsyms], [ext4]) spanning its
     # symbols, with the build id the kernel publishes, so backends can match debug info.
-    spans: dict[str, tuple[int, int]] = {}
-    for start, end, module in zip(starts, ends, modules, strict=True):
-        low, high = spans.get(module, (start, end))
-        spans[module] = (min(low, start), max(high, end))
-    by_module = {
-        module: Mapping(low, high, 0, f"[{module or 'kernel.kallsyms'}]",
-                        _kernel_build_id(module, sysfs))
-        for module, (low, high) in spans.items()}
-    return [by_module[m] for m in modules]
+    low, high = [2**64] * len(names), [0] * len(names)
+    starts, module = table._starts, table._module
+    for i in range(len(starts)):  # per run of one module: its first start, its last end
+        m = module[i]
+        if i == 0 or module[i - 1] != m:
+            low[m] = min(low[m], starts[i])
+        if i + 1 == len(starts) or module[i + 1] != m:
+            high[m] = max(high[m], table._end(i))
+    return [Mapping(low[m], high[m], 0, f"[{name or 'kernel.kallsyms'}]",
+                    _kernel_build_id(name, sysfs))
+            for m, name in enumerate(names)]
 
 
 def _kernel_build_id(module: str, sysfs: Path | None) -> str | None:
@@ -101,7 +142,3 @@ def _kernel_build_id(module: str, sysfs: Path | None) -> str | None:
         return elf.build_id_from_notes(notes.read_bytes())
     except OSError:
         return None
-
-
-def _underscores(name: str) -> int:
-    return len(name) - len(name.lstrip("_"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,6 +31,9 @@ __all__ = ["KERNEL", "NATIVE", "Frame", "KernelSymbols", "Mapping", "Symbolizer"
 # An address outside every kept mapping rereads the maps at most this often (seconds):
 # garbage addresses in a broken stack must not make every sample read /proc.
 _MAPS_REFRESH_AFTER = 5.0
+# Kernel addresses remembered as unresolved by the current table: bounded, since a reload
+# clears them and more than this many distinct misses means the table is badly stale anyway.
+_MAX_KERNEL_MISSES = 4096
 # mapped files held open until their first sampled address; past this, tables load at once
 MAX_LAZY_FILES = 256
 
@@ -242,6 +244,7 @@ class Symbolizer:
         self._kallsyms, self._sysfs, self._reload_after = kallsyms, sysfs, reload_after
         self._kernel: KernelSymbols | None = None
         self._kernel_loaded_at = 0.0
+        self._kernel_misses: set[int] = set()  # unresolved by the table loaded last
 
     def stats(self) -> SymbolizerStats:
         """A copy of the cumulative counters."""
@@ -259,11 +262,18 @@ class Symbolizer:
     def kernel_frames(self, addrs: Sequence[int]) -> list[Frame]:
         kernel = self._kernel_symbols(stale=False)
         frames = [kernel.resolve(a, i > 0) for i, a in enumerate(addrs)]
-        if None in frames and time.monotonic() - self._kernel_loaded_at > self._reload_after:
-            # a module or BPF program loaded since: reload, at most once per interval
+        missed = {a for a, f in zip(addrs, frames, strict=True) if f is None}
+        if missed - self._kernel_misses and \
+                time.monotonic() - self._kernel_loaded_at > self._reload_after:
+            # a module or BPF program loaded since: reload, at most once per interval, and
+            # only for an address the current table has not already failed to resolve
+            # (one that never resolves would otherwise cost a reload every interval)
             kernel = self._kernel_symbols(stale=True)
             frames = [f or kernel.resolve(a, i > 0) for i, (a, f) in
                       enumerate(zip(addrs, frames, strict=True))]
+            missed = {a for a, f in zip(addrs, frames, strict=True) if f is None}
+        if len(self._kernel_misses) < _MAX_KERNEL_MISSES:
+            self._kernel_misses |= missed
         unresolved = frames.count(None)
         self._stats.kernel_unresolved += unresolved
         self._stats.kernel_resolved += len(frames) - unresolved
@@ -311,7 +321,8 @@ class Symbolizer:
             try:
                 self._kernel = KernelSymbols.load(self._kallsyms, self._sysfs)
             except OSError:
-                self._kernel = KernelSymbols(array("Q"), array("Q"), [], [])
+                self._kernel = KernelSymbols.empty()
             self._kernel_loaded_at = time.monotonic()
+            self._kernel_misses.clear()
             self._stats.kernel_loads += 1
         return self._kernel

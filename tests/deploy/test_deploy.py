@@ -158,7 +158,7 @@ def test_configmap_is_the_repository_config(rendered: list[dict[str, Any]],
 def test_cluster_role_grants_exactly_pod_reads(rendered: list[dict[str, Any]]) -> None:
     role = _one(rendered, "ClusterRole")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"],
-                              "verbs": ["get", "list", "watch"]}]
+                              "verbs": ["list", "watch"]}]
     binding = _one(rendered, "ClusterRoleBinding")
     sa = _one(rendered, "ServiceAccount")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",

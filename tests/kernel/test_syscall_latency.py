@@ -105,14 +105,16 @@ def test_exact_counts_and_sleep_bucket(engine: Engine, table: syscalls.SyscallTa
     assert sleeps.scale == 2
     populated = [(sleeps.positive.offset + i, c)
                  for i, c in enumerate(sleeps.positive.bucket_counts) if c]
-    # every sleep in the one bucket that holds 20 ms: (2^(-23/4), 2^(-22/4)] s
-    assert len(populated) == 1, populated
-    index, count = populated[0]
-    assert count == K_SLEEPS
-    assert bucket_lower_bound(index, 2) < SLEEP_MS / 1000 <= bucket_upper_bound(index, 2)
-    assert index == math.ceil(math.log2(SLEEP_MS / 1000) * 4) - 1
-    assert SLEEP_MS / 1000 <= sleeps.min <= sleeps.max < bucket_upper_bound(index, 2)
-    assert math.isclose(sleeps.sum, K_SLEEPS * SLEEP_MS / 1000, rel_tol=0.1)
+    # every sleep lasts at least its 20 ms, so it lands in the bucket that holds 20 ms,
+    # (2^(-23/4), 2^(-22/4)] s, or (on a loaded machine that wakes it late) above it
+    floor = math.ceil(math.log2(SLEEP_MS / 1000) * 4) - 1
+    assert bucket_lower_bound(floor, 2) < SLEEP_MS / 1000 <= bucket_upper_bound(floor, 2)
+    assert sum(c for _, c in populated) == K_SLEEPS
+    assert min(index for index, _ in populated) >= floor, populated
+    assert sleeps.zero_count == 0
+    assert SLEEP_MS / 1000 <= sleeps.min <= sleeps.max
+    assert sleeps.max <= bucket_upper_bound(max(index for index, _ in populated), 2)
+    assert sleeps.min * K_SLEEPS <= sleeps.sum <= sleeps.max * K_SLEEPS
     # the helper's identity came through
     (res,) = {tuple(sorted(r.items())) for r, a, _ in points if a["process.pid"] == proc.pid}
     # it exited before the lookup: the kernel's comm (15 chars) is the name that is left

@@ -49,14 +49,15 @@ class PeerProcess:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def launch(self, command: Callable[[int, int], Sequence[str]], log_path: Path,
-               attempts: int = 3, ports: tuple[int, int] | None = None,
-               **popen: object) -> tuple[int, int] | None:
-        """Start `command(grpc_port, http_port)` until both ports accept; the ports, or
-        None when every attempt failed (the log says why). Fresh free ports each attempt
-        unless `ports` are given (a restart on the same ports)."""
+    def launch(self, command: Callable[..., Sequence[str]], log_path: Path,
+               attempts: int = 3, ports: tuple[int, ...] | None = None, count: int = 2,
+               **popen: object) -> tuple[int, ...] | None:
+        """Start `command(*ports)` (`count` of them: a collector's grpc and http port)
+        until every port accepts; the ports, or None when every attempt failed (the log
+        says why). Fresh free ports each attempt unless `ports` are given (a restart on
+        the same ports)."""
         for _ in range(attempts):
-            chosen = ports or (free_port(), free_port())
+            chosen = ports or tuple(free_port() for _ in range(count))
             with open(log_path, "ab") as log:
                 self.proc = subprocess.Popen(  # type: ignore[call-overload]
                     list(command(*chosen)), stdout=log, stderr=subprocess.STDOUT,
@@ -68,7 +69,7 @@ class PeerProcess:
             self.terminate()
         return None
 
-    def _wait_ready(self, ports: tuple[int, int]) -> bool:
+    def _wait_ready(self, ports: tuple[int, ...]) -> bool:
         assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

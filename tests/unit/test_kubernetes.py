@@ -282,7 +282,7 @@ async def test_drop_rewatches_from_last_version_and_logs_once(
     await eventually(lambda: any("answers again" in r.message for r in caplog.records))
 
 
-async def test_forbidden_list_retries_with_backoff_and_hint(
+async def test_forbidden_list_retries_with_backoff_and_one_error(
     api: FakeApiServer, start: Callable[..., KubernetesPods], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "otel_ebpf.enrich.kubernetes")
@@ -290,10 +290,47 @@ async def test_forbidden_list_retries_with_backoff_and_hint(
     pods = start()
     await synced(pods)
     assert len(api.of("list")) == 4
-    (warning,) = [r.message for r in caplog.records if r.levelno == logging.WARNING]
-    assert "HTTP 403" in warning and "cannot list resource" in warning
-    assert "get/list/watch on pods" in warning
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "refuses to list pods (HTTP 403" in error and "cannot list resource" in error
+    assert "exactly list and watch on pods" in error and "get" not in error.split("(")[0]
+    assert any("allows list on pods now" in r.getMessage() for r in caplog.records)
     assert pods.lookup(WEB_UID, None)
+
+
+async def test_forbidden_watch_is_one_error_across_relists(
+    api: FakeApiServer, start: Callable[..., KubernetesPods], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused watch relists (which works) and watches again: one error for all of
+    them, and no "answers again" chatter from the lists in between."""
+    caplog.set_level(logging.INFO, "otel_ebpf.enrich.kubernetes")
+    refused = {**FORBIDDEN, "message": FORBIDDEN["message"].replace("cannot list",
+                                                                    "cannot watch")}
+    api.watches.extend([status(403, refused)] * 4)
+    pods = start()
+    await eventually(lambda: len(api.of("watch")) == 5)
+    assert len(api.of("list")) == 5
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "refuses to watch pods" in error and "cannot watch resource" in error
+    assert "listed again" in error
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        f"kubernetes: API server {api.url} allows watch on pods now"]
+    assert pods.lookup(WEB_UID, None)
+
+
+async def test_rejected_token_is_one_error_naming_its_file(
+    api: FakeApiServer, start: Callable[..., KubernetesPods], token: Path,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "otel_ebpf.enrich.kubernetes")
+    unauthorized = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+    api.lists = deque([(401, unauthorized)] * 4 + [(200, POD_LIST)])
+    pods = start()
+    await synced(pods)
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"does not accept the service account token read from {token}" in error
+    assert "HTTP 401: Unauthorized" in error
+    assert sum("accepts the token now" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_token_is_read_again_on_every_connection(

@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,3 +361,51 @@ def test_real_kallsyms() -> None:
         assert frame is not None and frame.function == by_addr[addr][0], hex(addr)
         assert frame.offset_in_function == 1
         assert frame.mapping is not None and frame.mapping.path.startswith("[")
+
+
+def test_kernel_address_that_never_resolves_reloads_kallsyms_once(tmp_path: Path) -> None:
+    path = tmp_path / "kallsyms"
+    path.write_text(KALLSYMS)
+    sym = Symbolizer(kallsyms=path, sysfs=None, reload_after=0.0)
+    for _ in range(3):
+        frames = sym.kernel_frames([0xFFFFFFFF81000111, 0x1234])
+        assert [f.function for f in frames] == ["do_one", None]
+    assert sym.stats().kernel_loads == 2  # the first load, one reload for the new miss
+    # a module loaded later: its first miss reloads, and then it resolves
+    path.write_text(KALLSYMS + "ffffffffc0200000 t xfs_sync\t[xfs]\n")
+    frames = sym.kernel_frames([0xFFFFFFFFC0200004])
+    assert frames[0].function == "xfs_sync" and sym.stats().kernel_loads == 3
+
+
+def test_kallsyms_table_is_compact() -> None:
+    kallsyms = Path("/proc/kallsyms")
+    kernel = KernelSymbols.load(kallsyms)
+    if not kernel.usable:
+        pytest.skip("kallsyms addresses are hidden (not root, or kptr_restrict)")
+    symbols = len(kernel._starts)
+    held = sum(sys.getsizeof(part) for part in
+               (kernel._starts, kernel._offsets, kernel._names, kernel._module))
+    assert held < 64 * symbols  # flat arrays, not one Python object per symbol
+
+
+def test_symbol_tables_are_bounded_in_bytes() -> None:
+    libraries = [Path(p) for p in ("/usr/bin/python3.11", "/lib/x86_64-linux-gnu/libc.so.6",
+                                   "/lib/x86_64-linux-gnu/libstdc++.so.6", "/bin/ls")]
+    sizes = {}
+    for path in libraries:
+        with path.open("rb") as f:
+            sizes[path] = elf.load(f).nbytes
+    assert all(sizes.values())
+    budget = max(sizes.values()) + 1
+    cache = elf.ElfCache(debug_root=None, max_bytes=budget)
+    for path in libraries:
+        with path.open("rb") as f:
+            cache.get(f)
+        assert cache.nbytes <= budget
+    assert cache.evictions > 0
+    # names come from a table of the function names alone, not the whole string table
+    with libraries[0].open("rb") as f:
+        table = elf.load(f)
+    start = table._starts[len(table) // 2]
+    found = table.lookup(start)
+    assert found is not None and found[1] == start and found[0]
