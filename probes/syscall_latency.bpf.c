@@ -39,7 +39,7 @@
  *                           interval's values go to the one `generation` names. User
  *                           space flips it, waits out programs still writing the old one,
  *                           then drains that one (lookup and delete).
- *             generation    1-entry array: which latency map is current (0 or 1).
+ *             generation    1-entry array: which latency map is current (generations.h).
  *             timed_once    array by syscall nr: has a call of it been timed yet.
  *             zero_value    1-entry array: the zeroed value to insert (too big for stack).
  *             probe_stats   per-CPU counters of events this program could not record
@@ -162,7 +162,7 @@ BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_0, MAX_ENTRIES,
             BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_1, MAX_ENTRIES,
             BPF_F_NO_PREALLOC);
-BPF_ARRAY(generation, u32, 1);
+#include "generations.h"
 BPF_ARRAY(timed_once, u8, SYSCALL_SLOTS);
 BPF_ARRAY(zero_value, struct hist_value, 1);
 #include "probe_stats.h"
@@ -315,13 +315,6 @@ static __always_inline void flush(struct cpu_state *c, u32 gen, int insert)
     }
 }
 
-static __always_inline u32 current_generation(void)
-{
-    u32 zero = 0;
-    u32 *gen = generation.lookup(&zero);
-    return gen ? *gen : 0;
-}
-
 /* Make the running task the owner of this CPU's pending counts (flushing another's), and
  * flush counts taken before a generation flip. Returns the generation. */
 static __always_inline u32 own(struct cpu_state *c, u64 task)
@@ -415,27 +408,6 @@ static __always_inline void emit_if_slow(struct bpf_raw_tracepoint_args *ctx,
 }
 #endif
 
-static __always_inline void update_extremes(struct hist_value *v, u64 delta)
-{
-    /* min_ns == 0 means "unset" in a fresh entry. */
-    u64 old = v->min_ns;
-#pragma unroll
-    for (int i = 0; i < 4 && (old == 0 || delta < old); i++) {
-        u64 seen = __sync_val_compare_and_swap(&v->min_ns, old, delta);
-        if (seen == old)
-            break;
-        old = seen;
-    }
-    old = v->max_ns;
-#pragma unroll
-    for (int i = 0; i < 4 && delta > old; i++) {
-        u64 seen = __sync_val_compare_and_swap(&v->max_ns, old, delta);
-        if (seen == old)
-            break;
-        old = seen;
-    }
-}
-
 /* A timed call: into the off-CPU or the sampled histogram of the owner's key. */
 static __always_inline void record(struct bpf_raw_tracepoint_args *ctx, struct cpu_state *c,
                                    u32 gen, u32 nr, u64 start_ns, u64 exit_ns, u32 offcpu,
@@ -461,7 +433,7 @@ static __always_inline void record(struct bpf_raw_tracepoint_args *ctx, struct c
         __sync_fetch_and_add(&v->sampled_sum_ns, delta);
         __sync_fetch_and_add(&v->sampled_buckets[slot], 1);
     }
-    update_extremes(v, delta);
+    hist_extremes(&v->min_ns, &v->max_ns, delta);
 }
 
 /* Whether to time this call: the countdown of the sample, or the first call of its

@@ -23,6 +23,7 @@ from otel_ebpf.config_base import Duration, Strict
 from otel_ebpf.kernel.engine import Program
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import AttributeValue, SpanRecord, Workload
+from otel_ebpf.probes.series import workload_of
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,8 @@ def series_of(aggregation: str, syscall: str, tgid: int, comm: str, cgroup_id: i
               exe: str) -> tuple[Workload, dict[str, AttributeValue]]:
     """The series a call is counted in, as the kernel keyed it: its workload and its
     attributes. One place, so that spans name the series their exemplars belong to."""
-    attributes: dict[str, AttributeValue] = {"linux.syscall.name": syscall}
-    if aggregation == "workload":
-        if exe:
-            attributes["process.executable.name"] = exe
-        return Workload(0, exe or comm, cgroup_id), attributes
-    if aggregation == "process":
-        return Workload(tgid, comm, cgroup_id), attributes
-    if aggregation == "cgroup":
-        return Workload(0, comm, cgroup_id), attributes
-    return Workload(0, comm, 0), attributes
+    workload, attributes = workload_of(aggregation, tgid, comm, cgroup_id, exe)
+    return workload, {"linux.syscall.name": syscall, **attributes}
 
 
 def ring_buffer_supported(release: str | None = None) -> bool:

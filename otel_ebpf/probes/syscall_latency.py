@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
-import time
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, cast
 
 from pydantic import Field
 
 from otel_ebpf.clock import MonotonicClock
 from otel_ebpf.config_base import ProbeConfig, Strict
-from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound, trim
-from otel_ebpf.kernel import btf as kbtf
-from otel_ebpf.kernel.engine import EngineError, Program
+from otel_ebpf.histogram import (
+    HIST_MIN_INDEX,
+    HIST_SCALE,
+    bucket_lower_bound,
+    bucket_upper_bound,
+    trim,
+)
+from otel_ebpf.kernel.engine import Program
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import (
     AttributeValue,
@@ -32,6 +36,8 @@ from otel_ebpf.model import (
     Workload,
 )
 from otel_ebpf.probes.base import Hook, Probe, ProbeContext, Signal
+from otel_ebpf.probes.generations import Generations
+from otel_ebpf.probes.series import Aggregation, aggregation_flags
 from otel_ebpf.probes.slow_syscalls import (
     SlowCallStream,
     SlowSpansConfig,
@@ -40,18 +46,9 @@ from otel_ebpf.probes.slow_syscalls import (
 )
 from otel_ebpf.probes.slow_syscalls import cflags as slow_cflags
 from otel_ebpf.probes.syscall_sampling import Estimate, FastCallEstimator, Interval
-from otel_ebpf.probes.task_layout import offset_flags
 
 log = logging.getLogger(__name__)
 
-# Keep in sync with probes/syscall_latency.bpf.c.
-HIST_SCALE = 2
-HIST_MIN_INDEX = -104
-HIST_BUCKETS = 152
-# After the generation flips, programs that read the old one may still be adding to its
-# map: they finish within microseconds unless preempted; this covers a preempted one on
-# anything but a hopelessly overloaded machine. The collecting thread sleeps, at no cost.
-GENERATION_GRACE_S = 0.05
 
 SYSCALL_DURATION = MetricDescriptor(
     name="linux.syscall.duration",
@@ -83,7 +80,7 @@ class SyscallLatencyConfig(ProbeConfig):
     max_entries: int = Field(default=8192, ge=64, le=1 << 20)
     # workload: per container (else cgroup) and executable; process: per pid (grows with
     # churn); cgroup; system
-    aggregation: Literal["workload", "process", "cgroup", "system"] = "workload"
+    aggregation: Aggregation = "workload"
     # time one in this many calls that stay on the CPU (every call that leaves it is
     # timed); 1 times every call, at about twice the cost per call
     sample_period: int = Field(default=64, ge=1, le=1 << 16)
@@ -121,7 +118,7 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
                                        perf, config.aggregation)
         self._terminal_reads_seen = 0
         self._forgotten_seen = 0
-        self._generation = 0  # which latency_<n> map the programs write
+        self.latency = Generations("latency")
         self.estimator = FastCallEstimator()
 
     @classmethod
@@ -149,20 +146,7 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
         if "clone" in numbers:  # a child's first return: no call of its own
             flags += [f"-DNR_{name.upper()}={numbers.get(name, -1)}"
                       for name in ("clone", "clone3", "fork", "vfork")]
-        if self.config.aggregation == "workload":
-            flags.append("-DKEY_WORKLOAD")
-            try:
-                flags += offset_flags(kbtf.vmlinux())
-            except kbtf.BtfError as exc:
-                raise EngineError(
-                    f"{self.name}: cannot find a task's executable in this kernel: {exc}. "
-                    "Workload series read it at offsets from /sys/kernel/btf/vmlinux "
-                    "(CONFIG_DEBUG_INFO_BTF=y); where there is none, set "
-                    "probes.syscall_latency.aggregation: cgroup") from exc
-        elif self.config.aggregation == "process":
-            flags.append("-DKEY_TGID")
-        elif self.config.aggregation == "cgroup":
-            flags.append("-DKEY_CGROUP")
+        flags += aggregation_flags(self.name, self.config.aggregation)
         f = self.config.filter
         flags += [flag for flag, on in (("-DFILTER_TGID", f.pids), ("-DFILTER_COMM", f.comms))
                   if on]
@@ -192,13 +176,7 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        # swap maps, wait out the writers of the old one, then drain it: no count can land
-        # in an entry the drain already copied
-        drained = self._generation
-        self._generation ^= 1
-        self._program.map("generation").set(ct.c_int(0), ct.c_uint32(self._generation))
-        time.sleep(GENERATION_GRACE_S)
-        entries = self._program.map(f"latency_{drained}").drain()
+        entries = self.latency.drain(self._program)
         lost = self.lost(self.take_stats())
         if self.slow is not None and self.slow.terminal_reads > self._terminal_reads_seen:
             lost["terminal_read_filtered"] = self.slow.terminal_reads - self._terminal_reads_seen
