@@ -1,31 +1,43 @@
-"""The probe registry. Adding a probe: its probes/<name>.bpf.c, its module here (the probe
-class with its declared contract and decoder, and its config class), one line in
-PROBE_TYPES. The agent builds, routes and configures every probe from its declaration
-(otel_ebpf/probes/base.py): the `probes.<name>` config section comes from its config
-class, its exports from the signals it declares.
+"""The probe registry. Adding a probe: its probes/<name>.bpf.c, its module
+otel_ebpf/probes/<name>.py (the probe class with its declared contract and decoder, and
+its config class), and one line in PROBES. The agent builds, routes and configures every
+probe from its declaration (otel_ebpf/probes/base.py): the `probes.<name>` config section
+comes from its config class, its exports from the signals it declares.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from otel_ebpf.probes.base import AnyProbe, Hook, Probe, ProbeContext, Signal
-from otel_ebpf.probes.cpu_profile import CpuProfile
-from otel_ebpf.probes.syscall_latency import SyscallLatency
-from otel_ebpf.probes.tcp_retransmit import TcpRetransmit
 
 if TYPE_CHECKING:
     from otel_ebpf.config import Config
 
-__all__ = ["PROBE_TYPES", "AnyProbe", "Hook", "Probe", "ProbeContext", "Signal", "build",
-           "enabled_names", "produced", "types_producing"]
+__all__ = ["PROBES", "PROBE_TYPES", "AnyProbe", "Hook", "Probe", "ProbeContext", "Signal",
+           "build", "enabled_names", "produced", "types_producing"]
 
-PROBE_TYPES: dict[str, type[Probe[Any]]] = {probe.name: probe for probe in (
-    SyscallLatency,
-    CpuProfile,
-    TcpRetransmit,
-)}
+# one line per probe: <name>:<class>, its module otel_ebpf/probes/<name>.py
+PROBES = (
+    "syscall_latency:SyscallLatency",
+    "cpu_profile:CpuProfile",
+    "tcp_retransmit:TcpRetransmit",
+)
+
+
+def _probe_type(entry: str) -> type[Probe[Any]]:
+    name, _, class_name = entry.partition(":")
+    probe = getattr(importlib.import_module(f"{__name__}.{name}"), class_name)
+    if not (isinstance(probe, type) and issubclass(probe, Probe)
+            and getattr(probe, "name", None) == name):
+        raise TypeError(f"probe registry: {entry} is not a Probe named {name!r}")
+    return probe
+
+
+PROBE_TYPES: dict[str, type[Probe[Any]]] = {
+    probe.name: probe for probe in map(_probe_type, PROBES)}
 
 
 def enabled_names(config: Config) -> list[str]:

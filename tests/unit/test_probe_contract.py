@@ -123,3 +123,12 @@ def test_hooks_say_what_they_are() -> None:
         Hook("kprobe", "x/y", "f")
     with pytest.raises(ValueError):
         Hook("perf_event", "sched/sched_switch", "f")
+
+
+def test_a_registry_line_names_a_probe_of_its_module() -> None:
+    from otel_ebpf.probes import _probe_type
+
+    assert _probe_type("tcp_retransmit:TcpRetransmit").name == "tcp_retransmit"
+    for entry in ("cpu_profile:ON_CPU", "cpu_profile:Probe"):  # not a probe; not its name
+        with pytest.raises(TypeError, match=entry):
+            _probe_type(entry)
