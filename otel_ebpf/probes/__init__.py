@@ -24,6 +24,7 @@ PROBES = (
     "syscall_latency:SyscallLatency",
     "cpu_profile:CpuProfile",
     "tcp_retransmit:TcpRetransmit",
+    "runqueue_latency:RunqueueLatency",
 )
 
 
