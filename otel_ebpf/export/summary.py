@@ -1,5 +1,6 @@
-"""The periodic human-readable summary: top workloads x syscalls by count, with p99 and
-max, over the last window. Works without any collector, so `make run` shows something."""
+"""The periodic human-readable summary: top workloads x histogram series (a syscall, a
+kind of wait: whatever the probes measure) by count, with p99 and max, over the last
+window. Works without any collector, so `make run` shows something."""
 
 from __future__ import annotations
 
@@ -57,10 +58,10 @@ class HistogramSummary:
         total = len(self._windows)
         self._windows = {}
         if not rows:
-            return f"otel-ebpf: no syscalls recorded in the last {window_s:.0f}s"
-        lines = [f"otel-ebpf: top {len(rows)} of {total} (process, syscall) by count, "
+            return f"otel-ebpf: nothing measured in the last {window_s:.0f}s"
+        lines = [f"otel-ebpf: top {len(rows)} of {total} (process, series) by count, "
                  f"last {window_s:.0f}s",
-                 f"{'PID':>8} {'PROCESS':<16} {'SYSCALL':<20} {'COUNT':>10} {'P99':>9} "
+                 f"{'PID':>8} {'PROCESS':<16} {'SERIES':<20} {'COUNT':>10} {'P99':>9} "
                  f"{'MAX':>9}"]
         for w in rows:
             p99 = quantile(0.99, w.scale, w.offset, w.counts, w.min, w.max)
