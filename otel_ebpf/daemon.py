@@ -29,6 +29,7 @@ from otel_ebpf.export.profiles import ProfileExport
 from otel_ebpf.export.summary import SummaryReport
 from otel_ebpf.export.traces import SpanExport
 from otel_ebpf.export.transport import OneAttempt
+from otel_ebpf.health import HealthReporter
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import Collection, SpanRecord, Workload
@@ -49,7 +50,8 @@ class Agent:
     def __init__(self, host: ProbeHost, identity: IdentityResolver, metrics: MetricsSignal,
                  spans: SpansSignal | None = None, profiles: ProfilesSignal | None = None,
                  summary: SummaryReport | None = None,
-                 reloader: Reloader | None = None) -> None:
+                 reloader: Reloader | None = None, health: HealthReporter | None = None
+                 ) -> None:
         self.host = host
         self.identity = identity
         self.metrics = metrics
@@ -57,6 +59,8 @@ class Agent:
         self.profiles = profiles
         self.summary = summary
         self.reloader = reloader
+        # `otel-ebpf health` reads it: written while the probes are attached and drained
+        self.health = health
         self._stop = asyncio.Event()
 
     async def run(self, duration: float | None = None) -> int:
@@ -77,6 +81,8 @@ class Agent:
                     jobs.append((name, job.run()))
             if self.reloader is not None:
                 jobs.append(("reload", self.reloader.run(self.host)))
+            if self.health is not None:
+                jobs.append(("health", self.health.run()))
             tasks = [asyncio.create_task(job, name=name) for name, job in jobs]
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
                      ", ".join(p.name for p in self.host.probes) or "none",
@@ -92,6 +98,8 @@ class Agent:
             await self._final_flush()
             return 0
         finally:
+            if self.health is not None:
+                self.health.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.host.stop_workers()
@@ -115,7 +123,8 @@ class Agent:
 
 
 def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
-                load_config: Callable[[], Config], out: TextIO = sys.stdout) -> Agent:
+                load_config: Callable[[], Config], out: TextIO = sys.stdout,
+                health_file: Path | None = None) -> Agent:
     """The agent for `config`: a unit for each signal the probes produce, each signal's
     exporter (and its connection) only where a probe produces it."""
     identity = IdentityResolver(config, host_attributes())
@@ -154,7 +163,8 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
                      metrics.probe_started)
     reloader = Reloader(load_config, lambda c: build(c, context),
                         Wiring(spans=spans is not None, profiles=profiles is not None))
-    return Agent(host, identity, metrics, spans, profiles, summary, reloader)
+    health = None if health_file is None else HealthReporter(health_file, host.drain_ages)
+    return Agent(host, identity, metrics, spans, profiles, summary, reloader, health)
 
 
 def _routes(metrics: MetricsSignal, spans: SpansSignal | None,

@@ -61,6 +61,10 @@ class ProbeHost:
         self._workers = ProbeWorkers(self._collect_blocking, routes.collection, routes.spans,
                                      SPAN_POLL_S, THREAD_STOP_S)
 
+    def drain_ages(self) -> dict[str, tuple[float, float]]:
+        """probe name -> (interval, seconds since its last completed drain)."""
+        return self._workers.drain_ages()
+
     def settings(self) -> list[Setting]:
         """The running probes' settings that readers of their data need."""
         return [setting for probe in self.probes for setting in probe.settings()]

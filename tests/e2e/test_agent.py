@@ -307,7 +307,10 @@ def test_profiles_reach_the_opentelemetry_collector(
     counts = hot_samples()
     total = sum(counts.values())
     assert total >= 400, (counts, "".join(agent.stderr))
-    assert abs(counts["hot_a"] / total - 0.75) <= 0.05, counts
+    # 3:1 in CPU time; the cpu-clock timer samples it with binomial noise (sd ~0.02 at 400
+    # samples) plus what a loaded VM adds (stolen ticks land on neither): 0.69 and 0.89
+    # seen at load 10, so the bound is loose; the kernel tests check the split tightly
+    assert abs(counts["hot_a"] / total - 0.75) <= 0.15, counts
     code, _ = agent.stop()
     assert code == 0
     # the collector's own log shows it decoded our functions

@@ -1,6 +1,6 @@
 /* Known CPU truth for the profiler, built with frame pointers.
  *
- *   cpu_hot split SECONDS     alternates hot_a for 3u ms and hot_b for u ms, u drawn
+ *   cpu_hot split SECONDS     alternates hot_a for 3u ms and hot_b for u ms of CPU, u drawn
  *                             from [0.5, 1.5) each round: a 3:1 split with no fixed
  *                             period a sampling frequency could fall into lockstep with
  *   cpu_hot syscalls SECONDS  writes 4 KiB to /dev/null in a loop: kernel time under
@@ -8,8 +8,8 @@
  *   cpu_hot mixed SECONDS     waits for a line on stdin (so a test can first move it into
  *                             a cgroup), then spins SECONDS in hot_a and sleeps 3 x 50 ms:
  *                             profile samples, syscalls and slow calls from one process
- * Prints "done" and exits. The clock is read rarely (every 4096 spins) so that almost no
- * sample lands in the vDSO, whose code may not keep the frame-pointer chain.
+ * Prints "done" and exits. The clock is read rarely (every 4096 or 65536 spins) so that
+ * almost no sample lands in the vDSO or libc, whose code may not keep the frame-pointer chain.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -28,16 +28,25 @@ static long long now_ns(void)
     return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-__attribute__((noinline)) static void spin_until(long long deadline)
+/* The thread's own CPU time: the split is 3:1 in what a CPU profiler samples even when a
+ * loaded machine preempts the spinner (a wall-clock split then skews with the load). */
+static long long cpu_ns(void)
 {
-    do {
-        for (int i = 0; i < 4096; i++)
-            sink += i;
-    } while (now_ns() < deadline);
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-__attribute__((noinline)) void hot_a(long unit_ns) { spin_until(now_ns() + 3 * unit_ns); }
-__attribute__((noinline)) void hot_b(long unit_ns) { spin_until(now_ns() + unit_ns); }
+__attribute__((noinline)) static void spin_until(long long cpu_deadline)
+{
+    do {  /* ~30 us of spinning per clock read: the read is a syscall (no vDSO for it) */
+        for (int i = 0; i < 65536; i++)
+            sink += i;
+    } while (cpu_ns() < cpu_deadline);
+}
+
+__attribute__((noinline)) void hot_a(long unit_ns) { spin_until(cpu_ns() + 3 * unit_ns); }
+__attribute__((noinline)) void hot_b(long unit_ns) { spin_until(cpu_ns() + unit_ns); }
 
 __attribute__((noinline)) void write_loop(long long deadline)
 {
