@@ -23,6 +23,7 @@ from pydantic import Field
 
 from otel_ebpf.config_base import Duration, ProfilesProbeConfig
 from otel_ebpf.kernel.engine import BpfMap, EngineError, Program
+from otel_ebpf.kernel.maps import unpacker
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample, Workload
 from otel_ebpf.probes.base import Hook, Probe, Signal
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
@@ -33,10 +34,12 @@ STACK_CACHE_ENTRIES = 16384  # symbolized stacks kept across drains (hot stacks 
 RETAIN_S = 30.0  # a stack no sample used for this long leaves the kernel's map
 FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's stacks
 
-# struct sample_key and struct sample_value of probes/cpu_profile.bpf.c, as the kernel lays
-# them out (unpacked in bulk: a drain can hold thousands of entries)
-SAMPLE_KEY = struct.Struct("=IIQQii16s")
-SAMPLE_VALUE = struct.Struct("=QQ")
+# the members of struct sample_key and struct sample_value of probes/cpu_profile.bpf.c that
+# decode() reads, in order; their layout comes from the compiled program (unpacked in
+# bulk: a drain can hold thousands of entries)
+SAMPLE_KEY_FIELDS = ("tgid", "tid", "user_stack", "kernel_stack", "user_stack_err",
+                     "kernel_stack_err", "comm")
+SAMPLE_VALUE_FIELDS = ("count", "cgroup_id")
 
 PROFILE_SAMPLES = MetricDescriptor(
     "cpu.samples", "{sample}",
@@ -141,6 +144,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
         self._user_stacks: InternedStacks | None = None
         self._kernel_stacks: InternedStacks | None = None
+        self._keys = self._values = struct.Struct("")  # made from the compiled program
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
@@ -162,9 +166,12 @@ class CpuProfile(Probe[CpuProfileConfig]):
 
     def prepare(self, program: Program) -> None:
         samples = program.map("samples")
-        if (samples.key_size, samples.value_size) != (SAMPLE_KEY.size, SAMPLE_VALUE.size):
-            raise EngineError("cpu_profile: the compiled samples map does not match "
-                              "SAMPLE_KEY / SAMPLE_VALUE (a bug: report it)")
+        try:
+            self._keys = unpacker(samples.key_type, SAMPLE_KEY_FIELDS)
+            self._values = unpacker(samples.value_type, SAMPLE_VALUE_FIELDS)
+        except ValueError as exc:
+            raise EngineError(f"cpu_profile: the compiled samples map is not what the "
+                              f"decoder reads: {exc} (a bug: report it)") from exc
         retain = max(1, math.ceil(RETAIN_S / self.config.interval))
         self._user_stacks = InternedStacks(program.map("user_stacks"),
                                            self.config.user_stack_entries, retain)
@@ -192,7 +199,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
         keys, values = self._program.map("samples").drain_bytes()
         evicted = {"user_stack_lost": 0, "kernel_stack_lost": 0}
         samples = [self.decode(key, value, evicted) for key, value in zip(
-            SAMPLE_KEY.iter_unpack(keys), SAMPLE_VALUE.iter_unpack(values), strict=True)]
+            self._keys.iter_unpack(keys), self._values.iter_unpack(values), strict=True)]
         self._user_stacks.end_drain()
         self._kernel_stacks.end_drain()
         grown = self.take_stats()
@@ -212,7 +219,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
 
     def decode(self, key: tuple[int, int, int, int, int, int, bytes],
                value: tuple[int, int], evicted: dict[str, int]) -> StackSample:
-        """One samples entry (SAMPLE_KEY, SAMPLE_VALUE fields) -> a symbolized sample."""
+        """One samples entry (SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS) -> a symbolized
+        sample."""
         assert self._user_stacks is not None and self._kernel_stacks is not None
         tgid, tid, user_id, kernel_id, user_err, kernel_err, raw_comm = key
         count, cgroup_id = value

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from otel_ebpf.kernel.engine import (
     BPF_PACKAGE,
     MAIN_FILE,
@@ -51,3 +53,29 @@ def test_shared_headers_are_pasted_into_the_program(tmp_path: Path) -> None:
     program = inline_headers(bpf_source("cpu_profile"), [bpf_source_dir()])
     assert '#include "probe_stats.h"' not in program
     assert "probe_stats.lookup(&stat)" in program
+
+
+def test_a_bulk_decoder_takes_its_layout_from_the_c() -> None:
+    import ctypes as ct
+    import re
+
+    from otel_ebpf.kernel.maps import unpacker
+    from otel_ebpf.probes.cpu_profile import SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS
+
+    class Key(ct.Structure):  # as BCC describes a C struct: padding and arrays included
+        _fields_ = [("tgid", ct.c_uint), ("id", ct.c_ulonglong), ("err", ct.c_int),
+                    ("comm", ct.c_char * 5)]
+
+    layout = unpacker(Key, ("tgid", "id", "err", "comm"))
+    assert layout.size == ct.sizeof(Key) == 32  # 4 + 4 padding + 8 + 4 + 5 + 7 padding
+    raw = bytes(Key(7, 1 << 40, -14, b"abc"))
+    assert layout.unpack(raw) == (7, 1 << 40, -14, b"abc\0\0")
+    with pytest.raises(ValueError, match="the decoder reads"):
+        unpacker(Key, ("id", "tgid", "err", "comm"))  # reordered: refused, not misread
+    # the fields cpu_profile's decoder reads are the C struct's members, in order
+    source = bpf_source("cpu_profile")
+    for struct_name, fields in (("sample_key", SAMPLE_KEY_FIELDS),
+                                ("sample_value", SAMPLE_VALUE_FIELDS)):
+        body = re.search(rf"struct {struct_name} {{(.*?)}};", source, re.S)
+        assert body is not None
+        assert tuple(re.findall(r"^\s*\w+ (\w+)(?:\[\w+\])?;", body.group(1), re.M)) == fields
