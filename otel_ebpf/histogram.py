@@ -1,7 +1,7 @@
 """Base-2 exponential histogram arithmetic shared by the decoders, the aggregator and the
 summary.
 
-`duration_bucket_index` mirrors, integer for integer, what probes/syscall_latency.bpf.c
+`duration_bucket_index` mirrors, integer for integer, what probes/exp_histogram.h
 computes in the kernel, so the unit tests can hold the kernel's bucketing to hand-computed
 cases without loading BPF.
 """
