@@ -5,6 +5,14 @@ leave them; the cumulative counts exporters need live here instead, one series p
 (metric, workload, attributes), bounded, and expired once their workload is gone and its
 last values were exported. Each metric's series are capped (otel_ebpf.cardinality): past
 its limit, new series fold into the metric's overflow series.
+
+A series of an aggregated workload (pid 0: a container's or cgroup's executable) is also
+forgotten once it has been quiet for the quiet time, however long its cgroup lives: a
+node's long-lived cgroups run ever new executables (a CI runner's compilers, cron's
+shells), and their series would otherwise pile up. Should it be counted again, it is a
+new series: it starts from zero with the start time its caller gives for new series (the
+start of the window its first delta covers), so its cumulative value never goes down
+against an unchanged start time.
 """
 
 from __future__ import annotations
@@ -108,7 +116,9 @@ class CumulativeStore:
         return len(self._series)
 
     def add(self, records: Iterable[Record], start_ns: int, now_ns: int) -> None:
-        """Fold deltas in. `start_ns` is when their probe started counting."""
+        """Fold deltas in. `start_ns` is the start time of any series they create: when
+        the kernel started counting what they hold (their probe's start for its first
+        collection, the previous collection for later ones)."""
         with self._lock:
             self._version += 1
             if len(self._series) >= self.max_series * 0.9:
@@ -203,10 +213,11 @@ class CumulativeStore:
     def expire(self, alive: Callable[[Workload], bool], now_ns: int | None = None,
                quiet_ns: int = 0) -> int:
         """Retire the series whose workload is gone and whose last values were exported
-        (they are exported no more), and forget those no delta changed for `quiet_ns`.
-        The quiet time matters: the kernel keeps counting for a process that exited (its
-        sockets retransmit on), and a delta for a forgotten series would restart it from
-        zero. Returns how many were forgotten."""
+        (they are exported no more), and forget those no delta changed for `quiet_ns`;
+        forget too the exported series of aggregated workloads (pid 0) that no delta
+        changed for `quiet_ns`, gone or not. The quiet time matters: the kernel keeps
+        counting for a process that exited (its sockets retransmit on), and a delta for a
+        forgotten series starts a new series from zero. Returns how many were forgotten."""
         with self._lock:
             return self._expire(alive, None if now_ns is None else now_ns - quiet_ns)
 
@@ -219,11 +230,19 @@ class CumulativeStore:
                 known = checked[workload.identity_key] = alive(workload)
             return known
 
+        def kept_while_quiet(workload: Workload) -> bool:
+            return workload.pid != 0 and is_alive(workload)
+
         gone = []
         for key, series in self._series.items():
-            if not series.exported_since_update or is_alive(series.workload):
+            if not series.exported_since_update:
                 continue
-            if updated_by_ns is None or series.updated_ns <= updated_by_ns:
+            quiet = updated_by_ns is None or series.updated_ns <= updated_by_ns
+            if is_alive(series.workload):
+                if quiet and updated_by_ns is not None and series.workload.pid == 0:
+                    gone.append(key)  # an aggregated workload, quiet for the whole time
+                continue
+            if quiet:
                 gone.append(key)
             elif not series.retired:
                 series.retired = True
@@ -231,7 +250,8 @@ class CumulativeStore:
         for key in gone:
             self._delete(key)
         if self.limit is not None:
-            self.limit.expire(is_alive, updated_by_ns)
+            self.limit.expire(kept_while_quiet if updated_by_ns is not None else is_alive,
+                              updated_by_ns)
         orphans = [k for k in self._exemplars if k not in self._series
                    and not is_alive(Workload(pid=k[1][0], cgroup_id=k[1][1]))]
         for key in orphans:

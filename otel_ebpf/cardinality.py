@@ -83,8 +83,9 @@ class SeriesLimit:
             del self._live[metric]
 
     def expire(self, alive: Callable[[Workload], bool], updated_by_ns: int | None) -> None:
-        """Forget the folded series whose workload is gone and that no delta changed since
-        `updated_by_ns` (None: at once); a later delta for one of them is a new series."""
+        """Forget the folded series for which `alive` is false and that no delta changed
+        since `updated_by_ns` (None: at once); a later delta for one of them is a new
+        series."""
         gone = [key for key, f in self._folded.items()
                 if (updated_by_ns is None or f.updated_ns <= updated_by_ns)
                 and not alive(f.workload)]

@@ -142,6 +142,7 @@ def _kernel_context(cache_reads: bool = True) -> tuple[Any, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import build_agent
+    from otel_ebpf.export.spool import SpoolError
 
     overrides = _overrides(args)
     config = _load_config(args, overrides)
@@ -149,9 +150,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     engine, syscall_table = _kernel_context()
     log.info("syscall names: %s", syscall_table.source)
-    agent = build_agent(config, engine, syscall_table,
-                        lambda: cfg.load(args.config, overrides=overrides)[0],
-                        health_file=health.path_from_env())
+    try:
+        agent = build_agent(config, engine, syscall_table,
+                            lambda: cfg.load(args.config, overrides=overrides)[0],
+                            health_file=health.path_from_env())
+    except SpoolError as exc:
+        print(f"otel-ebpf: exporter.queue.spool_directory: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return asyncio.run(agent.run(args.duration))
 
 

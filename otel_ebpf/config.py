@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
 
 from otel_ebpf.config_base import (
     Duration,
@@ -63,10 +63,12 @@ class RetryConfig(_Strict):
 
 class QueueBound(_Strict):
     """Spans waiting for the collector (~1.2 KB each as queued): past either bound the
-    oldest are dropped (queue_full)."""
+    oldest are dropped (queue_full), or with a spool directory written there."""
 
     max_items: int = Field(default=8192, ge=1, le=1 << 24)
     max_bytes: Size = 16 << 20
+    # the spool's files (serialized OTLP); past it the oldest files are dropped (spool_full)
+    max_spool_bytes: Size = 256 << 20
 
 
 class ProfileQueueBound(QueueBound):
@@ -74,11 +76,23 @@ class ProfileQueueBound(QueueBound):
     max_items: int = Field(default=4096, ge=1, le=1 << 24)
 
 
+def absolute_path(value: Any) -> Any:
+    if isinstance(value, str) and not Path(value).is_absolute():
+        raise ValueError(f"expected an absolute directory path such as "
+                         f"/var/lib/otel-ebpf/spool, got {value!r}")
+    return value
+
+
 class QueueConfig(_Strict):
     spans: QueueBound = Field(default_factory=QueueBound)
     profiles: ProfileQueueBound = Field(default_factory=ProfileQueueBound)
     # distinct workloads on the drop counters; the rest share an overflow series
     max_workloads: int = Field(default=100, ge=1, le=10_000)
+    # None: no spool. A directory: spans and profiles past the memory bounds wait on disk
+    # there (<dir>/spans, <dir>/profiles), and what is queued at shutdown too, for the
+    # next run to deliver
+    spool_directory: Annotated[str, BeforeValidator(absolute_path),
+                               Field(min_length=1)] | None = None
 
 
 class ExporterConfig(_Strict):

@@ -126,7 +126,8 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
                 load_config: Callable[[], Config], out: TextIO = sys.stdout,
                 health_file: Path | None = None) -> Agent:
     """The agent for `config`: a unit for each signal the probes produce, each signal's
-    exporter (and its connection) only where a probe produces it."""
+    exporter (and its connection) only where a probe produces it. SpoolError: the spool
+    directory cannot be used."""
     identity = IdentityResolver(config, host_attributes())
     signals = needed(config)
     start_ns = time.time_ns()
@@ -140,8 +141,8 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
     host: ProbeHost | None = None
     metrics = MetricsSignal(
         config.exporter, shipper("metrics") if exporting else None, identity.resolver,
-        max(probe.exemplars_per_series(config.probes.section(name))
-            for name, probe in PROBE_TYPES.items()),
+        identity.alive, max(probe.exemplars_per_series(config.probes.section(name))
+                            for name, probe in PROBE_TYPES.items()),
         lambda: host.settings() if host is not None else [], start_ns)
     spans = profiles = None
     if Signal.SPANS in signals:
@@ -159,8 +160,7 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
     context = ProbeContext(syscalls, select_cgroups=bool(
         config.identity.filter.model_dump(exclude_defaults=True)))
     host = ProbeHost(config, engine, build(config, context),
-                     _routes(metrics, spans, profiles, summary), identity.selection,
-                     metrics.probe_started)
+                     _routes(metrics, spans, profiles, summary), identity.selection)
     reloader = Reloader(load_config, lambda c: build(c, context),
                         Wiring(spans=spans is not None, profiles=profiles is not None))
     health = None if health_file is None else HealthReporter(health_file, host.drain_ages)

@@ -161,3 +161,6 @@ class Collection:
     # kernel map name -> (entries in use at the drain, capacity): the operator's warning
     # before map_full
     map_fill: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # when the kernel started counting what `records` hold (the previous drain; set by
+    # the agent): the start time of the series they create
+    window_start_ns: int = 0

@@ -45,13 +45,13 @@ class ProbeHost:
     """The probes the agent runs on `config` (reload replaces both)."""
 
     def __init__(self, config: Config, engine: Engine, probes: list[AnyProbe], routes: Routes,
-                 selection: WorkloadSelection | None = None,
-                 started: Callable[[str], None] = lambda name: None) -> None:
+                 selection: WorkloadSelection | None = None) -> None:
         self.config = config
         self.engine = engine
         self.probes = probes
         self._routes = routes
-        self._started = started
+        self._started_ns: dict[str, int] = {}  # a reloaded probe's series go on from here
+        self._drained_ns: dict[str, int] = {}  # probe -> when its latest drain began
         self._selection = selection if selection is not None and selection.active else None
         self._selected: set[int] = set()
         self.selecting: Periodic[None] = Periodic("selection", SELECTION_S, self._select)
@@ -97,7 +97,7 @@ class ProbeHost:
     def _start_probe(self, probe: AnyProbe) -> None:
         began = time.monotonic()
         probe.start(self.engine)
-        self._started(probe.name)
+        self._started_ns.setdefault(probe.name, time.time_ns())
         log.info("probe %s attached (%s) in %.1fs; BPF program ids %s", probe.name,
                  ", ".join(str(h) for h in probe.hooks), time.monotonic() - began,
                  " ".join(map(str, probe.program_ids())))
@@ -168,7 +168,12 @@ class ProbeHost:
         self._routes.collection(collection)
 
     def _collect_blocking(self, probe: AnyProbe) -> Collection:
+        began = time.time_ns()
         collection = probe.collect()
+        # what this drain read was counted since the previous one began (or the start)
+        collection.window_start_ns = self._drained_ns.get(
+            probe.name, self._started_ns.get(probe.name, began))
+        self._drained_ns[probe.name] = began
         if collection.samples:
             self._routes.samples(collection)
         return collection

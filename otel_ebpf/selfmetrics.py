@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 
 from otel_ebpf.enrich.identity import AGENT
-from otel_ebpf.export.queue import OVERFLOW
+from otel_ebpf.export.queue import OVERFLOW, Attrs, Whose
 from otel_ebpf.model import AttributeValue, CounterDelta, Identity, MetricDescriptor, Workload
 
 LOST_EVENTS = MetricDescriptor(
@@ -15,13 +15,13 @@ LOST_EVENTS = MetricDescriptor(
     "Kernel events a probe could not record, by reason (map_full, no_start, ...).")
 SPANS_DROPPED = MetricDescriptor(
     "otel_ebpf.spans.dropped", "{span}",
-    "Spans the agent did not deliver, by reason (queue_full, export_refused, shutdown) and "
-    "by the workload they came from.")
+    "Spans the agent did not deliver, by reason (queue_full, export_refused, shutdown, "
+    "spool_full, spool_corrupt, spool_error) and by the workload they came from.")
 PROFILES_DROPPED = MetricDescriptor(
     "otel_ebpf.profiles.dropped", "{profile}",
     "Profiles the agent did not deliver, by reason (queue_full, export_refused, "
-    "unsupported: the collector has no profiles service, shutdown) and by the workload "
-    "they came from.")
+    "unsupported: the collector has no profiles service, shutdown, spool_full, "
+    "spool_corrupt, spool_error) and by the workload they came from.")
 METRICS_SERIES = MetricDescriptor(
     "otel_ebpf.metrics.series", "{series}",
     "Series of each metric (attribute metric) in the latest export, its overflow series "
@@ -40,11 +40,13 @@ METRICS_DROPPED = MetricDescriptor(
     "exporter.max_request_bytes), refused (the collector refused it alone as too large).")
 SPANS_QUEUED = MetricDescriptor(
     "otel_ebpf.spans.queue.size", "{span}",
-    "Spans waiting for the collector (an UpDownCounter: the current depth).",
+    "Spans waiting for the collector, in memory and in the spool (an UpDownCounter: the "
+    "current depth).",
     monotonic=False)
 PROFILES_QUEUED = MetricDescriptor(
     "otel_ebpf.profiles.queue.size", "{profile}",
-    "Profiles waiting for the collector (an UpDownCounter: the current depth).",
+    "Profiles waiting for the collector, in memory and in the spool (an UpDownCounter: "
+    "the current depth).",
     monotonic=False)
 
 # the workload a dropped item came from, as attributes of the drop counter: who it is,
@@ -82,7 +84,19 @@ class DeliveryMetrics:
         self._depth = 0  # the depth reported so far
         self._lock = threading.Lock()
 
-    def report(self, drops: Mapping[tuple[str, Workload], int], depth: int) -> None:
+    def resolve(self, units: Mapping[Workload, int]) -> dict[Attrs, int]:
+        """Units by the attributes of their workload, as the drop counter names it
+        (blocking): what a spool file keeps, so that a later run can count its drops."""
+        identity_of = self._resolver(w for w in units if w != OVERFLOW)
+        resolved: dict[Attrs, int] = {}
+        for workload, n in units.items():
+            attrs = (OVERFLOW_ATTRIBUTES if workload == OVERFLOW
+                     else workload_attributes(identity_of(workload)))
+            key = frozenset(attrs.items())
+            resolved[key] = resolved.get(key, 0) + n
+        return resolved
+
+    def report(self, drops: Mapping[tuple[str, Whose], int], depth: int) -> None:
         with self._lock:
             records = self._drop_records(drops)
             if depth != self._depth:
@@ -91,15 +105,19 @@ class DeliveryMetrics:
         if records and self.sink is not None:
             self.sink(records)
 
-    def _drop_records(self, drops: Mapping[tuple[str, Workload], int]) -> list[CounterDelta]:
+    def _drop_records(self, drops: Mapping[tuple[str, Whose], int]) -> list[CounterDelta]:
         if not drops:
             return []
-        identity_of = self._resolver(w for _, w in drops if w != OVERFLOW)
+        identity_of = self._resolver(w for _, w in drops
+                                     if isinstance(w, Workload) and w != OVERFLOW)
         merged: dict[frozenset[tuple[str, AttributeValue]], int] = {}
         for (reason, workload), n in drops.items():
-            attrs = (dict(OVERFLOW_ATTRIBUTES) if workload == OVERFLOW
-                     else workload_attributes(identity_of(workload)))
-            key = frozenset(attrs.items())
+            if isinstance(workload, frozenset):  # resolved when it was spooled
+                key = workload
+            else:
+                attrs = (dict(OVERFLOW_ATTRIBUTES) if workload == OVERFLOW
+                         else workload_attributes(identity_of(workload)))
+                key = frozenset(attrs.items())
             if key not in self._seen:
                 if len(self._seen) >= self.max_workloads:
                     key = frozenset(OVERFLOW_ATTRIBUTES.items())

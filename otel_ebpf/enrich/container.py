@@ -14,6 +14,7 @@ would show only its own subtree, which does not.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -190,6 +191,18 @@ class CgroupPaths:
             if cgroup_id not in self._paths and self._may_rescan():
                 self._rescan()
         return self._paths.get(cgroup_id)
+
+    def exists(self, cgroup_id: int) -> bool | None:
+        """Whether the cgroup is still there (its directory, with this id: a path
+        recreated for a restarted unit has a new id); None: not known here (never seen,
+        or outside this agent's view of the hierarchy). One stat, no walk."""
+        path = self._paths.get(cgroup_id)
+        if path is None:
+            return None
+        try:
+            return os.stat(self.root / path.lstrip("/")).st_ino == cgroup_id
+        except OSError:
+            return False
 
     def _may_rescan(self) -> bool:
         return (self._scanned_at is None

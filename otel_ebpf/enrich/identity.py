@@ -22,7 +22,7 @@ from otel_ebpf.enrich.cloud import detect as detect_cloud
 from otel_ebpf.enrich.container import CgroupIdentity, ContainerResolver
 from otel_ebpf.enrich.docker import DockerMetadata
 from otel_ebpf.enrich.kubernetes import KubernetesPods
-from otel_ebpf.enrich.process import ProcessEnricher
+from otel_ebpf.enrich.process import ProcessEnricher, pid_alive
 from otel_ebpf.enrich.selection import WorkloadSelection
 from otel_ebpf.model import AttributeValue, Identity, Workload
 
@@ -127,6 +127,16 @@ class IdentityResolver:
             resource["service.name"] = point["process.executable.name"]
         return Identity(resource, {k: point[k] for k in ("process.pid",
                                    "process.executable.name") if k in point})
+
+    def alive(self, workload: Workload) -> bool:
+        """Blocking: whether a workload is still there - a process by its pid, an
+        aggregated workload (pid 0) by its cgroup, assumed there when its cgroup is not
+        known; the agent's own and the overflow series always (pid < 0)."""
+        if workload.pid != 0:
+            return pid_alive(workload)
+        if not workload.cgroup_id:
+            return True  # the whole system
+        return self.containers.paths.exists(workload.cgroup_id) is not False
 
     def sample_resolver(self, workloads: Iterable[Workload]
                         ) -> Callable[[Workload], Identity]:

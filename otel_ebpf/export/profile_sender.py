@@ -16,6 +16,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -34,6 +35,8 @@ from otel_ebpf.export.queue import (
     DropLedger,
     Outcome,
 )
+from otel_ebpf.export.spill import Spill
+from otel_ebpf.export.spool import Spool
 from otel_ebpf.export.transport import GRPC_STATUS, HTTP_STATUS, classify
 from otel_ebpf.selfmetrics import PROFILES_DROPPED, PROFILES_QUEUED, DeliveryMetrics, Resolver
 
@@ -146,14 +149,28 @@ class ProfilesSender:
 
 def profiles_delivery(sender: ProfilesSender, config: ExporterConfig,
                       resolver: Resolver) -> Delivery[bytes]:
-    """Profiles' Delivery: each window's request as one entry, sent as soon as queued."""
+    """Profiles' Delivery: each window's request as one entry, sent as soon as queued;
+    with a spool directory, one spool file a request. SpoolError: it cannot be used."""
     bound = config.queue.profiles
     metrics = DeliveryMetrics(PROFILES_DROPPED, PROFILES_QUEUED, config.queue.max_workloads,
                               resolver)
     queue: BoundedQueue[bytes] = BoundedQueue(bound.max_items, bound.max_bytes, DropLedger())
     backoff = Backoff(config.retry.initial_backoff, config.retry.max_backoff)
-    return Delivery("profiles", lambda batch: _send_all(sender, batch), queue, backoff,
-                    metrics, close=sender.close, batch_items=1, batch_bytes=1, linger=0.0)
+    delivery = Delivery("profiles", lambda batch: _send_all(sender, batch), queue, backoff,
+                        metrics, close=sender.close, batch_items=1, batch_bytes=1, linger=0.0)
+    if config.queue.spool_directory is not None:
+        spool = Spool(Path(config.queue.spool_directory) / "profiles", "profiles",
+                      bound.max_spool_bytes, queue.ledger)
+        spool.open()
+        # a request is already serialized: its file holds it as it is
+        delivery.spill_to(Spill(queue, spool, metrics, _only, sender.send, batch_items=1,
+                                batch_bytes=1))
+    return delivery
+
+
+def _only(batch: list[bytes]) -> bytes:
+    (request,) = batch  # batches of one (batch_items=1)
+    return request
 
 
 def _send_all(sender: ProfilesSender, batch: list[bytes]) -> Outcome:

@@ -1,6 +1,6 @@
 """What a signal's delivery holds while the collector is away: a bounded queue that drops
-its oldest entries first, a ledger of what was dropped (why, and whose), and the backoff
-between attempts.
+its oldest entries first (or, with a spool, hands them to it: otel_ebpf/export/spill.py),
+a ledger of what was dropped (why, and whose), and the backoff between attempts.
 
 Nothing here knows OTLP or asyncio: the queue is fed from the event loop or an exporter's
 thread and emptied by one delivery worker (otel_ebpf/export/delivery.py), so it takes a
@@ -16,15 +16,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from otel_ebpf.model import Workload
+from otel_ebpf.model import AttributeValue, Workload
 
 T = TypeVar("T")
+# whom a drop is counted against: a workload of this run, or a workload's attributes as
+# resolved when its items were written to the spool (a previous run's pids mean nothing)
+Attrs = frozenset[tuple[str, AttributeValue]]
+Whose = Workload | Attrs
 
 # the reasons a queued item is dropped
 QUEUE_FULL = "queue_full"  # the queue's bound was reached: its oldest entries make room
 EXPORT_REFUSED = "export_refused"  # the collector answered with a permanent error
 UNSUPPORTED = "unsupported"  # the collector has no service for this signal
 SHUTDOWN = "shutdown"  # still queued when the agent's shutdown budget ran out
+SPOOL_FULL = "spool_full"  # the spool's byte bound was reached: its oldest files make room
+SPOOL_CORRUPT = "spool_corrupt"  # a spool file that cannot be read back (truncated, damaged)
+SPOOL_ERROR = "spool_error"  # could not be written to the spool (disk full, I/O error)
 
 # drops of more distinct workloads than the ledger holds between two reports share this one
 OVERFLOW = Workload(pid=-2, comm="overflow")
@@ -75,10 +82,10 @@ class DropLedger:
 
     def __init__(self, max_keys: int = 1024) -> None:
         self.max_keys = max_keys
-        self._counts: dict[tuple[str, Workload], int] = {}
+        self._counts: dict[tuple[str, Whose], int] = {}
         self._lock = threading.Lock()
 
-    def drop(self, reason: str, units: Mapping[Workload, int]) -> None:
+    def drop(self, reason: str, units: Mapping[Workload, int] | Mapping[Attrs, int]) -> None:
         with self._lock:
             for workload, n in units.items():
                 key = (reason, workload)
@@ -86,7 +93,7 @@ class DropLedger:
                     key = (reason, OVERFLOW)
                 self._counts[key] = self._counts.get(key, 0) + n
 
-    def take(self) -> dict[tuple[str, Workload], int]:
+    def take(self) -> dict[tuple[str, Whose], int]:
         with self._lock:
             counts, self._counts = self._counts, {}
         return counts
@@ -97,7 +104,11 @@ class BoundedQueue(Generic[T]):
     bound the OLDEST entries are dropped and counted as queue_full: after an outage the
     collector gets the newest data, and the memory held never exceeds the bounds (plus the
     one batch a delivery has in flight). An entry larger than the whole bound is dropped
-    at once."""
+    at once.
+
+    With a spool (`spills`), the bounds are where spilling starts: past them the oldest
+    wait for the spool's writer (`over_bound`, `take_spill`) and are dropped only past
+    twice the bounds plus one of the writer's batches, should it fall that far behind."""
 
     def __init__(self, max_items: int, max_bytes: int, ledger: DropLedger) -> None:
         self.max_items = max_items
@@ -105,11 +116,42 @@ class BoundedQueue(Generic[T]):
         self.ledger = ledger
         self.items = 0  # signal units queued
         self.nbytes = 0
+        self._hard = (max_items, max_bytes)  # past these the oldest are dropped
         self._entries: deque[Entry[T]] = deque()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def spills(self, batch_items: int, batch_bytes: int) -> None:
+        """A spool takes what is past the bounds, in batches of up to these: drop only
+        past twice the bounds and one batch (an offer as large as a batch, a burst of
+        spans, fits while the writer wakes up)."""
+        self._hard = (2 * self.max_items + batch_items, 2 * self.max_bytes + batch_bytes)
+
+    @property
+    def over_bound(self) -> bool:
+        return self.items > self.max_items or self.nbytes > self.max_bytes
+
+    def take_spill(self, max_items: int, max_bytes: int) -> list[Entry[T]]:
+        """The oldest entries (up to a batch's bounds) while the queue holds more than half
+        its bounds: a spill that starts past the bounds takes the queue down to half, so
+        the spool gets files of a useful size rather than one per offer."""
+        with self._lock:
+            batch: list[Entry[T]] = []
+            items = nbytes = 0
+            while self._entries and (self.items > self.max_items // 2
+                                     or self.nbytes > self.max_bytes // 2):
+                head = self._entries[0]
+                if batch and (items + head.count > max_items or nbytes + head.nbytes > max_bytes):
+                    break
+                self._entries.popleft()
+                items += head.count
+                nbytes += head.nbytes
+                self.items -= head.count
+                self.nbytes -= head.nbytes
+                batch.append(head)
+            return batch
 
     def offer(self, entry: Entry[T]) -> None:
         with self._lock:
@@ -164,7 +206,8 @@ class BoundedQueue(Generic[T]):
         self.nbytes += entry.nbytes
 
     def _evict(self) -> None:
-        while self._entries and (self.items > self.max_items or self.nbytes > self.max_bytes):
+        max_items, max_bytes = self._hard
+        while self._entries and (self.items > max_items or self.nbytes > max_bytes):
             oldest = self._entries.popleft()
             self.items -= oldest.count
             self.nbytes -= oldest.nbytes

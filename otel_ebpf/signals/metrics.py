@@ -21,7 +21,6 @@ from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.enrich.identity import AGENT
-from otel_ebpf.enrich.process import pid_alive
 from otel_ebpf.export.agent_metrics import MapFill, process_metrics, setting_metrics
 from otel_ebpf.export.metrics_export import MetricsExport
 from otel_ebpf.export.otlp import OtlpShipper
@@ -33,7 +32,8 @@ from otel_ebpf.selfmetrics import LOST_EVENTS, Resolver
 
 log = logging.getLogger(__name__)
 
-# a gone process's series is forgotten once exported and this long without a delta
+# a gone process's series, and any aggregated workload's, is forgotten once exported and
+# this long without a delta
 EXPIRE_QUIET_S = 60.0
 
 
@@ -60,33 +60,32 @@ class MetricsSignal:
     takes records: the summary and the agent's counters need no collector)."""
 
     def __init__(self, exporter: ExporterConfig, shipper: OtlpShipper | None,
-                 resolver: Resolver, exemplars_per_series: int,
-                 settings: Callable[[], list[Setting]], start_ns: int) -> None:
+                 resolver: Resolver, alive: Callable[[Workload], bool],
+                 exemplars_per_series: int, settings: Callable[[], list[Setting]],
+                 start_ns: int) -> None:
         limit = SeriesLimit(exporter.cardinality_limit, exporter.cardinality_limits)
         self.store = CumulativeStore(exemplars_per_series=exemplars_per_series, limit=limit)
         self.counters = AgentCounters(self.store, start_ns)
         self.map_fill = MapFill()
         self.shipper = shipper
         self._settings = settings
+        self._alive = alive  # blocking: whether a workload is still there
         self._retry = exporter.retry
         self.export = None if shipper is None else MetricsExport(
             self.store, shipper, resolver, exporter, start_ns, self._agent_metrics)
         self.periodic: Periodic[bool] = Periodic("export", exporter.interval,
                                                  self._export_once, self._after_export)
-        self._started_ns: dict[str, int] = {}
 
     @property
     def endpoint(self) -> str:
         return self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)"
 
-    def probe_started(self, probe: str) -> None:
-        """Series of a probe start when it first did (a reloaded probe's go on)."""
-        self._started_ns.setdefault(probe, time.time_ns())
-
     def absorb(self, collection: Collection) -> None:
-        """One probe's collection: its records, its lost events, its maps' fill."""
+        """One probe's collection: its records, its lost events, its maps' fill. A series
+        new in its window (a new workload, or one forgotten when quiet and counted again)
+        starts with the window: its values never go down against its start time."""
         now = time.time_ns()
-        self.store.add(collection.records, self._started_ns.get(collection.probe, now), now)
+        self.store.add(collection.records, collection.window_start_ns or now, now)
         self.map_fill.update(collection.probe, collection.map_fill)
         self.counters.lost_events(collection.probe, collection.lost_events)
 
@@ -105,7 +104,7 @@ class MetricsSignal:
         """Blocking. False: it failed in a way worth retrying before the interval."""
         assert self.export is not None
         if self.export.export_once():
-            self.store.expire(pid_alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
+            self.store.expire(self._alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
             return True
         exporter: Any = self.shipper and self.shipper.exporter
         return not (isinstance(exporter, OneAttempt) and exporter.outcome.retryable)

@@ -6,11 +6,16 @@ test can see another test's telemetry or inherit a wedged collector.
 
 from __future__ import annotations
 
+import os
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from otel_ebpf.kernel.cgroupfs import cgroup2_root
+from tests.e2e.test_agent import AgentProcess
 from tests.peers.otelcol import OtelCollector, ensure_built
 from tests.peers.otlp_sink import OtlpSink
 from tests.peers.rotel import RotelCollector
@@ -49,3 +54,30 @@ def otelcol(otelcol_binary: Path, tmp_path: Path) -> Iterator[OtelCollector]:
     with collector:
         yield collector
     print(f"--- otelcol output ({collector.log_path}) ---\n{collector.read_log()}")
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    """A cgroup v2 directory of this test's own, for the probe's kernel filter."""
+    path = cgroup2_root() / f"otel-ebpf-e2e-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                path.rmdir()
+                break
+            except OSError:  # a helper still exiting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_agent_left() -> Iterator[None]:
+    """Agents a test started and did not stop (it failed first) are killed after it."""
+    yield
+    while AgentProcess.started:
+        AgentProcess.started.pop().kill()

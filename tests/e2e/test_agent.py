@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -40,7 +40,10 @@ summary:
 
 class AgentProcess:
     """`otel-ebpf run` on CONFIG: the checkout's package by default; `program` runs another
-    copy (an installed one), from `cwd`."""
+    copy (an installed one), from `cwd`. Every one started is killed after its test, if
+    still running (tests/e2e/conftest.py), so a failed assertion leaves no agent behind."""
+
+    started: ClassVar[list[AgentProcess]] = []
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
                  program: Sequence[str] = (sys.executable, "-m", "otel_ebpf"),
@@ -52,6 +55,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [*program, "run", "--config", str(config), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=cwd)
+        AgentProcess.started.append(self)
         self.stderr: list[str] = []
         self.stdout: list[str] = []
         self._lines: queue.Queue[str] = queue.Queue()
@@ -88,7 +92,7 @@ class AgentProcess:
 
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Iterator[object]:
-    started: list[AgentProcess] = []
+    started: ClassVar[list[AgentProcess]] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
         agent = AgentProcess(tmp_path, *args, env=env)

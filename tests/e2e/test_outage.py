@@ -21,13 +21,12 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from otel_ebpf.kernel.cgroupfs import cgroup2_root
 from tests.e2e.test_agent import AgentProcess
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 from tests.peers.rotel import RotelCollector
@@ -61,25 +60,6 @@ probes:
 summary:
   enabled: false
 """
-
-
-@pytest.fixture
-def cgroup() -> Iterator[Path]:
-    """A cgroup v2 directory of this test's own, for the probe's kernel filter."""
-    path = cgroup2_root() / f"otel-ebpf-outage-{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                path.rmdir()
-                break
-            except OSError:  # a helper still exiting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 def run_in(cgroup: Path, argv: Sequence[str | Path], timeout: float = 60) -> tuple[int, str]:

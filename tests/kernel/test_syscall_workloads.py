@@ -7,11 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from otel_ebpf.aggregate import CumulativeStore
+from otel_ebpf.config import Config
+from otel_ebpf.enrich.identity import IdentityResolver
 from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound
 from otel_ebpf.kernel import syscalls
 from otel_ebpf.kernel.cgroupfs import cgroup2_root, cgroup_id
@@ -122,3 +126,73 @@ def test_sampled_timing_keeps_counts_exact_and_blocking_calls_timed(
     first = next(i for i, c in enumerate(sleep.bucket_counts) if c) + sleep.offset
     assert bucket_lower_bound(first, 2) < 0.005 <= bucket_upper_bound(first, 2)
     assert sleep.min >= 0.0049  # less only by the on-CPU start before it left the CPU
+
+
+def remove_cgroup(group: Path) -> None:
+    """rmdir, retried while its last process is still exiting."""
+    for _ in range(100):
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    group.rmdir()
+
+
+def test_a_workloads_series_expires_when_its_cgroup_is_gone_or_it_is_quiet(
+        engine: Engine, table: syscalls.SyscallTable, syscall_workload: Path) -> None:
+    """Two workloads' series, counted for real, in the store the daemon exports from, with
+    the daemon's liveness check (identity.alive): the one whose cgroup is removed stops
+    being exported at once; both are forgotten after the quiet time although the other's
+    cgroup lives on; counted again, that one is a new series from zero starting with its
+    window. The store's clock is the test's (quiet time 60 s, no waiting)."""
+    quiet = 60 * 10**9
+    root = cgroup2_root()
+    gone, stays = (root / f"otel-ebpf-expiry-{name}-{os.getpid()}" for name in ("a", "b"))
+    gone.mkdir()
+    stays.mkdir()
+    identity = IdentityResolver(Config(), {})
+    store = CumulativeStore()
+    probe = SyscallLatency(SyscallLatencyConfig(
+        filter=SyscallFilter(cgroups=[gone.name, stays.name])), table)
+    probe.start(engine)
+    try:
+        def absorb(start_ns: int, now_ns: int) -> None:
+            records = probe.collect().records + probe.collect().records
+            store.add(records, start_ns, now_ns)
+            identity.resolver(s.workload for s in store.series())  # as an export does
+
+        def getppid_counts() -> dict[int, tuple[int, int]]:
+            """cgroup id -> (count, start) of the exported getppid series."""
+            return {s.workload.cgroup_id: (s.count, s.start_ns) for s in store.series()
+                    if s.attributes.get("linux.syscall.name") == "getppid"
+                    and s.attributes.get("process.executable.name") == "syscall_workload"}
+
+        for group, n in ((gone, 100), (stays, 200)):
+            subprocess.run(in_cgroup(group, f"{syscall_workload} {n} 0 0"), check=True,
+                           timeout=60, capture_output=True)
+        absorb(0, 1_000)
+        gone_id, stays_id = cgroup_id(str(gone)), cgroup_id(str(stays))
+        assert getppid_counts() == {gone_id: (100, 0), stays_id: (200, 0)}
+        store.mark_exported(store.series())
+        assert store.expire(identity.alive, 2_000, quiet) == 0
+        assert set(getppid_counts()) == {gone_id, stays_id}  # quiet, still exported
+
+        remove_cgroup(gone)
+        assert store.expire(identity.alive, 3_000, quiet) == 0
+        assert set(getppid_counts()) == {stays_id}  # its last values went out: retired
+        held = len(store)  # both workloads' series: getppid, the shell's, ...
+        assert held > 2
+        assert store.expire(identity.alive, 1_000 + quiet, quiet) == held
+        assert store.series() == []  # the living cgroup's quiet series went too
+
+        subprocess.run(in_cgroup(stays, f"{syscall_workload} 50 0 0"), check=True,
+                       timeout=60, capture_output=True)
+        absorb(quiet + 1_500, quiet + 2_000)
+        assert getppid_counts() == {stays_id: (50, quiet + 1_500)}
+    finally:
+        probe.stop()
+        remove_cgroup(gone)
+        remove_cgroup(stays)

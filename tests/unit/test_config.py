@@ -88,6 +88,10 @@ def test_resource_attributes_and_headers_from_env(tmp_path: Path) -> None:
          ["exporter.cardinality_limit", "greater than or equal to 1"]),
         ("exporter:\n  cardinality_limits: {linux.syscall.duration: -5}\n",
          ["exporter.cardinality_limits.linux.syscall.duration", "greater than or equal to 1"]),
+        ("exporter:\n  queue:\n    spool_directory: spool\n",
+         ["exporter.queue.spool_directory", "expected an absolute directory path"]),
+        ("exporter:\n  queue:\n    spans:\n      max_spool_bytes: 1KiB\n",
+         ["exporter.queue.spans.max_spool_bytes", "greater than or equal to 65536"]),
     ],
 )
 def test_errors_name_the_key_and_the_fix(tmp_path: Path, text: str, expected: list[str]) -> None:
@@ -122,6 +126,17 @@ def test_cli_exits_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFix
     assert "Traceback" not in err
     assert cli.main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_unusable_spool_directory_exits_2_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    path = write(tmp_path, f"exporter:\n  queue:\n    spool_directory: {tmp_path}/file/spool\n"
+                           "probes:\n  cpu_profile:\n    enabled: false\n"
+                           "  tcp_retransmit:\n    enabled: false\n")
+    assert cli.main(["run", "--config", str(path), "--duration", "1s"]) == 2
+    err = capsys.readouterr().err
+    assert "exporter.queue.spool_directory: cannot use" in err and "Traceback" not in err
 
 
 def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -271,3 +271,17 @@ def test_real_cgroup2_tree_maps_our_own_cgroup() -> None:
     for cgroup_id, relative in list(paths._paths.items()):
         with contextlib.suppress(FileNotFoundError):  # removed since the walk
             assert os.stat(root / relative.lstrip("/")).st_ino == cgroup_id, relative
+
+
+def test_cgroup_paths_tell_a_gone_cgroup_from_an_unknown_one(tmp_path: Path) -> None:
+    ids = make_tree(tmp_path, ["/a", "/b"])
+    paths = CgroupPaths(tmp_path)
+    assert paths.lookup(ids["/a"]) == "/a"
+    assert paths.exists(ids["/a"]) is True
+    (tmp_path / "b").rmdir()
+    (tmp_path / "a").rename(tmp_path / "elsewhere")
+    (tmp_path / "a").mkdir()  # the same path again, for a restarted unit: a new id
+    assert os.stat(tmp_path / "a").st_ino != ids["/a"]
+    assert paths.exists(ids["/a"]) is False
+    assert paths.exists(ids["/b"]) is False  # removed
+    assert paths.exists(987654321) is None  # never seen: not known to be gone

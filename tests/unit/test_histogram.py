@@ -162,6 +162,51 @@ def test_store_retires_a_gone_series_then_forgets_it_after_the_quiet_time() -> N
     assert len(store) == 0
 
 
+def workload_delta(ns_values: list[int], pid: int = 0) -> ExpHistogramDelta:
+    """A delta of an aggregated workload (pid 0: cgroup 9's "app")."""
+    record = delta(ns_values)
+    record.workload = Workload(pid, "app", cgroup_id=9)
+    return record
+
+
+def test_an_aggregated_workloads_quiet_series_is_forgotten_and_comes_back_afresh() -> None:
+    """Its cgroup lives on (alive says so), yet once exported and quiet for the quiet
+    time the series goes; counted again, it is a new series from zero whose start is the
+    window its first delta covers, after the old series' last point: no value of one
+    series ever goes down."""
+    store = CumulativeStore()
+    store.add([workload_delta([1000, 2000])], 0, 100)
+    store.mark_exported(store.series())
+    assert store.expire(lambda w: True, now_ns=150, quiet_ns=100) == 0  # not quiet yet
+    assert len(store.series()) == 1  # still exported while quiet
+    store.add([workload_delta([1000])], 0, 160)  # a delta: quiet again from 160
+    store.mark_exported(store.series())
+    assert store.expire(lambda w: True, now_ns=259, quiet_ns=100) == 0
+    assert store.expire(lambda w: True, now_ns=260, quiet_ns=100) == 1
+    assert len(store) == 0
+    store.add([workload_delta([5000])], 300, 400)  # counted again, since 300
+    (series,) = store.series()
+    assert (series.count, series.start_ns) == (1, 300)
+
+
+def test_a_process_and_the_agents_own_series_stay_while_they_live() -> None:
+    store = CumulativeStore()
+    store.add([delta([1000], pid=7), delta([1000], pid=-1), delta([1000], pid=-2)], 0, 100)
+    store.mark_exported(store.series())
+    assert store.expire(lambda w: True, now_ns=10**12, quiet_ns=100) == 0
+    assert len(store.series()) == 3
+
+
+def test_a_gone_cgroups_series_is_retired_at_once_and_forgotten_after_the_quiet_time(
+) -> None:
+    store = CumulativeStore()
+    store.add([workload_delta([1000])], 0, 100)
+    store.mark_exported(store.series())
+    assert store.expire(lambda w: False, now_ns=110, quiet_ns=100) == 0
+    assert store.series() == []  # retired: its last values went out
+    assert store.expire(lambda w: False, now_ns=200, quiet_ns=100) == 1
+
+
 def test_a_full_store_forgets_retired_series_before_refusing_live_ones() -> None:
     store = CumulativeStore(max_series=2)
     store.add([delta([1000], pid=1), delta([1000], pid=2)], 0, 1)

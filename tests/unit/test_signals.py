@@ -63,7 +63,7 @@ def shipper(config: ExporterConfig, signal: str) -> OtlpShipper:
 
 def metrics_signal(config: ExporterConfig, exporting: bool = True) -> MetricsSignal:
     return MetricsSignal(config, shipper(config, "metrics") if exporting else None,
-                         resolver, 4,  # type: ignore[arg-type]
+                         resolver, lambda w: True, 4,  # type: ignore[arg-type]
                          lambda: [Setting(PERIOD, {"probe": "p"}, 64)], 1)
 
 
@@ -76,7 +76,6 @@ def free_port() -> int:
 async def test_metrics_unit_exports_records_counters_fill_and_settings() -> None:
     with OtlpSink() as sink:
         metrics = metrics_signal(exporter_config(sink.endpoint))
-        metrics.probe_started("p")
         metrics.absorb(Collection("p", [CounterDelta(COUNT, W, {"k": "v"}, 5)],
                                   lost_events={"map_full": 2}, map_fill={"m": (1, 4)}))
         assert await metrics.periodic.once() is True
