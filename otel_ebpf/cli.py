@@ -1,4 +1,4 @@
-"""Command line: `otel-ebpf run | doctor | probes | version`.
+"""Command line: `otel-ebpf run | doctor | health | probes | version`.
 
 Exit codes: 0 ok, 2 bad usage or configuration, 1 runtime failure.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from otel_ebpf import __version__
+from otel_ebpf import __version__, health
 from otel_ebpf import config as cfg
 from otel_ebpf import probes as registry
 
@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--no-load", action="store_true",
                         help="skip compiling and verifying each probe (faster)")
 
+    check = sub.add_parser(
+        "health", help="is the agent running here working (for health checks)",
+        description=f"Reads the report a running agent rewrites every {health.HEARTBEAT_S:g}s "
+                    f"into ${health.ENV} (the image sets it). Exit 0 when the agent has "
+                    "its probes attached and drains them, else 1.")
+    check.add_argument("--file", type=Path, metavar="FILE",
+                       help=f"the report (default: ${health.ENV})")
     sub.add_parser("probes", help="list the probes, what each hooks and exports")
     sub.add_parser("version", help="print the version")
     return parser
@@ -183,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     reloader = Reloader(lambda: cfg.load(args.config, overrides=overrides)[0], build,
                         Wiring(spans=spans is not None, profiles=profiles is not None))
     agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles,
-                  reloader=reloader)
+                  reloader=reloader, health_file=health.path_from_env())
     return asyncio.run(agent.run(args.duration))
 
 
@@ -197,7 +204,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     # doctor compiles for real (that is the check) and leaves the agent a warm cache
     engine, syscall_table = _kernel_context(cache_reads=False)
     common = [pf.check_privileges(), pf.check_bpf_syscall(), pf.check_tracefs(),
-              pf.check_btf(), pf.check_headers(engine.headers), pf.check_bcc(),
+              pf.check_btf(), pf.check_headers(engine.headers), pf.check_cgroup(), pf.check_bcc(),
               pf.check_lockdown(), pf.check_perf_paranoid(), pf.check_kprobes()]
     checks = list(common)
     for probe in registry.build(config, syscall_table):
@@ -220,6 +227,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    path = args.file or health.path_from_env()
+    if path is None:
+        print(f"otel-ebpf: health: no report to read: set {health.ENV} to the same file for "
+              "the agent and for this check (the image sets /tmp/otel-ebpf.health), or pass "
+              "--file", file=sys.stderr)
+        return EXIT_USAGE
+    ok, why = health.check(path)
+    print(f"{'healthy' if ok else 'unhealthy'}: {why}")
+    return EXIT_OK if ok else EXIT_RUNTIME
+
+
 def cmd_probes(_: argparse.Namespace) -> int:
     for name, probe in registry.PROBE_TYPES.items():
         print(f"{name}: {probe.summary}")
@@ -237,8 +256,8 @@ def cmd_version(_: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    commands = {"run": cmd_run, "doctor": cmd_doctor, "probes": cmd_probes,
-                "version": cmd_version}
+    commands = {"run": cmd_run, "doctor": cmd_doctor, "health": cmd_health,
+                "probes": cmd_probes, "version": cmd_version}
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TextIO
 
 from opentelemetry.sdk.metrics.export import Metric
@@ -34,6 +35,7 @@ from otel_ebpf.export.queue import Backoff
 from otel_ebpf.export.summary import HistogramSummary
 from otel_ebpf.export.traces import QueuedSpan, SpanExport, exemplar_of
 from otel_ebpf.export.transport import OneAttempt, until_answered
+from otel_ebpf.health import HealthReporter
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
 from otel_ebpf.probes.base import Probe
@@ -63,6 +65,7 @@ class Agent:
         spans: SpanExport | None = None,
         profiles: ProfileExport | None = None,
         reloader: Reloader | None = None,
+        health_file: Path | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -91,6 +94,9 @@ class Agent:
         self._workers = ProbeWorkers(self._collect_blocking, self._absorb, self._take_spans,
                                      SPAN_POLL_S, THREAD_STOP_S)
         self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
+        # `otel-ebpf health` reads it: written while the probes are attached and drained
+        self.health = (None if health_file is None
+                       else HealthReporter(health_file, self._workers.drain_ages))
         self._profile_future: asyncio.Future[None] | None = None
         self._export_future: asyncio.Future[bool] | None = None
         self._selected_cgroups: set[int] = set()
@@ -145,6 +151,8 @@ class Agent:
                 tasks.append(asyncio.create_task(self._profile_loop(), name="profiles"))
             if self.reloader is not None:
                 tasks.append(asyncio.create_task(self.reloader.run(self), name="reload"))
+            if self.health is not None:
+                tasks.append(asyncio.create_task(self.health.run(), name="health"))
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
                      ", ".join(p.name for p in self.probes) or "none",
                      self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)",
@@ -160,6 +168,8 @@ class Agent:
             await self._final_flush()
             return 0
         finally:
+            if self.health is not None:
+                self.health.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_workers()

@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from otel_ebpf.model import Collection, SpanRecord
@@ -38,8 +39,11 @@ class PeriodicCollector:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"collect-{probe.name}",
                                         daemon=True)
+        # time.monotonic() of the last drain that completed (of the start, before one)
+        self.last_drained = time.monotonic()
 
     def start(self) -> None:
+        self.last_drained = time.monotonic()
         self._thread.start()
 
     def _run(self) -> None:
@@ -50,6 +54,7 @@ class PeriodicCollector:
                 log.exception("probe %s: collection failed; will retry next interval",
                               self.probe.name)
                 continue
+            self.last_drained = time.monotonic()
             self._deliver(collection)
 
     def request_stop(self) -> None:
@@ -162,6 +167,11 @@ class ProbeWorkers:
         collector = PeriodicCollector(probe, interval, self._collect, deliver)
         collector.start()
         self._collectors.append(collector)
+
+    def drain_ages(self) -> dict[str, tuple[float, float]]:
+        """probe name -> (interval, seconds since its last completed drain)."""
+        now = time.monotonic()
+        return {c.probe.name: (c.interval, now - c.last_drained) for c in self._collectors}
 
     def start_events(self, probes: Sequence[Probe]) -> None:
         loop = asyncio.get_running_loop()

@@ -9,17 +9,20 @@ from pathlib import Path
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
 
 
+def cgroup2_mounts(mounts: Path = Path("/proc/self/mounts")) -> list[Path]:
+    """Where cgroup2 is mounted, in mount order."""
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return []
+    return [Path(f[1]) for f in (line.split() for line in lines)
+            if len(f) > 2 and f[2] == "cgroup2"]
+
+
 def cgroup2_root(mounts: Path = Path("/proc/self/mounts")) -> Path:
     """The cgroup2 mount: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on
     hybrid ones."""
-    try:
-        for line in mounts.read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "cgroup2":
-                return Path(fields[1])
-    except OSError:
-        pass
-    return DEFAULT_ROOT
+    return next(iter(cgroup2_mounts(mounts)), DEFAULT_ROOT)
 
 
 def cgroup_id(spec: int | str, root: Path | None = None) -> int:

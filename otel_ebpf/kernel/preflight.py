@@ -1,7 +1,8 @@
 """`otel-ebpf doctor`: can this machine run the enabled probes, and if not, what to do.
 
 Each check returns ok / warn / FAIL with a one-line fix. A FAIL in a check that every
-probe needs, or in a probe's own check, means that probe cannot load.
+probe needs, or in a probe's own check, means that probe cannot load. In a container the
+fix for a missing host path is the mount that brings it in (the image documents them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from otel_ebpf.enrich.cgroup import cgroup2_mounts
 from otel_ebpf.kernel import headers as kheaders
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -36,11 +38,42 @@ class Check:
         return text + (f"\n     fix: {self.fix}" if self.fix and self.status != OK else "")
 
 
-def effective_caps(status: Path = Path("/proc/self/status")) -> int:
+def _status_field(name: str, status: Path = Path("/proc/self/status")) -> str:
     for line in status.read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
+        if line.startswith(f"{name}:"):
+            return line.split()[1]
+    return "0"
+
+
+def effective_caps(status: Path = Path("/proc/self/status")) -> int:
+    return int(_status_field("CapEff", status), 16)
+
+
+def in_container(root: Path = Path("/"), environ: dict[str, str] | None = None) -> bool:
+    """podman, docker, a Kubernetes pod (or systemd-nspawn, LXC): the markers they leave."""
+    env = os.environ if environ is None else environ
+    return ("container" in env or "KUBERNETES_SERVICE_HOST" in env
+            or (root / "run" / ".containerenv").exists() or (root / ".dockerenv").exists())
+
+
+def mount_fix(path: str, on_host: str, container: bool | None = None) -> str:
+    """The fix for a host path the agent does not see: in a container, the mount."""
+    if in_container() if container is None else container:
+        return (f"mount the host's {path} into the container read-only (podman/docker: "
+                f"-v {path}:{path}:ro; Kubernetes: a hostPath volume, as "
+                "deploy/kubernetes/daemonset.yaml has)")
+    return f"{on_host}; in a container, mount the host's {path} read-only"
+
+
+def _seccomp_refuses(call: str, cap: str) -> str:
+    return (f"{cap} is held, so a seccomp filter refuses {call}(): the default profile of "
+            f"older container runtimes (podman < 4.4) allows it only with CAP_SYS_ADMIN; run "
+            f"with a profile that allows it to {cap} holders (deploy/image/build.sh writes "
+            "one: --security-opt seccomp=<its seccomp.json>)")
+
+
+def _seccomp_filtered() -> bool:
+    return _status_field("Seccomp") == "2"
 
 
 def check_privileges() -> Check:
@@ -70,6 +103,8 @@ def check_bpf_syscall() -> Check:
     err = ctypes.get_errno()
     fixes = {errno.EPERM: "run as root or with CAP_BPF; check kernel.unprivileged_bpf_disabled",
              errno.ENOSYS: "the kernel was built without CONFIG_BPF_SYSCALL"}
+    if err == errno.EPERM and effective_caps() & (1 << CAP_BPF) and _seccomp_filtered():
+        fixes[err] = _seccomp_refuses("bpf", "CAP_BPF")
     return Check("bpf() syscall", FAIL, f"BPF_MAP_CREATE failed: {os.strerror(err)}",
                  fixes.get(err, "see dmesg"))
 
@@ -83,22 +118,39 @@ def check_tracefs() -> Check:
     if root is not None:
         return Check("tracefs", OK, f"mounted at {root}")
     return Check("tracefs", FAIL, "no tracefs with events/ found",
-                 "mount -t tracefs nodev /sys/kernel/tracing (make setup does it)")
+                 mount_fix("/sys/kernel/tracing",
+                           "mount -t tracefs nodev /sys/kernel/tracing (make setup does it)"))
 
 
 def check_btf(path: Path = Path("/sys/kernel/btf/vmlinux")) -> Check:
     if path.is_file():
         return Check("BTF", OK, f"{path}")
-    return Check("BTF", FAIL, f"{path} missing: task-local storage needs kernel BTF",
-                 "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distro's is)")
+    return Check("BTF", FAIL, f"{path} missing: struct offsets and task storage need the "
+                 "kernel's BTF", mount_fix("/sys/kernel/btf", "use a kernel built with "
+                                           "CONFIG_DEBUG_INFO_BTF=y (every major distro's is)"))
 
 
-def check_headers(source: kheaders.HeaderSource | None) -> Check:
+def check_headers(source: kheaders.HeaderSource | None,
+                  modules: Path = kheaders.MODULES_ROOT, release: str | None = None) -> Check:
     if source is None:
-        return Check("kernel headers", FAIL, "none found (BCC_KERNEL_SOURCE, /lib/modules/"
-                     f"{platform.release()}/build, /sys/kernel/kheaders.tar.xz, /usr/src)",
-                     "install linux-headers for this kernel or the distribution's "
-                     "(make setup installs and links them)")
+        release = release or platform.release()
+        build = modules / release / "build"
+        install = ("install linux-headers for this kernel or the distribution's (make setup "
+                   "installs and links them)")
+        if build.is_symlink() and not build.exists():
+            # the host's /lib/modules came in, the tree its link points into did not
+            target = os.path.normpath(build.parent / os.readlink(build))
+            where = "/usr/src" if target.startswith("/usr/src/") else target
+            return Check("kernel headers", FAIL, f"{build} links to {target}, which is "
+                         "not here", mount_fix(where, install))
+        fix = install
+        if in_container():
+            fix = ("mount the host's /lib/modules and /usr/src into the container read-only "
+                   "(podman/docker: -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro; "
+                   "Kubernetes: hostPath volumes, as deploy/kubernetes/daemonset.yaml has), "
+                   "after installing the headers on the host")
+        return Check("kernel headers", FAIL, f"none found (BCC_KERNEL_SOURCE, {build}, "
+                     f"{kheaders.KHEADERS}, {kheaders.USR_SRC})", fix)
     return Check("kernel headers", OK if source.exact else WARN, source.describe(),
                  "fine for these probes; install headers of the running kernel to silence")
 
@@ -139,6 +191,27 @@ def check_perf_paranoid(path: Path = Path("/proc/sys/kernel/perf_event_paranoid"
                  "grant CAP_PERFMON, or sysctl kernel.perf_event_paranoid=1")
 
 
+def check_cgroup(mounts: Path = Path("/proc/self/mounts")) -> Check:
+    """The host's whole cgroup v2 tree: container ids are read from it by the cgroup id the
+    probes record, which works even after the process exited."""
+    roots = cgroup2_mounts(mounts)
+    fix = mount_fix("/sys/fs/cgroup", "mount -t cgroup2 none /sys/fs/cgroup/unified")
+    if not roots:
+        return Check("cgroup v2 tree", WARN, "no cgroup2 mount: workloads are identified from "
+                     "/proc/<pid>/cgroup only, so a process that exits before the agent "
+                     "looks loses its container", fix)
+    root = roots[0]
+    try:
+        ino = os.stat(root).st_ino
+    except OSError as exc:
+        return Check("cgroup v2 tree", WARN, f"{root}: {exc.strerror}", fix)
+    if ino != 1:  # the hierarchy's root cgroup has id (inode) 1
+        return Check("cgroup v2 tree", WARN, f"{root} is a subtree of the host's cgroups (a "
+                     "container's own view): other containers' cgroups are not in it, so "
+                     "their processes are identified from /proc only", fix)
+    return Check("cgroup v2 tree", OK, f"{root} (the host's whole tree)")
+
+
 def check_kprobes() -> Check:
     root = tracefs_root()
     has = root is not None and (root / "kprobe_events").exists()
@@ -177,9 +250,12 @@ def check_cpu_clock(probe: str) -> Check:
         os.close(fd)
         return Check(f"{probe}: perf events", OK, "software cpu-clock can be opened")
     err = ctypes.get_errno()
+    fix = ("grant CAP_PERFMON or run as root; check kernel.perf_event_paranoid and "
+           "seccomp/container policy")
+    if err == errno.EPERM and effective_caps() & (1 << CAP_PERFMON) and _seccomp_filtered():
+        fix = _seccomp_refuses("perf_event_open", "CAP_PERFMON")
     return Check(f"{probe}: perf events", FAIL, f"perf_event_open(cpu-clock): "
-                 f"{os.strerror(err)}", "grant CAP_PERFMON or run as root; check "
-                 "kernel.perf_event_paranoid and seccomp/container policy")
+                 f"{os.strerror(err)}", fix)
 
 
 def timed_load_check(probe: str, load: object) -> Check:

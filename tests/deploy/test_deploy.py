@@ -10,12 +10,12 @@ wheel) come with the test extras; systemd-analyze from the host.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from otel_ebpf import config as agent_config
+from otel_ebpf import health
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -32,6 +33,7 @@ K8S_VERSIONS = ["1.29.0", "1.32.0", "1.37.0"]  # oldest supported .. newest sche
 HOST_MOUNTS = {"/sys/kernel/tracing", "/sys/fs/cgroup", "/sys/kernel/btf", "/lib/modules",
                "/usr/src"}
 VENV_BIN = Path(sys.executable).parent
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
 
 
 def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -195,15 +197,17 @@ def test_daemonset_privileges_mounts_and_resources(rendered: list[dict[str, Any]
     assert writable == {"/var/cache/otel-ebpf", "/tmp"}
     assert vols[mounts["/var/cache/otel-ebpf"]["name"]]["hostPath"]["path"] == \
         "/var/cache/otel-ebpf"
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["exec"]["command"][:2] == ["python3", "-c"]
+    # the probes read the agent's health report, on the writable /tmp
+    assert env["OTEL_EBPF_HEALTH_FILE"]["value"] == "/tmp/otel-ebpf.health"
+    for probe in PROBES:
+        assert c[probe]["exec"]["command"] == ["otel-ebpf", "health"], probe
 
 
 def test_kustomize_and_helm_run_the_same_container(kustomized: list[dict[str, Any]],
                                                    helmed: list[dict[str, Any]]) -> None:
     k, h = _container(kustomized), _container(helmed)
-    for key in ("args", "resources", "securityContext", "volumeMounts", "livenessProbe",
-                "readinessProbe", "imagePullPolicy", "image"):
+    for key in ("args", "resources", "securityContext", "volumeMounts", *PROBES,
+                "imagePullPolicy", "image"):
         assert k[key] == h[key], key
     assert k["env"] == h["env"]
     kp = _one(kustomized, "DaemonSet")["spec"]["template"]["spec"]
@@ -214,22 +218,22 @@ def test_kustomize_and_helm_run_the_same_container(kustomized: list[dict[str, An
     assert strip == [{**v, "configMap": {}} if "configMap" in v else v for v in hp["volumes"]]
 
 
-def test_exec_probe_finds_the_agent_in_its_own_cgroup(kustomized: list[dict[str, Any]],
-                                                      tmp_path: Path) -> None:
-    script = _container(kustomized)["livenessProbe"]["exec"]["command"][2]
-    assert _run([sys.executable, "-c", script]).returncode == 1  # no agent here
-    fake = tmp_path / "venv" / "bin" / "otel-ebpf"
-    fake.parent.mkdir(parents=True)
-    fake.write_text("#!/bin/sh\nsleep 30\n")  # sh stays, with the agent-like cmdline
-    fake.chmod(0o755)
-    # the same cmdline shape as the image's entrypoint: <python> <venv>/bin/otel-ebpf run ...
-    agent = subprocess.Popen(["/bin/sh", str(fake), "run", "--config", "x"])
-    try:
-        time.sleep(0.2)
-        assert _run([sys.executable, "-c", script]).returncode == 0
-    finally:
-        agent.kill()
-        agent.wait()
+def test_probes_and_healthcheck_run_one_health_check(kustomized: list[dict[str, Any]],
+                                                     tmp_path: Path) -> None:
+    """The DaemonSet's probes and the image's HEALTHCHECK are the same command, which fails
+    until an agent reports and passes on a fresh report (tests/e2e/test_image.py runs it
+    against the agent in the built image)."""
+    c = _container(kustomized)
+    command = c["livenessProbe"]["exec"]["command"]
+    text = (ROOT / "Dockerfile").read_text()
+    assert f"CMD {json.dumps(command)}" in text
+    report = tmp_path / "otel-ebpf.health"
+    env = {"PATH": "/usr/bin:/bin", "OTEL_EBPF_HEALTH_FILE": str(report)}
+    argv = [str(VENV_BIN / command[0]), *command[1:]]
+    assert _run(argv, env=env).returncode == 1  # no agent here
+    health.write(report, {"syscall_latency": (5.0, 0.5)})
+    done = _run(argv, env=env)
+    assert done.returncode == 0 and done.stdout.startswith("healthy: "), done.stdout
 
 
 def _unit_for_verify(tmp_path: Path) -> Path:
