@@ -19,7 +19,8 @@ The kubelet authenticates as ``system:node:<name>`` (group ``system:nodes``), so
 API server's Node authorizer gives it exactly its own pods' secrets, config maps and
 service-account tokens. The controller-manager runs only the DaemonSet controller and the
 publisher of the ``kube-root-ca.crt`` ConfigMap (every pod's service-account volume needs
-it); both loops run as cluster admin.
+it) and the garbage collector (deleting a DaemonSet deletes its pods); both loops run as
+cluster admin.
 
 ``stop()`` leaves the machine as it was: the kubelet's sysctls are restored (it sets
 ``vm.overcommit_memory``, ``kernel.panic``, ... at start), its mounts below the root
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.peers.containerd import unmount_below
-from tests.peers.process import LOOPBACK, PeerProcess, free_port
+from tests.peers.process import LOOPBACK, PeerProcess
 
 if TYPE_CHECKING:
     from tests.peers.containerd import Containerd
@@ -104,7 +105,7 @@ def remove_cgroup_tree(top: Path) -> list[Path]:
 
 
 class ControlLoops:
-    """kube-controller-manager (DaemonSet controller, root CA publisher) and
+    """kube-controller-manager (DaemonSet controller, garbage collector, root CA publisher) and
     kube-scheduler, against `api`, on no port of their own."""
 
     def __init__(self, api: KubeApiServer, bindir: Path) -> None:
@@ -112,6 +113,7 @@ class ControlLoops:
         self.bindir = bindir
         self._procs: dict[str, PeerProcess] = {}
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._final_logs = ""
 
     def start(self) -> ControlLoops:
         self._tmp = tempfile.TemporaryDirectory(prefix="kube-loops-")
@@ -120,7 +122,8 @@ class ControlLoops:
                   "--secure-port=0", f"--bind-address={LOOPBACK}"]
         commands = {
             "kube-controller-manager": [
-                "--controllers=daemonset-controller,root-ca-certificate-publisher-controller",
+                "--controllers=daemonset-controller,garbage-collector-controller,"
+                "root-ca-certificate-publisher-controller",
                 f"--root-ca-file={self.api.ca_path}", "--use-service-account-credentials=false"],
             "kube-scheduler": [],
         }
@@ -134,7 +137,7 @@ class ControlLoops:
 
     def read_logs(self) -> str:
         if self._tmp is None:
-            return ""
+            return self._final_logs
         return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')}"
                          for p in sorted(Path(self._tmp.name).glob("*.log")))
 
@@ -143,15 +146,14 @@ class ControlLoops:
             if peer.proc is None or peer.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited; output:\n{self.read_logs()[-6000:]}")
 
-    def stop(self) -> str:
-        """Stop both; their output."""
+    def stop(self) -> None:
+        """Stop both; their output stays readable."""
         for peer in self._procs.values():
             peer.terminate(timeout=10.0)
-        logs = self.read_logs()
+        self._final_logs = self.read_logs()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-        return logs
 
 
 class Kubelet:
@@ -165,6 +167,7 @@ class Kubelet:
         self.name = name
         self.startup_timeout = startup_timeout
         self.cgroup_root = f"/otel-ebpf-test-kubelet-{os.getpid()}"
+        self.port = 0  # its HTTPS API (x509 clients of the cluster CA), once started
         self._peer = PeerProcess(startup_timeout)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._sysctls: dict[str, str] = {}
@@ -217,6 +220,7 @@ class Kubelet:
         if ports is None:
             self._fail("kubelet did not start")
         assert ports is not None
+        self.port = ports[0]
         deadline = time.monotonic() + self.startup_timeout
         while self.api.kubectl("get", "node", self.name, check=False).returncode != 0:
             if time.monotonic() > deadline:
