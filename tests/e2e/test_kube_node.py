@@ -238,6 +238,28 @@ def test_the_daemonset_controller_runs_one_pod_on_the_node(deployed: Deployed) -
     assert ds["status"]["numberReady"] == ds["status"]["desiredNumberScheduled"] == 1
 
 
+CAP_BITS = {"DAC_READ_SEARCH": 2, "SYS_PTRACE": 19, "SYSLOG": 34, "PERFMON": 38, "BPF": 39}
+
+
+def test_the_kubelet_applies_the_daemonsets_security_context(deployed: Deployed) -> None:
+    """The agent's process, as containerd started it for the kubelet: uid 0 with exactly
+    the DaemonSet's capabilities, no privilege escalation, a seccomp filter (containerd's
+    RuntimeDefault lets CAP_BPF/CAP_PERFMON holders call bpf() and perf_event_open())."""
+    (status,) = deployed.pod["status"]["containerStatuses"]
+    container = status["containerID"].removeprefix("containerd://")
+    tasks = deployed.node.runtime.ctr("tasks", "list").stdout.splitlines()
+    (pid,) = [int(line.split()[1]) for line in tasks if line.split()[0] == container]
+    proc = dict(line.split(":\t", 1) for line in
+                Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    caps = deployed.pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+    wanted = sum(1 << CAP_BITS[c] for c in caps)
+    assert proc["Uid"].split()[:2] == ["0", "0"]
+    for field in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(proc[field], 16) == wanted, (field, proc[field])
+    assert proc["NoNewPrivs"].strip() == "1" and proc["Seccomp"].strip() == "2", proc
+    assert b"otel-ebpf\0run\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def probe_results(node: Node, pod: str) -> dict[tuple[str, str], float]:
     """The kubelet's own probe counters for `pod`: (probe type, result) -> count."""
     context = ssl.create_default_context(cafile=None)
