@@ -281,14 +281,14 @@ def probe_results(node: Node, pod: str) -> dict[tuple[str, str], float]:
 
 def test_the_agents_probes_pass(deployed: Deployed) -> None:
     """Startup, readiness and liveness (`otel-ebpf health`) as the kubelet ran them: the
-    startup probe succeeded once (it may fail while the agent compiles its probes, as its
+    startup probe succeeded (it may fail while the agent compiles its probes, as its
     failureThreshold allows), then readiness and liveness succeeded and never failed, and
     the container never restarted."""
     name = deployed.pod["metadata"]["name"]
     results = deployed.node.wait("a liveness probe success", lambda: (
         r if (r := probe_results(deployed.node, name)).get(("Liveness", "successful"))
         else None), timeout=120)
-    assert results.get(("Startup", "successful")) == 1, results
+    assert results.get(("Startup", "successful"), 0) >= 1, results
     for probe in ("Readiness", "Liveness"):
         assert results.get((probe, "successful"), 0) >= 1, results
         assert results.get((probe, "failed"), 0) == 0, results

@@ -84,14 +84,14 @@ def cgroup_mounts() -> list[Path]:
     return out
 
 
-def remove_cgroup_tree(top: Path) -> list[Path]:
-    """rmdir `top` and every cgroup below it, deepest first; those that would not go."""
+def remove_cgroup_tree(top: Path, attempts: int = 50) -> list[Path]:
+    """rmdir `top` and every cgroup below it, deepest first, retrying each for up to
+    `attempts` tenths of a second; those that would not go."""
     if not top.is_dir():
         return []
     stuck = []
-    for current, dirs, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
-        del dirs
-        for _ in range(50):
+    for current in sorted((w[0] for w in os.walk(top)), key=lambda d: -d.count("/")):
+        for _ in range(attempts):
             try:
                 os.rmdir(current)
                 break
@@ -102,6 +102,16 @@ def remove_cgroup_tree(top: Path) -> list[Path]:
         else:
             stuck.append(Path(current))
     return stuck
+
+
+def sweep_stale_cgroups() -> None:
+    """Empty cgroup roots of kubelets whose test process is gone (a session killed before
+    its teardown): removed. One with a process still in it stays (rmdir refuses)."""
+    for mount in cgroup_mounts():
+        for top in mount.glob("otel-ebpf-test-kubelet-*"):
+            pid = top.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                remove_cgroup_tree(top, attempts=1)
 
 
 class ControlLoops:
@@ -202,6 +212,7 @@ class Kubelet:
         }
 
     def start(self) -> Kubelet:
+        sweep_stale_cgroups()
         self._tmp = tempfile.TemporaryDirectory(prefix="kubelet-")
         self._sysctls = {n: _sysctl_path(n).read_text().strip() for n in SYSCTLS}
         self._made_log_links_dir = not CONTAINER_LOG_LINKS.exists()
