@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_agent import N_GETPPID
-from tests.peers.containerd import Containerd, mounts_below
+from tests.peers.containerd import Containerd, image_archive, mounts_below
 from tests.peers.kube import KubeApiServer, ensure_built
 from tests.peers.kubelet import ControlLoops, Kubelet, build_pause, pause_image_name
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
@@ -51,33 +51,6 @@ TAG = "otel-ebpf:kube-node-test"  # its own tag: other tiers rebuild and prune 0
 NODE = "otel-ebpf-test-node"
 AGENT_NS, WORKLOAD_NS = "otel-ebpf", "workload"
 AGENT_LABEL = "app.kubernetes.io/name=otel-ebpf"
-IMAGE_ARCHIVES = Path(os.environ.get("KUBE_CACHE", "/var/cache/otel-ebpf/kube")) / "images"
-
-
-def image_archive() -> tuple[str, Path]:
-    """The image built from this checkout, saved by podman as a docker-archive: its name
-    in the archive, and the archive (cached by image id; older ones are removed)."""
-    done = subprocess.run(["bash", str(BUILD_IMAGE), TAG], capture_output=True, text=True,
-                          timeout=1800)
-    assert done.returncode == 0, f"{BUILD_IMAGE} failed:\n{done.stderr[-4000:]}"
-    out = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
-    env = {k: v for k, v in os.environ.items() if k != "CONTAINERS_CONF"}
-    if out["containers_conf"]:
-        env["CONTAINERS_CONF"] = out["containers_conf"]
-    IMAGE_ARCHIVES.mkdir(parents=True, exist_ok=True)
-    archive = IMAGE_ARCHIVES / f"{out['id']}.tar"
-    if not archive.exists():
-        for old in IMAGE_ARCHIVES.glob("*.tar"):
-            old.unlink()
-        partial = archive.with_suffix(".partial")
-        partial.unlink(missing_ok=True)
-        # by name: the archive then names the image (saved by id, it would be nameless)
-        saved = subprocess.run(["podman", "save", "--format", "docker-archive", "-o",
-                                str(partial), f"localhost/{TAG}"], capture_output=True,
-                               text=True, env=env, timeout=600)
-        assert saved.returncode == 0, saved.stderr
-        partial.rename(archive)
-    return f"localhost/{TAG}", archive
 
 
 @dataclass
@@ -110,7 +83,8 @@ class Node:
     def teardown(self) -> list[str]:
         """Delete what runs through the API (the kubelet stops the pods as in any
         cluster), stop everything; what is left on the machine."""
-        left = []
+        left: list[str] = []
+        private = [peer.dir for peer in (self.runtime, self.kubelet) if peer.started]
         try:
             for namespace in (AGENT_NS, WORKLOAD_NS):
                 self.api.kubectl("delete", "daemonsets,pods", "--all", f"--namespace={namespace}",
@@ -131,8 +105,8 @@ class Node:
                     left.append(f"{stop.__qualname__}: {exc!r}")
         left += [f"cgroup {p}" for p in self.kubelet.remove_cgroups()]
         left += self.kubelet.leftovers()
-        left += [f"mount {m}" for m in mounts_below(Path("/tmp")) if "containerd-" in m
-                 or "kubelet-" in m]
+        left += [f"mount {m}" for d in private for m in mounts_below(d)]
+        left += [f"directory {d}" for d in private if d.exists()]
         return left
 
 
@@ -143,7 +117,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     bindir = ensure_built("kubelet", "kube-controller-manager", "kube-scheduler")
     pause = build_pause()
     began = time.monotonic()
-    image, archive = image_archive()
+    image, archive = image_archive(BUILD_IMAGE, TAG)
     built = time.monotonic()
     with KubeApiServer(bindir) as api:
         runtime = Containerd(pause_image_name()).start()

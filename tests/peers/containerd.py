@@ -12,6 +12,10 @@ host may run. Settings this machine needs (see DESIGN.md, "Deploying"):
 * ``sandbox_image``: the pause image of tests/peers/build-pause.sh, imported before
   any pod starts, since no registry is reachable.
 
+Images come as users move them without a registry: ``image_archive()`` saves the image
+deploy/image/build.sh builds with ``podman save`` (cached by image id) and
+``Containerd.import_image()`` loads it with ``ctr images import``.
+
 ``stop()`` leaves nothing behind: every task is killed and deleted (so no
 containerd-shim outlives it), containerd is stopped, whatever it mounted below its
 directory is unmounted, and the directory is removed.
@@ -33,6 +37,7 @@ CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 RUNC = "/usr/sbin/runc"
 NAMESPACE = "k8s.io"  # the containerd namespace of the CRI plugin: what the kubelet sees
+IMAGE_ARCHIVES = Path(os.environ.get("KUBE_CACHE", "/var/cache/otel-ebpf/kube")) / "images"
 # containerd 1.6 puts its shims' sockets in /run/containerd/s/<hash> whatever its state
 # directory (made if missing, removed at stop() if this peer made it)
 SHIM_RUN = Path("/run/containerd")
@@ -66,6 +71,36 @@ def unmount_below(directory: Path) -> list[str]:
     return found
 
 
+def image_archive(build: Path, tag: str) -> tuple[str, Path]:
+    """The image `build` (deploy/image/build.sh) makes as `tag`, saved by podman as a
+    docker-archive for `ctr images import`: its name in the archive and the archive, kept in
+    IMAGE_ARCHIVES by image id (~0.6 GB: older ones are removed)."""
+    done = subprocess.run(["bash", str(build), tag], capture_output=True, text=True,
+                          timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{build} failed:\n{done.stderr[-4000:]}")
+    out = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINERS_CONF"}
+    if out["containers_conf"]:
+        env["CONTAINERS_CONF"] = out["containers_conf"]
+    name = f"localhost/{tag}"
+    IMAGE_ARCHIVES.mkdir(parents=True, exist_ok=True)
+    archive = IMAGE_ARCHIVES / f"{out['id']}.tar"
+    if not archive.exists():
+        for old in IMAGE_ARCHIVES.glob("*.tar"):
+            old.unlink()
+        partial = archive.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        # by name: the archive then names the image (saved by id, it would be nameless)
+        saved = subprocess.run(["podman", "save", "--format", "docker-archive", "-o",
+                                str(partial), name], capture_output=True, text=True,
+                               env=env, timeout=600)
+        if saved.returncode != 0:
+            raise RuntimeError(f"podman save {name} failed:\n{saved.stderr}")
+        partial.rename(archive)
+    return name, archive
+
+
 class Containerd:
     """containerd on a private socket; `ctr()` talks to it in the CRI namespace."""
 
@@ -76,6 +111,10 @@ class Containerd:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._final_log = ""
         self._made_shim_run = False
+
+    @property
+    def started(self) -> bool:
+        return self._tmp is not None
 
     @property
     def dir(self) -> Path:

@@ -185,6 +185,10 @@ class Kubelet:
         self._final_log = ""
 
     @property
+    def started(self) -> bool:
+        return self._tmp is not None
+
+    @property
     def dir(self) -> Path:
         if self._tmp is None:
             raise RuntimeError("Kubelet not started")
