@@ -2,7 +2,10 @@
 # Prepares a Debian host to run otel-ebpf: packages, kernel headers for BCC, tracefs.
 # Idempotent and fast when everything is in place (no apt-get call then). Run as root.
 #   deploy/host-setup.sh          what the agent needs
-#   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables, ...)
+#   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables, ...,
+#                                 Debian's containerd + runc for the Kubernetes node tier, which
+#                                 runs its own private containerd: the package's system service
+#                                 is never started nor enabled by this script)
 #   deploy/host-setup.sh --bench  plus what `make bench` needs: --test's packages, Debian's
 #                                 redis (server and redis-benchmark) for the real-application
 #                                 suite, linux-perf for its optional breakdown. The bench runs
@@ -36,7 +39,7 @@ esac
 packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip bpftool iproute2 ca-certificates
           linux-libc-dev)
 if (( want_test )); then
-  packages+=(gcc libc6-dev make nftables iputils-ping procps)
+  packages+=(gcc libc6-dev make nftables iputils-ping procps containerd runc)
 fi
 if (( want_bench )); then
   packages+=(redis-server redis-tools linux-perf)
@@ -105,11 +108,12 @@ if (( ${#missing[@]} )); then
       real+=("$p")
     fi
   done
-  # Debian's redis-server starts a system-wide service on install; the bench wants none.
-  # policy-rc.d (exit 101: "action forbidden") is how Debian lets the admin veto service
-  # starts from maintainer scripts; only made here if the host has none, and removed after.
+  # Debian's redis-server and containerd start a system-wide service on install; the bench
+  # and the tests want none (they run private instances). policy-rc.d (exit 101: "action
+  # forbidden") is how Debian lets the admin veto service starts from maintainer scripts;
+  # only made here if the host has none, and removed after.
   made_policy=0
-  if [[ " ${real[*]} " == *" redis-server "* && ! -e /usr/sbin/policy-rc.d ]]; then
+  if [[ " ${real[*]} " =~ \ (redis-server|containerd)\  && ! -e /usr/sbin/policy-rc.d ]]; then
     printf '#!/bin/sh\n# host-setup.sh: no service starts while it installs packages\nexit 101\n' \
       > /usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
@@ -123,6 +127,9 @@ if (( ${#missing[@]} )); then
   fi
   if [[ " ${real[*]} " == *" redis-server "* ]]; then
     stop_packaged_redis
+  fi
+  if [[ " ${real[*]} " == *" containerd "* && -d /run/systemd/system ]]; then
+    systemctl disable --now containerd.service >/dev/null 2>&1 || true
   fi
 fi
 
