@@ -41,16 +41,9 @@ for name in "${wanted[@]}"; do
     [[ "${name}" =~ ^[a-z][a-z0-9-]*$ ]] || { log "not a binary name: ${name}"; exit 2; }
 done
 
-if [[ -n "${KUBE_CACHE:-}" ]]; then
-    cache="${KUBE_CACHE}"
-else
-    cache="/var/cache/otel-ebpf/kube"
-    if ! mkdir -p "${cache}" 2>/dev/null || [[ ! -w "${cache}" ]]; then
-        cache="${XDG_CACHE_HOME:-${HOME}/.cache}/otel-ebpf/kube"
-    fi
-fi
-mkdir -p "${cache}"
-cache="$(cd "${cache}" && pwd)"
+# shellcheck source=deploy/cache-dir.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../deploy/cache-dir.sh"
+cache="$(cache_dir "kube" "${KUBE_CACHE:-}")"
 vdir="${cache}/${KUBE_VERSION}"
 bindir="${vdir}/bin"
 

@@ -21,16 +21,9 @@ NAME="localhost/kubernetes/pause:${PAUSE_VERSION}"
 
 log() { printf 'build-pause: %s\n' "$*" >&2; }
 
-if [[ -n "${KUBE_CACHE:-}" ]]; then
-    cache="${KUBE_CACHE}"
-else
-    cache="/var/cache/otel-ebpf/kube"
-    if ! mkdir -p "${cache}" 2>/dev/null || [[ ! -w "${cache}" ]]; then
-        cache="${XDG_CACHE_HOME:-${HOME}/.cache}/otel-ebpf/kube"
-    fi
-fi
-mkdir -p "${cache}"
-cache="$(cd "${cache}" && pwd)"
+# shellcheck source=deploy/cache-dir.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../deploy/cache-dir.sh"
+cache="$(cache_dir "kube" "${KUBE_CACHE:-}")"
 dir="${cache}/${KUBE_VERSION}/pause"
 archive="${dir}/pause.tar"
 if [[ -s "${archive}" ]]; then
