@@ -484,7 +484,7 @@ def driver_cgroup() -> Iterator[Path]:
     """A cgroup v2 directory of this run for the driver and its children, removed after:
     their workload series is then theirs alone (its resource names the cgroup), whatever
     else runs "true" on the machine."""
-    from otel_ebpf.enrich.cgroup import cgroup2_root
+    from otel_ebpf.kernel.cgroupfs import cgroup2_root
 
     path = cgroup2_root() / f"otel-ebpf-churn-{os.getpid()}"
     try:
@@ -504,7 +504,7 @@ def driver_cgroup() -> Iterator[Path]:
 
 def cgroup_path(cgroup: Path) -> str:
     """How the agent names a cgroup: its path below the cgroup2 mount."""
-    from otel_ebpf.enrich.cgroup import cgroup2_root
+    from otel_ebpf.kernel.cgroupfs import cgroup2_root
 
     return "/" + str(cgroup.relative_to(cgroup2_root()))
 

@@ -123,14 +123,13 @@ from bench.common import (  # noqa: E402
     ratio,
     require,
 )
-
-# None of these import bcc; the engine imports it when it first loads a program.
-from otel_ebpf.config import SyscallLatencyConfig  # noqa: E402
 from otel_ebpf.kernel import headers, syscalls  # noqa: E402
 from otel_ebpf.kernel.engine import Engine, EngineError  # noqa: E402
 from otel_ebpf.kernel.syscalls import SyscallTable  # noqa: E402
 from otel_ebpf.model import Collection, ExpHistogramDelta  # noqa: E402
-from otel_ebpf.probes.syscall_latency import SyscallLatency  # noqa: E402
+
+# None of these import bcc; the engine imports it when it first loads a program.
+from otel_ebpf.probes.syscall_latency import SyscallLatency, SyscallLatencyConfig  # noqa: E402
 
 BENCH_DIR = _BENCH
 STORM_SRC = BENCH_DIR / "getppid_storm.c"

@@ -7,7 +7,8 @@ The real agent (`otel-ebpf run` as a process) runs only syscall_latency, its slo
 threshold for getppid set to 1 ns so that every getppid is a span, the kernel rate limit
 out of the way (rate_per_second and burst 1,000,000), the comm filter on the generator,
 and everything else at the product's defaults: event buffer 1 MiB, span queue 8192, the
-daemon's event batching (SPAN_POLL_S), export (SPAN_EXPORT_S) and batch (SPAN_BATCH) constants. It
+probe host's event batching (SPAN_POLL_S), export (SPAN_EXPORT_S) and batch (SPAN_BATCH)
+constants. It
 exports OTLP/gRPC to an in-process sink (tests/peers/otlp_sink.py), metrics every 1 s so
 its self-metrics arrive promptly.
 
@@ -133,14 +134,15 @@ class SpanCounter:
 
 
 def product_constants() -> str:
-    """The daemon's span pipeline constants and the span config defaults, as running."""
-    from otel_ebpf import daemon
-    from otel_ebpf.config import ExporterConfig, SlowSpansConfig
+    """The agent's span pipeline constants and the span config defaults, as running."""
+    from otel_ebpf import probe_host
+    from otel_ebpf.config import ExporterConfig
     from otel_ebpf.export import traces
+    from otel_ebpf.probes.slow_syscalls import SlowSpansConfig
 
     defaults = SlowSpansConfig()
     queue = ExporterConfig().queue.spans
-    constants = (("SPAN_POLL_S", daemon), ("SPAN_EXPORT_S", traces), ("SPAN_BATCH", traces))
+    constants = (("SPAN_POLL_S", probe_host), ("SPAN_EXPORT_S", traces), ("SPAN_BATCH", traces))
     return (", ".join(f"{n} {getattr(module, n, '?')}" for n, module in constants)
             + f"; exporter.queue.spans {queue.max_items} spans / {queue.max_bytes} bytes, "
             f"buffer_size "

@@ -2,11 +2,12 @@
 # Prepares a Debian host to run otel-ebpf: packages, kernel headers for BCC, tracefs.
 # Idempotent and fast when everything is in place (no apt-get call then). Run as root.
 #   deploy/host-setup.sh          what the agent needs
-#   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables,
-#                                 Debian's prometheus for the /metrics scrape test and
-#                                 chromium for the live page's, ...); the tests run their own
-#                                 private prometheus, and the package's system service is
-#                                 never started (policy-rc.d) or, if it was, stopped again.
+#   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables, ...,
+#                                 Debian's containerd + runc for the Kubernetes node tier,
+#                                 prometheus for the /metrics scrape test, chromium for the
+#                                 live page's): the tests run private instances; the
+#                                 packages' system services are never started nor enabled by
+#                                 this script (policy-rc.d), or if they were, stopped again
 #   deploy/host-setup.sh --bench  plus what `make bench` needs: --test's packages, Debian's
 #                                 redis (server and redis-benchmark) for the real-application
 #                                 suite, linux-perf for its optional breakdown. The bench runs
@@ -40,7 +41,8 @@ esac
 packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip bpftool iproute2 ca-certificates
           linux-libc-dev)
 if (( want_test )); then
-  packages+=(gcc libc6-dev make nftables iputils-ping procps prometheus chromium)
+  packages+=(gcc libc6-dev make nftables iputils-ping procps containerd runc prometheus
+            chromium)
 fi
 if (( want_bench )); then
   packages+=(redis-server redis-tools linux-perf)
@@ -110,11 +112,12 @@ if (( ${#missing[@]} )); then
       real+=("$p")
     fi
   done
-  # Debian's redis-server and prometheus start a system-wide service on install; the tests
-  # and the bench want none. policy-rc.d (exit 101: "action forbidden") is how Debian lets the admin veto service
-  # starts from maintainer scripts; only made here if the host has none, and removed after.
+  # Debian's redis-server, containerd and prometheus start a system-wide service on install;
+  # the bench and the tests want none (they run private instances). policy-rc.d (exit 101:
+  # "action forbidden") is how Debian lets the admin veto service starts from maintainer
+  # scripts; only made here if the host has none, and removed after.
   made_policy=0
-  if [[ " ${real[*]} " =~ \ (redis-server|prometheus)\  && ! -e /usr/sbin/policy-rc.d ]]; then
+  if [[ " ${real[*]} " =~ \ (redis-server|containerd|prometheus)\  && ! -e /usr/sbin/policy-rc.d ]]; then
     printf '#!/bin/sh\n# host-setup.sh: no service starts while it installs packages\nexit 101\n' \
       > /usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
@@ -131,6 +134,9 @@ if (( ${#missing[@]} )); then
   fi
   if [[ " ${real[*]} " == *" prometheus "* ]]; then
     stop_packaged_service prometheus prometheus /run/prometheus/prometheus.pid
+  fi
+  if [[ " ${real[*]} " == *" containerd "* && -d /run/systemd/system ]]; then
+    systemctl disable --now containerd.service >/dev/null 2>&1 || true
   fi
 fi
 

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
+from opentelemetry.sdk.metrics import Exemplar
 
 from otel_ebpf.cardinality import OVERFLOW, OVERFLOW_ATTRIBUTES, SeriesLimit
 from otel_ebpf.histogram import merge_into

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +101,9 @@ def _overrides(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
         (("log_level",), args.log_level),
         (("exporter", "enabled"), False if args.no_export else None),
         (("summary", "enabled"), False if args.no_summary else None),
-        (("probes", "cpu_profile", "folded_path"), args.profiles_folded),
+        # every probe that produces profiles writes them there
+        *((("probes", probe.name, "folded_path"), args.profiles_folded)
+          for probe in registry.types_producing(registry.Signal.PROFILES)),
     ]
     return {path: value for path, value in pairs if value is not None}
 
@@ -140,16 +141,8 @@ def _kernel_context(cache_reads: bool = True) -> tuple[Any, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from otel_ebpf.daemon import Agent
-    from otel_ebpf.enrich.host import host_attributes
-    from otel_ebpf.enrich.identity import IdentityResolver
-    from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
-    from otel_ebpf.export.profile_sender import ProfilesSender, profiles_delivery
-    from otel_ebpf.export.profiles import ProfileExport
+    from otel_ebpf.daemon import build_agent
     from otel_ebpf.export.spool import SpoolError
-    from otel_ebpf.export.traces import SpanExport
-    from otel_ebpf.export.transport import OneAttempt
-    from otel_ebpf.reload import Reloader, Wiring
 
     overrides = _overrides(args)
     config = _load_config(args, overrides)
@@ -157,45 +150,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     engine, syscall_table = _kernel_context()
     log.info("syscall names: %s", syscall_table.source)
-    select = bool(config.identity.filter.model_dump(exclude_defaults=True))
-
-    def build(c: cfg.Config) -> list[registry.Probe]:
-        return registry.build(c, syscall_table, select_cgroups=select)
-
-    probes = build(config)
-    # a signal's exporter (and its connection) exists only when a probe produces it
-    slow = config.probes.syscall_latency
-    profile_cfg = config.probes.cpu_profile
-    shipper = span_shipper = profiles_sender = None
-    if config.exporter.enabled:
-        endpoint = config.exporter.resolved_endpoint()
-        # the exporters attempt once per export: the agent owns the retry (transport.py)
-        shipper = OtlpShipper(OneAttempt(make_otlp_exporter(config.exporter), "metrics"),
-                              endpoint, "metrics")
-        if slow.enabled and slow.slow_spans.enabled:
-            span_shipper = OtlpShipper(
-                OneAttempt(make_otlp_exporter(config.exporter, "traces"), "traces"),
-                endpoint, "traces")
-        if profile_cfg.enabled:
-            profiles_sender = ProfilesSender(config.exporter)
-    identity = IdentityResolver(config, host_attributes())
-    profiles = None
-    spans = None
     try:
-        if profile_cfg.enabled and (profiles_sender or profile_cfg.folded_path):
-            delivery = (profiles_delivery(profiles_sender, config.exporter,
-                                          identity.sample_resolver)
-                        if profiles_sender is not None else None)
-            profiles = ProfileExport(delivery, profile_cfg.folded_path, time.time_ns())
-        if span_shipper is not None:
-            spans = SpanExport(span_shipper, config.exporter, identity.resolver)
+        agent = build_agent(config, engine, syscall_table,
+                            lambda: cfg.load(args.config, overrides=overrides)[0],
+                            health_file=health.path_from_env())
     except SpoolError as exc:
         print(f"otel-ebpf: exporter.queue.spool_directory: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    reloader = Reloader(lambda: cfg.load(args.config, overrides=overrides)[0], build,
-                        Wiring(spans=spans is not None, profiles=profiles is not None))
-    agent = Agent(config, engine, probes, shipper, identity, spans=spans, profiles=profiles,
-                  reloader=reloader, health_file=health.path_from_env())
     return asyncio.run(agent.run(args.duration))
 
 
@@ -212,10 +173,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
               pf.check_btf(), pf.check_headers(engine.headers), pf.check_cgroup(), pf.check_bcc(),
               pf.check_lockdown(), pf.check_perf_paranoid(), pf.check_kprobes()]
     checks = list(common)
-    for probe in registry.build(config, syscall_table):
-        events = [h.event for h in probe.hooks if h.event]
-        if events:
-            checks.append(pf.check_events(probe.name, events))
+    for probe in registry.build(config, registry.ProbeContext(syscall_table)):
+        required = [h.event for h in probe.hooks if h.event and h.required]
+        optional = [h.event for h in probe.hooks if h.event and not h.required]
+        if required or optional:
+            checks.append(pf.check_events(probe.name, required, optional))
         if any(h.kind == "perf_event" for h in probe.hooks):
             checks.append(pf.check_cpu_clock(probe.name))
         if not args.no_load and not any(c.status == pf.FAIL for c in checks):
@@ -248,6 +210,7 @@ def cmd_probes(_: argparse.Namespace) -> int:
     for name, probe in registry.PROBE_TYPES.items():
         print(f"{name}: {probe.summary}")
         print(f"  hooks:   {', '.join(str(h) for h in probe.hooks)}")
+        print(f"  signals: {', '.join(sorted(s.value for s in probe.signals))}")
         for d in probe.exports:
             print(f"  exports: {d.name} ({d.unit}) - {d.description}")
     return EXIT_OK

@@ -8,77 +8,58 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote
 
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
+    create_model,
     model_validator,
 )
 
+from otel_ebpf.config_base import (
+    Duration,
+    OnOffAuto,
+    ProbeConfig,
+    Size,
+    Strict,
+    parse_duration,
+    parse_size,
+    switch_word,
+)
+from otel_ebpf.probes import PROBE_TYPES
+
+__all__ = ["Config", "ConfigError", "Duration", "ExporterConfig", "ProbeConfig",
+           "ProbesConfig", "Size", "load", "parse_duration", "parse_size", "read_file",
+           "switch_word"]
+
 DEFAULT_CONFIG_PATHS = (Path("config/otel-ebpf.yaml"), Path("/etc/otel-ebpf/otel-ebpf.yaml"))
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0,
-                 None: 1.0}
+_Strict = Strict
 
 
-def parse_duration(value: Any) -> Any:
-    """'50us', '250ms', '10s', '2m', '1h' or a bare number of seconds -> seconds."""
-    if isinstance(value, bool):
-        return value  # let pydantic reject it as not a number
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    raise ValueError("expected a duration such as 500us, 10ms, 10s, 2m or a number of seconds")
+class ProbeSections(_Strict):
+    """`probes:`, one section per probe of the registry (otel_ebpf.probes), each of its
+    probe's config class."""
+
+    def section(self, name: str) -> ProbeConfig:
+        value = getattr(self, name)
+        assert isinstance(value, ProbeConfig)
+        return value
+
+    if TYPE_CHECKING:  # the fields are made from the registry
+        def __getattr__(self, name: str) -> Any: ...
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
-_UNIT_BYTES = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, None: 1}
-
-
-def parse_size(value: Any) -> Any:
-    """'512KiB', '8MiB', '1GiB' or a bare number of bytes -> bytes."""
-    if isinstance(value, str) and (m := _SIZE.match(value)):
-        return int(m.group(1)) * _UNIT_BYTES[m.group(2)]
-    if isinstance(value, str):
-        raise ValueError("expected a size such as 65536, 512KiB, 8MiB or 1GiB")
-    return value
-
-
-Size = Annotated[int, BeforeValidator(parse_size), Field(ge=1 << 16, le=1 << 34)]
-
-# YAML 1.1 (PyYAML) reads unquoted on/off/yes/no/true/false as booleans: where a word
-# setting offers on and off, those are what the user meant. Only such settings take them.
-_SWITCH_WORDS = {"yes": "on", "true": "on", "no": "off", "false": "off"}
-
-
-def switch_word(value: Any) -> Any:
-    """True/False (and quoted yes/no/true/false) -> "on"/"off"; anything else as given."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, str):
-        return _SWITCH_WORDS.get(value.strip().lower(), value)
-    return value
-
-
-OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(switch_word)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
+ProbesConfig = create_model(  # type: ignore[call-overload]
+    "ProbesConfig", __base__=ProbeSections,
+    **{name: (probe.config_class, Field(default_factory=probe.config_class))
+       for name, probe in PROBE_TYPES.items()})
 
 class RetryConfig(_Strict):
     """The agent's own retry (the exporters attempt once): the wait after a failed attempt
@@ -161,100 +142,6 @@ class SummaryConfig(_Strict):
     top: int = Field(default=10, ge=1, le=1000)
 
 
-class SyscallFilter(_Strict):
-    """A task is traced when it matches every non-empty list (OR within a list)."""
-
-    pids: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
-    comms: list[Annotated[str, Field(min_length=1, max_length=15)]] = Field(
-        default_factory=list
-    )
-    # cgroup v2 ids, or paths (absolute or relative to /sys/fs/cgroup)
-    cgroups: list[int | str] = Field(default_factory=list)
-
-
-# Calls that block by design: slow is their normal, so they make no spans unless included.
-BLOCKING_SYSCALLS = (
-    "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6",
-    "futex", "futex_waitv", "nanosleep", "clock_nanosleep", "wait4", "waitid", "pause",
-    "rt_sigsuspend", "rt_sigtimedwait", "accept", "accept4", "io_getevents",
-    "io_pgetevents", "io_uring_enter", "msgrcv", "semop", "semtimedop", "mq_timedreceive",
-)
-
-
-class SlowSpansConfig(_Strict):
-    """Slow syscalls as spans: the kernel emits an event for each call over its threshold."""
-
-    enabled: bool = True
-    threshold: Duration = 0.010
-    # per syscall name, overriding `threshold`
-    thresholds: dict[str, Duration] = Field(default_factory=dict)
-    exclude: list[str] = Field(default_factory=lambda: list(BLOCKING_SYSCALLS))
-    # names taken back out of `exclude` (e.g. [nanosleep])
-    include: list[str] = Field(default_factory=list)
-    # reads of a terminal wait for a human: dropped in user space (counted)
-    exclude_terminal_reads: bool = True
-    rate_per_second: int = Field(default=1000, ge=1, le=1_000_000)
-    burst: int = Field(default=200, ge=1, le=1_000_000)
-    buffer_size: int = Field(default=1 << 20, ge=1 << 16, le=1 << 28,
-                             description="kernel event buffer in bytes (power of two)")
-    exemplars_per_series: int = Field(default=4, ge=0, le=64)
-
-
-class SyscallLatencyConfig(_Strict):
-    enabled: bool = True
-    interval: Duration = 5.0
-    max_entries: int = Field(default=8192, ge=64, le=1 << 20)
-    # workload: per container (else cgroup) and executable; process: per pid (grows with
-    # churn); cgroup; system
-    aggregation: Literal["workload", "process", "cgroup", "system"] = "workload"
-    # time one in this many calls that stay on the CPU (every call that leaves it is
-    # timed); 1 times every call, at about twice the cost per call
-    sample_period: int = Field(default=64, ge=1, le=1 << 16)
-    filter: SyscallFilter = Field(default_factory=SyscallFilter)
-    slow_spans: SlowSpansConfig = Field(default_factory=SlowSpansConfig)
-
-
-class TcpRetransmitEvents(_Strict):
-    """An optional stream of individual retransmit events (rate limited in the kernel)."""
-
-    enabled: bool = False
-    rate_per_second: int = Field(default=100, ge=1, le=100_000)
-
-
-class TcpRetransmitConfig(_Strict):
-    enabled: bool = True
-    interval: Duration = 5.0
-    max_entries: int = Field(default=16384, ge=64, le=1 << 20)
-    # connection: full 4-tuple; peer: peer address+port; workload: per owning process only
-    aggregation: Literal["connection", "peer", "workload"] = "peer"
-    # whose the counts are: the owner's workload (container, else cgroup, and executable)
-    # or, opted in, the owning process (one series per pid)
-    owner: Literal["workload", "process"] = "workload"
-    events: TcpRetransmitEvents = Field(default_factory=TcpRetransmitEvents)
-
-
-class CpuProfileConfig(_Strict):
-    enabled: bool = True
-    # a prime, so sampling does not run in lockstep with periodic work
-    frequency: int = Field(default=19, ge=1, le=10_000)
-    # how often the kernel's sample counts are drained
-    interval: Duration = 1.0
-    # keys of the in-kernel sample counts: null sizes it from frequency x CPUs x interval
-    # (a drain walks every bucket, so an oversized map costs CPU on every drain)
-    max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
-    user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
-    kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
-    keep_idle: bool = False
-    # also write collapsed stacks ("a;b;c N", cumulative) here, for flamegraph tools
-    folded_path: Path | None = None
-
-
-class ProbesConfig(_Strict):
-    syscall_latency: SyscallLatencyConfig = Field(default_factory=SyscallLatencyConfig)
-    cpu_profile: CpuProfileConfig = Field(default_factory=CpuProfileConfig)
-    tcp_retransmit: TcpRetransmitConfig = Field(default_factory=TcpRetransmitConfig)
-
-
 class ProcessIdentityConfig(_Strict):
     # command lines hold secrets (passwords in flags): only with consent
     command_args: bool = False
@@ -325,7 +212,7 @@ def is_loopback(address: str) -> bool:
 
 
 class EndpointsConfig(_Strict):
-    """The local HTTP server (/metrics, /healthz, /readyz): loopback unless allowed."""
+    """The local HTTP server (/metrics, /healthz, /readyz, /): loopback unless allowed."""
 
     enabled: bool = True
     address: str = "127.0.0.1"
@@ -351,7 +238,10 @@ class Config(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
-    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    if TYPE_CHECKING:
+        probes: ProbeSections
+    else:
+        probes: ProbesConfig = Field(default_factory=ProbesConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     endpoints: EndpointsConfig = Field(default_factory=EndpointsConfig)
 

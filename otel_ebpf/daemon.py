@@ -1,10 +1,10 @@
-"""The agent's event loop: load probes, drain them on their intervals, export, summarise,
-and on SIGTERM/SIGINT (or the end of --duration) collect and flush once more, detach
-everything and exit. SIGHUP re-reads the configuration (otel_ebpf/reload.py).
+"""The agent: wires the running probes (otel_ebpf/probe_host.py) to one unit per signal
+(otel_ebpf/signals/) and the summary, runs them until SIGTERM/SIGINT or the end of
+--duration, then drains, exports and delivers once more within SHUTDOWN_BUDGET_S, detaches
+everything and exits. SIGHUP re-reads the configuration (otel_ebpf/reload.py).
 
-Blocking work never runs on the loop: each probe drains its maps on a thread of its own
-and exports run on another (otel_ebpf/workers.py), so a collector that hangs cannot delay
-the kernel-side drains; one thread sleeps in epoll until kernel event buffers hold events.
+Which units exist follows from the signals the enabled probes declare; no unit knows
+which probe feeds it, and this module holds no policy of any probe or signal.
 """
 
 from __future__ import annotations
@@ -14,123 +14,57 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
-from opentelemetry.sdk.metrics.export import Metric
-
 from otel_ebpf import __version__
-from otel_ebpf.aggregate import CumulativeStore
-from otel_ebpf.cardinality import SeriesLimit
 from otel_ebpf.config import Config
+from otel_ebpf.config_base import ProfilesProbeConfig
+from otel_ebpf.endpoints.live import RecentStacks
 from otel_ebpf.endpoints.server import Endpoints
-from otel_ebpf.enrich.identity import AGENT, IdentityResolver
-from otel_ebpf.export.agent_metrics import MapFill, process_metrics, sample_period_metric
-from otel_ebpf.export.delivery import Delivery
-from otel_ebpf.export.metrics import OtlpShipper
-from otel_ebpf.export.metrics_export import MetricsExport
+from otel_ebpf.enrich.host import host_attributes
+from otel_ebpf.enrich.identity import IdentityResolver
+from otel_ebpf.export.otlp import OtlpShipper, make_otlp_exporter
+from otel_ebpf.export.profile_sender import ProfilesSender, profiles_delivery
 from otel_ebpf.export.profiles import ProfileExport
-from otel_ebpf.export.queue import Backoff
-from otel_ebpf.export.summary import HistogramSummary
-from otel_ebpf.export.traces import QueuedSpan, SpanExport, exemplar_of
-from otel_ebpf.export.transport import OneAttempt, until_answered
+from otel_ebpf.export.summary import SummaryReport
+from otel_ebpf.export.traces import SpanExport
+from otel_ebpf.export.transport import OneAttempt
 from otel_ebpf.health import HealthReporter
 from otel_ebpf.kernel.engine import Engine
-from otel_ebpf.model import Collection, CounterDelta, SpanRecord, Workload
-from otel_ebpf.probes.base import Probe
-from otel_ebpf.reload import Reloader
-from otel_ebpf.selfmetrics import LOST_EVENTS
-from otel_ebpf.workers import ProbeWorkers
+from otel_ebpf.kernel.syscalls import SyscallTable
+from otel_ebpf.model import Collection, SpanRecord, Workload
+from otel_ebpf.probe_host import ProbeHost, Routes
+from otel_ebpf.probes import PROBE_TYPES, ProbeContext, Signal, build
+from otel_ebpf.reload import Reloader, Wiring
+from otel_ebpf.signals import needed
+from otel_ebpf.signals.metrics import MetricsSignal
+from otel_ebpf.signals.profiles import ProfilesSignal
+from otel_ebpf.signals.spans import SpansSignal
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 4.0  # the final flush gives up after this; SIGTERM-to-exit stays < 5 s
-SELECTION_S = 5.0  # how often the workload filter's cgroups are recomputed
-SPAN_POLL_S = 0.2  # a busy event buffer is emptied at most this often (batches the hand-off)
-# a gone process's series, and any aggregated workload's, is forgotten once exported and
-# this long without a delta
-EXPIRE_QUIET_S = 60.0
-THREAD_STOP_S = 1.0  # how long shutdown waits for a drain or an event read under way
 
 
 class Agent:
-    def __init__(
-        self,
-        config: Config,
-        engine: Engine,
-        probes: list[Probe],
-        shipper: OtlpShipper | None,
-        identity: IdentityResolver,
-        out: TextIO = sys.stdout,
-        spans: SpanExport | None = None,
-        profiles: ProfileExport | None = None,
-        reloader: Reloader | None = None,
-        health_file: Path | None = None,
-    ) -> None:
-        self.config = config
-        self.engine = engine
-        self.probes = probes
-        self.shipper = shipper
+    def __init__(self, host: ProbeHost, identity: IdentityResolver, metrics: MetricsSignal,
+                 spans: SpansSignal | None = None, profiles: ProfilesSignal | None = None,
+                 summary: SummaryReport | None = None,
+                 reloader: Reloader | None = None, health: HealthReporter | None = None,
+                 endpoints: Endpoints | None = None) -> None:
+        self.host = host
+        self.identity = identity
+        self.metrics = metrics
         self.spans = spans
         self.profiles = profiles
+        self.summary = summary
         self.reloader = reloader
-        slow = config.probes.syscall_latency.slow_spans
-        self.identity = identity
-        self.out = out
-        limit = SeriesLimit(config.exporter.cardinality_limit, config.exporter.cardinality_limits)
-        self.store = CumulativeStore(exemplars_per_series=slow.exemplars_per_series,
-                                     limit=limit)
-        self.map_fill = MapFill()
-        self.metrics = None if shipper is None else MetricsExport(
-            self.store, shipper, identity.resolver, config.exporter, time.time_ns(),
-            self._agent_metrics)
-        # only when printed: its windows grow with every (process, syscall) until a print
-        self.summary = HistogramSummary(config.summary.top) if config.summary.enabled else None
-        self._started_ns: dict[str, int] = {}
-        self._drained_ns: dict[str, int] = {}  # probe -> when its latest drain began
-        self._bpf_pool = ThreadPoolExecutor(1, thread_name_prefix="bpf")
-        self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
-        # kernel event buffers are read apart from the map drains, which can take a while
-        # (symbolizing): announcements and slow calls must not wait behind them
-        self._workers = ProbeWorkers(self._collect_blocking, self._absorb, self._take_spans,
-                                     SPAN_POLL_S, THREAD_STOP_S)
-        self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix="profiles")
         # `otel-ebpf health` reads it: written while the probes are attached and drained
-        self.health = (None if health_file is None
-                       else HealthReporter(health_file, self._workers.drain_ages))
-        self._profile_future: asyncio.Future[None] | None = None
-        self._export_future: asyncio.Future[bool] | None = None
-        self._selected_cgroups: set[int] = set()
-        self._summary_started = time.monotonic()
+        self.health = health
+        self.endpoints = endpoints  # /metrics, /healthz, /readyz, / (otel_ebpf.endpoints)
         self._stop = asyncio.Event()
-        # every signal's delivery counts its drops and queue depth the same way, into the
-        # store, under the agent's resource
-        self._deliveries: list[Delivery[Any]] = [d for d in (
-            spans.delivery if spans else None, profiles.delivery if profiles else None) if d]
-        for delivery in self._deliveries:
-            delivery.metrics.sink = self._add_self_metrics
-        if spans is not None:
-            spans.delivery.on_delivered = self._remember_exemplars
-        # /metrics, /healthz, /readyz (otel_ebpf.endpoints): read-only views of the above
-        self.last_export: tuple[int, bool] | None = None  # (time_ns, delivered)
-        self.endpoints = (Endpoints(config.endpoints, self, self._agent_metrics,
-                                    self._workers.drain_ages)
-                          if config.endpoints.enabled else None)
-
-    def _add_self_metrics(self, records: list[CounterDelta]) -> None:
-        now = time.time_ns()
-        self.store.add(records, min(self._started_ns.values(), default=now), now)
-
-    # ---- lifecycle -------------------------------------------------------------------
-
-    def _agent_metrics(self, start_ns: int) -> list[Metric]:
-        """The agent's own metrics read at each export: process, map fill, sampling."""
-        metrics = process_metrics(start_ns) + self.map_fill.metrics(start_ns)
-        syscalls = self.config.probes.syscall_latency
-        if syscalls.enabled:
-            metrics.append(sample_period_metric(syscalls.sample_period, start_ns))
-        return metrics
 
     async def run(self, duration: float | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -142,30 +76,22 @@ class Agent:
             await self.identity.start()
             if self.endpoints is not None:  # /healthz answers while the probes compile
                 await self.endpoints.start()
-            if not await self._start_probes():
+            if not await self.host.start():
                 return 1
-            if self.identity.selection.active:
-                await self._apply_selection()
-            self._start_workers()
-            tasks = []
-            if self.shipper is not None:
-                tasks.append(asyncio.create_task(self._export_loop(), name="export"))
-            if self.config.summary.enabled:
-                tasks.append(asyncio.create_task(self._summary_loop(), name="summary"))
-            if self.identity.selection.active:
-                tasks.append(asyncio.create_task(self._selection_loop(), name="selection"))
-            for delivery in self._deliveries:
-                tasks.append(asyncio.create_task(delivery.run(), name=delivery.signal))
-            if self.profiles is not None:
-                tasks.append(asyncio.create_task(self._profile_loop(), name="profiles"))
+            jobs: list[tuple[str, Coroutine[Any, Any, None]]] = [
+                ("export", self.metrics.run()), ("selection", self.host.run_selection())]
+            for name, job in (("summary", self.summary), ("spans", self.spans),
+                              ("profiles", self.profiles)):
+                if job is not None:
+                    jobs.append((name, job.run()))
             if self.reloader is not None:
-                tasks.append(asyncio.create_task(self.reloader.run(self), name="reload"))
+                jobs.append(("reload", self.reloader.run(self.host)))
             if self.health is not None:
-                tasks.append(asyncio.create_task(self.health.run(), name="health"))
+                jobs.append(("health", self.health.run()))
+            tasks = [asyncio.create_task(job, name=name) for name, job in jobs]
             log.info("otel-ebpf %s running: probes %s, exporting to %s%s", __version__,
-                     ", ".join(p.name for p in self.probes) or "none",
-                     self.shipper.endpoint if self.shipper else "nowhere (exporter disabled)",
-                     f", for {duration:g}s" if duration else "")
+                     ", ".join(p.name for p in self.host.probes) or "none",
+                     self.metrics.endpoint, f", for {duration:g}s" if duration else "")
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=duration)
             except TimeoutError:
@@ -173,7 +99,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._stop_workers()
+            await self.host.stop_workers()
             await self._final_flush()
             return 0
         finally:
@@ -181,292 +107,108 @@ class Agent:
                 self.health.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self._stop_workers()
-            self._stop_probes()
+            await self.host.stop_workers()
+            self.host.detach()
             await self.identity.close()
             if self.endpoints is not None:
                 await self.endpoints.stop()
-            for pool in (self._bpf_pool, self._export_pool, self._profile_pool):
-                pool.shutdown(wait=False, cancel_futures=True)
+            for runner in (self.metrics, self.profiles, self.summary):
+                if runner is not None:
+                    runner.close()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("%s received, flushing and detaching", sig.name)
         self._stop.set()
 
-    async def _start_probes(self) -> bool:
-        """Start every probe at once: their compiles run side by side (the engine bounds
-        how many at a time), so start-up takes about the longest rather than the sum."""
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max(1, len(self.probes)), thread_name_prefix="start") as pool:
-            results = await asyncio.gather(
-                *(loop.run_in_executor(pool, self._start_probe, probe) for probe in self.probes),
-                return_exceptions=True)
-        failed = [(probe, result) for probe, result in zip(self.probes, results, strict=True)
-                  if isinstance(result, BaseException)]
-        for probe, exc in failed:
-            log.error("probe %s failed to start: %s", probe.name, exc)
-        self.engine.release_compiler_memory()
-        return not failed
-
-    def _start_probe(self, probe: Probe) -> None:
-        began = time.monotonic()
-        probe.start(self.engine)
-        # a reloaded probe's series go on from the first start
-        self._started_ns.setdefault(probe.name, time.time_ns())
-        log.info("probe %s attached (%s) in %.1fs; BPF program ids %s", probe.name,
-                 ", ".join(str(h) for h in probe.hooks), time.monotonic() - began,
-                 " ".join(map(str, probe.program_ids())))
-
-    def _stop_probes(self, probes: list[Probe] | None = None) -> None:
-        for probe in self.probes if probes is None else probes:
-            try:
-                probe.stop()
-            except Exception as exc:  # detaching the others matters more
-                log.error("probe %s did not detach cleanly: %s", probe.name, exc)
-
-    async def _apply_selection(self) -> None:
-        """Put the cgroups of the selected workloads into the probes' kernel filters."""
-        loop = asyncio.get_running_loop()
-        try:
-            ids = await loop.run_in_executor(self._export_pool,
-                                             self.identity.selection.cgroup_ids)
-            for probe in self.probes:
-                await loop.run_in_executor(self._bpf_pool, probe.set_cgroup_filter, ids)
-        except Exception:
-            log.exception("workload filter: could not update the selected cgroups")
-            return
-        if ids != self._selected_cgroups:
-            log.info("workload filter: %d cgroups selected", len(ids))
-            self._selected_cgroups = ids
-
-    async def _selection_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SELECTION_S)
-            await self._apply_selection()
-
-    # ---- collection ------------------------------------------------------------------
-
-    def _interval(self, probe: Probe) -> float:
-        return float(getattr(self.config.probes, probe.name).interval)
-
-    def _start_workers(self) -> None:
-        for probe in self.probes:
-            self._workers.start_collector(probe, self._interval(probe))
-        self._workers.start_events(self.probes)
-
-    async def swap_probes(self, old: list[Probe], new: list[Probe]) -> list[Probe]:
-        """Reload: `old` drained a last time and detached, `new` started in their place;
-        every other probe keeps its programs and its drain thread. Returns the new probes
-        that failed to start (detached again)."""
-        loop = asyncio.get_running_loop()
-        self._take_spans(await self._workers.stop(old))
-        for probe in old:
-            await self._collect(probe)
-        self.probes = [p for p in self.probes if p not in old]  # a new list: loops iterate
-        self._stop_probes(old)
-        failed = []
-        for probe in new:
-            try:
-                await loop.run_in_executor(None, self._start_probe, probe)
-                if self.identity.selection.active:
-                    probe.set_cgroup_filter(self._selected_cgroups)
-            except Exception as exc:
-                log.error("probe %s failed to start: %s", probe.name, exc)
-                self._stop_probes([probe])
-                failed.append(probe)
-                continue
-            self.probes = [*self.probes, probe]
-            self._workers.start_collector(probe, self._interval(probe))
-        self.engine.release_compiler_memory()
-        self._workers.start_events(self.probes)
-        return failed
-
-    async def _stop_workers(self) -> None:
-        self._take_spans(await self._workers.stop())
-
-    async def _collect(self, probe: Probe) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            collection = await loop.run_in_executor(self._bpf_pool, self._collect_blocking,
-                                                    probe)
-        except Exception:
-            log.exception("probe %s: collection failed; will retry next interval", probe.name)
-            return
-        self._absorb(collection)
-
-    def _collect_blocking(self, probe: Probe) -> Collection:
-        began = time.time_ns()
-        collection = probe.collect()
-        # what this drain read was counted since the previous one began (or the start)
-        collection.window_start_ns = self._drained_ns.get(
-            probe.name, self._started_ns.get(probe.name, began))
-        self._drained_ns[probe.name] = began
-        # stack samples go to the profile window from here: merging them is the bulk of
-        # their cost, and the loop should only schedule
-        if self.profiles is not None and collection.samples:
-            self.profiles.add(collection.samples, collection.period_ns)
-        if self.endpoints is not None and collection.samples:
-            self.endpoints.stacks.add(collection.samples)  # the live page's flame graph
-        return collection
-
-    def _absorb(self, collection: Collection) -> None:
-        now = time.time_ns()
-        start = self._started_ns.get(collection.probe, now)
-        # a series new in this window (a new workload, or one forgotten when quiet and
-        # counted again) starts with the window: its values never go down against its
-        # start time
-        self.store.add(collection.records, collection.window_start_ns or start, now)
-        if self.summary is not None:
-            self.summary.add(collection.records)
-        self.map_fill.update(collection.probe, collection.map_fill)
-        lost = [CounterDelta(LOST_EVENTS, AGENT, {"probe": collection.probe, "reason": r}, n)
-                for r, n in collection.lost_events.items()]
-        self.store.add(lost, start, now)
-
-    # ---- export ----------------------------------------------------------------------
-
-    def _export_once(self) -> bool:
-        assert self.metrics is not None
-        ok = self.metrics.export_once()
-        self.last_export = (time.time_ns(), ok)
-        if ok:
-            self.store.expire(self.identity.alive, time.time_ns(), int(EXPIRE_QUIET_S * 1e9))
-        return ok
-
-    @property
-    def _export_busy(self) -> bool:
-        return self._export_future is not None and not self._export_future.done()
-
-    def _start_export(self) -> asyncio.Future[bool]:
-        loop = asyncio.get_running_loop()
-        self._export_future = loop.run_in_executor(self._export_pool, self._export_once)
-        return self._export_future
-
-    async def _export_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.exporter.interval)
-            if not await self._export_metrics():
-                # the collector is away: as soon as it answers, export (once: a failure
-                # then waits for the interval, so a collector that answers empty exports
-                # but fails real ones never makes the agent rebuild its export in a loop)
-                await self._until_collector_answers()
-                await self._export_metrics()
-
-    async def _export_metrics(self) -> bool:
-        """One export; False when it failed in a way worth retrying before the interval."""
-        if self._export_busy:
-            return True  # the previous export is still running; cumulative data waits
-        try:
-            # shield: cancelling this loop at shutdown must not forget a running export
-            if await asyncio.shield(self._start_export()):
-                return True
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("metrics export failed unexpectedly; retrying next interval")
-            return True
-        exporter = self.shipper and self.shipper.exporter
-        return not (isinstance(exporter, OneAttempt) and exporter.outcome.retryable)
-
-    async def _until_collector_answers(self) -> None:
-        """Cumulative values lose nothing by waiting, but the first export after an outage
-        should not wait for the interval."""
-        assert self.shipper is not None and isinstance(self.shipper.exporter, OneAttempt)
-        retry = self.config.exporter.retry
-        await until_answered(self.shipper.exporter, self._export_pool,
-                             Backoff(retry.initial_backoff, retry.max_backoff))
-
-    # ---- spans -----------------------------------------------------------------------
-
-    def _take_spans(self, records: list[SpanRecord]) -> None:
-        if self.spans is not None and records:
-            self.spans.offer(records)
-
-    def _remember_exemplars(self, delivered: list[QueuedSpan]) -> None:
-        """Delivered slow-call spans become their histogram series' exemplars."""
-        for queued in delivered:
-            if (linked := exemplar_of(queued)) is not None:
-                self.store.add_exemplar(*linked)
-
-    # ---- profiles --------------------------------------------------------------------
-
-    def _flush_profiles(self) -> None:
-        """The profile window, built and queued for delivery (and the folded file)."""
-        assert self.profiles is not None
-        workloads = self.profiles.workloads()
-        self.profiles.flush(self.identity.sample_resolver(workloads), time.time_ns())
-
-    async def _profile_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.config.exporter.interval)
-            if self._profile_future is not None and not self._profile_future.done():
-                continue
-            self._profile_future = loop.run_in_executor(self._profile_pool,
-                                                        self._flush_profiles)
-            try:
-                await asyncio.shield(self._profile_future)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("building the profile window failed; retrying next interval")
-
-    async def _summary_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.summary.interval)
-            self._print_summary()
-
-    def _print_summary(self) -> None:
-        elapsed = time.monotonic() - self._summary_started
-        self._summary_started = time.monotonic()
-
-        def name_of(w: Workload) -> str:
-            return (str(self.identity.processes.lookup(w).executable_name) if w.pid > 0
-                    else "(all)")
-
-        if self.summary is not None:
-            print(self.summary.render(elapsed, name_of), file=self.out, flush=True)
-
-    async def _final_profiles(self, deadline: float) -> None:
-        if self.profiles is None:
-            return
-        if self._profile_future is not None and not self._profile_future.done():
-            log.warning("a profile window was still being built at shutdown; dropped")
-        else:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._profile_pool, self._flush_profiles)
-            try:
-                await asyncio.wait_for(future, max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                log.warning("the last profile window was not built in time; dropped")
-        if self.profiles.delivery is not None:
-            await self.profiles.delivery.flush(deadline)
-
     async def _final_flush(self) -> None:
-        """Last drain and export within SHUTDOWN_BUDGET_S; a collector that does not answer
-        in time is abandoned (its retries are cancelled by shutting the exporter down)."""
+        """Last drain, delivery and export within SHUTDOWN_BUDGET_S."""
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
-        for probe in self.probes:
-            try:
-                await asyncio.wait_for(self._collect(probe), deadline - time.monotonic())
-            except TimeoutError:
-                log.warning("final collection of %s timed out", probe.name)
-        if self.spans is not None:
-            await self.spans.flush(deadline)
-        await self._final_profiles(deadline)
-        if self.config.summary.enabled:
-            self._print_summary()
-        if self.shipper is None:
-            return
-        if self._export_busy:
-            # the collector is not answering: waiting for it would only delay the exit
-            log.warning("an export to %s was still retrying at shutdown; final flush skipped",
-                        self.shipper.endpoint)
-        else:
-            try:
-                await asyncio.wait_for(self._start_export(),
-                                       max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                log.warning("final export to %s did not finish in time; dropped",
-                            self.shipper.endpoint)
-        self.shipper.shutdown()
+        await self.host.last(deadline)
+        for unit in (self.spans, self.profiles, self.summary, self.metrics):
+            if unit is not None:
+                await unit.last(deadline)
+
+
+def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
+                load_config: Callable[[], Config], out: TextIO = sys.stdout,
+                health_file: Path | None = None) -> Agent:
+    """The agent for `config`: a unit for each signal the probes produce, each signal's
+    exporter (and its connection) only where a probe produces it. SpoolError: the spool
+    directory cannot be used."""
+    identity = IdentityResolver(config, host_attributes())
+    signals = needed(config)
+    start_ns = time.time_ns()
+    exporting = config.exporter.enabled
+
+    def shipper(signal: str) -> OtlpShipper:
+        # the exporters attempt once per export: the agent owns the retry (transport.py)
+        return OtlpShipper(OneAttempt(make_otlp_exporter(config.exporter, signal), signal),
+                           config.exporter.resolved_endpoint(), signal)
+
+    host: ProbeHost | None = None
+    metrics = MetricsSignal(
+        config.exporter, shipper("metrics") if exporting else None, identity.resolver,
+        identity.alive, max(probe.exemplars_per_series(config.probes.section(name))
+                            for name, probe in PROBE_TYPES.items()),
+        lambda: host.settings() if host is not None else [], start_ns)
+    spans = profiles = None
+    if Signal.SPANS in signals:
+        spans = SpansSignal(SpanExport(shipper("traces"), config.exporter, identity.resolver),
+                            metrics)
+    if Signal.PROFILES in signals:
+        delivery = profiles_delivery(ProfilesSender(config.exporter), config.exporter,
+                                     identity.sample_resolver) if exporting else None
+        profiles = ProfilesSignal(ProfileExport(delivery, _folded_path(config), start_ns),
+                                  identity, config.exporter.interval, metrics.counters)
+    summary = None
+    if config.summary.enabled:
+        summary = SummaryReport(config.summary.top, config.summary.interval,
+                                lambda w: _process_name(identity, w), out)
+    context = ProbeContext(syscalls, select_cgroups=bool(
+        config.identity.filter.model_dump(exclude_defaults=True)))
+    stacks = RecentStacks() if config.endpoints.enabled else None  # the live page's
+    host = ProbeHost(config, engine, build(config, context),
+                     _routes(metrics, spans, profiles, summary, stacks), identity.selection)
+    endpoints = (None if stacks is None
+                 else Endpoints(config.endpoints, host, metrics, identity, stacks))
+    reloader = Reloader(load_config, lambda c: build(c, context),
+                        Wiring(spans=spans is not None, profiles=profiles is not None))
+    health = None if health_file is None else HealthReporter(health_file, host.drain_ages)
+    return Agent(host, identity, metrics, spans, profiles, summary, reloader, health,
+                 endpoints)
+
+
+def _routes(metrics: MetricsSignal, spans: SpansSignal | None,
+            profiles: ProfilesSignal | None, summary: SummaryReport | None,
+            stacks: RecentStacks | None = None) -> Routes:
+    def collection(c: Collection) -> None:
+        metrics.absorb(c)
+        if summary is not None:
+            summary.add(c.records)
+
+    def ignore(_: Any) -> None:
+        return None
+
+    def samples(c: Collection) -> None:
+        if profiles is not None:
+            profiles.add(c)
+        if stacks is not None and c.samples:
+            stacks.add(c.samples)  # the live page's flame graph
+
+    span_route: Callable[[list[SpanRecord]], None] = spans.offer if spans else ignore
+    return Routes(collection, samples, span_route)
+
+
+
+def _folded_path(config: Config) -> Path | None:
+    """Where the enabled profile-producing probes write folded stacks, if anywhere."""
+    for name in PROBE_TYPES:
+        section = config.probes.section(name)
+        if isinstance(section, ProfilesProbeConfig) and section.enabled and section.folded_path:
+            return section.folded_path
+    return None
+
+
+def _process_name(identity: IdentityResolver, workload: Workload) -> str:
+    return (str(identity.processes.lookup(workload).executable_name) if workload.pid > 0
+            else "(all)")

@@ -1,7 +1,7 @@
 """Base-2 exponential histogram arithmetic shared by the decoders, the aggregator and the
 summary.
 
-`duration_bucket_index` mirrors, integer for integer, what probes/syscall_latency.bpf.c
+`duration_bucket_index` mirrors, integer for integer, what probes/exp_histogram.h
 computes in the kernel, so the unit tests can hold the kernel's bucketing to hand-computed
 cases without loading BPF.
 """
@@ -11,6 +11,11 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 
+# The kernel's buckets (probes/exp_histogram.h; a test compares the two): scale 2, from
+# index HIST_MIN_INDEX (2^-26 s) over HIST_BUCKETS buckets.
+HIST_SCALE = 2
+HIST_MIN_INDEX = -104
+HIST_BUCKETS = 152
 # 2^(j/4) for j = 1..3 in 16.16 fixed point, rounded up (see the .bpf.c).
 _QUARTERS = (77936, 92682, 110218)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from otel_ebpf.frames import Frame
+    from otel_ebpf.symbolize.frames import Frame
 
 AttributeValue = str | int | float | bool
 Attributes = Mapping[str, AttributeValue]
@@ -125,6 +125,28 @@ class StackSample:
     lost_stacks: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A probe's setting that readers of its data need to judge it (the syscall probe's
+    sampling period), exported as a gauge on the agent's resource."""
+
+    descriptor: MetricDescriptor
+    attributes: Mapping[str, AttributeValue]
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileType:
+    """What the values of a probe's stack samples count, and the unit of its sampling
+    period (pprof's and OTLP's sample type and period type): on-CPU sampling counts
+    samples ("samples", "count") taken every period of CPU time ("cpu", "nanoseconds")."""
+
+    sample_type: str
+    sample_unit: str
+    period_type: str
+    period_unit: str
+
+
 @dataclass(slots=True)
 class Collection:
     """What one probe produced in one collection, plus the probe's own health counters."""
@@ -135,6 +157,7 @@ class Collection:
     lost_events: dict[str, int] = field(default_factory=dict)
     samples: list[StackSample] = field(default_factory=list)
     period_ns: int = 0  # the sampling period of `samples`
+    profile_type: ProfileType | None = None  # what `samples` count
     # kernel map name -> (entries in use at the drain, capacity): the operator's warning
     # before map_full
     map_fill: dict[str, tuple[int, int]] = field(default_factory=dict)

@@ -15,16 +15,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from otel_ebpf.config import Config, ConfigError
-from otel_ebpf.probes.base import Probe
+from otel_ebpf.probes import PROBE_TYPES
+from otel_ebpf.probes.base import AnyProbe, Signal
+from otel_ebpf.signals import needed
 
 log = logging.getLogger(__name__)
 
-# settings read once, when the agent is wired: changing them takes a restart
+# settings read once, when the agent is wired: changing them takes a restart (each probe
+# declares those of its section)
 FIXED: tuple[tuple[str, ...], ...] = (
     ("service_name",), ("resource_attributes",), ("exporter",), ("summary",),
     ("identity",), ("endpoints",),
-    ("probes", "syscall_latency", "slow_spans", "exemplars_per_series"),  # the store's
-    ("probes", "cpu_profile", "folded_path"),  # the profile export's
+    *(("probes", name, *key.split(".")) for name, probe in PROBE_TYPES.items()
+      for key in probe.wired_at_start),
 )
 
 
@@ -35,12 +38,17 @@ class Wiring:
     spans: bool
     profiles: bool
 
+    def made(self) -> frozenset[Signal]:
+        return frozenset({Signal.METRICS} | {s for s, on in ((Signal.SPANS, self.spans),
+                                                             (Signal.PROFILES, self.profiles))
+                                             if on})
+
 
 class ProbeHost(Protocol):
     config: Config
-    probes: list[Probe]
+    probes: list[AnyProbe]
 
-    async def swap_probes(self, old: list[Probe], new: list[Probe]) -> list[Probe]: ...
+    async def swap_probes(self, old: list[AnyProbe], new: list[AnyProbe]) -> list[AnyProbe]: ...
 
 
 def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -55,16 +63,6 @@ def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _wants_spans(c: Config) -> bool:
-    latency = c.probes.syscall_latency
-    return c.exporter.enabled and latency.enabled and latency.slow_spans.enabled
-
-
-def _wants_profiles(c: Config) -> bool:
-    profile = c.probes.cpu_profile
-    return profile.enabled and (c.exporter.enabled or profile.folded_path is not None)
-
-
 def runnable(running: Config, new: Config, wiring: Wiring) -> tuple[Config, list[str]]:
     """`new` with every setting that cannot change at run time put back to its running
     value, and the dotted names of those that were."""
@@ -76,10 +74,9 @@ def runnable(running: Config, new: Config, wiring: Wiring) -> tuple[Config, list
             kept.append(".".join(path))
     config = Config.model_validate(tree)
     # a probe section whose signal has no export made for it stays as it runs
-    for name, wanted, made in (("syscall_latency", _wants_spans, wiring.spans),
-                               ("cpu_profile", _wants_profiles, wiring.profiles)):
+    for name in PROBE_TYPES:
         path = ("probes", name)
-        if wanted(config) and not made and _get(tree, path) != _get(old, path):
+        if needed(config, [name]) - wiring.made() and _get(tree, path) != _get(old, path):
             _put(tree, path, _get(old, path))
             kept.append(f"probes.{name} (its signal's export is made at start)")
             config = Config.model_validate(tree)
@@ -100,7 +97,7 @@ class Reloader:
     """Re-reads the configuration on request (SIGHUP), one reload at a time: a request
     during a reload runs another after it."""
 
-    def __init__(self, load: Callable[[], Config], build: Callable[[Config], list[Probe]],
+    def __init__(self, load: Callable[[], Config], build: Callable[[Config], list[AnyProbe]],
                  wiring: Wiring) -> None:
         self._load = load
         self._build = build
@@ -151,7 +148,7 @@ class Reloader:
                  ", ".join(n for n in names if n not in {p.name for p in failed}) or "none",
                  ", ".join(untouched) or "none")
 
-    def _fresh(self, config: Config, names: list[str]) -> list[Probe]:
+    def _fresh(self, config: Config, names: list[str]) -> list[AnyProbe]:
         return [p for p in self._build(config) if p.name in names]
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from otel_ebpf.model import Collection, SpanRecord
-from otel_ebpf.probes.base import Probe
+from otel_ebpf.probes.base import AnyProbe
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ class PeriodicCollector:
     """Calls `collect(probe)` every `interval` seconds on its own thread and passes each
     result to `deliver` (from that thread)."""
 
-    def __init__(self, probe: Probe, interval: float,
-                 collect: Callable[[Probe], Collection],
+    def __init__(self, probe: AnyProbe, interval: float,
+                 collect: Callable[[AnyProbe], Collection],
                  deliver: Callable[[Collection], None]) -> None:
         self.probe = probe
         self.interval = interval
@@ -74,12 +74,12 @@ class EventReader:
     their descriptors and on a pipe that wakes it to stop. After a read it waits
     `batch_s`, so a busy buffer is handed over in batches rather than event by event."""
 
-    def __init__(self, probes: Sequence[Probe],
+    def __init__(self, probes: Sequence[AnyProbe],
                  deliver: Callable[[list[SpanRecord]], object], batch_s: float) -> None:
         self._deliver = deliver
         self._batch_s = batch_s
         self._epoll = select.epoll()
-        self._probe_of: dict[int, Probe] = {}
+        self._probe_of: dict[int, AnyProbe] = {}
         for probe in probes:
             for fd in probe.event_fds():
                 self._epoll.register(fd, select.EPOLLIN)
@@ -90,7 +90,7 @@ class EventReader:
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
 
     @property
-    def probes(self) -> list[Probe]:
+    def probes(self) -> list[AnyProbe]:
         return list(dict.fromkeys(self._probe_of.values()))
 
     def start(self) -> None:
@@ -113,7 +113,7 @@ class EventReader:
             self._stop.wait(self._batch_s)
 
     @staticmethod
-    def _read(probe: Probe) -> list[SpanRecord]:
+    def _read(probe: AnyProbe) -> list[SpanRecord]:
         try:
             return probe.poll_spans()
         except Exception:
@@ -145,7 +145,7 @@ class ProbeWorkers:
     reader is then started again on the probes that remain). `absorb` and `take_spans`
     run on the event loop that started the workers."""
 
-    def __init__(self, collect: Callable[[Probe], Collection],
+    def __init__(self, collect: Callable[[AnyProbe], Collection],
                  absorb: Callable[[Collection], None],
                  take_spans: Callable[[list[SpanRecord]], None],
                  batch_s: float, stop_s: float) -> None:
@@ -157,7 +157,7 @@ class ProbeWorkers:
         self._collectors: list[PeriodicCollector] = []
         self._events: EventReader | None = None
 
-    def start_collector(self, probe: Probe, interval: float) -> None:
+    def start_collector(self, probe: AnyProbe, interval: float) -> None:
         loop = asyncio.get_running_loop()
 
         def deliver(collection: Collection) -> None:
@@ -173,14 +173,14 @@ class ProbeWorkers:
         now = time.monotonic()
         return {c.probe.name: (c.interval, now - c.last_drained) for c in self._collectors}
 
-    def start_events(self, probes: Sequence[Probe]) -> None:
+    def start_events(self, probes: Sequence[AnyProbe]) -> None:
         loop = asyncio.get_running_loop()
         self._events = EventReader(
             probes, lambda spans: loop.call_soon_threadsafe(self._take_spans, spans),
             self._batch_s)
         self._events.start()
 
-    async def stop(self, probes: Sequence[Probe] | None = None) -> list[SpanRecord]:
+    async def stop(self, probes: Sequence[AnyProbe] | None = None) -> list[SpanRecord]:
         """Stop the drain threads of `probes` (None: all) and the event reader; returns
         what the event buffers still held."""
         loop = asyncio.get_running_loop()

@@ -20,8 +20,9 @@
  *             new_tgids     ring buffer: "a process appeared", so user space can read its
  *                           memory maps while it lives (short-lived processes are then still
  *                           symbolized after they exit).
- *             profile_stats per-CPU counters: idle samples dropped, stacks lost, map full.
- *             cgroup_filter with FILTER_CGROUP: the cgroups of the selected workloads.
+ *             probe_stats   per-CPU counters (probe_stats.h): idle samples dropped, stacks
+ *                           lost, map full.
+ *             cgroup_filter with FILTER_CGROUP (cgroup_filter.h): the selected workloads.
  * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): two stack walks
  *             (frame pointers; user stacks of code built without them are truncated), a
  *             multiply-xor pass over each stack's addresses, two hash lookups (a 1 KiB
@@ -59,7 +60,7 @@ struct new_tgid {
     u32 tgid;
 };
 
-enum profile_stat {
+enum probe_stat {
     STAT_IDLE = 0,             /* samples of the idle task, dropped unless KEEP_IDLE */
     STAT_USER_STACK_LOST = 1,  /* user stack not recorded (stack map full, walk failed) */
     STAT_KERNEL_STACK_LOST = 2,
@@ -76,17 +77,8 @@ BPF_F_TABLE("hash", u64, struct stack, kernel_stacks, KERNEL_STACK_ENTRIES,
 BPF_PERCPU_ARRAY(stack_scratch, struct stack, 2);
 BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
-BPF_PERCPU_ARRAY(profile_stats, u64, STAT_COUNT);
-#ifdef FILTER_CGROUP
-BPF_HASH(cgroup_filter, u64, u8, 16384);
-#endif
-
-static __always_inline void count_stat(u32 stat)
-{
-    u64 *v = profile_stats.lookup(&stat);
-    if (v)
-        (*v)++;
-}
+#include "probe_stats.h"
+#include "cgroup_filter.h"
 
 /* Walk one stack (slot 0: user, into user_stacks; 1: kernel) into this CPU's scratch slot
  * and intern it under the hash of its addresses. *id stays 0 for an empty stack; returns
@@ -137,11 +129,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         return 0;
     }
 #endif
-#ifdef FILTER_CGROUP
-    u64 cgroup = bpf_get_current_cgroup_id();
-    if (!cgroup_filter.lookup(&cgroup))
+    if (!current_selected())
         return 0;
-#endif
     struct sample_key key = {.tgid = tgid, .tid = (u32)pid_tgid};
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     /* Kernel threads have no user stack: -EFAULT there is expected, not a loss. */

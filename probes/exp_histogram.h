@@ -6,7 +6,8 @@
  * Durations outside the range are clamped into the end buckets. The decoder's copy of
  * these constants is otel_ebpf/histogram.py; a test compares the two.
  *
- * Cost: one 64-bit division, a six-step log2 and three compares per value.
+ * Cost: one 64-bit division, a six-step log2 and three compares per value; keeping a
+ * series' min and max, one compare each and a compare-and-swap when it moves.
  */
 #ifndef OTEL_EBPF_EXP_HISTOGRAM_H
 #define OTEL_EBPF_EXP_HISTOGRAM_H
@@ -66,6 +67,28 @@ static __always_inline u32 hist_slot(u64 ns)
     if (slot >= HIST_BUCKETS)
         return HIST_BUCKETS - 1;
     return slot;
+}
+
+/* Keep *min_ns and *max_ns (of a map value other CPUs update too) around `ns`; a min of
+ * 0 is unset. Four tries each: a lost race means another CPU moved it just now. */
+static __always_inline void hist_extremes(u64 *min_ns, u64 *max_ns, u64 ns)
+{
+    u64 old = *min_ns;
+#pragma unroll
+    for (int i = 0; i < 4 && (old == 0 || ns < old); i++) {
+        u64 seen = __sync_val_compare_and_swap(min_ns, old, ns);
+        if (seen == old)
+            break;
+        old = seen;
+    }
+    old = *max_ns;
+#pragma unroll
+    for (int i = 0; i < 4 && ns > old; i++) {
+        u64 seen = __sync_val_compare_and_swap(max_ns, old, ns);
+        if (seen == old)
+            break;
+        old = seen;
+    }
 }
 
 #endif

@@ -39,11 +39,13 @@
  *                           interval's values go to the one `generation` names. User
  *                           space flips it, waits out programs still writing the old one,
  *                           then drains that one (lookup and delete).
- *             generation    1-entry array: which latency map is current (0 or 1).
+ *             generation    1-entry array: which latency map is current (generations.h).
  *             timed_once    array by syscall nr: has a call of it been timed yet.
  *             zero_value    1-entry array: the zeroed value to insert (too big for stack).
- *             probe_stats   per-CPU counters of events this program could not record.
- *             *_filter      hash sets for the optional pid / comm / cgroup filters.
+ *             probe_stats   per-CPU counters of events this program could not record
+ *                           (probe_stats.h).
+ *             *_filter      hash sets for the optional pid / comm / cgroup filters
+ *                           (cgroup_filter.h).
  *             slow_threshold_ns  array by syscall nr (SYSCALL_SLOTS): 0 = never a span.
  *             slow_rate     1-entry array: the rate limiter's state (GCRA, one u64).
  *             slow_events   ring buffer (perf buffer before 5.8) of slow-call events.
@@ -148,7 +150,7 @@ enum probe_stat {
     STAT_NO_START = 1,      /* sys_exit without a recorded enter (started before attach) */
     STAT_RATE_LIMITED = 2,  /* a slow call refused by the token bucket */
     STAT_BUFFER_FULL = 3,   /* a slow call that found the event buffer full */
-    STAT_NO_STATE = 4,      /* a call left the CPU but task storage was unavailable */
+    STAT_NO_TASK_STORAGE = 4,  /* a call left the CPU but task storage was unavailable */
     STAT_NO_MEMORY = 5,     /* calls lost: the kernel had no memory for their new key */
     STAT_TIMING_LOST = 6,   /* a timed call whose key could not be inserted (counted still) */
     STAT_COUNT = 7,
@@ -160,10 +162,11 @@ BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_0, MAX_ENTRIES,
             BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct hist_key, struct hist_value, latency_1, MAX_ENTRIES,
             BPF_F_NO_PREALLOC);
-BPF_ARRAY(generation, u32, 1);
+#include "generations.h"
 BPF_ARRAY(timed_once, u8, SYSCALL_SLOTS);
 BPF_ARRAY(zero_value, struct hist_value, 1);
-BPF_PERCPU_ARRAY(probe_stats, u64, STAT_COUNT);
+#include "probe_stats.h"
+#include "cgroup_filter.h"
 
 #ifdef SLOW_EVENTS
 struct slow_event {
@@ -196,21 +199,6 @@ BPF_HASH(tgid_filter, u32, u8, 1024);
 struct comm_key { char comm[TASK_COMM_LEN]; };
 BPF_HASH(comm_filter, struct comm_key, u8, 256);
 #endif
-#ifdef FILTER_CGROUP
-BPF_HASH(cgroup_filter, u64, u8, 16384);
-#endif
-
-static __always_inline void count_stats(u32 stat, u64 n)
-{
-    u64 *v = probe_stats.lookup(&stat);
-    if (v)
-        *v += n;
-}
-
-static __always_inline void count_stat(u32 stat)
-{
-    count_stats(stat, 1);
-}
 
 static __always_inline int wanted(void)
 {
@@ -225,12 +213,7 @@ static __always_inline int wanted(void)
     if (!comm_filter.lookup(&ck))
         return 0;
 #endif
-#ifdef FILTER_CGROUP
-    u64 cg = bpf_get_current_cgroup_id();
-    if (!cgroup_filter.lookup(&cg))
-        return 0;
-#endif
-    return 1;
+    return current_selected();
 }
 
 /* The current task's identity, from its task storage; computed on the task's first call
@@ -332,13 +315,6 @@ static __always_inline void flush(struct cpu_state *c, u32 gen, int insert)
     }
 }
 
-static __always_inline u32 current_generation(void)
-{
-    u32 zero = 0;
-    u32 *gen = generation.lookup(&zero);
-    return gen ? *gen : 0;
-}
-
 /* Make the running task the owner of this CPU's pending counts (flushing another's), and
  * flush counts taken before a generation flip. Returns the generation. */
 static __always_inline u32 own(struct cpu_state *c, u64 task)
@@ -432,27 +408,6 @@ static __always_inline void emit_if_slow(struct bpf_raw_tracepoint_args *ctx,
 }
 #endif
 
-static __always_inline void update_extremes(struct hist_value *v, u64 delta)
-{
-    /* min_ns == 0 means "unset" in a fresh entry. */
-    u64 old = v->min_ns;
-#pragma unroll
-    for (int i = 0; i < 4 && (old == 0 || delta < old); i++) {
-        u64 seen = __sync_val_compare_and_swap(&v->min_ns, old, delta);
-        if (seen == old)
-            break;
-        old = seen;
-    }
-    old = v->max_ns;
-#pragma unroll
-    for (int i = 0; i < 4 && delta > old; i++) {
-        u64 seen = __sync_val_compare_and_swap(&v->max_ns, old, delta);
-        if (seen == old)
-            break;
-        old = seen;
-    }
-}
-
 /* A timed call: into the off-CPU or the sampled histogram of the owner's key. */
 static __always_inline void record(struct bpf_raw_tracepoint_args *ctx, struct cpu_state *c,
                                    u32 gen, u32 nr, u64 start_ns, u64 exit_ns, u32 offcpu,
@@ -478,7 +433,7 @@ static __always_inline void record(struct bpf_raw_tracepoint_args *ctx, struct c
         __sync_fetch_and_add(&v->sampled_sum_ns, delta);
         __sync_fetch_and_add(&v->sampled_buckets[slot], 1);
     }
-    update_extremes(v, delta);
+    hist_extremes(&v->min_ns, &v->max_ns, delta);
 }
 
 /* Whether to time this call: the countdown of the sample, or the first call of its
@@ -614,7 +569,7 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx)
                 s->flags = CALL_OFFCPU;
             }
         } else {
-            count_stat(STAT_NO_STATE);
+            count_stat(STAT_NO_TASK_STORAGE);
         }
     }
     if (c->owner == prev) {

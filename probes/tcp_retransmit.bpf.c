@@ -137,7 +137,7 @@ BPF_TABLE("lru_hash", u64, struct owner, owners, OWNER_ENTRIES);
 BPF_HASH(listeners, struct listener_key, struct listener, LISTENER_ENTRIES);
 struct exe_name_value { char name[EXE_LEN]; };
 BPF_F_TABLE("hash", u64, struct exe_name_value, exe_names, EXE_NAMES, BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(probe_stats, u64, STAT_COUNT);
+#include "probe_stats.h"
 
 #ifdef EVENTS
 struct retransmit_event {
@@ -160,13 +160,6 @@ struct retransmit_event {
 BPF_ARRAY(event_rate, u64, 1);  /* GCRA theoretical arrival time, ns */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #endif
-
-static __always_inline void count_stat(u32 stat)
-{
-    u64 *v = probe_stats.lookup(&stat);
-    if (v)
-        (*v)++;
-}
 
 static __always_inline u16 read_u16(const void *sk, u32 off)
 {

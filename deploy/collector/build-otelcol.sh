@@ -34,16 +34,9 @@ name="$3"
 
 log() { printf '%s: %s\n' "${name}" "$*" >&2; }
 
-if [[ -n "${OTELCOL_CACHE:-}" ]]; then
-    cache="${OTELCOL_CACHE}"
-else
-    cache="/var/cache/otel-ebpf/${name}"
-    if ! mkdir -p "${cache}" 2>/dev/null || [[ ! -w "${cache}" ]]; then
-        cache="${XDG_CACHE_HOME:-${HOME}/.cache}/otel-ebpf/${name}"
-    fi
-fi
-mkdir -p "${cache}"
-cache="$(cd "${cache}" && pwd)"
+# shellcheck source=deploy/cache-dir.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../cache-dir.sh"
+cache="$(cache_dir "${name}" "${OTELCOL_CACHE:-}")"
 
 vdir="${cache}/${OTELCOL_VERSION}"
 binary="${vdir}/${DIST_NAME}"

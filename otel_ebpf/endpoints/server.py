@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
     from otel_ebpf.aggregate import CumulativeStore
     from otel_ebpf.enrich.identity import IdentityResolver
-    from otel_ebpf.probes.base import Probe
+    from otel_ebpf.export.agent_metrics import MapFill
+    from otel_ebpf.model import Setting
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +56,39 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store"}
 
 
-class AgentView(Protocol):
-    """What the endpoints read from the agent (otel_ebpf.daemon.Agent)."""
+class HostView(Protocol):
+    """What the endpoints read of the running probes (otel_ebpf.probe_host.ProbeHost)."""
 
     config: Config
-    probes: list[Probe]
+    probes: list[Any]
+
+    def drain_ages(self) -> DrainAges: ...
+
+    def settings(self) -> list[Setting]: ...
+
+
+class MetricsView(Protocol):
+    """What they read of the metrics unit (otel_ebpf.signals.metrics.MetricsSignal)."""
+
     store: CumulativeStore
-    identity: IdentityResolver
-    shipper: Any
-    # (time_ns, delivered) of the last metrics export; None before the first
-    last_export: tuple[int, bool] | None
+    map_fill: MapFill
+    shipper: Any  # OtlpShipper | None
 
 
 class Endpoints:
-    def __init__(self, config: EndpointsConfig, agent: AgentView,
-                 agent_metrics: Callable[[int], list[OtelMetric]],
-                 drain_ages: Callable[[], DrainAges] = dict) -> None:
+    def __init__(self, config: EndpointsConfig, host: HostView, metrics: MetricsView,
+                 identity: IdentityResolver, stacks: RecentStacks | None = None) -> None:
         self.config = config
-        self.agent = agent
-        self.agent_metrics = agent_metrics
-        self.drain_ages = drain_ages  # probe -> (interval, seconds since its last drain)
+        self.host = host
+        self.metrics = metrics
+        self.identity = identity
         self.start_ns = time.time_ns()
         self.url: str | None = None  # once serving
         self._runner: web.AppRunner | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="scrape")
         self._registry: Any = None
-        self.stacks = RecentStacks()  # CPU samples for the flame graph (the daemon adds)
+        # CPU samples for the flame graph (the probes' sample route adds)
+        self.stacks = stacks if stacks is not None else RecentStacks()
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -128,13 +136,20 @@ class Endpoints:
 
     # ---- content ---------------------------------------------------------------------
 
+    def agent_metrics(self, start_ns: int) -> list[OtelMetric]:
+        """The agent's own metrics as the export reads them: process, map fill, settings."""
+        from otel_ebpf.export.agent_metrics import process_metrics, setting_metrics
+
+        return (process_metrics(start_ns) + self.metrics.map_fill.metrics(start_ns)
+                + setting_metrics(self.host.settings(), start_ns))
+
     def snapshot(self) -> MetricsData:
         """What an export would send now (blocking: identities come from /proc)."""
         from otel_ebpf.export.metrics import build_metrics_data
         from otel_ebpf.export.metrics_export import with_series_gauge
 
-        series = self.agent.store.series()
-        identity_of = self.agent.identity.resolver(s.workload for s in series)
+        series = self.metrics.store.series()
+        identity_of = self.identity.resolver(s.workload for s in series)
         data = build_metrics_data(series, identity_of)
         return with_series_gauge(data, identity_of(AGENT).resource, self.start_ns,
                                  self.agent_metrics(self.start_ns))
@@ -147,8 +162,8 @@ class Endpoints:
 
     def live(self) -> dict[str, Any]:
         """The live page's data now (blocking: identities come from /proc)."""
-        series = self.agent.store.series()
-        identity_of = self.agent.identity.resolver(s.workload for s in series)
+        series = self.metrics.store.series()
+        identity_of = self.identity.resolver(s.workload for s in series)
         return {"time": time.time(), "ready": self.readiness()[1],
                 "health": health_view(self.agent_metrics(self.start_ns), series),
                 "syscalls": syscall_view(series, identity_of),
@@ -157,7 +172,7 @@ class Endpoints:
     def profile(self) -> dict[str, Any]:
         """Flame graph of the last minutes of CPU samples (blocking)."""
         totals = self.stacks.totals()
-        identity_of = self.agent.identity.resolver(w for w, _ in totals)
+        identity_of = self.identity.resolver(w for w, _ in totals)
 
         def process_name(workload: Workload) -> str:
             name = identity_of(workload).point.get("process.executable.name")
@@ -168,15 +183,15 @@ class Endpoints:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Alive: no probe's drain is stuck (otel_ebpf.health's rule)."""
-        stuck = {name: round(age, 1) for name, (interval, age) in self.drain_ages().items()
+        stuck = {name: round(age, 1) for name, (interval, age) in self.host.drain_ages().items()
                  if age > max(DRAIN_INTERVALS * interval, STALE_S)}
-        last = self.agent.last_export
-        if self.agent.shipper is None:
+        shipper = self.metrics.shipper
+        if shipper is None:
             export = "disabled"
-        elif last is None:
-            export = "pending"
+        elif shipper.in_outage:
+            export = "failing"
         else:
-            export = "ok" if last[1] else "failing"
+            export = "ok" if shipper.exported else "pending"
         body: dict[str, Any] = {"alive": not stuck, "metrics_export": export}
         if stuck:
             body["stuck_drains_seconds"] = stuck
@@ -187,9 +202,9 @@ class Endpoints:
         from otel_ebpf.probes import enabled_names
 
         alive, body = self.health()
-        attached = {p.name for p in self.agent.probes if p.program_ids()}
+        attached = {p.name for p in self.host.probes if p.program_ids()}
         probes = {name: "attached" if name in attached else "not attached"
-                  for name in enabled_names(self.agent.config)}
+                  for name in enabled_names(self.host.config)}
         ready = alive and all(state == "attached" for state in probes.values())
         return ready, {"ready": ready, "probes": probes, **body}
 

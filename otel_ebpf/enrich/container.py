@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from otel_ebpf.enrich.cgroup import cgroup2_root, scan_cgroup_tree
+from otel_ebpf.kernel.cgroupfs import cgroup2_root, scan_cgroup_tree
 
 _ID = r"[0-9a-f]{64}"
 # <prefix>-<id>.scope from the systemd driver; CRI-O and podman use <prefix>-<id> with the

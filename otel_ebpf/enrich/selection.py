@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 
 from otel_ebpf.config import WorkloadFilter
-from otel_ebpf.enrich.cgroup import cgroup2_root, scan_cgroup_tree
 from otel_ebpf.enrich.container import CgroupIdentity, parse_cgroup_path
 from otel_ebpf.enrich.docker import DockerMetadata
 from otel_ebpf.enrich.kubernetes import KubernetesPods
+from otel_ebpf.kernel.cgroupfs import cgroup2_root, scan_cgroup_tree
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -22,6 +22,8 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
+from otel_ebpf.model import AttributeValue, Setting
+
 CUMULATIVE = AggregationTemporality.CUMULATIVE
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -29,7 +31,7 @@ MAP_FILL = "otel_ebpf.probe.map.fill"
 
 
 def _point(value: float, start_ns: int, now_ns: int,
-           attributes: Mapping[str, str] | None = None) -> NumberDataPoint:
+           attributes: Mapping[str, AttributeValue] | None = None) -> NumberDataPoint:
     return NumberDataPoint(attributes=dict(attributes or {}), start_time_unix_nano=start_ns,
                            time_unix_nano=now_ns, value=value)
 
@@ -84,13 +86,14 @@ class MapFill:
                        data=Gauge(data_points=points))]
 
 
-def sample_period_metric(period: int, start_ns: int, now_ns: int | None = None) -> Metric:
-    """The syscall probe's sampling period: of the calls that stay on the CPU, one in
-    `period` is timed (1: every call). A backend reading quantiles needs it to judge them;
-    counts never depend on it."""
+def setting_metrics(settings: Iterable[Setting], start_ns: int,
+                    now_ns: int | None = None) -> list[Metric]:
+    """The probes' settings that readers need (e.g. a sampling period), as gauges."""
     now_ns = now_ns or time.time_ns()
-    return Metric(name="otel_ebpf.syscall.sample_period", unit="{call}",
-                  description="Of the syscalls that stay on the CPU, one in this many is "
-                  "timed; the others are spread over that sample (counts stay exact).",
-                  data=Gauge(data_points=[_point(period, start_ns, now_ns,
-                                                 {"probe": "syscall_latency"})]))
+    points: dict[str, tuple[Setting, list[NumberDataPoint]]] = {}
+    for setting in settings:
+        entry = points.setdefault(setting.descriptor.name, (setting, []))
+        entry[1].append(_point(setting.value, start_ns, now_ns, setting.attributes))
+    return [Metric(name=name, unit=first.descriptor.unit,
+                   description=first.descriptor.description, data=Gauge(data_points=data))
+            for name, (first, data) in points.items()]

@@ -30,7 +30,8 @@ from opentelemetry.sdk.resources import Resource
 from otel_ebpf.aggregate import CumulativeStore, Series
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.enrich.identity import AGENT
-from otel_ebpf.export.metrics import SCOPE, OtlpShipper, Sent, build_metrics_data, refused_limit
+from otel_ebpf.export.metrics import SCOPE, build_metrics_data
+from otel_ebpf.export.otlp import OtlpShipper, Sent, refused_limit
 from otel_ebpf.export.split import count_points, iter_points, request_size, split_metrics
 from otel_ebpf.model import CounterDelta, Identity, Workload
 from otel_ebpf.selfmetrics import (

@@ -29,9 +29,9 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from otel_ebpf import __version__
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.queue import Entry
-from otel_ebpf.frames import Frame
-from otel_ebpf.frames import Mapping as MappingInfo
-from otel_ebpf.model import AttributeValue, Identity, StackSample, Workload
+from otel_ebpf.model import AttributeValue, Identity, ProfileType, StackSample, Workload
+from otel_ebpf.symbolize.frames import Frame
+from otel_ebpf.symbolize.frames import Mapping as MappingInfo
 
 BUILD_ID_ATTRIBUTE = "process.executable.build_id.gnu"
 FRAME_TYPE_ATTRIBUTE = "profile.frame.type"
@@ -145,12 +145,16 @@ def build_profiles_request(
     period_ns: int,
     start_ns: int,
     end_ns: int,
+    *,
+    profile_type: ProfileType,
 ) -> ExportProfilesServiceRequest:
-    """One Profile per workload resource over [start_ns, end_ns)."""
+    """One Profile per workload resource over [start_ns, end_ns), its sample and period
+    types what the probe declared its samples count."""
     d = ProfilesDictionaryBuilder()
-    sample_type = pb.ValueType(type_strindex=d.string("samples"), unit_strindex=d.string("count"))
-    period_type = pb.ValueType(type_strindex=d.string("cpu"),
-                               unit_strindex=d.string("nanoseconds"))
+    sample_type = pb.ValueType(type_strindex=d.string(profile_type.sample_type),
+                               unit_strindex=d.string(profile_type.sample_unit))
+    period_type = pb.ValueType(type_strindex=d.string(profile_type.period_type),
+                               unit_strindex=d.string(profile_type.period_unit))
     by_resource: dict[frozenset[tuple[str, AttributeValue]], list[pb.Sample]] = {}
     # per (workload, thread): its resource's rows and its attribute indices
     threads: dict[tuple[Workload, int, str], tuple[list[pb.Sample], list[int]]] = {}
@@ -236,38 +240,53 @@ def folded_stack(sample: StackSample, process: str) -> tuple[str, ...]:
 
 
 class ProfileExport:
-    """Collects samples into windows; each flush queues one request (serialized, one
-    Profile per workload resource) for the profiles Delivery and rewrites the folded file.
-    Blocking (`flush`): the daemon runs it in an executor. Samples may be added from
-    another thread than the one flushing."""
+    """Collects samples into windows, one per profile type; each flush queues one request
+    per type (serialized, one Profile per workload resource) for the profiles Delivery and
+    rewrites the folded file. Blocking (`flush`): the daemon runs it in an executor.
+    Samples may be added from another thread than the one flushing."""
 
     def __init__(self, delivery: Delivery[bytes] | None, folded_path: Path | None,
                  start_ns: int) -> None:
         self.delivery = delivery
         self.folded_path = folded_path
-        self.window = ProfileWindow(start_ns, keep_folded=folded_path is not None)
+        self.start_ns = start_ns
+        self.windows: dict[ProfileType, ProfileWindow] = {}
         self._lock = threading.Lock()
 
-    def add(self, samples: list[StackSample], period_ns: int) -> None:
+    def add(self, samples: list[StackSample], period_ns: int,
+            profile_type: ProfileType) -> None:
         with self._lock:
-            self.window.add(samples, period_ns)
+            window = self.windows.get(profile_type)
+            if window is None:
+                window = self.windows[profile_type] = ProfileWindow(
+                    self.start_ns, keep_folded=self.folded_path is not None)
+            window.add(samples, period_ns)
 
     def workloads(self) -> list[Workload]:
         with self._lock:
-            return self.window.workloads()
+            return list({w for window in self.windows.values() for w in window.workloads()})
 
     def flush(self, identity_of: Callable[[Workload], Identity], end_ns: int) -> None:
         with self._lock:
-            samples, start, end = self.window.take(end_ns)
-        if not samples:
-            return
+            taken = [(kind, window.period_ns, *window.take(end_ns))
+                     for kind, window in self.windows.items()]
+        for profile_type, period_ns, samples, start, end in taken:
+            if samples:
+                self._flush(identity_of, profile_type, period_ns, samples, start, end)
+
+    def _flush(self, identity_of: Callable[[Workload], Identity], profile_type: ProfileType,
+               period_ns: int, samples: list[StackSample], start: int, end: int) -> None:
         if self.folded_path is not None:
-            self.window.fold(samples, lambda w: str(
+            self.windows[profile_type].fold(samples, lambda w: str(
                 identity_of(w).point.get("process.executable.name") or w.comm or w.pid))
-            write_atomically(self.folded_path, "\n".join(folded_lines(self.window.folded)))
+            folded: dict[tuple[str, ...], int] = {}  # cumulative, every type's
+            for window in self.windows.values():
+                for stack, count in window.folded.items():
+                    folded[stack] = folded.get(stack, 0) + count
+            write_atomically(self.folded_path, "\n".join(folded_lines(folded)))
         if self.delivery is not None:
-            request = build_profiles_request(samples, identity_of, self.window.period_ns,
-                                             start, end).SerializeToString()
+            request = build_profiles_request(samples, identity_of, period_ns, start, end,
+                                             profile_type=profile_type).SerializeToString()
             self.delivery.offer([Entry.shared(request, len(request),
                                               profiles_by_workload(samples, identity_of))])
 

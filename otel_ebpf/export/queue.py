@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -138,20 +138,8 @@ class BoundedQueue(Generic[T]):
         its bounds: a spill that starts past the bounds takes the queue down to half, so
         the spool gets files of a useful size rather than one per offer."""
         with self._lock:
-            batch: list[Entry[T]] = []
-            items = nbytes = 0
-            while self._entries and (self.items > self.max_items // 2
-                                     or self.nbytes > self.max_bytes // 2):
-                head = self._entries[0]
-                if batch and (items + head.count > max_items or nbytes + head.nbytes > max_bytes):
-                    break
-                self._entries.popleft()
-                items += head.count
-                nbytes += head.nbytes
-                self.items -= head.count
-                self.nbytes -= head.nbytes
-                batch.append(head)
-            return batch
+            return self._take(max_items, max_bytes, lambda: (
+                self.items > self.max_items // 2 or self.nbytes > self.max_bytes // 2))
 
     def offer(self, entry: Entry[T]) -> None:
         with self._lock:
@@ -176,19 +164,24 @@ class BoundedQueue(Generic[T]):
 
     def take(self, max_items: int, max_bytes: int) -> list[Entry[T]]:
         """The oldest entries up to a batch's bounds (at least one entry when any)."""
+        with self._lock:
+            return self._take(max_items, max_bytes, lambda: True)
+
+    def _take(self, max_items: int, max_bytes: int, more: Callable[[], bool]
+              ) -> list[Entry[T]]:
+        # under the lock: the oldest entries while `more()` and the batch's bounds allow
         batch: list[Entry[T]] = []
         items = nbytes = 0
-        with self._lock:
-            while self._entries:
-                head = self._entries[0]
-                if batch and (items + head.count > max_items or nbytes + head.nbytes > max_bytes):
-                    break
-                self._entries.popleft()
-                items += head.count
-                nbytes += head.nbytes
-                batch.append(head)
-            self.items -= items
-            self.nbytes -= nbytes
+        while self._entries and more():
+            head = self._entries[0]
+            if batch and (items + head.count > max_items or nbytes + head.nbytes > max_bytes):
+                break
+            self._entries.popleft()
+            items += head.count
+            nbytes += head.nbytes
+            self.items -= head.count
+            self.nbytes -= head.nbytes
+            batch.append(head)
         return batch
 
     def drain(self, reason: str) -> int:

@@ -1,13 +1,18 @@
-"""The periodic human-readable summary: top workloads x syscalls by count, with p99 and
-max, over the last window. Works without any collector, so `make run` shows something."""
+"""The periodic human-readable summary: top workloads x histogram series (a syscall, a
+kind of wait: whatever the probes measure) by count, with p99 and max, over the last
+window. Works without any collector, so `make run` shows something."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from otel_ebpf.histogram import merge_into, quantile
 from otel_ebpf.model import ExpHistogramDelta, Record, Workload
+from otel_ebpf.periodic import Periodic
 
 
 @dataclass(slots=True)
@@ -53,10 +58,10 @@ class HistogramSummary:
         total = len(self._windows)
         self._windows = {}
         if not rows:
-            return f"otel-ebpf: no syscalls recorded in the last {window_s:.0f}s"
-        lines = [f"otel-ebpf: top {len(rows)} of {total} (process, syscall) by count, "
+            return f"otel-ebpf: nothing measured in the last {window_s:.0f}s"
+        lines = [f"otel-ebpf: top {len(rows)} of {total} (process, series) by count, "
                  f"last {window_s:.0f}s",
-                 f"{'PID':>8} {'PROCESS':<16} {'SYSCALL':<20} {'COUNT':>10} {'P99':>9} "
+                 f"{'PID':>8} {'PROCESS':<16} {'SERIES':<20} {'COUNT':>10} {'P99':>9} "
                  f"{'MAX':>9}"]
         for w in rows:
             p99 = quantile(0.99, w.scale, w.offset, w.counts, w.min, w.max)
@@ -64,3 +69,37 @@ class HistogramSummary:
                          f"{w.label[:20]:<20} {w.count:>10} {format_seconds(p99):>9} "
                          f"{format_seconds(w.max):>9}")
         return "\n".join(lines)
+
+
+class SummaryReport:
+    """The table on `out` every `interval` seconds, and once more at shutdown. Records are
+    added on the event loop; the table is rendered on the periodic runner's thread (the
+    process names come from /proc)."""
+
+    def __init__(self, top: int, interval: float, name_of: Callable[[Workload], str],
+                 out: TextIO) -> None:
+        self.table = HistogramSummary(top)
+        self._name_of = name_of
+        self._out = out
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self.periodic: Periodic[None] = Periodic("summary", interval, self.print_now)
+
+    def add(self, records: Iterable[Record]) -> None:
+        with self._lock:
+            self.table.add(records)
+
+    def print_now(self) -> None:
+        with self._lock:  # a new window; the old one is rendered without the lock
+            table, self.table = self.table, HistogramSummary(self.table.top)
+            elapsed, self._started = time.monotonic() - self._started, time.monotonic()
+        print(table.render(elapsed, self._name_of), file=self._out, flush=True)
+
+    async def run(self) -> None:
+        await self.periodic.run()
+
+    async def last(self, deadline: float) -> None:
+        await self.periodic.last(deadline)
+
+    def close(self) -> None:
+        self.periodic.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
+from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -30,7 +30,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from otel_ebpf import __version__
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.export.delivery import Delivery
-from otel_ebpf.export.metrics import OtlpShipper
+from otel_ebpf.export.otlp import OtlpShipper
 from otel_ebpf.export.queue import (
     DELIVERED,
     SPOOL_CORRUPT,

@@ -15,6 +15,7 @@ import ctypes as ct
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from otel_ebpf.kernel.cache import ImageCache
 from otel_ebpf.kernel.compiler import CompileError, Compiler, Image
 from otel_ebpf.kernel.headers import HeaderSource
 from otel_ebpf.kernel.maps import BpfMap, update_set_map
-from otel_ebpf.kernel.preflight import tracefs_root
+from otel_ebpf.kernel.tracefs import tracefs_root
 
 __all__ = ["BpfMap", "Engine", "EngineError", "Program", "bpf_source", "bpf_source_dir",
            "update_set_map"]
@@ -59,6 +60,29 @@ def bpf_source_dir() -> Path:
 def bpf_source(name: str) -> str:
     """The text of probes/<name>.bpf.c."""
     return (bpf_source_dir() / f"{name}.bpf.c").read_text()
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "(?P<name>[\w.-]+\.h)"[ \t]*$')
+MAIN_FILE = "/virtual/main.c"  # what BCC calls the program it compiles
+
+
+def inline_headers(text: str, directories: Sequence[Path], name: str = MAIN_FILE) -> str:
+    """`text` with each `#include "x.h"` of a header in `directories` replaced by the
+    header itself. BCC rewrites map calls (`probe_stats.lookup(&k)`) only in the file it
+    compiles, never in an included one, so a shared header whose helpers call maps must be
+    part of that file; #line markers keep compiler messages naming the header and line."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        found = _LOCAL_INCLUDE.match(line)
+        header = next((d / found.group("name") for d in directories
+                       if (d / found.group("name")).is_file()), None) if found else None
+        if header is None:
+            out.append(line)
+            continue
+        out += [f'#line 1 "{header.name}"',
+                inline_headers(header.read_text(), directories, header.name).rstrip("\n"),
+                f'#line {number + 1} "{name}"']
+    return "\n".join(out) + "\n"
 
 
 def default_jobs() -> int:
@@ -246,8 +270,10 @@ class Engine:
             )
         text = source.read_text() if source is not None else bpf_source(name)
         # shared headers (rate_limit.h) sit beside the sources
-        includes = [f"-I{d}" for d in dict.fromkeys(
-            [*([source.parent] if source is not None else []), bpf_source_dir()])]
+        directories = list(dict.fromkeys(
+            [*([source.parent] if source is not None else []), bpf_source_dir()]))
+        text = inline_headers(text, directories)
+        includes = [f"-I{d}" for d in directories]
         try:
             image, fds, cached = self.compiler.compile(text, [*includes, *cflags])
         except CompileError as exc:

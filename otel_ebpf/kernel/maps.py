@@ -7,8 +7,9 @@ import ctypes as ct
 import errno
 import functools
 import logging
+import struct
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from otel_ebpf.kernel import bpfsys
 
@@ -182,3 +183,30 @@ def update_set_map(table: BpfMap, current: set[int], wanted: set[int]) -> set[in
     for k in current - wanted:
         table.delete(ct.c_uint64(k))
     return set(wanted)
+
+
+def unpacker(ctype: type[ct.Structure], fields: Sequence[str]) -> struct.Struct:
+    """A struct.Struct that unpacks entries of `ctype` (a map's key or value type, as BCC
+    derived it from the C) into the values of `fields`, for decoders that unpack many
+    entries at C speed. The C stays the one source of truth of the layout: offsets and
+    sizes come from it, and ValueError says so when its members are not `fields`."""
+    names = [field[0] for field in ctype._fields_]
+    if names != list(fields):
+        raise ValueError(f"struct {ctype.__name__} has members {names}; the decoder reads "
+                         f"{list(fields)}")
+    codes, at = ["="], 0
+    for field in ctype._fields_:
+        name, member = field[0], cast(Any, field[1])
+        offset = getattr(ctype, name).offset
+        codes.append(f"{offset - at}x" if offset > at else "")
+        size = ct.sizeof(member)
+        if issubclass(member, ct.Array) and member._type_ is ct.c_char:
+            codes.append(f"{member._length_}s")
+        elif size in (1, 2, 4, 8) and isinstance(getattr(member, "_type_", None), str):
+            code = {1: "b", 2: "h", 4: "i", 8: "q"}[size]
+            codes.append(code.upper() if member._type_.isupper() else code)
+        else:
+            raise ValueError(f"struct {ctype.__name__}.{name}: no unpacking for {member}")
+        at = offset + size
+    codes.append(f"{ct.sizeof(ctype) - at}x" if ct.sizeof(ctype) > at else "")
+    return struct.Struct("".join(codes))

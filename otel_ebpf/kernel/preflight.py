@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from otel_ebpf.enrich.cgroup import cgroup2_mounts
 from otel_ebpf.kernel import headers as kheaders
+from otel_ebpf.kernel.cgroupfs import cgroup2_mounts
+from otel_ebpf.kernel.tracefs import tracefs_root
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 _BPF_MAP_CREATE, _BPF_MAP_TYPE_ARRAY = 0, 2
@@ -107,10 +107,6 @@ def check_bpf_syscall() -> Check:
         fixes[err] = _seccomp_refuses("bpf", "CAP_BPF")
     return Check("bpf() syscall", FAIL, f"BPF_MAP_CREATE failed: {os.strerror(err)}",
                  fixes.get(err, "see dmesg"))
-
-
-def tracefs_root() -> Path | None:
-    return next((p for p in TRACEFS_ROOTS if (p / "events").is_dir()), None)
 
 
 def check_tracefs() -> Check:
@@ -219,7 +215,9 @@ def check_kprobes() -> Check:
                  "not available (not needed: every probe uses tracepoints or perf events)")
 
 
-def check_events(probe: str, events: Sequence[str]) -> Check:
+def check_events(probe: str, events: Sequence[str], optional: Sequence[str] = ()) -> Check:
+    """The probe's trace events: a missing required one fails, a missing optional one
+    warns (the probe runs without it)."""
     root = tracefs_root()
     if root is None:
         return Check(f"{probe}: tracepoints", FAIL, "tracefs missing", "see tracefs above")
@@ -227,7 +225,11 @@ def check_events(probe: str, events: Sequence[str]) -> Check:
     if missing:
         return Check(f"{probe}: tracepoints", FAIL, f"missing {', '.join(missing)}",
                      "this kernel lacks the tracepoints; CONFIG_FTRACE_SYSCALLS for syscalls")
-    return Check(f"{probe}: tracepoints", OK, ", ".join(events))
+    absent = [e for e in optional if not (root / "events" / e).is_dir()]
+    if absent:
+        return Check(f"{probe}: tracepoints", WARN, f"optional {', '.join(absent)} missing",
+                     "the probe runs without them (`otel-ebpf probes` says what is lost)")
+    return Check(f"{probe}: tracepoints", OK, ", ".join([*events, *optional]))
 
 
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}

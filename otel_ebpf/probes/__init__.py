@@ -1,38 +1,63 @@
-"""The probe registry. Adding a probe: its .bpf.c under probes/, its decoder module here,
-its config class in otel_ebpf.config, one line below."""
+"""The probe registry. Adding a probe: its probes/<name>.bpf.c, its module
+otel_ebpf/probes/<name>.py (the probe class with its declared contract and decoder, and
+its config class), and one line in PROBES. The agent builds, routes and configures every
+probe from its declaration (otel_ebpf/probes/base.py): the `probes.<name>` config section
+comes from its config class, its exports from the signals it declares.
+"""
 
 from __future__ import annotations
 
-from otel_ebpf.config import Config
-from otel_ebpf.kernel.syscalls import SyscallTable
-from otel_ebpf.probes.base import Probe
+import importlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["PROBE_TYPES", "Probe", "build", "enabled_names"]
-from otel_ebpf.probes.cpu_profile import CpuProfile
-from otel_ebpf.probes.syscall_latency import SyscallLatency
-from otel_ebpf.probes.tcp_retransmit import TcpRetransmit
+from otel_ebpf.probes.base import AnyProbe, Hook, Probe, ProbeContext, Signal
 
-PROBE_TYPES: dict[str, type[Probe]] = {
-    SyscallLatency.name: SyscallLatency,
-    CpuProfile.name: CpuProfile,
-    TcpRetransmit.name: TcpRetransmit,
-}
+if TYPE_CHECKING:
+    from otel_ebpf.config import Config
+
+__all__ = ["PROBES", "PROBE_TYPES", "AnyProbe", "Hook", "Probe", "ProbeContext", "Signal",
+           "build", "enabled_names", "produced", "types_producing"]
+
+# one line per probe: <name>:<class>, its module otel_ebpf/probes/<name>.py
+PROBES = (
+    "syscall_latency:SyscallLatency",
+    "cpu_profile:CpuProfile",
+    "tcp_retransmit:TcpRetransmit",
+    "runqueue_latency:RunqueueLatency",
+)
+
+
+def _probe_type(entry: str) -> type[Probe[Any]]:
+    name, _, class_name = entry.partition(":")
+    probe = getattr(importlib.import_module(f"{__name__}.{name}"), class_name)
+    if not (isinstance(probe, type) and issubclass(probe, Probe)
+            and getattr(probe, "name", None) == name):
+        raise TypeError(f"probe registry: {entry} is not a Probe named {name!r}")
+    return probe
+
+
+PROBE_TYPES: dict[str, type[Probe[Any]]] = {
+    probe.name: probe for probe in map(_probe_type, PROBES)}
 
 
 def enabled_names(config: Config) -> list[str]:
-    return [name for name in PROBE_TYPES if getattr(config.probes, name).enabled]
+    return [name for name in PROBE_TYPES if config.probes.section(name).enabled]
 
 
-def build(config: Config, syscalls: SyscallTable, select_cgroups: bool = False
-          ) -> list[Probe]:
-    """The enabled probes, constructed but not started. With select_cgroups the probes
-    that can filter by cgroup in the kernel are built to (the workload filter)."""
-    probes: list[Probe] = []
-    if config.probes.syscall_latency.enabled:
-        probes.append(SyscallLatency(config.probes.syscall_latency, syscalls,
-                                     select_cgroups=select_cgroups))
-    if config.probes.cpu_profile.enabled:
-        probes.append(CpuProfile(config.probes.cpu_profile, select_cgroups=select_cgroups))
-    if config.probes.tcp_retransmit.enabled:
-        probes.append(TcpRetransmit(config.probes.tcp_retransmit))
-    return probes
+def build(config: Config, context: ProbeContext) -> list[AnyProbe]:
+    """The enabled probes, constructed but not started."""
+    return [probe.create(config.probes.section(name), context)
+            for name, probe in PROBE_TYPES.items() if config.probes.section(name).enabled]
+
+
+def produced(config: Config, names: Iterable[str] | None = None) -> frozenset[Signal]:
+    """The signals the probes (all, or those named) produce with this config."""
+    wanted = PROBE_TYPES if names is None else names
+    return frozenset().union(*(PROBE_TYPES[name].produces(config.probes.section(name))
+                               for name in wanted))
+
+
+def types_producing(signal: Signal) -> list[type[Probe[Any]]]:
+    """The probe types that declare this signal."""
+    return [probe for probe in PROBE_TYPES.values() if signal in probe.signals]

@@ -19,30 +19,46 @@ import time
 from array import array
 from typing import Any
 
-from otel_ebpf.config import CpuProfileConfig
-from otel_ebpf.kernel.engine import BpfMap, Engine, EngineError, Program, update_set_map
-from otel_ebpf.model import Collection, MetricDescriptor, StackSample, Workload
-from otel_ebpf.probes.base import Hook, Probe
-from otel_ebpf.symbols import Frame, Symbolizer
+from pydantic import Field
+
+from otel_ebpf.config_base import Duration, ProfilesProbeConfig
+from otel_ebpf.kernel.engine import BpfMap, EngineError, Program
+from otel_ebpf.kernel.maps import unpacker
+from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample, Workload
+from otel_ebpf.probes.base import Hook, Probe, Signal
+from otel_ebpf.symbolize.symbols import Frame, Symbolizer
 
 log = logging.getLogger(__name__)
 
-_STATS = ("idle", "user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost",
-          "samples")
-# reported as lost events; idle samples are dropped by design and samples are a total
-_LOSSES = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost")
 STACK_CACHE_ENTRIES = 16384  # symbolized stacks kept across drains (hot stacks recur)
 RETAIN_S = 30.0  # a stack no sample used for this long leaves the kernel's map
 FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's stacks
 
-# struct sample_key and struct sample_value of probes/cpu_profile.bpf.c, as the kernel lays
-# them out (unpacked in bulk: a drain can hold thousands of entries)
-SAMPLE_KEY = struct.Struct("=IIQQii16s")
-SAMPLE_VALUE = struct.Struct("=QQ")
+# the members of struct sample_key and struct sample_value of probes/cpu_profile.bpf.c that
+# decode() reads, in order; their layout comes from the compiled program (unpacked in
+# bulk: a drain can hold thousands of entries)
+SAMPLE_KEY_FIELDS = ("tgid", "tid", "user_stack", "kernel_stack", "user_stack_err",
+                     "kernel_stack_err", "comm")
+SAMPLE_VALUE_FIELDS = ("count", "cgroup_id")
 
 PROFILE_SAMPLES = MetricDescriptor(
     "cpu.samples", "{sample}",
     "On-CPU stack samples of the software cpu-clock (exported as OTLP profiles).")
+# each sample's value counts samples, one every `period` nanoseconds of CPU time
+ON_CPU = ProfileType("samples", "count", "cpu", "nanoseconds")
+
+
+class CpuProfileConfig(ProfilesProbeConfig):
+    # a prime, so sampling does not run in lockstep with periodic work
+    frequency: int = Field(default=19, ge=1, le=10_000)
+    # how often the kernel's sample counts are drained
+    interval: Duration = 1.0
+    # keys of the in-kernel sample counts: null sizes it from frequency x CPUs x interval
+    # (a drain walks every bucket, so an oversized map costs CPU on every drain)
+    max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
+    user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
+    kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
+    keep_idle: bool = False
 
 
 def samples_map_size(config: CpuProfileConfig, cpus: int) -> int:
@@ -107,24 +123,28 @@ class InternedStacks:
         return len(stale)
 
 
-class CpuProfile(Probe):
+class CpuProfile(Probe[CpuProfileConfig]):
     name = "cpu_profile"
     summary = "sampled on-CPU stacks (kernel + user) of every process, counted in the kernel"
-    hooks = (Hook("perf_event", None, "software cpu-clock, one per CPU"),)
+    config_class = CpuProfileConfig
+    hooks = (Hook("perf_event", None, "on_cpu_sample", note="software cpu-clock, one per CPU"),)
+    signals = frozenset({Signal.PROFILES})
     exports = (PROFILE_SAMPLES,)
+    # idle samples are dropped by design and `samples` is a total
+    lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost")
+    filters_cgroups = True
+    profile_type = ON_CPU
+    wired_at_start = ("folded_path",)  # the profile export's
 
     def __init__(self, config: CpuProfileConfig, symbolizer: Symbolizer | None = None,
                  select_cgroups: bool = False) -> None:
-        self.config = config
-        self.select_cgroups = select_cgroups
-        self._selected: set[int] = set()
+        super().__init__(config, select_cgroups=select_cgroups)
         self.symbolizer = symbolizer or Symbolizer()
         self.period_ns = 1_000_000_000 // config.frequency
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
-        self._program: Program | None = None
         self._user_stacks: InternedStacks | None = None
         self._kernel_stacks: InternedStacks | None = None
-        self._stats_seen = [0] * len(_STATS)
+        self._keys = self._values = struct.Struct("")  # made from the compiled program
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
@@ -132,44 +152,32 @@ class CpuProfile(Probe):
         self._stack_cache: dict[tuple[int, int, int], tuple[Frame, ...]] = {}
         self._workloads: dict[tuple[int, bytes, int], Workload] = {}
 
-    def cflags(self) -> list[str]:
+    def program_flags(self) -> list[str]:
         c = self.config
         flags = [f"-DSAMPLE_HZ={c.frequency}", f"-DMAX_SAMPLES={self.max_samples}",
                  f"-DUSER_STACK_ENTRIES={c.user_stack_entries}",
                  f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}"]
         if c.keep_idle:
             flags.append("-DKEEP_IDLE")
-        if self.select_cgroups:
-            flags.append("-DFILTER_CGROUP")
         return flags
 
-    def set_cgroup_filter(self, cgroup_ids: set[int]) -> None:
-        if self._program is not None and self.select_cgroups:
-            self._selected = update_set_map(self._program.map("cgroup_filter"),
-                                            self._selected, cgroup_ids)
+    def sample_frequency(self) -> int:
+        return self.config.frequency
 
-    def verify(self, engine: Engine) -> None:
-        engine.verify(self.name, self.cflags(), [("on_cpu_sample", "perf_event")])
-
-    def start(self, engine: Engine) -> None:
-        program = engine.load(self.name, self.cflags())
-        self._program = program
+    def prepare(self, program: Program) -> None:
         samples = program.map("samples")
-        if (samples.key_size, samples.value_size) != (SAMPLE_KEY.size, SAMPLE_VALUE.size):
-            self.stop()
-            raise EngineError("cpu_profile: the compiled samples map does not match "
-                              "SAMPLE_KEY / SAMPLE_VALUE (a bug: report it)")
+        try:
+            self._keys = unpacker(samples.key_type, SAMPLE_KEY_FIELDS)
+            self._values = unpacker(samples.value_type, SAMPLE_VALUE_FIELDS)
+        except ValueError as exc:
+            raise EngineError(f"cpu_profile: the compiled samples map is not what the "
+                              f"decoder reads: {exc} (a bug: report it)") from exc
         retain = max(1, math.ceil(RETAIN_S / self.config.interval))
         self._user_stacks = InternedStacks(program.map("user_stacks"),
                                            self.config.user_stack_entries, retain)
         self._kernel_stacks = InternedStacks(program.map("kernel_stacks"),
                                              self.config.kernel_stack_entries, retain)
-        try:
-            program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
-            program.attach_cpu_clock("on_cpu_sample", self.config.frequency)
-        except Exception:
-            self.stop()
-            raise
+        program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
         with self._symbols_lock:
@@ -191,16 +199,13 @@ class CpuProfile(Probe):
         keys, values = self._program.map("samples").drain_bytes()
         evicted = {"user_stack_lost": 0, "kernel_stack_lost": 0}
         samples = [self.decode(key, value, evicted) for key, value in zip(
-            SAMPLE_KEY.iter_unpack(keys), SAMPLE_VALUE.iter_unpack(values), strict=True)]
+            self._keys.iter_unpack(keys), self._values.iter_unpack(values), strict=True)]
         self._user_stacks.end_drain()
         self._kernel_stacks.end_drain()
-        totals = self._program.map("profile_stats").percpu_sums()
-        deltas = {name: total - seen for name, total, seen
-                  in zip(_STATS, totals, self._stats_seen, strict=True)}
-        self._stats_seen = totals
+        grown = self.take_stats()
         for name, n in evicted.items():
-            deltas[name] += n
-        lost = {name: deltas[name] for name in _LOSSES if deltas[name] > 0}
+            grown[name] += n
+        lost = self.lost(grown)
         took = time.monotonic() - began
         if took > self.config.interval:
             log.info("cpu_profile: symbolizing %d stacks took %.2fs (longer than the %.2fs "
@@ -209,11 +214,13 @@ class CpuProfile(Probe):
                 "user_stacks": (len(self._user_stacks), self.config.user_stack_entries),
                 "kernel_stacks": (len(self._kernel_stacks), self.config.kernel_stack_entries)}
         return Collection(self.name, samples=samples, lost_events=lost,
-                          period_ns=self.period_ns, map_fill=fill)
+                          period_ns=self.period_ns, profile_type=self.profile_type,
+                          map_fill=fill)
 
     def decode(self, key: tuple[int, int, int, int, int, int, bytes],
                value: tuple[int, int], evicted: dict[str, int]) -> StackSample:
-        """One samples entry (SAMPLE_KEY, SAMPLE_VALUE fields) -> a symbolized sample."""
+        """One samples entry (SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS) -> a symbolized
+        sample."""
         assert self._user_stacks is not None and self._kernel_stacks is not None
         tgid, tid, user_id, kernel_id, user_err, kernel_err, raw_comm = key
         count, cgroup_id = value
@@ -259,7 +266,5 @@ class CpuProfile(Probe):
         )
 
     def stop(self) -> None:
-        if self._program is not None:
-            self._program.close()
-            self._program = None
-            self._user_stacks = self._kernel_stacks = None
+        super().stop()
+        self._user_stacks = self._kernel_stacks = None

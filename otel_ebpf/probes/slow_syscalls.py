@@ -16,11 +16,14 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field
+
 from otel_ebpf.clock import MonotonicClock
-from otel_ebpf.config import SlowSpansConfig
+from otel_ebpf.config_base import Duration, Strict
 from otel_ebpf.kernel.engine import Program
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import AttributeValue, SpanRecord, Workload
+from otel_ebpf.probes.series import workload_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,33 @@ FD_FIRST = frozenset({
     "sync_file_range", "shutdown", "getsockopt", "setsockopt", "fstat", "lseek",
 })
 TERMINAL_READS = frozenset({"read", "readv", "pread64", "preadv", "preadv2"})
+# Calls that block by design: slow is their normal, so they make no spans unless included.
+BLOCKING_SYSCALLS = (
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6",
+    "futex", "futex_waitv", "nanosleep", "clock_nanosleep", "wait4", "waitid", "pause",
+    "rt_sigsuspend", "rt_sigtimedwait", "accept", "accept4", "io_getevents",
+    "io_pgetevents", "io_uring_enter", "msgrcv", "semop", "semtimedop", "mq_timedreceive",
+)
+
+
+class SlowSpansConfig(Strict):
+    """probes.syscall_latency.slow_spans: slow syscalls as spans; the kernel emits an event
+    for each call over its threshold."""
+
+    enabled: bool = True
+    threshold: Duration = 0.010
+    # per syscall name, overriding `threshold`
+    thresholds: dict[str, Duration] = Field(default_factory=dict)
+    exclude: list[str] = Field(default_factory=lambda: list(BLOCKING_SYSCALLS))
+    # names taken back out of `exclude` (e.g. [nanosleep])
+    include: list[str] = Field(default_factory=list)
+    # reads of a terminal wait for a human: dropped in user space (counted)
+    exclude_terminal_reads: bool = True
+    rate_per_second: int = Field(default=1000, ge=1, le=1_000_000)
+    burst: int = Field(default=200, ge=1, le=1_000_000)
+    buffer_size: int = Field(default=1 << 20, ge=1 << 16, le=1 << 28,
+                             description="kernel event buffer in bytes (power of two)")
+    exemplars_per_series: int = Field(default=4, ge=0, le=64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +87,8 @@ def series_of(aggregation: str, syscall: str, tgid: int, comm: str, cgroup_id: i
               exe: str) -> tuple[Workload, dict[str, AttributeValue]]:
     """The series a call is counted in, as the kernel keyed it: its workload and its
     attributes. One place, so that spans name the series their exemplars belong to."""
-    attributes: dict[str, AttributeValue] = {"linux.syscall.name": syscall}
-    if aggregation == "workload":
-        if exe:
-            attributes["process.executable.name"] = exe
-        return Workload(0, exe or comm, cgroup_id), attributes
-    if aggregation == "process":
-        return Workload(tgid, comm, cgroup_id), attributes
-    if aggregation == "cgroup":
-        return Workload(0, comm, cgroup_id), attributes
-    return Workload(0, comm, 0), attributes
+    workload, attributes = workload_of(aggregation, tgid, comm, cgroup_id, exe)
+    return workload, {"linux.syscall.name": syscall, **attributes}
 
 
 def ring_buffer_supported(release: str | None = None) -> bool:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
-import time
-from typing import Any, cast
+from typing import Annotated, Any, cast
+
+from pydantic import Field
 
 from otel_ebpf.clock import MonotonicClock
-from otel_ebpf.config import SyscallLatencyConfig
-from otel_ebpf.enrich.cgroup import cgroup_id
-from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound, trim
-from otel_ebpf.kernel import btf as kbtf
-from otel_ebpf.kernel.engine import Engine, EngineError, Program, update_set_map
+from otel_ebpf.config_base import ProbeConfig, Strict
+from otel_ebpf.histogram import (
+    HIST_MIN_INDEX,
+    HIST_SCALE,
+    bucket_lower_bound,
+    bucket_upper_bound,
+    trim,
+)
+from otel_ebpf.kernel.engine import Program
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import (
     AttributeValue,
@@ -26,54 +31,86 @@ from otel_ebpf.model import (
     ExpHistogramDelta,
     MetricDescriptor,
     Record,
+    Setting,
     SpanRecord,
     Workload,
 )
-from otel_ebpf.probes.base import Hook, Probe
-from otel_ebpf.probes.slow_syscalls import SlowCallStream, ring_buffer_supported, series_of
+from otel_ebpf.probes.base import Hook, Probe, ProbeContext, Signal
+from otel_ebpf.probes.generations import Generations
+from otel_ebpf.probes.series import Aggregation, aggregation_flags
+from otel_ebpf.probes.slow_syscalls import (
+    SlowCallStream,
+    SlowSpansConfig,
+    ring_buffer_supported,
+    series_of,
+)
 from otel_ebpf.probes.slow_syscalls import cflags as slow_cflags
 from otel_ebpf.probes.syscall_sampling import Estimate, FastCallEstimator, Interval
-from otel_ebpf.probes.task_layout import offset_flags
 
 log = logging.getLogger(__name__)
 
-# Keep in sync with probes/syscall_latency.bpf.c.
-HIST_SCALE = 2
-HIST_MIN_INDEX = -104
-HIST_BUCKETS = 152
-_STAT_REASONS = ("map_full", "no_start", "rate_limited", "buffer_full", "no_task_storage",
-                 "no_memory", "timing_lost")
-# After the generation flips, programs that read the old one may still be adding to its
-# map: they finish within microseconds unless preempted; this covers a preempted one on
-# anything but a hopelessly overloaded machine. The collecting thread sleeps, at no cost.
-GENERATION_GRACE_S = 0.05
 
 SYSCALL_DURATION = MetricDescriptor(
     name="linux.syscall.duration",
     unit="s",
     description="Time from syscall entry to exit, measured in the kernel per workload.",
 )
+# A backend reading quantiles needs the sampling period to judge them; counts never
+# depend on it.
+SAMPLE_PERIOD = MetricDescriptor(
+    name="otel_ebpf.syscall.sample_period",
+    unit="{call}",
+    description="Of the syscalls that stay on the CPU, one in this many is timed; the "
+                "others are spread over that sample (counts stay exact).",
+)
 
 
-class SyscallLatency(Probe):
+class SyscallFilter(Strict):
+    """A task is traced when it matches every non-empty list (OR within a list)."""
+
+    pids: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    comms: list[Annotated[str, Field(min_length=1, max_length=15)]] = Field(
+        default_factory=list
+    )
+    # cgroup v2 ids, or paths (absolute or relative to /sys/fs/cgroup)
+    cgroups: list[int | str] = Field(default_factory=list)
+
+
+class SyscallLatencyConfig(ProbeConfig):
+    max_entries: int = Field(default=8192, ge=64, le=1 << 20)
+    # workload: per container (else cgroup) and executable; process: per pid (grows with
+    # churn); cgroup; system
+    aggregation: Aggregation = "workload"
+    # time one in this many calls that stay on the CPU (every call that leaves it is
+    # timed); 1 times every call, at about twice the cost per call
+    sample_period: int = Field(default=64, ge=1, le=1 << 16)
+    filter: SyscallFilter = Field(default_factory=SyscallFilter)
+    slow_spans: SlowSpansConfig = Field(default_factory=SlowSpansConfig)
+
+
+class SyscallLatency(Probe[SyscallLatencyConfig]):
     name = "syscall_latency"
     summary = ("every syscall counted, and its latency as a histogram per workload and "
                "syscall, in the kernel")
+    config_class = SyscallLatencyConfig
+    # the switch hook first: a call must never enter unseen by it
     hooks = (
-        Hook("raw_tracepoint", "raw_syscalls/sys_enter"),
-        Hook("raw_tracepoint", "raw_syscalls/sys_exit"),
-        Hook("raw_tracepoint", "sched/sched_switch"),
+        Hook("raw_tracepoint", "sched/sched_switch", "on_sched_switch"),
+        Hook("raw_tracepoint", "raw_syscalls/sys_exit", "on_sys_exit"),
+        Hook("raw_tracepoint", "raw_syscalls/sys_enter", "on_sys_enter"),
     )
+    signals = frozenset({Signal.METRICS, Signal.SPANS})
     exports = (SYSCALL_DURATION,)
+    lost_stats = ("map_full", "no_start", "rate_limited", "buffer_full",
+                  "no_task_storage", "no_memory", "timing_lost")
+    filters_cgroups = True
+    wired_at_start = ("slow_spans.exemplars_per_series",)  # the series store's
 
     def __init__(self, config: SyscallLatencyConfig, syscalls: SyscallTable,
                  clock: MonotonicClock | None = None, perf_buffer: bool | None = None,
                  select_cgroups: bool = False) -> None:
-        self.config = config
-        self.select_cgroups = select_cgroups
-        self._selected: set[int] = set()
+        super().__init__(config, select_cgroups=select_cgroups)
         self.syscalls = syscalls
-        self._program: Program | None = None
         self.slow: SlowCallStream | None = None
         if config.slow_spans.enabled:
             perf = not ring_buffer_supported() if perf_buffer is None else perf_buffer
@@ -81,14 +118,26 @@ class SyscallLatency(Probe):
                                        perf, config.aggregation)
         self._terminal_reads_seen = 0
         self._forgotten_seen = 0
-        self._stats_seen = [0] * len(_STAT_REASONS)
-        self._generation = 0  # which latency_<n> map the programs write
+        self.latency = Generations("latency")
         self.estimator = FastCallEstimator()
-        self._cflags: list[str] | None = None
 
-    def cflags(self) -> list[str]:
-        if self._cflags is not None:
-            return self._cflags
+    @classmethod
+    def create(cls, config: ProbeConfig, context: ProbeContext) -> SyscallLatency:
+        assert isinstance(config, SyscallLatencyConfig)
+        return cls(config, context.syscalls, select_cgroups=context.select_cgroups)
+
+    @classmethod
+    def produces(cls, config: ProbeConfig) -> frozenset[Signal]:
+        assert isinstance(config, SyscallLatencyConfig)
+        signals = super().produces(config)
+        return signals if config.slow_spans.enabled else signals - {Signal.SPANS}
+
+    @classmethod
+    def exemplars_per_series(cls, config: ProbeConfig) -> int:
+        assert isinstance(config, SyscallLatencyConfig)
+        return config.slow_spans.exemplars_per_series
+
+    def program_flags(self) -> list[str]:
         flags = [f"-DMAX_ENTRIES={self.config.max_entries}",
                  f"-DSAMPLE_PERIOD={self.config.sample_period}"]
         numbers = {name: nr for nr, name in self.syscalls.names.items()}
@@ -97,51 +146,19 @@ class SyscallLatency(Probe):
         if "clone" in numbers:  # a child's first return: no call of its own
             flags += [f"-DNR_{name.upper()}={numbers.get(name, -1)}"
                       for name in ("clone", "clone3", "fork", "vfork")]
-        if self.config.aggregation == "workload":
-            flags.append("-DKEY_WORKLOAD")
-            try:
-                flags += offset_flags(kbtf.vmlinux())
-            except kbtf.BtfError as exc:
-                raise EngineError(
-                    f"{self.name}: cannot find a task's executable in this kernel: {exc}. "
-                    "Workload series read it at offsets from /sys/kernel/btf/vmlinux "
-                    "(CONFIG_DEBUG_INFO_BTF=y); where there is none, set "
-                    "probes.syscall_latency.aggregation: cgroup") from exc
-        elif self.config.aggregation == "process":
-            flags.append("-DKEY_TGID")
-        elif self.config.aggregation == "cgroup":
-            flags.append("-DKEY_CGROUP")
+        flags += aggregation_flags(self.name, self.config.aggregation)
         f = self.config.filter
-        flags += [flag for flag, on in (
-            ("-DFILTER_TGID", f.pids), ("-DFILTER_COMM", f.comms),
-            ("-DFILTER_CGROUP", f.cgroups or self.select_cgroups)
-        ) if on]
+        flags += [flag for flag, on in (("-DFILTER_TGID", f.pids), ("-DFILTER_COMM", f.comms))
+                  if on]
         if self.slow is not None:
             flags += slow_cflags(self.config.slow_spans, self.syscalls, self.slow.perf)
-        self._cflags = flags
         return flags
 
-    def verify(self, engine: Engine) -> None:
-        engine.verify(self.name, self.cflags(),
-                      [("on_sys_enter", "raw_tracepoint"), ("on_sys_exit", "raw_tracepoint"),
-                       ("on_sched_switch", "raw_tracepoint")])
+    def cgroup_filter_specs(self) -> list[int | str]:
+        return list(self.config.filter.cgroups)
 
-    def start(self, engine: Engine) -> None:
-        program = engine.load(self.name, self.cflags())
-        self._program = program
-        try:
-            self._fill_filters(program)
-            if self.slow is not None:
-                self.slow.attach(program)
-            # the switch hook first: a call must never enter unseen by it
-            program.attach_raw_tracepoint("sched_switch", "on_sched_switch")
-            program.attach_raw_tracepoint("sys_exit", "on_sys_exit")
-            program.attach_raw_tracepoint("sys_enter", "on_sys_enter")
-        except Exception:
-            self.stop()
-            raise
-
-    def _fill_filters(self, program: Program) -> None:
+    def prepare(self, program: Program) -> None:
+        """The pid and comm filters, and the slow-call thresholds and event buffer."""
         f = self.config.filter
         if f.pids:
             program.map("tgid_filter").set_members(ct.c_uint32(p) for p in f.pids)
@@ -153,28 +170,14 @@ class SyscallLatency(Probe):
                 key.comm = comm.encode()[:15]
                 keys.append(key)
             comm_map.set_members(keys)
-        if f.cgroups:
-            program.map("cgroup_filter").set_members(
-                ct.c_uint64(cgroup_id(c)) for c in f.cgroups
-            )
+        if self.slow is not None:
+            self.slow.attach(program)
 
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        # swap maps, wait out the writers of the old one, then drain it: no count can land
-        # in an entry the drain already copied
-        drained = self._generation
-        self._generation ^= 1
-        self._program.map("generation").set(ct.c_int(0), ct.c_uint32(self._generation))
-        time.sleep(GENERATION_GRACE_S)
-        entries = self._program.map(f"latency_{drained}").drain()
-        totals = self._program.map("probe_stats").percpu_sums()
-        lost = {
-            reason: total - seen
-            for reason, total, seen in zip(_STAT_REASONS, totals, self._stats_seen, strict=True)
-            if total > seen
-        }
-        self._stats_seen = totals
+        entries = self.latency.drain(self._program)
+        lost = self.lost(self.take_stats())
         if self.slow is not None and self.slow.terminal_reads > self._terminal_reads_seen:
             lost["terminal_read_filtered"] = self.slow.terminal_reads - self._terminal_reads_seen
             self._terminal_reads_seen = self.slow.terminal_reads
@@ -215,20 +218,11 @@ class SyscallLatency(Probe):
             return None
         return _record(workload, attributes, estimate, int(value.min_ns), int(value.max_ns))
 
-    def set_cgroup_filter(self, cgroup_ids: set[int]) -> None:
-        if self._program is None or not self.select_cgroups:
-            return
-        static = {cgroup_id(c) for c in self.config.filter.cgroups}
-        self._selected = update_set_map(self._program.map("cgroup_filter"),
-                                        self._selected, cgroup_ids | static)
-
     def poll_spans(self) -> list[SpanRecord]:
         return self.slow.poll() if self.slow is not None else []
 
-    def stop(self) -> None:
-        if self._program is not None:
-            self._program.close()
-            self._program = None
+    def settings(self) -> list[Setting]:
+        return [Setting(SAMPLE_PERIOD, {"probe": self.name}, self.config.sample_period)]
 
 
 def _record(workload: Workload, attributes: dict[str, AttributeValue], estimate: Estimate,

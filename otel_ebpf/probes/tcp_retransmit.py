@@ -26,13 +26,15 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from otel_ebpf.clock import MonotonicClock
-from otel_ebpf.config import TcpRetransmitConfig
+from otel_ebpf.config_base import ProbeConfig, Strict
 from otel_ebpf.kernel import btf as kbtf
-from otel_ebpf.kernel.engine import Engine, EngineError, Program
-from otel_ebpf.kernel.preflight import tracefs_root
+from otel_ebpf.kernel.engine import EngineError, Program
+from otel_ebpf.kernel.tracefs import event_has_field
 from otel_ebpf.model import AttributeValue, Collection, CounterDelta, MetricDescriptor, Workload
 from otel_ebpf.probes.base import Hook, Probe
 from otel_ebpf.probes.task_layout import offset_flags as task_offset_flags
@@ -50,12 +52,6 @@ EXE_NAMES = 4096  # executables that connected or listened, by id
 PAGE = 4096
 EVENT_RECORD_BYTES = 128  # sizeof(struct retransmit_event) + ring buffer header, rounded
 MAX_RINGBUF_PAGES = 4096  # 16 MiB: beyond, a burst is counted as buffer_full instead
-
-# Keep in sync with enum probe_stat in probes/tcp_retransmit.bpf.c.
-_STATS = ("hits", "map_full", "pcount_unreadable", "inserts", "no_owner", "rate_limited",
-          "buffer_full")
-# Which of them are events that were not recorded (exactly) - the agent's lost_events.
-_LOST = ("map_full", "pcount_unreadable", "rate_limited", "buffer_full")
 
 # include/net/tcp_states.h; names as in the semantic conventions' network.connection.state.
 # NEW_SYN_RECV is the kernel's state of a connection still in the listener's request
@@ -79,6 +75,23 @@ RETRANSMIT_FAILURES = MetricDescriptor(
     description="TCP segments whose retransmission failed (err != 0: not sent, or refused "
                 "below TCP), by error.type.",
 )
+
+
+class TcpRetransmitEvents(Strict):
+    """An optional stream of individual retransmit events (rate limited in the kernel)."""
+
+    enabled: bool = False
+    rate_per_second: int = Field(default=100, ge=1, le=100_000)
+
+
+class TcpRetransmitConfig(ProbeConfig):
+    max_entries: int = Field(default=16384, ge=64, le=1 << 20)
+    # connection: full 4-tuple; peer: peer address+port; workload: per owning process only
+    aggregation: Literal["connection", "peer", "workload"] = "peer"
+    # whose the counts are: the owner's workload (container, else cgroup, and executable)
+    # or, opted in, the owning process (one series per pid)
+    owner: Literal["workload", "process"] = "workload"
+    events: TcpRetransmitEvents = Field(default_factory=TcpRetransmitEvents)
 
 
 # ctypes mirrors of the .bpf.c structs. BCC hands back its own types for the maps; these
@@ -201,15 +214,7 @@ def _comm(raw: bytes) -> str:
 def retransmit_has_err(root: Path | None = None) -> bool:
     """Whether tcp_retransmit_skb carries `err` (6.17+). Before, it fired for successful
     retransmissions only, and failures are not visible to this probe."""
-    root = root or tracefs_root()
-    if root is None:
-        return False
-    try:
-        text = (root / "events" / "tcp" / "tcp_retransmit_skb" / "format").read_text()
-    except OSError:
-        return False
-    return any(line.split(";")[0].strip().endswith(" err")
-               for line in text.splitlines() if "field:" in line)
+    return event_has_field("tcp/tcp_retransmit_skb", "err", root)
 
 
 def ringbuf_pages(rate_per_second: int, burst: int, interval_s: float) -> int:
@@ -220,37 +225,33 @@ def ringbuf_pages(rate_per_second: int, burst: int, interval_s: float) -> int:
     return min(MAX_RINGBUF_PAGES, 1 << (pages - 1).bit_length())
 
 
-class TcpRetransmit(Probe):
+class TcpRetransmit(Probe[TcpRetransmitConfig]):
     name = "tcp_retransmit"
     summary = ("retransmitted TCP segments per connection / peer and owning process, "
                "counted in the kernel")
+    config_class = TcpRetransmitConfig
+    # owners first, so that sockets connected from now on are attributed before their
+    # first retransmit is counted
     hooks = (
-        Hook("raw_tracepoint", "tcp/tcp_retransmit_skb"),
-        Hook("raw_tracepoint", "tcp/tcp_retransmit_synack", "SYN-ACKs of unaccepted connections"),
-        Hook("raw_tracepoint", "sock/inet_sock_set_state",
-             "owner at connect() and listen(), accepted sockets, forgotten at close"),
+        Hook("raw_tracepoint", "sock/inet_sock_set_state", "on_state",
+             note="owner at connect() and listen(), accepted sockets, forgotten at close"),
+        Hook("raw_tracepoint", "tcp/tcp_retransmit_skb", "on_retransmit"),
+        Hook("raw_tracepoint", "tcp/tcp_retransmit_synack", "on_synack",
+             note="SYN-ACKs of unaccepted connections"),
     )
     exports = (RETRANSMITS, RETRANSMIT_FAILURES)
-
-    # (function, raw tracepoint); owners first, so that sockets connected from now on
-    # are attributed before their first retransmit is counted
-    _FUNCTIONS = (
-        ("on_state", "inet_sock_set_state"),
-        ("on_retransmit", "tcp_retransmit_skb"),
-        ("on_synack", "tcp_retransmit_synack"),
-    )
+    # events that were not recorded (exactly); hits, inserts and no_owner are totals
+    lost_stats = ("map_full", "pcount_unreadable", "rate_limited", "buffer_full")
 
     def __init__(self, config: TcpRetransmitConfig, btf: kbtf.Btf | None = None,
-                 clock: MonotonicClock | None = None) -> None:
-        self.config = config
+                 clock: MonotonicClock | None = None, select_cgroups: bool = False) -> None:
+        super().__init__(config, select_cgroups=select_cgroups)
         self._btf = btf
         self._clock = clock
-        self._program: Program | None = None
-        self._stats_seen = [0] * len(_STATS)
+        self._inserted_keys = 0
         self._drained_keys = 0
         self._evicted_reported = 0
         self._pending: list[RetransmitEvent] = []
-        self._cflags: list[str] | None = None
 
     # ---- build -------------------------------------------------------------------------
 
@@ -264,9 +265,7 @@ class TcpRetransmit(Probe):
         return ringbuf_pages(self.config.events.rate_per_second, self.event_burst,
                              self.config.interval)
 
-    def cflags(self) -> list[str]:
-        if self._cflags is not None:
-            return self._cflags
+    def program_flags(self) -> list[str]:
         flags = [f"-DMAX_ENTRIES={self.config.max_entries}", f"-DOWNER_ENTRIES={OWNER_ENTRIES}",
                  f"-DLISTENER_ENTRIES={LISTENER_ENTRIES}", f"-DEXE_NAMES={EXE_NAMES}"]
         if self.config.owner == "process":
@@ -291,27 +290,14 @@ class TcpRetransmit(Probe):
             flags += ["-DEVENTS", f"-DEVENT_RATE={events.rate_per_second}ULL",
                       f"-DEVENT_BURST={self.event_burst}ULL",
                       f"-DRINGBUF_PAGES={self.ringbuf_pages}"]
-        self._cflags = flags
         return flags
 
-    def verify(self, engine: Engine) -> None:
-        engine.verify(self.name, self.cflags(),
-                      [(fn, "raw_tracepoint") for fn, _ in self._FUNCTIONS])
-
-    def start(self, engine: Engine) -> None:
-        program = engine.load(self.name, self.cflags())
-        self._program = program
-        try:
-            if self.config.events.enabled:
-                if self._clock is None:
-                    self._clock = MonotonicClock()
-                program.open_event_buffer("events", self._on_event, perf=False,
-                                          pages=self.ringbuf_pages)
-            for fn, tracepoint in self._FUNCTIONS:
-                program.attach_raw_tracepoint(tracepoint, fn)
-        except Exception:
-            self.stop()
-            raise
+    def prepare(self, program: Program) -> None:
+        if self.config.events.enabled:
+            if self._clock is None:
+                self._clock = MonotonicClock()
+            program.open_event_buffer("events", self._on_event, perf=False,
+                                      pages=self.ringbuf_pages)
 
     # ---- read --------------------------------------------------------------------------
 
@@ -320,7 +306,7 @@ class TcpRetransmit(Probe):
             return Collection(self.name)
         # Stats before the drain: every key inserted before this read is either drained
         # now (or earlier) or was evicted, so inserts - drained never over-reports.
-        totals = self._program.map("probe_stats").percpu_sums()
+        grown = self.take_stats()
         entries = self._program.map("retransmits").drain()
         self._drained_keys += len(entries)
         records: list[CounterDelta] = []
@@ -328,15 +314,12 @@ class TcpRetransmit(Probe):
             record = self.decode(key, value)
             if record is not None:
                 records.append(record)
-        by_name = dict(zip(_STATS, totals, strict=True))
-        seen = dict(zip(_STATS, self._stats_seen, strict=True))
-        lost = {reason: by_name[reason] - seen[reason] for reason in _LOST
-                if by_name[reason] > seen[reason]}
-        evicted = by_name["inserts"] - self._drained_keys
+        lost = self.lost(grown)
+        self._inserted_keys += grown["inserts"]
+        evicted = self._inserted_keys - self._drained_keys
         if evicted > self._evicted_reported:
             lost["map_evicted"] = evicted - self._evicted_reported
             self._evicted_reported = evicted
-        self._stats_seen = totals
         return Collection(self.name, list(records), lost,
                           map_fill={"retransmits": (len(entries), self.config.max_entries)})
 
@@ -381,8 +364,8 @@ class TcpRetransmit(Probe):
         """The program's own counters since load (hits, inserts, no_owner, ...)."""
         if self._program is None:
             return {}
-        return dict(zip(_STATS, self._program.map("probe_stats").percpu_sums(), strict=True))
-
+        return dict(zip(self.stat_names(), self._program.map("probe_stats").percpu_sums(),
+                        strict=True))
     def _on_event(self, ev: Any) -> None:
         # ev is only valid during this call: copy what is kept.
         family = int(ev.family)
@@ -423,7 +406,3 @@ class TcpRetransmit(Probe):
                      ev.workload.pid, ev.workload.comm)
         return []
 
-    def stop(self) -> None:
-        if self._program is not None:
-            self._program.close()
-            self._program = None

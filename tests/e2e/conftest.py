@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_ebpf.enrich.cgroup import cgroup2_root
+from otel_ebpf.kernel.cgroupfs import cgroup2_root
 from tests.e2e.test_agent import AgentProcess
 from tests.peers.otelcol import OtelCollector, ensure_built
 from tests.peers.otlp_sink import OtlpSink

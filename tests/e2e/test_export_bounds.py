@@ -26,8 +26,9 @@ from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.cardinality import OVERFLOW, SeriesLimit
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.enrich.identity import AGENT
-from otel_ebpf.export.metrics import OtlpShipper, build_metrics_data, make_otlp_exporter
+from otel_ebpf.export.metrics import build_metrics_data
 from otel_ebpf.export.metrics_export import MetricsExport
+from otel_ebpf.export.otlp import OtlpShipper, make_otlp_exporter
 from otel_ebpf.export.split import count_points, request_size
 from otel_ebpf.model import CounterDelta, ExpHistogramDelta, Identity, MetricDescriptor, Workload
 from tests.peers.otelcol import OtelCollector

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from otel_ebpf.config import KubernetesConfig
-from otel_ebpf.enrich.cgroup import cgroup2_root
 from otel_ebpf.enrich.kubernetes import KubernetesPods
+from otel_ebpf.kernel.cgroupfs import cgroup2_root
 from tests.e2e.test_agent import AgentProcess
 from tests.e2e.test_identity import go, start_in_cgroup
 from tests.peers.kube import KubeApiServer

@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
-from otel_ebpf.config import CpuProfileConfig
 from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.profiles import build_profiles_request
 from otel_ebpf.kernel.engine import BpfMap, Engine
 from otel_ebpf.model import Identity, StackSample
-from otel_ebpf.probes.cpu_profile import CpuProfile, InternedStacks
+from otel_ebpf.probes.cpu_profile import CpuProfile, CpuProfileConfig, InternedStacks
 
 pytestmark = pytest.mark.kernel
 
@@ -112,7 +111,7 @@ def test_exported_profile_decodes_with_the_official_proto(profiler: Running,
     enricher = ProcessEnricher()
     request = build_profiles_request(
         samples, lambda w: Identity(enricher.lookup(w).attributes(), {"process.pid": w.pid}),
-        profiler.probe.period_ns, 1, 2)
+        profiler.probe.period_ns, 1, 2, profile_type=profiler.probe.profile_type)
     decoded = type(request).FromString(request.SerializeToString())
     d = decoded.dictionary
     assert d.string_table[0] == "" and d.function_table[0] == pb.Function()

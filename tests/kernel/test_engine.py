@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from otel_ebpf.config import SyscallFilter, SyscallLatencyConfig
 from otel_ebpf.kernel import headers, syscalls
 from otel_ebpf.kernel.cache import ImageCache
 from otel_ebpf.kernel.engine import Engine, EngineError
 from otel_ebpf.model import ExpHistogramDelta
-from otel_ebpf.probes.syscall_latency import SyscallLatency
+from otel_ebpf.probes.syscall_latency import SyscallFilter, SyscallLatency, SyscallLatencyConfig
 
 pytestmark = pytest.mark.kernel
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from otel_ebpf.config import SlowSpansConfig, SyscallFilter, SyscallLatencyConfig
 from otel_ebpf.kernel import syscalls
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import SpanRecord
-from otel_ebpf.probes.syscall_latency import SyscallLatency
+from otel_ebpf.probes.slow_syscalls import SlowSpansConfig
+from otel_ebpf.probes.syscall_latency import SyscallFilter, SyscallLatency, SyscallLatencyConfig
 from otel_ebpf.workers import EventReader
 
 pytestmark = pytest.mark.kernel

@@ -20,15 +20,14 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
 from otel_ebpf.aggregate import CumulativeStore
-from otel_ebpf.config import SyscallFilter, SyscallLatencyConfig
-from otel_ebpf.enrich.cgroup import cgroup2_root, cgroup_id
 from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.metrics import build_metrics_data
 from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound
 from otel_ebpf.kernel import syscalls
+from otel_ebpf.kernel.cgroupfs import cgroup2_root, cgroup_id
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import ExpHistogramDelta, Identity, Workload
-from otel_ebpf.probes.syscall_latency import SyscallLatency
+from otel_ebpf.probes.syscall_latency import SyscallFilter, SyscallLatency, SyscallLatencyConfig
 
 pytestmark = pytest.mark.kernel
 

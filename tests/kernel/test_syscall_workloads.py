@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from otel_ebpf.aggregate import CumulativeStore
-from otel_ebpf.config import Config, SyscallFilter, SyscallLatencyConfig
-from otel_ebpf.enrich.cgroup import cgroup2_root, cgroup_id
+from otel_ebpf.config import Config
 from otel_ebpf.enrich.identity import IdentityResolver
 from otel_ebpf.histogram import bucket_lower_bound, bucket_upper_bound
 from otel_ebpf.kernel import syscalls
+from otel_ebpf.kernel.cgroupfs import cgroup2_root, cgroup_id
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Collection, ExpHistogramDelta
-from otel_ebpf.probes.syscall_latency import SyscallLatency
+from otel_ebpf.probes.syscall_latency import SyscallFilter, SyscallLatency, SyscallLatencyConfig
 
 pytestmark = pytest.mark.kernel
 

@@ -28,14 +28,13 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
 from otel_ebpf.aggregate import CumulativeStore
-from otel_ebpf.config import TcpRetransmitConfig, TcpRetransmitEvents
 from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.metrics import build_metrics_data
 from otel_ebpf.kernel import headers
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Identity, Workload
 from otel_ebpf.probes import tcp_retransmit as tr
-from otel_ebpf.probes.tcp_retransmit import TcpRetransmit
+from otel_ebpf.probes.tcp_retransmit import TcpRetransmit, TcpRetransmitConfig, TcpRetransmitEvents
 from tests.helpers.netns import Netns, NetnsUnavailable, leftover_namespaces, lossy_netns
 
 pytestmark = pytest.mark.kernel

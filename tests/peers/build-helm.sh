@@ -20,14 +20,9 @@ HELM_VERSION="v3.22.0"
 
 log() { printf 'build-helm: %s\n' "$*" >&2; }
 
-if [[ -n "${HELM_CACHE:-}" ]]; then
-    cache="${HELM_CACHE}"
-else
-    cache="/var/cache/otel-ebpf/helm"
-    if ! mkdir -p "${cache}" 2>/dev/null || [[ ! -w "${cache}" ]]; then
-        cache="${XDG_CACHE_HOME:-${HOME}/.cache}/otel-ebpf/helm"
-    fi
-fi
+# shellcheck source=deploy/cache-dir.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../deploy/cache-dir.sh"
+cache="$(cache_dir "helm" "${HELM_CACHE:-}")"
 vdir="${cache}/${HELM_VERSION}"
 binary="${vdir}/helm"
 

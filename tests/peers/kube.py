@@ -10,7 +10,8 @@ makes at install time, generated afresh:
 * the service-account signing key pair, so that the TokenRequest API
   (``kubectl create token``) mints real, bound service-account tokens, which the API
   server then authenticates as it does in any cluster;
-* RBAC as the only authorizer, so ``kubectl auth can-i`` answers as a cluster would.
+* RBAC, after the Node authorizer (which only ever answers for kubelets' identities), as
+  the authorizers, so ``kubectl auth can-i`` answers as a cluster would.
 
 There is no controller-manager, scheduler or kubelet: pods are created with
 ``spec.nodeName`` set, their status is written through the ``status`` subresource, and
@@ -127,6 +128,7 @@ class KubeApiServer:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.port = 0
         self._final_logs: str | None = None
+        self._pki: _Pki | None = None
 
     @property
     def dir(self) -> Path:
@@ -157,7 +159,7 @@ class KubeApiServer:
     def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="kube-api-")
         d = self.dir
-        pki = _Pki(d)
+        pki = self._pki = _Pki(d)
         serving = pki.issue("apiserver", _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH,
                             [x509.IPAddress(IPv4Address(LOOPBACK)), x509.DNSName("localhost"),
                              x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default.svc")])
@@ -189,22 +191,36 @@ class KubeApiServer:
                 f"--client-ca-file={pki.ca_path}", f"--cert-dir={d / 'certs'}",
                 f"--service-account-issuer={ISSUER}", f"--service-account-key-file={d / 'sa.pub'}",
                 f"--service-account-signing-key-file={d / 'sa.key'}",
-                "--service-cluster-ip-range=10.96.0.0/16", "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.96.0.0/16", "--authorization-mode=Node,RBAC",
                 "--endpoint-reconciler-type=none", "--profiling=false"],
             d / "apiserver.log", count=1, cwd=d)
         if ports is None:
             self._fail("kube-apiserver did not start")
         assert ports is not None
         self.port = ports[0]
-        self.kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "admin",
-            "clusters": [{"name": "test", "cluster": {"server": self.url,
-                                                      "certificate-authority": str(pki.ca_path)}}],
-            "users": [{"name": "admin", "user": {"client-certificate": str(admin[0]),
-                                                 "client-key": str(admin[1])}}],
-            "contexts": [{"name": "admin", "context": {"cluster": "test", "user": "admin"}}],
-        }))
+        self._write_kubeconfig(self.kubeconfig, admin)
         self._wait_ready(admin)
+
+    def _write_kubeconfig(self, path: Path, cert: tuple[Path, Path]) -> None:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "default",
+            "clusters": [{"name": "test", "cluster": {"server": self.url,
+                                                      "certificate-authority": str(self.ca_path)}}],
+            "users": [{"name": "user", "user": {"client-certificate": str(cert[0]),
+                                                "client-key": str(cert[1])}}],
+            "contexts": [{"name": "default", "context": {"cluster": "test", "user": "user"}}],
+        }))
+
+    def client_kubeconfig(self, stem: str, user: str, group: str | None = None) -> Path:
+        """<stem>.kubeconfig in the private directory: a client certificate for `user` (in
+        `group`) signed by the cluster's CA, e.g. a kubelet's ``system:node:<name>`` in
+        ``system:nodes``, whom the Node authorizer then confines to its own pods."""
+        if self._pki is None:
+            raise RuntimeError("KubeApiServer not started")
+        cert = self._pki.issue(stem, _name(user, group), ExtendedKeyUsageOID.CLIENT_AUTH)
+        path = self.dir / f"{stem}.kubeconfig"
+        self._write_kubeconfig(path, cert)
+        return path
 
     def _wait_ready(self, admin: tuple[Path, Path]) -> None:
         """/readyz answers ok once every post-start hook (bootstrap RBAC roles, priority

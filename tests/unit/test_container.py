@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from otel_ebpf.enrich.cgroup import cgroup2_root
 from otel_ebpf.enrich.container import (
     CgroupIdentity,
     CgroupPaths,
@@ -19,6 +18,7 @@ from otel_ebpf.enrich.container import (
     parse_cgroup_path,
     parse_proc_cgroup,
 )
+from otel_ebpf.kernel.cgroupfs import cgroup2_root
 
 CORPUS_DIR = Path(__file__).parent.parent / "fixtures" / "cgroups"
 

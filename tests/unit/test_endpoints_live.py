@@ -8,12 +8,10 @@ import aiohttp
 
 from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.endpoints.live import RecentStacks, flame_tree, retransmit_view, syscall_view
-from otel_ebpf.endpoints.server import Endpoints
-from otel_ebpf.export.agent_metrics import process_metrics
-from otel_ebpf.frames import KERNEL, NATIVE, Frame
 from otel_ebpf.model import CounterDelta, ExpHistogramDelta, Identity, StackSample, Workload
 from otel_ebpf.probes.syscall_latency import SYSCALL_DURATION
 from otel_ebpf.probes.tcp_retransmit import RETRANSMITS
+from otel_ebpf.symbolize.frames import KERNEL, NATIVE, Frame
 from tests.unit.test_endpoints_server import AgentState, make_config
 
 APP = Workload(pid=42, comm="app", cgroup_id=3)
@@ -90,7 +88,7 @@ async def test_the_page_and_its_data_are_served_with_a_strict_policy() -> None:
     agent = AgentState(make_config())
     agent.store.add([CounterDelta(RETRANSMITS, APP, {"network.peer.address": "10.0.0.8"},
                                   4)], 1, 2)
-    endpoints = Endpoints(agent.config.endpoints, agent, process_metrics)
+    endpoints = agent.endpoints()
     endpoints.stacks.add([StackSample(APP, 1, "app", HOT, 5)])
     assert await endpoints.start()
     try:

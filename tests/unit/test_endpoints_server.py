@@ -17,31 +17,45 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from otel_ebpf import config as cfg
-from otel_ebpf.aggregate import CumulativeStore
 from otel_ebpf.endpoints.server import Endpoints
 from otel_ebpf.enrich.identity import IdentityResolver
-from otel_ebpf.export.agent_metrics import process_metrics
+from otel_ebpf.export.otlp import OtlpShipper
 from otel_ebpf.model import CounterDelta, Workload
-from otel_ebpf.probes.base import Probe
 from otel_ebpf.probes.tcp_retransmit import RETRANSMITS
+from otel_ebpf.signals.metrics import MetricsSignal
 
 NO_PROBES = {"probes": {name: {"enabled": False} for name in
                         ("syscall_latency", "cpu_profile", "tcp_retransmit")}}
 
 
 @dataclass
-class AgentState:
-    """The part of otel_ebpf.daemon.Agent the endpoints read, with real components."""
+class HostState:
+    """The part of otel_ebpf.probe_host.ProbeHost the endpoints read (no kernel here)."""
 
     config: cfg.Config
-    store: CumulativeStore = field(default_factory=CumulativeStore)
-    probes: list[Probe] = field(default_factory=list)
-    shipper: Any = None
-    last_export: tuple[int, bool] | None = None
-    identity: IdentityResolver = field(init=False)
+    probes: list[Any] = field(default_factory=list)
+    ages: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.identity = IdentityResolver(self.config, {"host.name": "node-1"})
+    def drain_ages(self) -> dict[str, tuple[float, float]]:
+        return self.ages
+
+    def settings(self) -> list[Any]:
+        return []
+
+
+class AgentState:
+    """The endpoints' sources: a probe host view, the real metrics unit and identity."""
+
+    def __init__(self, config: cfg.Config, shipper: Any = None) -> None:
+        self.config = config
+        self.host = HostState(config)
+        self.identity = IdentityResolver(config, {"host.name": "node-1"})
+        self.metrics = MetricsSignal(config.exporter, shipper, self.identity.resolver,
+                                     lambda _: True, 4, list, 1)
+        self.store = self.metrics.store
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(self.config.endpoints, self.host, self.metrics, self.identity)
 
 
 def make_config(**endpoints: Any) -> cfg.Config:
@@ -57,7 +71,7 @@ async def get(url: str) -> tuple[int, str, str]:
 async def test_serves_metrics_health_and_readiness_on_loopback() -> None:
     agent = AgentState(make_config())
     agent.store.add([CounterDelta(RETRANSMITS, Workload(pid=0, cgroup_id=1), {}, 3)], 1, 2)
-    endpoints = Endpoints(agent.config.endpoints, agent, process_metrics)
+    endpoints = agent.endpoints()
     assert await endpoints.start()
     try:
         assert endpoints.url is not None and endpoints.url.startswith("http://127.0.0.1:")
@@ -75,12 +89,13 @@ async def test_serves_metrics_health_and_readiness_on_loopback() -> None:
         assert status == 200 and json.loads(body)["ready"] is True
         # a collector that does not answer is said, but fails neither check (as in
         # `otel-ebpf health`: the agent keeps counting and delivers when it returns)
-        agent.shipper, agent.last_export = object(), (1, False)
+        agent.metrics.shipper = OtlpShipper(None, "http://127.0.0.1:1")
+        assert json.loads((await get(endpoints.url + "/readyz"))[2])["metrics_export"] == (
+            "pending")
+        agent.metrics.shipper._report_outage("test: connection refused")
         for path in ("/healthz", "/readyz"):
             status, _, body = await get(endpoints.url + path)
             assert status == 200 and json.loads(body)["metrics_export"] == "failing"
-        agent.last_export = (2, True)
-        assert json.loads((await get(endpoints.url + "/readyz"))[2])["metrics_export"] == "ok"
         assert (await get(endpoints.url + "/nothing"))[0] == 404
     finally:
         await endpoints.stop()
@@ -88,13 +103,13 @@ async def test_serves_metrics_health_and_readiness_on_loopback() -> None:
 
 async def test_a_stuck_drain_fails_health_and_readiness() -> None:
     agent = AgentState(make_config())
-    ages = {"syscall_latency": (5.0, 2.0)}
-    endpoints = Endpoints(agent.config.endpoints, agent, process_metrics, lambda: ages)
+    agent.host.ages = {"syscall_latency": (5.0, 2.0)}
+    endpoints = agent.endpoints()
     assert await endpoints.start()
     try:
         assert endpoints.url is not None
         assert (await get(endpoints.url + "/healthz"))[0] == 200
-        ages["syscall_latency"] = (5.0, 31.0)  # over max(3 intervals, 30 s)
+        agent.host.ages["syscall_latency"] = (5.0, 31.0)  # over max(3 intervals, 30 s)
         for path in ("/healthz", "/readyz"):
             status, _, body = await get(endpoints.url + path)
             assert status == 503, body
@@ -107,7 +122,7 @@ async def test_an_enabled_probe_not_attached_is_not_ready() -> None:
     config = cfg.Config.model_validate({"endpoints": {"port": 0},
                                         "identity": {"docker": {"enabled": False}}})
     agent = AgentState(config)
-    endpoints = Endpoints(config.endpoints, agent, process_metrics)
+    endpoints = agent.endpoints()
     assert await endpoints.start()
     try:
         assert endpoints.url is not None
@@ -124,7 +139,7 @@ async def test_a_port_in_use_is_reported_and_the_agent_runs_on(
         taken.listen()
         port = taken.getsockname()[1]
         agent = AgentState(make_config(port=port))
-        endpoints = Endpoints(agent.config.endpoints, agent, process_metrics)
+        endpoints = agent.endpoints()
         assert not await endpoints.start()
         await endpoints.stop()
     assert f"cannot listen on 127.0.0.1 port {port}" in caplog.text

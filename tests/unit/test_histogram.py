@@ -54,9 +54,9 @@ def test_bucket_index_matches_float_math_away_from_boundaries() -> None:
 def test_python_mirror_uses_the_kernel_constants() -> None:
     text = BPF_SOURCE.read_text()
     defines = dict(re.findall(r"#define (\w+) \(?(-?\d+)", text))
-    assert int(defines["HIST_MIN_INDEX"]) == probe.HIST_MIN_INDEX
-    assert int(defines["HIST_BUCKETS"]) == probe.HIST_BUCKETS
-    assert int(defines["HIST_SCALE"]) == probe.HIST_SCALE
+    assert int(defines["HIST_MIN_INDEX"]) == h.HIST_MIN_INDEX
+    assert int(defines["HIST_BUCKETS"]) == h.HIST_BUCKETS
+    assert int(defines["HIST_SCALE"]) == h.HIST_SCALE
     assert [int(defines[f"HIST_QUARTER_{j}"]) for j in (1, 2, 3)] == list(h._QUARTERS)
     for j, q in enumerate(h._QUARTERS, start=1):
         assert q == math.ceil(2 ** (j / 4) * 65536)
@@ -93,10 +93,10 @@ def test_quantile_is_the_bucket_top_clamped_to_observed() -> None:
 
 
 def delta(ns_values: list[int], pid: int = 42) -> ExpHistogramDelta:
-    slots = [0] * probe.HIST_BUCKETS
+    slots = [0] * h.HIST_BUCKETS
     for ns in ns_values:
-        slots[h.duration_bucket_index(ns) - probe.HIST_MIN_INDEX] += 1
-    offset, counts = h.trim(probe.HIST_MIN_INDEX, packed(slots))
+        slots[h.duration_bucket_index(ns) - h.HIST_MIN_INDEX] += 1
+    offset, counts = h.trim(h.HIST_MIN_INDEX, packed(slots))
     return ExpHistogramDelta(probe.SYSCALL_DURATION, Workload(pid, "app"),
                              {"linux.syscall.name": "read"}, 2, offset, counts,
                              len(ns_values), sum(ns_values) / 1e9, min(ns_values) / 1e9,

@@ -22,8 +22,8 @@ from otel_ebpf.aggregate import CumulativeStore, Series
 from otel_ebpf.cardinality import OVERFLOW, SeriesLimit
 from otel_ebpf.config import ExporterConfig
 from otel_ebpf.enrich.identity import AGENT
-from otel_ebpf.export.metrics import OtlpShipper
 from otel_ebpf.export.metrics_export import MetricsExport
+from otel_ebpf.export.otlp import OtlpShipper
 from otel_ebpf.export.split import request_size
 from otel_ebpf.model import ExpHistogramDelta, Identity, MetricDescriptor, Workload
 from tests.peers.otlp_sink import attrs_to_dict
@@ -256,7 +256,7 @@ def series_of(store: CumulativeStore) -> list[Series]:
     ("Failed to export metrics batch code: 413, reason: Request Entity Too Large", None),
 ])
 def test_refusals_for_size_are_told_from_outages(message: str, limit: int | None) -> None:
-    from otel_ebpf.export.metrics import Sent, refused_limit
+    from otel_ebpf.export.otlp import Sent, refused_limit
 
     class Refusing(Collector):
         def export(self, data: MetricsData, **_: Any) -> MetricExportResult:

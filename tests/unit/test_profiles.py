@@ -8,7 +8,6 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
-from otel_ebpf.config import CpuProfileConfig
 from otel_ebpf.export.profiles import (
     BUILD_ID_ATTRIBUTE,
     FRAME_TYPE_ATTRIBUTE,
@@ -18,8 +17,8 @@ from otel_ebpf.export.profiles import (
     folded_stack,
 )
 from otel_ebpf.model import Identity, StackSample, Workload
-from otel_ebpf.probes.cpu_profile import samples_map_size
-from otel_ebpf.symbols import Frame, Mapping
+from otel_ebpf.probes.cpu_profile import ON_CPU, CpuProfileConfig, samples_map_size
+from otel_ebpf.symbolize.symbols import Frame, Mapping
 
 APP = Mapping(0x400000, 0x401000, 0, "/usr/bin/app", "ab" * 20)
 LIBC = Mapping(0x7F0000000000, 0x7F0000200000, 0x28000, "/lib/libc.so.6", None)
@@ -39,7 +38,8 @@ def identity_of(w: Workload) -> Identity:
 
 
 def build(samples: list[StackSample]) -> ExportProfilesServiceRequest:
-    request = build_profiles_request(samples, identity_of, 52_631_578, 1_000, 5_000)
+    request = build_profiles_request(samples, identity_of, 52_631_578, 1_000, 5_000,
+                                     profile_type=ON_CPU)
     # what a collector gets: bytes, decoded by the official classes
     return ExportProfilesServiceRequest.FromString(request.SerializeToString())
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from otel_ebpf.config import ExporterConfig, QueueConfig
-from otel_ebpf.export.metrics import OtlpShipper, make_otlp_exporter
+from otel_ebpf.export.otlp import OtlpShipper, make_otlp_exporter
 from otel_ebpf.export.traces import (
     QueuedSpan,
     SpanExport,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from otel_ebpf import elf
-from otel_ebpf.symbols import (
+from otel_ebpf.symbolize import elf
+from otel_ebpf.symbolize.symbols import (
     KERNEL,
     NATIVE,
     KernelSymbols,
@@ -252,7 +252,7 @@ def test_refresh_of_unchanged_maps_keeps_the_snapshot(run: dict[str, Target],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # an address outside every file mapping (JIT code) makes the symbolizer reread the
     # maps; when nothing changed, files and frames already resolved are kept
-    import otel_ebpf.symbols as symbols
+    import otel_ebpf.symbolize.symbols as symbols
 
     monkeypatch.setattr(symbols, "_MAPS_REFRESH_AFTER", 0.0)
     target = run["debug"]

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from otel_ebpf.config import TcpRetransmitConfig, TcpRetransmitEvents
 from otel_ebpf.kernel.btf import Btf, BtfError
 from otel_ebpf.kernel.engine import EngineError
 from otel_ebpf.model import CounterDelta, Workload
 from otel_ebpf.probes import tcp_layout
 from otel_ebpf.probes import tcp_retransmit as tr
+from otel_ebpf.probes.tcp_retransmit import TcpRetransmitConfig, TcpRetransmitEvents
 from tests.helpers import tcp_btf
 
 BPF_SOURCE = Path(__file__).parents[2] / "probes" / "tcp_retransmit.bpf.c"
@@ -268,7 +268,7 @@ def test_unowned_sockets_are_pid_0_and_empty_entries_are_skipped() -> None:
 class FakeMap:
     def __init__(self) -> None:
         self.entries: list[tuple[Any, Any]] = []
-        self.sums: list[int] = [0] * len(tr._STATS)
+        self.sums: list[int] = [0] * len(tr.TcpRetransmit.stat_names())
 
     def drain(self) -> list[tuple[Any, Any]]:
         out, self.entries = self.entries, []
@@ -290,7 +290,7 @@ class FakeProgram:
 
 
 def stats(**values: int) -> list[int]:
-    return [values.get(name, 0) for name in tr._STATS]
+    return [values.get(name, 0) for name in tr.TcpRetransmit.stat_names()]
 
 
 def test_collect_reports_deltas_of_lost_events_and_evictions() -> None:

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 
 from otel_ebpf.config import ExporterConfig
-from otel_ebpf.export.metrics import make_otlp_exporter
+from otel_ebpf.export.otlp import make_otlp_exporter
 from otel_ebpf.export.profile_sender import ProfilesSender
 from otel_ebpf.export.queue import EXPORT_REFUSED, UNSUPPORTED
 from otel_ebpf.export.transport import OneAttempt
@@ -218,7 +218,7 @@ def test_every_exporter_failure_reaches_the_shipper_despite_the_sdks_duplicate_f
 
     from opentelemetry.exporter.otlp.proto.grpc import exporter as sdk_grpc
 
-    from otel_ebpf.export.metrics import OtlpShipper, Sent
+    from otel_ebpf.export.otlp import OtlpShipper, Sent
 
     class Refusing:
         def export(self, data: object) -> object:

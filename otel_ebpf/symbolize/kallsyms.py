@@ -15,8 +15,8 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from pathlib import Path
 
-from otel_ebpf import elf
-from otel_ebpf.frames import KERNEL, Frame, Mapping
+from otel_ebpf.symbolize import elf
+from otel_ebpf.symbolize.frames import KERNEL, Frame, Mapping
 
 KALLSYMS = Path("/proc/kallsyms")
 SYSFS = Path("/sys")

@@ -1,5 +1,6 @@
-"""cgroup v2 facts the probes need: where the v2 hierarchy is mounted and the id the
-kernel reports for a cgroup (bpf_get_current_cgroup_id is the inode of its directory)."""
+"""cgroup v2 facts the probes and the workload filter need: where the v2 hierarchy is
+mounted, its tree, and the id the kernel reports for a cgroup (bpf_get_current_cgroup_id
+is the inode of its directory)."""
 
 from __future__ import annotations
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from otel_ebpf import elf
-from otel_ebpf.elf import ElfSymbols
-from otel_ebpf.frames import KERNEL, NATIVE, Frame, Mapping
-from otel_ebpf.kallsyms import KALLSYMS, SYSFS, KernelSymbols
+from otel_ebpf.symbolize import elf
+from otel_ebpf.symbolize.elf import ElfSymbols
+from otel_ebpf.symbolize.frames import KERNEL, NATIVE, Frame, Mapping
+from otel_ebpf.symbolize.kallsyms import KALLSYMS, SYSFS, KernelSymbols
 
 __all__ = ["KERNEL", "NATIVE", "Frame", "KernelSymbols", "Mapping", "Symbolizer",
            "SymbolizerStats", "parse_maps"]

@@ -1,0 +1,28 @@
+"""The agent's signals, one unit each (metrics, spans, profiles): what a probe's records
+become once collected. Which units the agent wires follows from what the enabled probes
+declare they produce (otel_ebpf/probes), never from which probes they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from otel_ebpf.config_base import ProfilesProbeConfig
+from otel_ebpf.probes import PROBE_TYPES, Signal
+
+if TYPE_CHECKING:
+    from otel_ebpf.config import Config
+
+
+def needed(config: Config, names: Iterable[str] | None = None) -> frozenset[Signal]:
+    """The signals of these probes (default: all) that need a unit: metrics always;
+    spans when they are exported; profiles when they are exported or written as folded
+    stacks."""
+    wanted: set[Signal] = {Signal.METRICS}
+    for name in PROBE_TYPES if names is None else names:
+        section = config.probes.section(name)
+        folded = isinstance(section, ProfilesProbeConfig) and section.folded_path is not None
+        wanted |= {signal for signal in PROBE_TYPES[name].produces(section)
+                   if config.exporter.enabled or (signal is Signal.PROFILES and folded)}
+    return frozenset(wanted)
