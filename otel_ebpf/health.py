@@ -9,9 +9,11 @@ gone); an old file means the agent's event loop is stuck; an old drain means tha
 thread is. A collector that does not answer is not a failure: the agent keeps counting
 and delivers when it returns, and a restart would lose what it holds.
 
-A file, not a port: the agent serves nothing over the network, and the check must also work
-with a read-only root filesystem (the file goes on a writable /tmp) and in the host's PID
-namespace, where a container's processes are not told apart by pid.
+A file, not a port: the endpoints server (/healthz, /readyz) may be off or bound to a
+loopback address a pod's kubelet cannot reach, and this check must also work with a
+read-only root filesystem (the file goes on a writable /tmp) and in the host's PID
+namespace, where a container's processes are not told apart by pid. Both apply the same
+rules.
 """
 
 from __future__ import annotations
