@@ -1,7 +1,10 @@
-"""Fixtures for end-to-end tests: a recording OTLP sink and a rotel collector in front of it.
+"""Fixtures for end-to-end tests: a recording OTLP sink and, in front of it, a rotel
+collector or the gateway collector of deploy/collector/; the OpenTelemetry Collector with
+profiles; a cgroup of the test's own.
 
-Both are function-scoped: each starts in milliseconds, and a fresh pair per test means no
-test can see another test's telemetry or inherit a wedged collector.
+Function-scoped: each starts in milliseconds (the collectors' builds are cached), and a
+fresh set per test means no test can see another test's telemetry or inherit a wedged
+collector.
 """
 
 from __future__ import annotations
