@@ -10,8 +10,6 @@ the sampling frequency, with its two functions on their stacks.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 
 from tests.e2e.test_agent import AgentProcess
 from tests.helpers.cgroups import run_in
+from tests.helpers.processes import paused, reap
 from tests.peers.gateway import GatewayCollector
 from tests.peers.otelcol import resolve_profile_samples
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
@@ -87,25 +86,19 @@ class PidSamples:
 
 
 def cpu_bound(cpu_hot: Path, sink: OtlpSink) -> tuple[PidSamples, float]:
-    """`cpu_hot split` (its time in hot_a, then hot_b, over and over), stopped half-way
-    until its first samples arrived symbolized: a loaded machine can delay the agent's
-    drain past a short process's life, and a process gone before its mappings were read
-    is sampled but not symbolized. Its samples and CPU seconds."""
+    """`cpu_hot split` (3:1 in CPU time in hot_a and hot_b), held stopped half-way until its
+    first samples arrived symbolized (tests.helpers.processes); its samples and CPU
+    seconds."""
     proc = subprocess.Popen([str(cpu_hot), "split", "3"], stdout=subprocess.DEVNULL)
     samples = PidSamples(sink, proc.pid)
-    try:
-        time.sleep(1)
-        proc.send_signal(signal.SIGSTOP)
+    with paused([proc], 1):
         deadline = time.monotonic() + 30
         while not samples.count("hot_a") and time.monotonic() < deadline:
             samples.update()
             time.sleep(0.25)
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu_s = reap(proc)
     assert proc.returncode == 0
-    return samples, usage.ru_utime + usage.ru_stime
+    return samples, cpu_s
 
 
 def test_metrics_spans_and_profiles_pass_through_the_gateway(
@@ -152,10 +145,10 @@ def test_metrics_spans_and_profiles_pass_through_the_gateway(
         print(f"through the gateway: {total} samples of {expected:.0f} ({cpu_s:.2f} CPU s at "
               f"{FREQUENCY} Hz), hot_a {hot_a}, hot_b {hot_b}")
         assert 0.65 * expected <= total <= 1.35 * expected, (total, expected)
-        assert hot_a + hot_b >= 0.95 * total, (hot_a, hot_b, total, samples.samples[:5])
-        # 3:1 in wall-clock time; in CPU time less so when the machine is busy (a slice of
-        # hot_a cut by preemption ends as soon as it runs again, and its slices are longer)
-        assert hot_a > hot_b > 0, (hot_a, hot_b, total)
+        assert hot_a + hot_b >= 0.9 * total, (hot_a, hot_b, total, samples.samples[:5])
+        # 3:1 in CPU time, sampled with binomial noise and a loaded VM's stolen ticks (as
+        # in test_agent's profile test: the kernel tests check the split tightly)
+        assert abs(hot_a / (hot_a + hot_b) - 0.75) <= 0.15, (hot_a, hot_b)
         assert all("main" in s["stack"] for s in samples.samples if "hot_a" in s["stack"])
         code, _ = agent.stop()
         assert code == 0, "".join(agent.stderr)

@@ -16,16 +16,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from otel_ebpf.kernel.capabilities import BITS
+from tests.helpers.processes import paused
 
 NOBODY = 65534
 
@@ -80,23 +79,17 @@ SCENARIOS = {s.capability: s for s in (
 
 @contextlib.contextmanager
 def held(cpu_hot: Path, workdir: Path, scenarios: Iterable[Scenario]) -> Iterator[None]:
-    """Each scenario's helper runs for two seconds, then is stopped (SIGSTOP) until the
-    block ends, and runs to its end (4 s): a loaded machine can delay the agent's drain
-    past a short process's life, and a process gone before its mappings were read is
-    never symbolized, whatever the capabilities. Wait in the block for what the agent
-    made of them."""
+    """Each scenario's helper (4 s) runs for two seconds, then is held stopped for the
+    block (tests.helpers.processes.paused: the agent reads it however late its drain);
+    wait in the block for what the agent made of them."""
     procs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as cleanup:
         try:
             for scenario in scenarios:
                 procs.append(_start(scenario.name, cpu_hot, workdir, "4", cleanup))
-            time.sleep(2)
-            for proc in procs:
-                proc.send_signal(signal.SIGSTOP)
-            yield
+            with paused(procs, 2):
+                yield
         finally:
-            for proc in procs:
-                proc.send_signal(signal.SIGCONT)
             for proc in procs:
                 try:
                     proc.wait(timeout=60)
