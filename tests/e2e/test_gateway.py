@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from google.protobuf.json_format import MessageToDict
 
+from otel_ebpf import config as agent_config
+from otel_ebpf import probes as registry
 from tests.e2e.test_agent import AgentProcess
 from tests.helpers.cgroups import run_in
 from tests.helpers.processes import paused, reap
@@ -26,6 +28,8 @@ from tests.peers.otelcol import resolve_profile_samples
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
+
+DEFAULT_PROBES = registry.enabled_names(agent_config.Config())
 
 N_GETPPID = 4321
 K_SLEEPS, SLEEP_MS = 3, 30
@@ -109,8 +113,7 @@ def test_metrics_spans_and_profiles_pass_through_the_gateway(
     agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": gateway.grpc_endpoint})
     try:
-        agent.wait_for_log(" running: probes syscall_latency, cpu_profile, tcp_retransmit",
-                           timeout=120)
+        agent.wait_for_log(f" running: probes {', '.join(DEFAULT_PROBES)}", timeout=120)
         pid, out = run_in(cgroup, [syscall_workload, N_GETPPID, K_SLEEPS, SLEEP_MS])
         assert out.strip() == "done"
         samples, cpu_s = cpu_bound(cpu_hot, otlp_sink)

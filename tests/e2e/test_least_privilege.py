@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from otel_ebpf import config as agent_config
+from otel_ebpf import probes as registry
 from otel_ebpf.kernel.capabilities import CAPABILITIES, names
 from tests.e2e.test_agent import AgentProcess
 from tests.e2e.test_gateway import workload_count
@@ -38,7 +40,7 @@ from tests.peers.rotel import RotelCollector
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
 LISTED = names()
-PROBES = ("syscall_latency", "cpu_profile", "tcp_retransmit")  # every default probe
+PROBES = registry.enabled_names(agent_config.Config())  # every default probe
 READY = f" running: probes {', '.join(PROBES)}"
 N_GETPPID, N_AFTER_RESTART = 4321, 1234
 K_SLEEPS, SLEEP_MS = 3, 30
