@@ -61,18 +61,17 @@ class Scenario:
     capability: str
     name: str  # the process's name, first in its folded stacks
     marker: str  # in its folded stacks once symbolized
-    unresolved: str  # in them when its mappings were read but not the file behind them
     why: str
 
 
 SCENARIOS = {s.capability: s for s in (
-    Scenario("SYS_PTRACE", "hot_mntns", ";main;hot_a", ";hot_mntns+0x",
+    Scenario("SYS_PTRACE", "hot_mntns", ";main;hot_a",
              "its binary is only in its own mount namespace, as in a container"),
-    Scenario("SYSLOG", "hot_kernel", "_[k]", ";0xffff",
+    Scenario("SYSLOG", "hot_kernel", "_[k]",
              "it spends its time in write(2), in the kernel"),
-    Scenario("DAC_READ_SEARCH", "hot_private", ";main;hot_a", ";hot_private+0x",
+    Scenario("DAC_READ_SEARCH", "hot_private", ";main;hot_a",
              "its binary is another user's, mode 0700"),
-    Scenario("CHECKPOINT_RESTORE", "hot_deleted", ";main;hot_a", ";hot_deleted+0x",
+    Scenario("CHECKPOINT_RESTORE", "hot_deleted", ";main;hot_a",
              "its binary was deleted before it ran, as after an upgrade"),
 )}
 
