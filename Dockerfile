@@ -6,7 +6,8 @@
 # (the docker format keeps the HEALTHCHECK; the OCI format drops it).
 #
 # Run it NOT privileged but as uid 0 holding only CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE,
-# CAP_SYSLOG and CAP_DAC_READ_SEARCH, in the host's PID namespace, with these host paths
+# CAP_SYSLOG, CAP_DAC_READ_SEARCH and CAP_CHECKPOINT_RESTORE (the agent's list:
+# otel_ebpf/kernel/capabilities.py), in the host's PID namespace, with these host paths
 # mounted (deploy/kubernetes/daemonset.yaml does all of it, and says why each is needed;
 # `otel-ebpf doctor` in the container names any that is missing):
 #   /sys/kernel/tracing   read-only   tracefs (tracepoint ids, formats)

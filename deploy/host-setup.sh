@@ -41,8 +41,9 @@ esac
 packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip bpftool iproute2 ca-certificates
           linux-libc-dev)
 if (( want_test )); then
-  packages+=(gcc libc6-dev make nftables iputils-ping procps containerd runc prometheus
-            chromium)
+  # libcap2-bin: capsh, which runs the agent with exactly its capabilities
+  packages+=(gcc libc6-dev make nftables iputils-ping procps containerd runc libcap2-bin
+            prometheus chromium)
 fi
 if (( want_bench )); then
   packages+=(redis-server redis-tools linux-perf)

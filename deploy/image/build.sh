@@ -188,7 +188,7 @@ id=$(podman image inspect --format '{{.Id}}' "${tag}")
 podman image prune -f --filter "label=org.opencontainers.image.title=otel-ebpf" >/dev/null
 say "built ${tag} (${id:0:12}); run it (README, Deploy):"
 say "  ${conf:+CONTAINERS_CONF=${conf} }podman run -d --name otel-ebpf --pid=host --network=host" \
-    "--user 0 --cap-drop=all --cap-add=BPF,PERFMON,SYS_PTRACE,SYSLOG,DAC_READ_SEARCH" \
+    "--user 0 --cap-drop=all --cap-add=BPF,PERFMON,SYS_PTRACE,SYSLOG,DAC_READ_SEARCH,CHECKPOINT_RESTORE" \
     "${seccomp:+--security-opt seccomp=${seccomp} }-v /sys/kernel/tracing:/sys/kernel/tracing:ro" \
     "-v /sys/fs/cgroup:/sys/fs/cgroup:ro -v /sys/kernel/btf:/sys/kernel/btf:ro" \
     "-v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro" \

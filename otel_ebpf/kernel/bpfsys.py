@@ -22,7 +22,7 @@ _libc.syscall.restype = ct.c_long
 
 # enum bpf_cmd
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
-PROG_LOAD, OBJ_GET_INFO_BY_FD, RAW_TRACEPOINT_OPEN, BTF_LOAD, BTF_GET_FD_BY_ID = 5, 15, 17, 18, 19
+PROG_LOAD, OBJ_GET_INFO_BY_FD, RAW_TRACEPOINT_OPEN, BTF_LOAD = 5, 15, 17, 18
 MAP_LOOKUP_AND_DELETE_BATCH, MAP_DELETE_BATCH = 25, 27
 
 # enum bpf_prog_type
@@ -160,18 +160,21 @@ def prog_id(fd: int) -> int:
     return int(struct.unpack_from("=I", obj_info(fd, 8), 4)[0])
 
 
-def btf_data(btf_id: int) -> bytes:
-    """The raw BTF (types and strings) of a loaded BTF object, by id."""
-    fd = bpf(BTF_GET_FD_BY_ID, _attr("=I", btf_id))
-    try:
-        size = struct.unpack_from("=I", obj_info(fd, 32), 8)[0]
-        data = ct.create_string_buffer(size)
-        info = ct.create_string_buffer(32)  # struct bpf_btf_info: btf, btf_size, ...
-        struct.pack_into("=QI", info, 0, addr(data), size)
-        bpf(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, 32, addr(info)))
-        return data.raw
-    finally:
-        os.close(fd)
+def btf_info(fd: int) -> tuple[int, int]:
+    """(id, size in bytes) of the BTF object behind fd (struct bpf_btf_info)."""
+    size, btf_id = struct.unpack_from("=II", obj_info(fd, 32), 8)
+    return btf_id, size
+
+
+def btf_data(fd: int) -> bytes:
+    """The raw BTF (types and strings) of the BTF object behind fd. Through the fd, which
+    needs no more than the fd itself: by id (BPF_BTF_GET_FD_BY_ID) needs CAP_SYS_ADMIN."""
+    _, size = btf_info(fd)
+    data = ct.create_string_buffer(size)
+    info = ct.create_string_buffer(32)  # struct bpf_btf_info: btf, btf_size, id, ...
+    struct.pack_into("=QI", info, 0, addr(data), size)
+    bpf(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, 32, addr(info)))
+    return data.raw
 
 
 def btf_load(data: bytes) -> int:

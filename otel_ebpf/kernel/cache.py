@@ -3,9 +3,11 @@
 BCC compiles in about a second per program, holding ~180 MB while it does; a DaemonSet pod
 restarts far more often than its node changes kernel or the agent changes version. An
 entry is what the compiler process returned (otel_ebpf.kernel.compiler.Image as JSON) plus
-what it takes to recreate the maps BCC created: each map's bpf_map_info and the program's
-BTF (task storage maps, for one, need it). A hit creates the maps with bpf(2) and hands
-back the same Image: nothing else differs from a compile.
+what it takes to recreate the maps BCC created: each map's bpf_map_info and the BTF they
+were created with (task storage maps, for one, need it), which the compiler process reads
+through BCC's own fd (the agent holds only the maps, and fetching a BTF object by id needs
+CAP_SYS_ADMIN, which the agent does not hold). A hit creates the maps with bpf(2) and
+hands back the same Image: nothing else differs from a compile.
 
 The key covers every input of the compile: the source and the headers beside it, the
 cflags, BCC's version, the kernel (release and build) and the header tree BCC reads.
@@ -123,15 +125,17 @@ class ImageCache:
             log.info("compile cache: cannot recreate the maps of %s (%s); compiling", path, exc)
             return None
 
-    def store(self, key: str, image: dict[str, Any], fds: Sequence[int]) -> None:
-        """Keep a compile's result; a failure only costs the next start a compile."""
+    def store(self, key: str, image: dict[str, Any], fds: Sequence[int], btf: str | None
+              ) -> None:
+        """Keep a compile's result (`btf`: the maps' BTF, base64, as the compiler process
+        read it); a failure only costs the next start a compile."""
         tmp: str | None = None
         try:
             infos = [bpfsys.map_info(fd) for fd in fds]
-            btf_ids = {info["btf_id"] for info in infos} - {0}
-            if len(btf_ids) > 1:  # one BTF object per program is all BCC makes
+            if btf is None and any(info["btf_id"] for info in infos):
+                log.info("compile cache: not storing a program whose maps' BTF the compiler "
+                         "process did not hand over")
                 return
-            btf = base64.b64encode(bpfsys.btf_data(btf_ids.pop())).decode() if btf_ids else None
             maps = [{"name": m["name"], "info": info} for m, info in zip(
                 image["maps"], infos, strict=True)]
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

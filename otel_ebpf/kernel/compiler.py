@@ -102,8 +102,9 @@ class Compiler:
         else:
             with self._slots:
                 result, fds = self._run(text, cflags)
+            btf = result.pop("btf", None)
             if self.cache is not None:
-                self.cache.store(key, result, fds)
+                self.cache.store(key, result, fds, btf)
         try:
             image = Image.from_json(result)
             if len(fds) != len(image.maps):

@@ -281,8 +281,8 @@ class Engine:
                 f"{name}: BPF program failed to compile or load: {exc}. The compiler or "
                 "verifier output is above; `otel-ebpf doctor` checks the usual causes"
             ) from exc
-        if cached:
-            log.debug("%s: compiled program from the cache", name)
+        if cached:  # one line per start: a restart that compiles is worth noticing
+            log.info("%s: program from the compile cache, not compiled", name)
         return Program(name, image, fds)
 
     @staticmethod

@@ -6,7 +6,10 @@ the program's maps, and hands the agent what it needs to run the program without
   - the map file descriptors, over the Unix socket whose fd is argv[1] (SCM_RIGHTS);
   - on stdout, one JSON object (otel_ebpf.kernel.image): the license, each map's name and
     ctypes key/value/event types (as BCC derives them from the program's table
-    descriptions), each function's instructions with the places that name a map fd.
+    descriptions), each function's instructions with the places that name a map fd; and
+    "btf", the BTF object the maps were created with (the compile cache recreates them
+    from it), read here through the fd BCC holds: the agent, given only the maps, could
+    fetch it by id alone, and BPF_BTF_GET_FD_BY_ID needs CAP_SYS_ADMIN.
 Then it exits without cleaning up: the agent holds the maps now. Compiler diagnostics go
 to stderr; a failure is {"error": "..."} on stdout and exit status 1.
 """
@@ -25,6 +28,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
+from otel_ebpf.kernel import bpfsys
 from otel_ebpf.kernel.ctypes_json import describe
 
 _LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots
@@ -88,6 +92,26 @@ def image(bcc: Any, bpf: Any) -> tuple[dict[str, Any], list[int]]:
             "functions": functions}, fds
 
 
+def maps_btf(map_fds: list[int]) -> str | None:
+    """The raw BTF the maps were created with, base64, or None when no map has BTF (or
+    they name more than one object, which BCC never makes). BCC keeps no API to its BTF
+    fd, so it is found among this process's fds by the id the maps name."""
+    ids = {bpfsys.map_info(fd)["btf_id"] for fd in map_fds} - {0}
+    if len(ids) != 1:
+        return None
+    wanted = ids.pop()
+    for entry in os.scandir("/proc/self/fd"):
+        try:
+            if os.readlink(entry.path) != "anon_inode:btf":
+                continue
+            fd = int(entry.name)
+            if bpfsys.btf_info(fd)[0] == wanted:
+                return base64.b64encode(bpfsys.btf_data(fd)).decode()
+        except (OSError, ValueError):  # an fd closed meanwhile (the scandir's own)
+            continue
+    return None
+
+
 def _die_with_parent() -> None:
     """A compile outliving the agent (killed mid-start) would only waste a CPU."""
     with contextlib.suppress(OSError, AttributeError):
@@ -114,6 +138,7 @@ def main(argv: list[str]) -> int:
             bpf = bcc.BPF(text=request["text"].encode(),
                           cflags=[str(flag) for flag in request["cflags"]])
             described, fds = image(bcc, bpf)
+            described["btf"] = maps_btf(fds)
         except Exception as exc:
             json.dump({"error": str(exc) or type(exc).__name__}, result)
             return 1

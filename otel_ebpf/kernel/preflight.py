@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from otel_ebpf.kernel import capabilities
 from otel_ebpf.kernel import headers as kheaders
 from otel_ebpf.kernel.cgroupfs import cgroup2_mounts
 from otel_ebpf.kernel.tracefs import tracefs_root
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 _BPF_MAP_CREATE, _BPF_MAP_TYPE_ARRAY = 0, 2
 
@@ -76,16 +76,20 @@ def _seccomp_filtered() -> bool:
     return _status_field("Seccomp") == "2"
 
 
-def check_privileges() -> Check:
-    caps = effective_caps()
-    has = {n: bool(caps & (1 << bit)) for n, bit in
-           (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))}
+def check_privileges(effective: int | None = None) -> Check:
+    """Every capability of the agent's list (otel_ebpf.kernel.capabilities), each missing
+    one named with what it costs: FAIL without one every probe needs, else warn."""
+    caps = effective_caps() if effective is None else effective
     who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
-    if has["CAP_SYS_ADMIN"] or (has["CAP_BPF"] and has["CAP_PERFMON"]):
-        held = ", ".join(n for n, v in has.items() if v)
-        return Check("privileges", OK, f"{who} with {held}")
-    return Check("privileges", FAIL, f"{who} without CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN",
-                 "run as root, or grant CAP_BPF, CAP_PERFMON (and CAP_SYS_RESOURCE on old kernels)")
+    lacking = capabilities.missing(caps)
+    if not lacking:
+        return Check("privileges", OK, f"{who} with {', '.join(capabilities.names())}")
+    required = any(c.required for c in lacking)
+    detail = f"{who} without " + "; ".join(f"{c.cap_name} ({c.without})" for c in lacking)
+    full = " ".join(c.cap_name for c in capabilities.CAPABILITIES)
+    return Check("privileges", FAIL if required else WARN, detail,
+                 f"grant {', '.join(c.cap_name for c in lacking)} (the agent's set: {full}; "
+                 "deploy/ grants exactly these)")
 
 
 def check_bpf_syscall() -> Check:
@@ -101,9 +105,11 @@ def check_bpf_syscall() -> Check:
         os.close(fd)
         return Check("bpf() syscall", OK, "a test map was created")
     err = ctypes.get_errno()
-    fixes = {errno.EPERM: "run as root or with CAP_BPF; check kernel.unprivileged_bpf_disabled",
+    fixes = {errno.EPERM: "grant CAP_BPF (root lacks it too where a runtime dropped it); "
+                          "check kernel.unprivileged_bpf_disabled",
              errno.ENOSYS: "the kernel was built without CONFIG_BPF_SYSCALL"}
-    if err == errno.EPERM and effective_caps() & (1 << CAP_BPF) and _seccomp_filtered():
+    if err == errno.EPERM and capabilities.holds(effective_caps(), "BPF") \
+            and _seccomp_filtered():
         fixes[err] = _seccomp_refuses("bpf", "CAP_BPF")
     return Check("bpf() syscall", FAIL, f"BPF_MAP_CREATE failed: {os.strerror(err)}",
                  fixes.get(err, "see dmesg"))
@@ -181,8 +187,8 @@ def check_perf_paranoid(path: Path = Path("/proc/sys/kernel/perf_event_paranoid"
         value = int(path.read_text())
     except (OSError, ValueError):
         return Check("perf_event_paranoid", WARN, "unreadable")
-    if os.geteuid() == 0 or effective_caps() & (1 << CAP_PERFMON):
-        return Check("perf_event_paranoid", OK, f"{value} (no limit for root/CAP_PERFMON)")
+    if capabilities.holds(effective_caps(), "PERFMON"):  # uid 0 alone is not enough
+        return Check("perf_event_paranoid", OK, f"{value} (no limit with CAP_PERFMON)")
     return Check("perf_event_paranoid", WARN if value > 1 else OK, f"{value}",
                  "grant CAP_PERFMON, or sysctl kernel.perf_event_paranoid=1")
 
@@ -254,7 +260,8 @@ def check_cpu_clock(probe: str) -> Check:
     err = ctypes.get_errno()
     fix = ("grant CAP_PERFMON or run as root; check kernel.perf_event_paranoid and "
            "seccomp/container policy")
-    if err == errno.EPERM and effective_caps() & (1 << CAP_PERFMON) and _seccomp_filtered():
+    if err == errno.EPERM and capabilities.holds(effective_caps(), "PERFMON") \
+            and _seccomp_filtered():
         fix = _seccomp_refuses("perf_event_open", "CAP_PERFMON")
     return Check(f"{probe}: perf events", FAIL, f"perf_event_open(cpu-clock): "
                  f"{os.strerror(err)}", fix)

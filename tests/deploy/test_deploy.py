@@ -24,11 +24,12 @@ import yaml
 
 from otel_ebpf import config as agent_config
 from otel_ebpf import health
+from otel_ebpf.kernel import capabilities
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 REPO_CONFIG = ROOT / "config" / "otel-ebpf.yaml"
-CAPABILITIES = ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG", "DAC_READ_SEARCH"]
+CAPABILITIES = capabilities.names()  # the one list; every artefact below holds a copy
 K8S_VERSIONS = ["1.29.0", "1.32.0", "1.37.0"]  # oldest supported .. newest schemas we have
 HOST_MOUNTS = {"/sys/kernel/tracing", "/sys/fs/cgroup", "/sys/kernel/btf", "/lib/modules",
                "/usr/src"}
@@ -261,6 +262,17 @@ def test_systemd_unit_verifies_cleanly(tmp_path: Path) -> None:
     assert m, sec.stdout + sec.stderr
     print(f"systemd-analyze security exposure: {m.group(1)}")
     assert float(m.group(1)) <= 4.5  # 4.3 when written; higher means sandboxing was lost
+
+
+def test_helm_values_and_dockerfile_hold_the_agents_capabilities() -> None:
+    values = yaml.safe_load((DEPLOY / "helm" / "otel-ebpf" / "values.yaml").read_text())
+    assert values["capabilities"] == CAPABILITIES
+    header = " ".join(line.lstrip("# ") for line in
+                      (ROOT / "Dockerfile").read_text().split("\nFROM ", 1)[0].splitlines())
+    sentence = re.search(r"holding only (.*?) \(the agent's list", header)
+    assert sentence, "the Dockerfile's header no longer says which capabilities it holds"
+    listed = re.findall(r"CAP_([A-Z_]+)", sentence.group(1))
+    assert listed == CAPABILITIES, listed
 
 
 def test_systemd_unit_holds_the_daemonset_capabilities() -> None:

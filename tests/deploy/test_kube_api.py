@@ -38,14 +38,18 @@ def renders(kube_api: KubeApiServer) -> dict[str, list[dict[str, Any]]]:
     helm = _build(ROOT / "tests" / "peers" / "build-helm.sh")
     out: dict[str, list[dict[str, Any]]] = {
         "kustomize": [d for d in yaml.safe_load_all(kustomized) if d]}
+    # Helm's release in a namespace of its own: kube_agent_objects may have applied the
+    # kustomize base's DaemonSet in NAMESPACE already, and a DaemonSet's selector (Helm's
+    # has the release's instance label) cannot change in place
     for name, extra in (("helm", ["--set", "namespace.create=true"]), ("helm-defaults", [])):
         done = _run([str(helm), "template", "otel-ebpf", str(DEPLOY / "helm" / "otel-ebpf"),
-                     "--namespace", NAMESPACE, *extra])
+                     "--namespace", f"{NAMESPACE}-{name}", *extra])
         assert done.returncode == 0, done.stderr
         out[name] = [d for d in yaml.safe_load_all(done.stdout) if d]
     # the namespaced objects need their namespace to exist (as `helm install
     # --create-namespace` or the kustomize base's own Namespace would make it)
-    kube_api.kubectl("create", "namespace", NAMESPACE, check=False)
+    for namespace in (NAMESPACE, f"{NAMESPACE}-helm", f"{NAMESPACE}-helm-defaults"):
+        kube_api.kubectl("create", "namespace", namespace, check=False)
     return out
 
 

@@ -1,21 +1,23 @@
-"""Fixtures for end-to-end tests: a recording OTLP sink and a rotel collector in front of it.
+"""Fixtures for end-to-end tests: a recording OTLP sink and, in front of it, a rotel
+collector or the gateway collector of deploy/collector/; the OpenTelemetry Collector with
+profiles; a cgroup of the test's own.
 
-Both are function-scoped: each starts in milliseconds, and a fresh pair per test means no
-test can see another test's telemetry or inherit a wedged collector.
+Function-scoped: each starts in milliseconds (the collectors' builds are cached), and a
+fresh set per test means no test can see another test's telemetry or inherit a wedged
+collector.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from otel_ebpf.kernel.cgroupfs import cgroup2_root
 from tests.e2e.test_agent import AgentProcess
+from tests.helpers.cgroups import own_cgroup
+from tests.peers.gateway import GatewayCollector
+from tests.peers.gateway import gateway_binary as build_gateway
 from tests.peers.otelcol import OtelCollector, ensure_built
 from tests.peers.otlp_sink import OtlpSink
 from tests.peers.rotel import RotelCollector
@@ -58,21 +60,27 @@ def otelcol(otelcol_binary: Path, tmp_path: Path) -> Iterator[OtelCollector]:
 
 @pytest.fixture
 def cgroup() -> Iterator[Path]:
-    """A cgroup v2 directory of this test's own, for the probe's kernel filter."""
-    path = cgroup2_root() / f"otel-ebpf-e2e-{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
+    """A cgroup v2 directory of this test's own (tests.helpers.cgroups.run_in runs a helper
+    in it), for a probe's kernel filter or a workload series of its own."""
+    with own_cgroup("e2e") as path:
         yield path
-    finally:
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                path.rmdir()
-                break
-            except OSError:  # a helper still exiting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def gateway_binary() -> Path:
+    """The gateway collector of deploy/collector/ (built once, cached outside the repo)."""
+    return build_gateway()
+
+
+@pytest.fixture
+def gateway(gateway_binary: Path, otlp_sink: OtlpSink, tmp_path: Path
+            ) -> Iterator[GatewayCollector]:
+    """The gateway on its repository config, forwarding to the ``otlp_sink`` fixture."""
+    collector = GatewayCollector(otlp_sink.address, binary=gateway_binary,
+                                 log_path=tmp_path / "gateway.log")
+    with collector:
+        yield collector
+    print(f"--- gateway output ({collector.log_path}) ---\n{collector.read_log()}")
 
 
 @pytest.fixture(autouse=True)

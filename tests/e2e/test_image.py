@@ -32,6 +32,7 @@ import yaml
 
 from otel_ebpf import config as agent_config
 from otel_ebpf import probes as registry
+from otel_ebpf.kernel.capabilities import BITS
 from tests.e2e.test_agent import N_GETPPID
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 from tests.peers.rotel import RotelCollector
@@ -138,16 +139,13 @@ def test_mounts_and_capabilities_are_the_documented_ones() -> None:
         assert path in (ROOT / "Dockerfile").read_text(), path
 
 
-CAP_BITS = {"DAC_READ_SEARCH": 2, "SYS_PTRACE": 19, "SYSLOG": 34, "PERFMON": 38, "BPF": 39}
-
-
 def test_the_agent_holds_exactly_the_listed_capabilities(image: Image, cache: Path) -> None:
     argv = agent_argv(image, cache, container_name("caps"), ["/proc/self/status"],
                       extra=["--entrypoint", "cat"])
     done = subprocess.run(argv, capture_output=True, text=True, env=image.env, timeout=300)
     assert done.returncode == 0, done.stderr
     status = dict(line.split(":\t", 1) for line in done.stdout.splitlines() if ":\t" in line)
-    wanted = sum(1 << CAP_BITS[c] for c in daemonset_capabilities())
+    wanted = sum(1 << BITS[c] for c in daemonset_capabilities())
     assert status["Uid"].split()[:2] == ["0", "0"]
     for field in ("CapEff", "CapPrm", "CapBnd"):
         assert int(status[field], 16) == wanted, (field, status[field])

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
+from otel_ebpf.kernel.capabilities import BITS
 from tests.e2e.test_agent import N_GETPPID
 from tests.peers.containerd import Containerd, image_archive, mounts_below
 from tests.peers.kube import KubeApiServer, ensure_built
@@ -212,9 +213,6 @@ def test_the_daemonset_controller_runs_one_pod_on_the_node(deployed: Deployed) -
     assert ds["status"]["numberReady"] == ds["status"]["desiredNumberScheduled"] == 1
 
 
-CAP_BITS = {"DAC_READ_SEARCH": 2, "SYS_PTRACE": 19, "SYSLOG": 34, "PERFMON": 38, "BPF": 39}
-
-
 def test_the_kubelet_applies_the_daemonsets_security_context(deployed: Deployed) -> None:
     """The agent's process, as containerd started it for the kubelet: uid 0 with exactly
     the DaemonSet's capabilities, no privilege escalation, a seccomp filter (containerd's
@@ -226,7 +224,7 @@ def test_the_kubelet_applies_the_daemonsets_security_context(deployed: Deployed)
     proc = dict(line.split(":\t", 1) for line in
                 Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
     caps = deployed.pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-    wanted = sum(1 << CAP_BITS[c] for c in caps)
+    wanted = sum(1 << BITS[c] for c in caps)
     assert proc["Uid"].split()[:2] == ["0", "0"]
     for field in ("CapEff", "CapPrm", "CapBnd"):
         assert int(proc[field], 16) == wanted, (field, proc[field])

@@ -21,13 +21,13 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.test_agent import AgentProcess
+from tests.helpers.cgroups import run_in
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 from tests.peers.rotel import RotelCollector
 
@@ -60,17 +60,6 @@ probes:
 summary:
   enabled: false
 """
-
-
-def run_in(cgroup: Path, argv: Sequence[str | Path], timeout: float = 60) -> tuple[int, str]:
-    """Run argv inside `cgroup` from its first syscall on (the shell joins the cgroup,
-    then execs it: same pid); its pid and output."""
-    proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh",
-                             str(cgroup / "cgroup.procs"), *map(str, argv)],
-                            stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return proc.pid, out
 
 
 def start_agent(tmp_path: Path, rotel: RotelCollector, protocol: str, interval: str,

@@ -17,6 +17,7 @@ from otel_ebpf.export.profiles import build_profiles_request
 from otel_ebpf.kernel.engine import BpfMap, Engine
 from otel_ebpf.model import Identity, StackSample
 from otel_ebpf.probes.cpu_profile import CpuProfile, CpuProfileConfig, InternedStacks
+from tests.helpers.processes import reap
 
 pytestmark = pytest.mark.kernel
 
@@ -62,13 +63,13 @@ def names(sample: StackSample) -> list[str | None]:
 
 
 def test_three_to_one_split_with_full_user_stacks(profiler: Running, cpu_hot: Path) -> None:
-    proc = subprocess.Popen([str(cpu_hot), "split", "3"], stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=30)
-    assert out.strip() == "done"
+    proc = subprocess.Popen([str(cpu_hot), "split", "3"], stdout=subprocess.DEVNULL)
+    cpu_s = reap(proc)  # its CPU time, not the 3 s it ran: a busy machine gives it less
+    assert proc.returncode == 0
     # collected after the process exited: symbolized from what was captured while it ran
     mine = samples_of(proc.pid, profiler.probe.collect().samples)
     total = sum(s.count for s in mine)
-    assert total > HZ, total  # 3 s of one CPU; the kernel may throttle the rate
+    assert total > 0.7 * cpu_s * HZ, (total, cpu_s)  # the kernel may throttle the rate
     in_a = sum(s.count for s in mine if "hot_a" in names(s))
     in_b = sum(s.count for s in mine if "hot_b" in names(s))
     assert abs(in_a / total - 0.75) <= 0.05, (in_a, in_b, total)

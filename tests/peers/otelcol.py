@@ -93,28 +93,29 @@ SIGNALS = ("traces", "metrics", "logs", "profiles")
 BUILD_TIMEOUT = 25 * 60.0
 
 @functools.cache
-def ensure_built() -> Path:
+def ensure_built(script: Path = BUILD_SCRIPT) -> Path:
     """Path of the collector binary, building it (cached outside the repo) if needed.
 
-    Runs ``build-otelcol.sh``, which returns in milliseconds once the binary is cached and
-    otherwise needs Go and the Go module proxy for about two minutes.
+    Runs ``script`` (``build-otelcol.sh``, or the gateway's ``deploy/collector/build.sh``),
+    which returns in milliseconds once the binary is cached and otherwise needs Go and the
+    Go module proxy for about two minutes.
     """
     try:
         result = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True,
+            ["bash", str(script)], capture_output=True, text=True,
             timeout=BUILD_TIMEOUT, stdin=subprocess.DEVNULL, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"{BUILD_SCRIPT.name} timed out after {BUILD_TIMEOUT:.0f}s") from exc
+        raise RuntimeError(f"{script.name} timed out after {BUILD_TIMEOUT:.0f}s") from exc
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         raise RuntimeError(
-            f"{BUILD_SCRIPT.name} failed (exit {result.returncode}); it needs Go and the Go "
+            f"{script.name} failed (exit {result.returncode}); it needs Go and the Go "
             f"module proxy on a cold cache. Output:\n{result.stdout}\n{result.stderr}"
         )
     binary = Path(lines[-1])
     if not binary.is_file() or not os.access(binary, os.X_OK):
-        raise RuntimeError(f"{BUILD_SCRIPT.name} printed {binary}, which is not executable")
+        raise RuntimeError(f"{script.name} printed {binary}, which is not executable")
     return binary
 
 
