@@ -65,6 +65,7 @@ class Delivery(Generic[T]):
         self._queued = asyncio.Event()  # the queue holds an item
         self._ready = asyncio.Event()  # ... a full batch
         self._failing = False
+        self._refusals_said: set[str] = set()  # each reason is worth one warning
         self._say_outage = say_outage  # False: the transport tells of an outage itself
         self.spill: Spill[T] | None = None
         self._spilled = False  # shutdown wrote what was left to the spool
@@ -223,8 +224,16 @@ class Delivery(Generic[T]):
         self._failing = True
 
     def _refused(self, units: int, outcome: Outcome) -> None:
-        log.warning("%s: the collector refused %d %s for good (%s); dropped",
-                    self.signal, units, self.signal, outcome.why)
+        # a collector without profiles refuses every export the same way: say it once,
+        # the drop counter (otel_ebpf.<signal>.dropped) keeps counting
+        first = outcome.why not in self._refusals_said and len(self._refusals_said) < 32
+        if first:
+            self._refusals_said.add(outcome.why)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "%s: the collector refused %d %s for good (%s); dropped%s", self.signal,
+                units, self.signal, outcome.why,
+                "; further refusals for this reason are counted in "
+                f"otel_ebpf.{self.signal}.dropped, not logged" if first else "")
 
     @property
     def waiting(self) -> int:

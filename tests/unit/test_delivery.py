@@ -5,9 +5,12 @@ dropped exactly once, and the first attempt after the return follows within the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterable
+
+import pytest
 
 from otel_ebpf.export.delivery import Delivery
 from otel_ebpf.export.queue import (
@@ -177,3 +180,21 @@ async def test_offers_from_another_thread_wake_the_worker() -> None:
     await until(lambda: len(collector.received) == 5)
     worker.cancel()
     await delivery.flush(time.monotonic() + 1)
+
+
+async def test_refusals_for_one_reason_are_said_once_and_all_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    collector = FakeCollector()
+    collector.refuse = set(range(30))  # like a collector without profiles: every batch
+    delivery, records = make(collector)
+    worker = asyncio.create_task(delivery.run())
+    with caplog.at_level(logging.WARNING, logger="otel_ebpf.export.delivery"):
+        for start in (0, 10, 20):
+            offer(delivery, range(start, start + 10))
+            want = start + 10
+            await until(lambda want=want: dropped(records).get(EXPORT_REFUSED, 0) >= want)
+    worker.cancel()
+    await delivery.flush(time.monotonic() + 1)
+    assert dropped(records) == {EXPORT_REFUSED: 30}
+    warnings = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 1 and "INVALID_ARGUMENT" in warnings[0].getMessage()
