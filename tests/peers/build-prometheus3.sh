@@ -22,16 +22,9 @@ PROMETHEUS_MODULE_VERSION="v0.316.0"
 
 log() { printf 'build-prometheus3: %s\n' "$*" >&2; }
 
-if [[ -n "${PROMETHEUS3_CACHE:-}" ]]; then
-    cache="${PROMETHEUS3_CACHE}"
-else
-    cache="/var/cache/otel-ebpf/prometheus3"
-    if ! mkdir -p "${cache}" 2>/dev/null || [[ ! -w "${cache}" ]]; then
-        cache="${XDG_CACHE_HOME:-${HOME}/.cache}/otel-ebpf/prometheus3"
-    fi
-fi
-mkdir -p "${cache}"
-cache="$(cd "${cache}" && pwd)"
+# shellcheck source=deploy/cache-dir.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../deploy/cache-dir.sh"
+cache="$(cache_dir prometheus3 "${PROMETHEUS3_CACHE:-}")"
 vdir="${cache}/${PROMETHEUS_MODULE_VERSION}"
 binary="${vdir}/prometheus"
 
