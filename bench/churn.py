@@ -83,7 +83,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -101,14 +100,13 @@ from bench.common import (
     agent_command_for_report,
     build_c,
     fmt,
-    heading,
     import_bcc,
     last_counter_values,
-    machine_lines,
     otlp_sink,
     process_cpu_seconds,
     prog_ids_of,
     require,
+    suite_heading,
     verdict,
     wait_programs_gone,
 )
@@ -646,11 +644,8 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     require("gcc", "taskset")
     bcc = import_bcc()
     build_c(DRIVER_SRC, DRIVER_BIN)
-    heading("churn: the agent on its defaults under process churn (bounded on a busy node)")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    if not machine_shown:
-        for line in machine_lines(bcc):
-            print(line)
+    suite_heading("churn: the agent on its defaults under process churn (bounded on a busy node)",
+                  bcc, machine_shown)
     strace_calls, strace_note = syscalls_per_process()
     per_process = strace_calls[SYSCALL]
     if per_process < 1:

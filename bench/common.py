@@ -562,6 +562,15 @@ def heading(title: str) -> None:
     print(f"== {title} " + "=" * max(0, 86 - len(title)))
 
 
+def suite_heading(title: str, bcc: Any, machine_shown: bool) -> None:
+    """A suite's heading, the command that ran it and, once per run, the machine."""
+    heading(title)
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    if not machine_shown:
+        for line in machine_lines(bcc):
+            print(line)
+
+
 def run_standalone(name: str, run_suite: Callable[[Any, bool], int], args: Any) -> int:
     """A suite run as a script (`python bench/<name>.py`): its exit code, after checking
     it left no BPF object or child process behind."""

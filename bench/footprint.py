@@ -55,11 +55,10 @@ from bench.common import (
     REPO_DIR,
     AgentProcess,
     BenchError,
-    heading,
     import_bcc,
-    machine_lines,
     otlp_sink,
     require,
+    suite_heading,
     verdict,
 )
 
@@ -343,11 +342,8 @@ def report(f: Figures, warm: Start, floor: Smaps | None) -> None:
 
 def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     require()
-    heading("footprint: memory, CPU and start-up at rest, default probes")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    if not machine_shown:
-        for line in machine_lines(import_bcc()):
-            print(line)
+    suite_heading("footprint: memory, CPU and start-up at rest, default probes", import_bcc(),
+                  machine_shown)
     print("method:  the agent on its defaults exporting to rotel -> sink on loopback; "
           f"smaps at {args.footprint_seconds:g} s, CPU over the next "
           f"{args.footprint_cpu_window:g} s; see bench/footprint.py")

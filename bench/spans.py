@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,12 +49,11 @@ from bench.common import (
     bpftool_json,
     build_c,
     fmt,
-    heading,
     import_bcc,
     last_counter_values,
-    machine_lines,
     otlp_sink,
     require,
+    suite_heading,
     verdict,
 )
 
@@ -263,11 +261,7 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     require("gcc", "taskset")
     bcc = import_bcc()
     build_c(STORM_SRC, STORM_BIN)
-    heading("spans: slow-syscall spans (issue #5)")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    if not machine_shown:
-        for line in machine_lines(bcc):
-            print(line)
+    suite_heading("spans: slow-syscall spans (issue #5)", bcc, machine_shown)
     rates = rates_of(args)
     print(f"load:    {STORM_BIN} RATE {args.span_seconds:g}  for RATE in "
           f"{', '.join(map(str, rates))} (stopping at the first loss"

@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -96,13 +95,12 @@ from bench.common import (
     bpf_run_time_stats,
     bpftool_json,
     fmt,
-    heading,
     import_bcc,
-    machine_lines,
     otlp_sink,
     prog_ids_of,
     require,
     run_standalone,
+    suite_heading,
     wait_programs_gone,
 )
 
@@ -534,11 +532,7 @@ def report(results: Results) -> None:
 def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     require("ip", "nft", "bpftool")
     bcc = import_bcc()
-    heading("tcp: the TCP retransmit probe")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    if not machine_shown:
-        for line in machine_lines(bcc):
-            print(line)
+    suite_heading("tcp: the TCP retransmit probe", bcc, machine_shown)
     sysctl_before = stats_sysctl()
     print(f"load:    {args.tcp_rounds} rounds x 2 transfers of {args.tcp_mbytes} MiB over one "
           f"connection in a private netns, loopback MTU {LO_MTU}, nftables dropping "
