@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -126,6 +127,7 @@ def main(argv: list[str]) -> int:
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything BCC or clang prints joins the diagnostics
     request = json.load(sys.stdin)
+    started = time.monotonic()
     with result:
         try:
             import bcc
@@ -134,11 +136,14 @@ def main(argv: list[str]) -> int:
                        "Debian's python3-bpfcc and run from a venv made with "
                        "--system-site-packages (make setup does both)"}, result)
             return 1
+        imported = time.monotonic()
         try:
             bpf = bcc.BPF(text=request["text"].encode(),
                           cflags=[str(flag) for flag in request["cflags"]])
             described, fds = image(bcc, bpf)
             described["btf"] = maps_btf(fds)
+            described["seconds"] = {"import": imported - started,
+                                    "compile": time.monotonic() - imported}
         except Exception as exc:
             json.dump({"error": str(exc) or type(exc).__name__}, result)
             return 1
