@@ -14,6 +14,8 @@ does: `tcp_skb_cb.tcp_gso_segs` sits in an anonymous struct inside an anonymous 
 from __future__ import annotations
 
 import struct
+import threading
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +120,11 @@ class Btf:
         self._str_end = self._str_start + str_len
         if self._types_end > len(data) or self._str_end > len(data):
             raise BtfError("BTF section bounds run past the end of the blob")
-        self._types: list[_Type | None] = [None]  # type id 0 is void
+        # where each type's record starts, by type id (id 0, void, has none): decoded on
+        # demand, so the index is 4 bytes a type rather than an object each
+        self._pos = array("I", [0])
         self._by_name: dict[str, list[int]] = {}
+        self._ints: list[int] = []  # ids of the INT types, where `long int` is
         self._pointer_size: int | None = None
         self._index()
 
@@ -132,21 +137,22 @@ class Btf:
                            "CONFIG_DEBUG_INFO_BTF=y") from exc
 
     def _index(self) -> None:
-        head = struct.Struct(self._end + "3I")
-        pos = self._types_start
-        while pos < self._types_end:
-            name_off, info, size_or_type = head.unpack_from(self._data, pos)
+        unpack = struct.Struct(self._end + "3I").unpack_from
+        data, pos, end = self._data, self._types_start, self._types_end
+        positions = self._pos
+        while pos < end:
+            name_off, info, _ = unpack(data, pos)
             kind = (info >> 24) & 0x1F
-            vlen = info & 0xFFFF
             trailer = _TRAILER.get(kind)
             if trailer is None:
-                raise BtfError(f"unknown BTF kind {kind} at type {len(self._types)}; "
+                raise BtfError(f"unknown BTF kind {kind} at type {len(positions)}; "
                                "this reader predates the kernel's BTF")
-            t = _Type(kind, name_off, vlen, bool(info >> 31), size_or_type, pos + 12)
             if kind in _COMPOSITES and name_off:
-                self._by_name.setdefault(self._str(name_off), []).append(len(self._types))
-            self._types.append(t)
-            pos += 12 + trailer[0] + trailer[1] * vlen
+                self._by_name.setdefault(self._str(name_off), []).append(len(positions))
+            elif kind == KIND_INT:
+                self._ints.append(len(positions))
+            positions.append(pos)
+            pos += 12 + trailer[0] + trailer[1] * (info & 0xFFFF)
 
     def _str(self, off: int) -> str:
         start = self._str_start + off
@@ -154,11 +160,12 @@ class Btf:
         return self._data[start:end].decode()
 
     def _type(self, type_id: int) -> _Type:
-        if not 0 < type_id < len(self._types):
+        if not 0 < type_id < len(self._pos):
             raise BtfError(f"type id {type_id} out of range")
-        t = self._types[type_id]
-        assert t is not None
-        return t
+        pos = self._pos[type_id]
+        name_off, info, size_or_type = struct.unpack_from(self._end + "3I", self._data, pos)
+        return _Type((info >> 24) & 0x1F, name_off, info & 0xFFFF, bool(info >> 31),
+                     size_or_type, pos + 12)
 
     def _resolve(self, type_id: int) -> tuple[int, _Type | None]:
         """Look through typedefs and qualifiers (bounded: BTF may not loop, but a corrupt
@@ -203,8 +210,8 @@ class Btf:
         # BTF does not record it; the kernel's `long` is pointer-sized on every Linux ABI.
         if self._pointer_size is None:
             self._pointer_size = next(
-                (t.size_or_type for t in self._types if t is not None and t.kind == KIND_INT
-                 and self._str(t.name_off) == "long int"), 8)
+                (t.size_or_type for t in map(self._type, self._ints)
+                 if self._str(t.name_off) == "long int"), 8)
         return self._pointer_size
 
     def struct_ids(self, name: str) -> list[int]:
@@ -291,7 +298,22 @@ class Btf:
         return m.offset
 
 
+_shared: Btf | None = None
+_shared_lock = threading.Lock()
+
+
 def vmlinux() -> Btf:
-    """The running kernel's BTF, parsed (about 5 MB; well under a second). Not cached: the
-    index takes ~20 MB of Python objects, and a probe needs it once, for its cflags."""
-    return Btf.load(VMLINUX)
+    """The running kernel's BTF, parsed once (5.5 MB, ~0.2 s here) and shared by the probes
+    that start together, until forget() drops it: it is needed for their cflags only."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Btf.load(VMLINUX)
+        return _shared
+
+
+def forget() -> None:
+    """Drop the shared parse (the blob and its index, ~7 MB) once the probes are built."""
+    global _shared
+    with _shared_lock:
+        _shared = None
