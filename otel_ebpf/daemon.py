@@ -74,9 +74,13 @@ class Agent:
             loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
         try:
             await self.identity.start()
-            if self.endpoints is not None:  # /healthz answers while the probes compile
+            # the compilers start first (child processes), then the endpoints server, so
+            # that importing aiohttp overlaps them; /healthz answers while they compile
+            starting = asyncio.create_task(self.host.start(), name="start")
+            await asyncio.sleep(0)
+            if self.endpoints is not None:
                 await self.endpoints.start()
-            if not await self.host.start():
+            if not await starting:
                 return 1
             jobs: list[tuple[str, Coroutine[Any, Any, None]]] = [
                 ("export", self.metrics.run()), ("selection", self.host.run_selection())]
