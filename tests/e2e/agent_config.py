@@ -10,11 +10,14 @@ import yaml
 
 from otel_ebpf.probes import PROBE_TYPES
 
-# What every test agent shares: no summary table on stdout, and no questions to a Docker
-# or podman engine the host may run (the identities under test come from cgroup names)
+# What every test agent shares: no summary table on stdout; no questions to a Docker or
+# podman engine the host may run (the identities under test come from cgroup names); no
+# /metrics server unless the test asks for one on a port of its own (the default, 9464,
+# may be another agent's on a shared machine)
 TEST_AGENT: dict[str, Any] = {
     "summary": {"enabled": False},
     "identity": {"docker": {"enabled": False}},
+    "endpoints": {"enabled": False},
 }
 
 

@@ -79,7 +79,7 @@ def test_live_page_shows_the_hot_function_and_the_syscall(
         {"syscall_latency": {"interval": "500ms", "aggregation": "process",
                              "filter": {"comms": ["syscall_workloa"]}},
          "cpu_profile": {"interval": "500ms"}},
-        exporter={"enabled": False}, endpoints={"port": port}))
+        exporter={"enabled": False}, endpoints={"enabled": True, "port": port}))
     base = f"http://127.0.0.1:{port}"
     try:
         agent.wait_for_log("probe cpu_profile attached")
