@@ -20,8 +20,9 @@
  *             new_tgids     ring buffer: "a process appeared", so user space can read its
  *                           memory maps while it lives (short-lived processes are then still
  *                           symbolized after they exit).
+ *             py_*          the interpreter's frames of Python processes (python_stack.h).
  *             probe_stats   per-CPU counters (probe_stats.h): idle samples dropped, stacks
- *                           lost, map full.
+ *                           lost, map full, Python walks given up.
  *             cgroup_filter with FILTER_CGROUP (cgroup_filter.h): the selected workloads.
  * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): two stack walks
  *             (frame pointers; user stacks of code built without them are truncated), a
@@ -30,7 +31,7 @@
  *             between samples.
  *
  * Compile-time switches: SAMPLE_HZ (informational), MAX_SAMPLES, USER_STACK_ENTRIES,
- * KERNEL_STACK_ENTRIES, KEEP_IDLE, FILTER_CGROUP.
+ * KERNEL_STACK_ENTRIES, PY_STACK_ENTRIES, TASK_FSBASE_OFF, KEEP_IDLE, FILTER_CGROUP.
  */
 /* struct bpf_perf_event_data, declared here: <uapi/linux/bpf_perf_event.h> reaches
  * linux/ptrace.h through asm-generic and cost 1.7 s of the 2.1 s this program took to
@@ -62,6 +63,7 @@ struct sample_key {
     u32 tid;
     u64 user_stack;       /* id (content hash) in user_stacks; 0: no stack recorded */
     u64 kernel_stack;
+    u64 python_stack;     /* id in py_stacks (python_stack.h); 0: no Python frames */
     s32 user_stack_err;   /* -errno when the stack could not be recorded, else 0 */
     s32 kernel_stack_err;
     char comm[TASK_COMM_LEN];
@@ -83,7 +85,11 @@ enum probe_stat {
     STAT_MAP_FULL = 3,         /* a new key did not fit in samples: sample lost */
     STAT_ANNOUNCE_LOST = 4,    /* the new-process ring buffer was full */
     STAT_SAMPLES = 5,          /* every sample taken, for rates */
-    STAT_COUNT = 6,
+    STAT_PY_TRUNCATED = 6,     /* Python frames past PY_MAX_FRAMES not recorded */
+    STAT_PY_READ_FAILED = 7,   /* a Python thread state or frame could not be read */
+    STAT_PY_THREAD_LOST = 8,   /* no thread state within PY_MAX_THREADS */
+    STAT_PY_STACK_LOST = 9,    /* py_stacks full */
+    STAT_COUNT = 10,
 };
 
 BPF_HASH(samples, struct sample_key, struct sample_value, MAX_SAMPLES);
@@ -95,6 +101,7 @@ BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
+#include "python_stack.h"
 
 /* Walk one stack (slot 0: user, into user_stacks; 1: kernel) into this CPU's scratch slot
  * and intern it under the hash of its addresses. *id stays 0 for an empty stack; returns
@@ -156,6 +163,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         count_stat(STAT_USER_STACK_LOST);
     if (key.kernel_stack_err && key.kernel_stack_err != -EFAULT)
         count_stat(STAT_KERNEL_STACK_LOST);
+    python_stack(tgid, key.tid, &key.python_stack);
 
     struct sample_value *value = samples.lookup(&key);
     if (value) {

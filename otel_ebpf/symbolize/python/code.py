@@ -1,0 +1,163 @@
+"""Code objects of a live CPython process, read through /proc/<pid>/mem: qualified name,
+file, first line and line table; and the line of an instruction offset, per version.
+
+Line tables (Objects/lnotab_notes.txt of each release):
+- 3.8, 3.9 `co_lnotab`: (bytecode delta, signed line delta) byte pairs; f_lasti in bytes.
+- 3.10 `co_linetable`: (bytecode delta, signed line delta, -128: no line) pairs; f_lasti in
+  code units.
+- 3.11+ location table: entries of a header byte (bit 7 set, code in bits 3-6, length - 1
+  in code units in bits 0-2) and varints; the instruction is a code unit index.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from otel_ebpf.symbolize.python.layouts import INSTR_POINTER, Layout
+
+MAX_STRING = 4096
+MAX_LINETABLE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CodeInfo:
+    name: str
+    filename: str
+    firstlineno: int
+    linetable: bytes  # empty when not read (the process had exited)
+
+
+class ProcessMemory:
+    """Reads of another process's memory (needs ptrace access: CAP_SYS_PTRACE)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = open(f"/proc/{pid}/mem", "rb", buffering=0)  # noqa: SIM115
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._fd.seek(addr)
+        data = self._fd.read(size)
+        if data is None or len(data) != size:
+            raise OSError(f"short read of {size} bytes at {addr:#x} in {self.pid}")
+        return bytes(data)
+
+    def u64(self, addr: int) -> int:
+        return int(struct.unpack("<Q", self.read(addr, 8))[0])
+
+    def i32(self, addr: int) -> int:
+        return int(struct.unpack("<i", self.read(addr, 4))[0])
+
+    def close(self) -> None:
+        self._fd.close()
+
+
+def read_str(mem: ProcessMemory, obj: int, layout: Layout) -> str:
+    """A compact str object's text."""
+    state = struct.unpack("<I", mem.read(obj + layout.unicode_state, 4))[0]
+    length = mem.u64(obj + 16)  # PyASCIIObject.length, after the object header
+    kind, compact, ascii_ = state >> 2 & 7, state >> 5 & 1, state >> 6 & 1
+    if not compact or kind not in (1, 2, 4) or length > MAX_STRING:
+        raise ValueError(f"not a compact str at {obj:#x}")
+    if ascii_:
+        return mem.read(obj + layout.unicode_ascii_size, length).decode("ascii", "replace")
+    data = mem.read(obj + layout.compact_size, length * kind)
+    return data.decode({1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind], "replace")
+
+
+def read_bytes(mem: ProcessMemory, obj: int, layout: Layout) -> bytes:
+    size = mem.u64(obj + layout.bytes_size)
+    if size > MAX_LINETABLE:
+        raise ValueError(f"bytes object of {size} at {obj:#x}")
+    return mem.read(obj + layout.bytes_data, size) if size else b""
+
+
+def read_code(mem: ProcessMemory, code: int, layout: Layout) -> CodeInfo:
+    """A code object's name (qualified where the version has co_qualname), file, first
+    line and line table. Raises OSError or ValueError when it cannot be read."""
+    name = read_str(mem, mem.u64(code + layout.code_qualname), layout)
+    filename = read_str(mem, mem.u64(code + layout.code_filename), layout)
+    return CodeInfo(name, filename, mem.i32(code + layout.code_firstlineno),
+                    read_bytes(mem, mem.u64(code + layout.code_linetable), layout))
+
+
+def line_of(info: CodeInfo, instr: int, layout: Layout) -> int:
+    """The line of the instruction `instr` (as the BPF walk records it: f_lasti, or
+    bytes from co_code_adaptive); 0 when unknown."""
+    if not info.linetable:
+        return 0
+    version = layout.version
+    if version < (3, 10):
+        return _lnotab_line(info.linetable, info.firstlineno, instr)
+    if version < (3, 11):
+        return _linetable_310(info.linetable, info.firstlineno, instr * 2)
+    if layout.instr_kind == INSTR_POINTER:
+        instr //= 2  # code units
+    return _locations_line(info.linetable, info.firstlineno, max(instr, 0))
+
+
+def _lnotab_line(table: bytes, line: int, lasti: int) -> int:
+    addr = 0
+    for i in range(0, len(table) - 1, 2):
+        addr += table[i]
+        if addr > lasti:
+            break
+        delta = table[i + 1]
+        line += delta - 256 if delta >= 128 else delta
+    return line
+
+
+def _linetable_310(table: bytes, line: int, addr: int) -> int:
+    start = 0
+    for i in range(0, len(table) - 1, 2):
+        end = start + table[i]
+        delta = table[i + 1]
+        if delta != 128:  # -128: no line for this range
+            line += delta - 256 if delta > 128 else delta
+        if start <= addr < end:
+            return line if delta != 128 else 0
+        start = end
+    return 0
+
+
+def _varint(table: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while i < len(table):
+        b = table[i]
+        i += 1
+        value |= (b & 63) << shift
+        shift += 6
+        if not b & 64:
+            break
+    return value, i
+
+
+def _svarint(table: bytes, i: int) -> tuple[int, int]:
+    value, i = _varint(table, i)
+    return (-(value >> 1) if value & 1 else value >> 1), i
+
+
+def _locations_line(table: bytes, line: int, target: int) -> int:
+    addr, i = 0, 0
+    while i < len(table):
+        header = table[i]
+        i += 1
+        code, length = header >> 3 & 15, (header & 7) + 1
+        delta, has_line = 0, True
+        if code == 15:
+            has_line = False
+        elif code == 14:  # long form: line delta, end line delta, column, end column
+            delta, i = _svarint(table, i)
+            for _ in range(3):
+                _, i = _varint(table, i)
+        elif code == 13:  # no column
+            delta, i = _svarint(table, i)
+        elif code >= 10:  # one-line form: two column bytes
+            delta, i = code - 10, i + 2
+        else:  # short form: one column byte
+            i += 1
+        line += delta
+        if addr <= target < addr + length:
+            return line if has_line else 0
+        addr += length
+    return 0
