@@ -218,13 +218,19 @@ static __always_inline void python_stack(u32 tgid, u32 tid, u64 *id)
     }
     st->entries = 0;
     st->truncated = 0;
-    u32 n = 0;
+    st->depth = 0;
     /* the process is part of the id: forked workers share code addresses, and a new
      * stack is when its code objects are remembered for this process */
     u64 hash = 0x9e3779b97f4a7c15ULL ^ tgid;
+    /* The depth is kept in the map value, not in a local: the verifier then sees an
+     * unknown bounded index instead of one exact count per path, and its states of
+     * different iterations prune each other (a local count made it give up). */
 #pragma clang loop unroll(disable)
     for (int i = 0; i < PY_MAX_FRAMES * 2; i++) {  /* shims take a turn, not a slot */
-        if (!frame || failed || n >= PY_MAX_FRAMES)
+        if (!frame || failed)
+            break;
+        u32 slot = st->depth;
+        if (slot >= PY_MAX_FRAMES)
             break;
         u64 code = py_read_ptr(frame + l->frame_code, &failed);
         u64 previous = py_read_ptr(frame + l->frame_previous, &failed);
@@ -235,8 +241,7 @@ static __always_inline void python_stack(u32 tgid, u32 tid, u64 *id)
             bpf_probe_read_user(&owner, sizeof(owner), (void *)(frame + l->frame_owner));
             if (owner == PY_OWNED_BY_CSTACK) {
                 /* the frame above it is the first its eval-loop call ran */
-                if (n > 0 && n <= PY_MAX_FRAMES)
-                    st->entries |= 1ULL << (n - 1);
+                st->entries |= (u64)(slot > 0) << ((slot - 1) & (PY_MAX_FRAMES - 1));
                 frame = previous;
                 continue;
             }
@@ -251,17 +256,17 @@ static __always_inline void python_stack(u32 tgid, u32 tid, u64 *id)
         }
         if (failed || !code)
             break;
-        u32 slot = n & (PY_MAX_FRAMES - 1);
+        slot &= PY_MAX_FRAMES - 1;
         st->code[slot] = code;
         st->instr[slot] = instr;
-        if (entry)
-            st->entries |= 1ULL << slot;
+        st->entries |= (u64)(entry != 0) << slot;
         hash = (hash ^ code) * 0xff51afd7ed558ccdULL;
         hash = (hash ^ (u32)instr) * 0xff51afd7ed558ccdULL;
         hash ^= hash >> 32;
-        n++;
+        st->depth = slot + 1;
         frame = previous;
     }
+    u32 n = st->depth;
     if (failed)
         count_stat(STAT_PY_READ_FAILED);
     else if (frame && n >= PY_MAX_FRAMES) {
@@ -270,7 +275,6 @@ static __always_inline void python_stack(u32 tgid, u32 tid, u64 *id)
     }
     if (n == 0)
         return;
-    st->depth = n;
     hash = (hash ^ st->entries ^ n) * 0xff51afd7ed558ccdULL;
     hash |= 1;
     if (!py_stacks.lookup(&hash)) {

@@ -89,11 +89,14 @@ class ProfilesDictionaryBuilder:
                                           key_strindex=self.string(key),
                                           value=any_value(value)))
 
-    def function(self, name: str) -> int:
+    def function(self, name: str, filename: str | None = None, start_line: int = 0) -> int:
         name_index = self.string(name)
-        return self.functions.intern(("function", name_index),
+        file_index = self.string(filename) if filename else 0
+        return self.functions.intern(("function", name_index, file_index, start_line),
                                      lambda: pb.Function(name_strindex=name_index,
-                                                         system_name_strindex=name_index))
+                                                         system_name_strindex=name_index,
+                                                         filename_strindex=file_index,
+                                                         start_line=start_line))
 
     def mapping(self, m: MappingInfo | None) -> int:
         if m is None:
@@ -113,11 +116,15 @@ class ProfilesDictionaryBuilder:
 
     def _intern_location(self, frame: Frame) -> int:
         mapping_index = self.mapping(frame.mapping)
-        key = ("location", mapping_index, frame.address, frame.function, frame.kind)
+        key = ("location", mapping_index, frame.address, frame.function, frame.kind,
+               frame.file, frame.line)
 
         def make() -> pb.Location:
-            lines = ([pb.Line(function_index=self.function(frame.function))]
-                     if frame.function else [])  # unresolved: address and mapping only
+            # unresolved: address and mapping only; interpreted code: file and line too
+            lines = ([pb.Line(function_index=self.function(frame.function, frame.file,
+                                                           frame.start_line),
+                              line=frame.line)]
+                     if frame.function else [])
             return pb.Location(mapping_index=mapping_index, address=frame.address,
                                lines=lines,
                                attribute_indices=[self.attribute(FRAME_TYPE_ATTRIBUTE,

@@ -22,10 +22,12 @@ from typing import Any
 from pydantic import Field
 
 from otel_ebpf.config_base import Duration, ProfilesProbeConfig
+from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.engine import BpfMap, EngineError, Program
 from otel_ebpf.kernel.maps import unpacker
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample, Workload
 from otel_ebpf.probes.base import Hook, Probe, Signal
+from otel_ebpf.symbolize.python.unwinder import PythonUnwinder, merge
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's
 # the members of struct sample_key and struct sample_value of probes/cpu_profile.bpf.c that
 # decode() reads, in order; their layout comes from the compiled program (unpacked in
 # bulk: a drain can hold thousands of entries)
-SAMPLE_KEY_FIELDS = ("tgid", "tid", "user_stack", "kernel_stack", "user_stack_err",
-                     "kernel_stack_err", "comm")
+SAMPLE_KEY_FIELDS = ("tgid", "tid", "user_stack", "kernel_stack", "python_stack",
+                     "user_stack_err", "kernel_stack_err", "comm")
 SAMPLE_VALUE_FIELDS = ("count", "cgroup_id")
 
 PROFILE_SAMPLES = MetricDescriptor(
@@ -58,6 +60,8 @@ class CpuProfileConfig(ProfilesProbeConfig):
     max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
     user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
     kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
+    # distinct CPython stacks held in the kernel (~800 bytes each, allocated as used)
+    python_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     keep_idle: bool = False
 
 
@@ -131,7 +135,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
     signals = frozenset({Signal.PROFILES})
     exports = (PROFILE_SAMPLES,)
     # idle samples are dropped by design and `samples` is a total
-    lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost")
+    lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost",
+                  "py_truncated", "py_read_failed", "py_thread_lost", "py_stack_lost")
     filters_cgroups = True
     profile_type = ON_CPU
     wired_at_start = ("folded_path",)  # the profile export's
@@ -144,19 +149,22 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
         self._user_stacks: InternedStacks | None = None
         self._kernel_stacks: InternedStacks | None = None
+        self._python: PythonUnwinder | None = None
         self._keys = self._values = struct.Struct("")  # made from the compiled program
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
-        # (tgid, kernel stack id, user stack id) -> frames: a hot stack is symbolized once
-        self._stack_cache: dict[tuple[int, int, int], tuple[Frame, ...]] = {}
+        # (tgid, kernel, user, python stack ids) -> frames: a hot stack is symbolized once
+        self._stack_cache: dict[tuple[int, int, int, int], tuple[Frame, ...]] = {}
         self._workloads: dict[tuple[int, bytes, int], Workload] = {}
 
     def program_flags(self) -> list[str]:
         c = self.config
         flags = [f"-DSAMPLE_HZ={c.frequency}", f"-DMAX_SAMPLES={self.max_samples}",
                  f"-DUSER_STACK_ENTRIES={c.user_stack_entries}",
-                 f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}"]
+                 f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}",
+                 f"-DPY_STACK_ENTRIES={c.python_stack_entries}",
+                 f"-DTASK_FSBASE_OFF={fsbase_offset()}"]
         if c.keep_idle:
             flags.append("-DKEEP_IDLE")
         return flags
@@ -177,11 +185,16 @@ class CpuProfile(Probe[CpuProfileConfig]):
                                            self.config.user_stack_entries, retain)
         self._kernel_stacks = InternedStacks(program.map("kernel_stacks"),
                                              self.config.kernel_stack_entries, retain)
+        self._python = PythonUnwinder(program.map("py_procs"), program.map("py_layouts"),
+                                      program.map("py_codes"), program.map("py_stacks"),
+                                      retain)
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
         with self._symbols_lock:
             self.symbolizer.remember(int(event.tgid))
+            if self._python is not None:
+                self._python.on_new_process(int(event.tgid))
 
     def poll_spans(self) -> list[Any]:
         # not spans: the new-process announcements, read as they come (and on another
@@ -202,6 +215,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
             self._keys.iter_unpack(keys), self._values.iter_unpack(values), strict=True)]
         self._user_stacks.end_drain()
         self._kernel_stacks.end_drain()
+        if self._python is not None:
+            with self._symbols_lock:
+                self._python.end_drain()
         grown = self.take_stats()
         for name, n in evicted.items():
             grown[name] += n
@@ -217,12 +233,12 @@ class CpuProfile(Probe[CpuProfileConfig]):
                           period_ns=self.period_ns, profile_type=self.profile_type,
                           map_fill=fill)
 
-    def decode(self, key: tuple[int, int, int, int, int, int, bytes],
+    def decode(self, key: tuple[int, int, int, int, int, int, int, bytes],
                value: tuple[int, int], evicted: dict[str, int]) -> StackSample:
         """One samples entry (SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS) -> a symbolized
         sample."""
         assert self._user_stacks is not None and self._kernel_stacks is not None
-        tgid, tid, user_id, kernel_id, user_err, kernel_err, raw_comm = key
+        tgid, tid, user_id, kernel_id, python_id, user_err, kernel_err, raw_comm = key
         count, cgroup_id = value
         lost = [part for part, err in (("user", user_err), ("kernel", kernel_err))
                 if err and err != -errno.EFAULT]
@@ -230,7 +246,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
             self._user_stacks.use(user_id)
         if kernel_id:
             self._kernel_stacks.use(kernel_id)
-        frames = self._stack_cache.get((tgid, kernel_id, user_id))
+        frames = self._stack_cache.get((tgid, kernel_id, user_id, python_id))
         if frames is None:
             kernel_addrs = self._kernel_stacks.addresses(kernel_id) if kernel_id else ()
             user_addrs = self._user_stacks.addresses(user_id) if user_id else ()
@@ -243,13 +259,15 @@ class CpuProfile(Probe[CpuProfileConfig]):
                 kernel = (self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs
                           else [])
                 user = self.symbolizer.user_frames(tgid, user_addrs) if user_addrs else []
-            frames = tuple(kernel + user)  # leaf first: the kernel part sits on top
+                python = self._python_frames(tgid, python_id)
+            # leaf first: the kernel part sits on top
+            frames = tuple(kernel) + (merge(user, python) if python else tuple(user))
             # unresolved frames may resolve later (a library mapped after the snapshot)
             if kernel_addrs is not None and user_addrs is not None and all(
                     f.function for f in frames):
                 if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
                     self._stack_cache.pop(next(iter(self._stack_cache)))
-                self._stack_cache[(tgid, kernel_id, user_id)] = frames
+                self._stack_cache[(tgid, kernel_id, user_id, python_id)] = frames
         workload = self._workloads.get((tgid, raw_comm, cgroup_id))
         if workload is None:
             if len(self._workloads) >= STACK_CACHE_ENTRIES:
@@ -265,6 +283,24 @@ class CpuProfile(Probe[CpuProfileConfig]):
             lost_stacks=tuple(lost),
         )
 
+    def _python_frames(self, tgid: int, python_id: int) -> list[tuple[Frame, bool]]:
+        if not python_id or self._python is None:
+            return []
+        stack = self._python.stack(python_id)
+        return self._python.frames(tgid, stack) if stack else []
+
     def stop(self) -> None:
         super().stop()
         self._user_stacks = self._kernel_stacks = None
+        if self._python is not None:
+            self._python.close()
+            self._python = None
+
+
+def fsbase_offset() -> int:
+    """task_struct.thread.fsbase from the running kernel's BTF (x86-64: pthread_self(),
+    which CPython 3.8-3.10 record as a thread's id); -1 where there is none."""
+    try:
+        return kbtf.vmlinux().member_offset("task_struct", "thread.fsbase", 8)
+    except (kbtf.BtfError, OSError):
+        return -1

@@ -36,6 +36,8 @@ class ProcessMemory:
         self._fd = open(f"/proc/{pid}/mem", "rb", buffering=0)  # noqa: SIM115
 
     def read(self, addr: int, size: int) -> bytes:
+        if not 0 < addr < 1 << 63:
+            raise OSError(f"no user address: {addr:#x}")
         self._fd.seek(addr)
         data = self._fd.read(size)
         if data is None or len(data) != size:
