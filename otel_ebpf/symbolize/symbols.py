@@ -24,6 +24,7 @@ from otel_ebpf.symbolize import elf
 from otel_ebpf.symbolize.elf import ElfSymbols
 from otel_ebpf.symbolize.frames import KERNEL, NATIVE, Frame, Mapping
 from otel_ebpf.symbolize.kallsyms import KALLSYMS, SYSFS, KernelSymbols
+from otel_ebpf.symbolize.perfmap import PerfMaps
 
 __all__ = ["KERNEL", "NATIVE", "Frame", "KernelSymbols", "Mapping", "Symbolizer",
            "SymbolizerStats", "parse_maps"]
@@ -245,6 +246,7 @@ class Symbolizer:
         self._kernel: KernelSymbols | None = None
         self._kernel_loaded_at = 0.0
         self._kernel_misses: set[int] = set()  # unresolved by the table loaded last
+        self._perf_maps = PerfMaps()
 
     def stats(self) -> SymbolizerStats:
         """A copy of the cumulative counters."""
@@ -258,6 +260,7 @@ class Symbolizer:
 
     def forget(self, pid: int) -> None:
         self._maps.forget(pid)
+        self._perf_maps.forget(pid)
 
     def kernel_frames(self, addrs: Sequence[int]) -> list[Frame]:
         kernel = self._kernel_symbols(stale=False)
@@ -291,6 +294,13 @@ class Symbolizer:
                     time.monotonic() - snap.checked_at > _MAPS_REFRESH_AFTER:
                 snap = self._maps.refresh(pid)  # mapped after the snapshot (dlopen)
                 region = snap.find(lookup) if snap is not None else None
+            if region is None or region.entry.path.startswith("[anon"):
+                # outside every file ([anon], or gone): JIT code, if the process says so
+                jit = self._perf_maps.lookup(pid, lookup)
+                if jit is not None:
+                    mapping = region.load(self._files)[0] if region is not None else None
+                    frames.append(Frame(addr, jit[0], jit[2], mapping, jit[1] + addr - lookup))
+                    continue
             if region is None:
                 frames.append(self._native(addr, lookup, None))
                 continue
