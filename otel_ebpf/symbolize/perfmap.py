@@ -35,10 +35,11 @@ def frame_type(exe_name: str) -> str:
 
 
 class _PerfMap:
-    __slots__ = ("checked", "kind", "names", "path", "signature", "sizes", "starts")
+    __slots__ = ("checked", "kind", "names", "path", "reread_after", "signature", "sizes",
+                 "starts")
 
-    def __init__(self, path: str, kind: str) -> None:
-        self.path, self.kind = path, kind
+    def __init__(self, path: str, kind: str, reread_after: float) -> None:
+        self.path, self.kind, self.reread_after = path, kind, reread_after
         self.starts: array[int] = array("Q")
         self.sizes: array[int] = array("Q")
         self.names: list[str] = []
@@ -47,7 +48,7 @@ class _PerfMap:
 
     def refresh(self) -> None:
         now = time.monotonic()
-        if now - self.checked < REREAD_AFTER:
+        if now - self.checked < self.reread_after:
             return
         self.checked = now
         try:
@@ -98,9 +99,9 @@ def _ns_pid(pid: int) -> int:
 class PerfMaps:
     """JIT names per process, for addresses outside every mapped file."""
 
-    def __init__(self, max_processes: int = 256) -> None:
+    def __init__(self, max_processes: int = 256, reread_after: float = REREAD_AFTER) -> None:
         self._maps: OrderedDict[int, _PerfMap] = OrderedDict()
-        self._max = max_processes
+        self._max, self._reread_after = max_processes, reread_after
 
     def lookup(self, pid: int, addr: int) -> tuple[str, int, str] | None:
         """(name, offset in it, frame type) of the JIT code at addr, or None."""
@@ -121,7 +122,8 @@ class PerfMaps:
         # kept even while there is no file: it is looked for again on a miss (a stat at
         # most every REREAD_AFTER), and only for addresses outside every mapped file
         perf_map = self._maps[pid] = _PerfMap(
-            f"/proc/{pid}/root/tmp/perf-{_ns_pid(pid)}.map", frame_type(exe))
+            f"/proc/{pid}/root/tmp/perf-{_ns_pid(pid)}.map", frame_type(exe),
+            self._reread_after)
         while len(self._maps) > self._max:
             self._maps.popitem(last=False)
         return perf_map
