@@ -3,6 +3,8 @@
   syscalls  what the syscall_latency probe costs per syscall (this file; method below)
   profile   the CPU profiler: slowdown of a CPU loop at 19 and 99 Hz, the agent's own CPU
             at 99 Hz with every CPU busy, lost stacks (bench/profile.py)
+  pyprofile the CPython unwinder: slowdown of two busy Python processes at 99 Hz, the BPF
+            time per sample and the agent's CPU, next to a C loop (bench/pyprofile.py)
   spans     slow-syscall spans exported per second without loss, and the agent's CPU per
             span (bench/spans.py)
   tcp       the retransmit probe's kernel cost per event and the agent's CPU during a lossy
@@ -341,11 +343,11 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "spans", "tcp", "footprint", "redis", "churn")
+SUITES = ("syscalls", "profile", "pyprofile", "spans", "tcp", "footprint", "redis", "churn")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import churn, footprint, profile, redis, spans, tcp
+    from bench import churn, footprint, profile, pyprofile, redis, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
@@ -364,6 +366,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=3_000_000,
                         help="syscalls: getppid calls per storm (default: %(default)s)")
     profile.add_arguments(parser)
+    pyprofile.add_arguments(parser)
     spans.add_arguments(parser)
     tcp.add_arguments(parser)
     footprint.add_arguments(parser)
@@ -481,11 +484,12 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import churn, footprint, profile, redis, spans, tcp
+    from bench import churn, footprint, profile, pyprofile, redis, spans, tcp
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
         "profile": profile.run_suite,
+        "pyprofile": pyprofile.run_suite,
         "spans": spans.run_suite,
         "tcp": tcp.run_suite,
         "footprint": footprint.run_suite,

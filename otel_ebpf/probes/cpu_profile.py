@@ -164,7 +164,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
                  f"-DUSER_STACK_ENTRIES={c.user_stack_entries}",
                  f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}",
                  f"-DPY_STACK_ENTRIES={c.python_stack_entries}",
-                 f"-DTASK_FSBASE_OFF={fsbase_offset()}"]
+                 *task_offset_flags()]
         if c.keep_idle:
             flags.append("-DKEEP_IDLE")
         return flags
@@ -297,10 +297,18 @@ class CpuProfile(Probe[CpuProfileConfig]):
             self._python = None
 
 
-def fsbase_offset() -> int:
-    """task_struct.thread.fsbase from the running kernel's BTF (x86-64: pthread_self(),
-    which CPython 3.8-3.10 record as a thread's id); -1 where there is none."""
-    try:
-        return kbtf.vmlinux().member_offset("task_struct", "thread.fsbase", 8)
-    except (kbtf.BtfError, OSError):
-        return -1
+def task_offset_flags() -> list[str]:
+    """-D flags of the task_struct members the program reads, from the running kernel's
+    BTF; -1 for one it cannot know. thread.fsbase is pthread_self() on x86-64 (how CPython
+    3.8-3.10 name a thread); group_leader and start_time tell a reused pid's process."""
+    members = {"TASK_FSBASE_OFF": "thread.fsbase", "TASK_GROUP_LEADER_OFF": "group_leader",
+               "TASK_START_TIME_OFF": "start_time"}
+    out = {}
+    for flag, path in members.items():
+        try:
+            out[flag] = kbtf.vmlinux().member_offset("task_struct", path, 8)
+        except (kbtf.BtfError, OSError):
+            out[flag] = -1
+    if out["TASK_GROUP_LEADER_OFF"] < 0:
+        out["TASK_START_TIME_OFF"] = -1
+    return [f"-D{flag}={offset}" for flag, offset in out.items()]

@@ -4,8 +4,9 @@ Node (--perf-basic-prof), Python 3.12+ (-X perf) and Java with a perf-map agent.
 
 The file is the process's own /tmp (read through /proc/<pid>/root, named with the pid the
 process has in its own namespace). It grows while the process runs: it is read again when
-its size changed and an address was not found, at most every REREAD_AFTER per process. The frame type follows the
-semantic conventions' profile.frame.type, from the executable's name.
+an address was not found and its size changed (a stat at most every REREAD_AFTER per
+process). The frame type follows the semantic conventions' profile.frame.type, from the
+executable's name.
 """
 
 from __future__ import annotations

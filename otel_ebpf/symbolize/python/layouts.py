@@ -54,8 +54,8 @@ class Layout:
     def bpf_value(self, value_type: type[ct.Structure]) -> ct.Structure:
         """The py_layouts entry of this layout, in the compiled program's type."""
         value = value_type()
-        for name, _ in value_type._fields_:
-            setattr(value, name, getattr(self, name))
+        for member in value_type._fields_:
+            setattr(value, member[0], getattr(self, member[0]))
         return value
 
     def as_fixture(self) -> dict[str, int]:

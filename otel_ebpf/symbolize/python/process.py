@@ -23,8 +23,12 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.hash import ELFHashSection, GNUHashSection
 
 from otel_ebpf.symbolize.elf import open_mapped
-from otel_ebpf.symbolize.python.layouts import DEBUG_OFFSETS_SIZE, Layout, from_debug_offsets
-from otel_ebpf.symbolize.python.layouts import layout_for
+from otel_ebpf.symbolize.python.layouts import (
+    DEBUG_OFFSETS_SIZE,
+    Layout,
+    from_debug_offsets,
+    layout_for,
+)
 
 _VERSION_IN_NAME = re.compile(r"python(\d)\.(\d+)")
 _PAGE = 4096

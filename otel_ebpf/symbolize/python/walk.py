@@ -29,7 +29,7 @@ def thread_states(mem: ProcessMemory, proc: PythonProcess) -> list[tuple[int, in
     layout = proc.layout
     interp = mem.u64(proc.runtime + layout.runtime_interpreters_head)
     ts = mem.u64(interp + layout.interp_tstate_head) if interp else 0
-    out = []
+    out: list[tuple[int, int, int]] = []
     while ts and len(out) < MAX_THREADS:
         native = (mem.u64(ts + layout.tstate_native_thread_id)
                   if layout.tstate_native_thread_id != NONE else 0)

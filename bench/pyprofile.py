@@ -1,0 +1,195 @@
+"""`make bench` pyprofile suite (issue #12): what the CPython unwinder costs.
+
+The same method as the profile suite (bench/profile.py: one real agent, only cpu_profile,
+its sampling switched off and on in alternating windows from outside), run side by side
+on two workloads at 99 Hz:
+
+- python: two busy Python processes (bench/py_loop.py under Debian's python3, whose
+  samples all walk the interpreter's frames in BPF), both pinned to one CPU;
+- C: one cpu_loop (bench/cpu_loop.c, native frames only) on the same CPU.
+
+Per workload: the slowdown (work per CPU-second of the loops, mean of the two off windows
+around an on window / the on window, median; target <= 1.01), the BPF program's time
+per sample from the kernel's run-time statistics over the on windows (all samples of the
+machine, so mostly the loops' own), and the agent's CPU in the on windows (target <= 1 %
+of one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import (
+    BENCH_DIR,
+    BenchError,
+    bpf_run_time_stats,
+    build_c,
+    choose_cpus,
+    cpu_list,
+    heading,
+    import_bcc,
+    machine_lines,
+    otlp_sink,
+    prog_run_stats,
+    require,
+    task_schedstat,
+    verdict,
+)
+from bench.profile import (
+    LOOP_BIN,
+    LOOP_SRC,
+    ON_SETTLE,
+    SLOWDOWN_EXPORT_INTERVAL,
+    TOGGLE_SETTLE,
+    CpuLoop,
+    PerfToggle,
+    Reading,
+    Window,
+    measure_window,
+    running_agent,
+    slowdown_of,
+    stop_agent,
+)
+
+HZ = 99
+PY_LOOP = BENCH_DIR / "py_loop.py"
+PYTHON = "/usr/bin/python3"
+SLOWDOWN_TARGET = 1.01
+AGENT_CPU_TARGET = 1.0  # % of one core
+
+
+class PyLoops:
+    """Busy Python processes pinned to one CPU, read as one loop (summed units and CPU)."""
+
+    def __init__(self, cpu: int, workdir: Path, count: int, max_seconds: float) -> None:
+        import mmap
+        import subprocess
+
+        self.procs = []
+        self._maps = []
+        for i in range(count):
+            counter = workdir / f"py_loop.{i}.counter"
+            command = ["taskset", "-c", str(cpu), PYTHON, str(PY_LOOP), str(counter),
+                       f"{max_seconds:.0f}"]
+            self.procs.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
+            deadline = time.monotonic() + 10
+            while not (counter.exists() and counter.stat().st_size >= 8):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise BenchError(f"the Python loop did not start: {shlex.join(command)}")
+                time.sleep(0.01)
+            with counter.open("rb") as f:
+                self._maps.append(mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ))
+        self.command = f"taskset -c {cpu} {PYTHON} {PY_LOOP} COUNTER MAX_S (x{count})"
+
+    def read(self) -> Reading:
+        import struct
+
+        units = run = wait = 0.0
+        for proc, counter in zip(self.procs, self._maps, strict=True):
+            if proc.poll() is not None:
+                raise BenchError(f"a Python loop exited ({proc.returncode})")
+            r, w = task_schedstat(proc.pid)
+            units += struct.unpack_from("Q", counter)[0]
+            run, wait = run + r, wait + w
+        return Reading(int(units), time.monotonic(), run, wait)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for counter in self._maps:
+            counter.close()
+
+
+def alternate(loop: CpuLoop | PyLoops, workdir: Path, name: str, endpoint: str,
+              pairs: int, window: float) -> tuple[list[Window], int, int]:
+    """Off/on windows; the BPF program's runs and ns over the on windows."""
+    count = 2 * pairs + 1
+    windows: list[Window] = []
+    runs = ns = 0
+    life = ON_SETTLE + count * (window + TOGGLE_SETTLE + 0.5) + 120
+    with running_agent(workdir, name, HZ, endpoint, SLOWDOWN_EXPORT_INTERVAL, life) as (
+            agent, prog_ids), bpf_run_time_stats():
+        with PerfToggle(agent.pid) as toggle:
+            time.sleep(ON_SETTLE)
+            for i in range(count):
+                on = i % 2 == 1
+                toggle.set(on)
+                time.sleep(TOGGLE_SETTLE)
+                r0, n0 = prog_run_stats(prog_ids)
+                windows.append(measure_window(loop, window, agent, on, prog_ids))
+                r1, n1 = prog_run_stats(prog_ids)
+                if on:
+                    runs, ns = runs + r1 - r0, ns + n1 - n0
+        stop_agent(agent, prog_ids)
+    return windows, runs, ns
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pyprofile-pairs", type=int, default=15,
+                        help="pyprofile: on windows per workload (default: %(default)s)")
+    parser.add_argument("--pyprofile-window", type=float, default=1.0,
+                        help="pyprofile: seconds per on/off window (default: %(default)s)")
+
+
+def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
+    require("gcc", "taskset", "bpftool", PYTHON)
+    bcc = import_bcc()
+    build_c(LOOP_SRC, LOOP_BIN, "-fno-omit-frame-pointer")
+    loop_cpu, rest = choose_cpus()
+    if not rest:
+        raise BenchError("needs two CPUs: one for the loops, one for the bench and the sink")
+    import os
+    os.sched_setaffinity(0, rest)
+    heading("pyprofile: the CPython unwinder of the CPU profiler (issue #12)")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    if not machine_shown:
+        for line in machine_lines(bcc):
+            print(line)
+    print(f"method:  as the profile suite, at {HZ} Hz, {2 * args.pyprofile_pairs + 1} windows "
+          f"of {args.pyprofile_window:g}s per workload, loops on CPU {loop_cpu}, bench and "
+          f"sink on {cpu_list(rest)}")
+    started = time.monotonic()
+    life = 4 * (2 * args.pyprofile_pairs + 1) * (args.pyprofile_window + 1) + 600
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="otel-ebpf-bench-") as tmp, otlp_sink() as sink:
+        workdir = Path(tmp)
+        for name in ("python", "C"):
+            loop: CpuLoop | PyLoops = (PyLoops(loop_cpu, workdir, 2, life) if name == "python"
+                                       else CpuLoop(loop_cpu, workdir, life))
+            try:
+                results[name] = alternate(loop, workdir, f"agent-{name}", sink.endpoint,
+                                          args.pyprofile_pairs, args.pyprofile_window)
+            finally:
+                loop.stop()
+    print()
+    header = (f"{'workload':<10}{'slowdown off/on':>16}{'null':>9}{'BPF us/sample':>15}"
+              f"{'agent CPU on %':>16}")
+    print(header)
+    print("-" * len(header))
+    python_slowdown = python_cpu = 0.0
+    for name, (windows, runs, ns) in results.items():
+        s = slowdown_of(windows)
+        null = statistics.median(s.null) if s.null else float("nan")
+        per_sample = ns / runs / 1000 if runs else float("nan")
+        print(f"{name:<10}{s.median:>16.4f}{null:>9.4f}{per_sample:>15.2f}"
+              f"{s.agent_on_pct:>16.3f}")
+        if name == "python":
+            python_slowdown, python_cpu = s.median, s.agent_on_pct
+    print("(BPF us/sample: every sample of the machine over the on windows, kernel BPF "
+          "run-time stats; agent CPU: utime+stime per second over the on windows)")
+    print()
+    print(f"target: {'python slowdown at 99 Hz <= 1.01':<40} "
+          f"{verdict(python_slowdown <= SLOWDOWN_TARGET, f'{python_slowdown:.4f}')}")
+    print(f"target: {'agent CPU (python) <= 1 % of a core':<40} "
+          f"{verdict(python_cpu <= AGENT_CPU_TARGET, f'{python_cpu:.3f} %')}")
+    print(f"took {time.monotonic() - started:.0f}s")
+    return 0
