@@ -5,7 +5,7 @@
 #   deploy/host-setup.sh --test   plus what the test suite needs (compiler, nftables, ...,
 #                                 Debian's containerd + runc for the Kubernetes node tier,
 #                                 prometheus for the /metrics scrape test, chromium for the
-#                                 live page's): the tests run private instances; the
+#                                 live page's, nodejs for JIT frames): the tests run private instances; the
 #                                 packages' system services are never started nor enabled by
 #                                 this script (policy-rc.d), or if they were, stopped again
 #   deploy/host-setup.sh --bench  plus what `make bench` needs: --test's packages, Debian's
@@ -41,9 +41,10 @@ esac
 packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip bpftool iproute2 ca-certificates
           linux-libc-dev)
 if (( want_test )); then
-  # libcap2-bin: capsh, which runs the agent with exactly its capabilities
+  # libcap2-bin: capsh, which runs the agent with exactly its capabilities; nodejs: the
+  # JIT-map profile test (node --perf-basic-prof)
   packages+=(gcc libc6-dev make nftables iputils-ping procps containerd runc libcap2-bin
-            prometheus chromium)
+            prometheus chromium nodejs)
 fi
 if (( want_bench )); then
   packages+=(redis-server redis-tools linux-perf)
