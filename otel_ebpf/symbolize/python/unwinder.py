@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
 MAX_LAYOUTS = 16  # py_layouts entries
 CODE_CACHE = 16384  # named code objects kept (per process and code address)
+MAX_PROCESSES = 4096  # Python processes known (py_procs holds as many)
 FILL_LIMIT = 0.75
 
 
@@ -48,7 +49,10 @@ class PythonUnwinder:
         self._layout_ids: dict[Layout, int] = {}
         self._procs: dict[int, PythonProcess] = {}
         self._memories: OrderedDict[int, ProcessMemory | None] = OrderedDict()
-        self._codes: OrderedDict[tuple[int, int], CodeInfo] = OrderedDict()
+        # (pid, its generation here, code address): a reused pid starts a new generation
+        self._codes: OrderedDict[tuple[int, int, int], CodeInfo] = OrderedDict()
+        self._generations: dict[int, int] = {}
+        self._generation = 0
         self._stacks: dict[int, tuple[PyFrame, ...]] = {}
         self._last_used: dict[int, int] = {}
         self._drain = 0
@@ -74,7 +78,13 @@ class PythonUnwinder:
         value = self._procs_map.value_type()
         value.runtime, value.layout = proc.runtime, layout_id
         self._procs_map.set(ct.c_uint32(pid), value)
+        self._procs.pop(pid, None)
         self._procs[pid] = proc
+        self._generation += 1
+        self._generations[pid] = self._generation
+        while len(self._procs) > MAX_PROCESSES:
+            old = next(iter(self._procs))
+            self.forget(old)
         self._drop_memory(pid)
         return proc
 
@@ -144,7 +154,7 @@ class PythonUnwinder:
         return out
 
     def _code(self, pid: int, code: int, proc: PythonProcess | None) -> CodeInfo | None:
-        key = (pid, code)
+        key = (pid, self._generations.get(pid, 0), code)
         info = self._codes.get(key)
         if info is not None:
             return info
@@ -178,6 +188,7 @@ class PythonUnwinder:
 
     def forget(self, pid: int) -> None:
         self._procs.pop(pid, None)
+        self._generations.pop(pid, None)
         self._drop_memory(pid)
 
     def close(self) -> None:
