@@ -311,6 +311,49 @@ def test_profiles_reach_the_opentelemetry_collector(
     assert any(line.startswith("cpu_hot;") and ";main;hot_a;" in line for line in lines), lines
 
 
+def test_python_frames_reach_the_opentelemetry_collector(
+    agent_factory, otelcol, tmp_path: Path
+) -> None:
+    # Debian's python3 (no frame pointers): the agent's own Python frames, through the
+    # collector's profiles pipeline, name the script's functions
+    from tests.peers.otelcol import resolve_profile_samples
+
+    config = tmp_path / "profile.yaml"
+    config.write_text(PROFILE_CONFIG)
+    agent = agent_factory("--config", str(config), "--export-interval", "1s",
+                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
+    agent.wait_for_log("probe cpu_profile attached")
+    script = Path(__file__).parent.parent / "fixtures" / "python" / "split.py"
+    proc = subprocess.Popen(["/usr/bin/python3", str(script), "60"])
+
+    def hot_samples() -> dict[str, int]:
+        counts = {"hot_a": 0, "hot_b": 0}
+        for doc in otelcol.read_exported("profiles"):
+            for sample in resolve_profile_samples(doc):
+                if sample["attributes"].get("process.pid") != proc.pid:
+                    continue
+                for name in counts:
+                    if name in sample["stack"] and sample["stack"][-1] == "<module>":
+                        counts[name] += sum(sample["values"])
+        return counts
+
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and min(hot_samples().values()) < 100:
+            time.sleep(0.5)
+    finally:
+        proc.kill()
+        reap(proc)
+    counts = hot_samples()
+    assert min(counts.values()) >= 100, (counts, "".join(agent.stderr))
+    assert abs(counts["hot_a"] / sum(counts.values()) - 0.75) <= 0.15, counts
+    code, _ = agent.stop()
+    assert code == 0
+    assert str(script) in otelcol.read_log() or any(
+        str(script) in doc.get("dictionary", {}).get("stringTable", [])
+        for doc in otelcol.read_exported("profiles"))
+
+
 def test_collector_without_profiles_is_reported_once(
     agent_factory, rotel: RotelCollector, otlp_sink: OtlpSink, cpu_hot: Path, tmp_path: Path
 ) -> None:
