@@ -311,16 +311,13 @@ def test_profiles_reach_the_opentelemetry_collector(
     assert any(line.startswith("cpu_hot;") and ";main;hot_a;" in line for line in lines), lines
 
 
-def test_python_frames_reach_the_opentelemetry_collector(
-    agent_factory, otelcol, tmp_path: Path
-) -> None:
+def test_python_frames_reach_the_opentelemetry_collector(agent_factory, otelcol) -> None:
     # Debian's python3 (no frame pointers): the agent's own Python frames, through the
     # collector's profiles pipeline, name the script's functions
     from tests.peers.otelcol import resolve_profile_samples
 
-    config = tmp_path / "profile.yaml"
-    config.write_text(PROFILE_CONFIG)
-    agent = agent_factory("--config", str(config), "--export-interval", "1s",
+    agent = agent_factory("--export-interval", "1s",
+                          config_text=agent_config({"cpu_profile": {"frequency": 499}}),
                           env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
     agent.wait_for_log("probe cpu_profile attached")
     script = Path(__file__).parent.parent / "fixtures" / "python" / "split.py"
