@@ -35,9 +35,11 @@ CAPABILITIES = (
     Capability("PERFMON", 38, "tracing programs, perf_event_open: tracepoints, cpu-clock "
                "sampling on every CPU", "no probe attaches", True, ("SYS_ADMIN",)),
     Capability("SYS_PTRACE", 19, "other processes' /proc/<pid>/maps and /proc/<pid>/root "
-               "(their ELF files, in containers too) for symbolization",
+               "(their ELF files, in containers too) for symbolization, /proc/<pid>/mem "
+               "(CPython code objects: lines)",
                "user frames of other users' processes, and of processes holding "
-               "capabilities the agent lacks, stay addresses", False),
+               "capabilities the agent lacks, stay addresses; Python frames have no line",
+               False),
     Capability("SYSLOG", 34, "kernel symbol addresses in /proc/kallsyms",
                "kernel frames stay addresses, unless kernel.kptr_restrict=0 and "
                "kernel.perf_event_paranoid<=1", False),
