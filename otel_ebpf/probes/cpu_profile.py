@@ -286,8 +286,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
     def _python_frames(self, tgid: int, python_id: int) -> list[tuple[Frame, bool]]:
         if not python_id or self._python is None:
             return []
-        stack = self._python.stack(python_id)
-        return self._python.frames(tgid, stack) if stack else []
+        return self._python.named(tgid, python_id)
 
     def stop(self) -> None:
         super().stop()

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from otel_ebpf.symbolize.python import layouts
-from otel_ebpf.symbolize.python.code import ProcessMemory, line_of, read_code
+from otel_ebpf.symbolize.python.code import (
+    CodeInfo,
+    ProcessMemory,
+    line_of,
+    line_ranges,
+    read_code,
+)
 from otel_ebpf.symbolize.python.process import Detector, examine
 from otel_ebpf.symbolize.python.walk import frames, thread_states
 from tests.helpers.pythons import interpreters, version_of
@@ -99,3 +105,24 @@ def test_walk_of_a_live_interpreter_names_its_stack(nested: subprocess.Popen[byt
     entries = [f.entry for f in walked]
     assert entries == ([True] * 4 if found.layout.version < (3, 11)
                        else [False, False, False, True])
+
+
+@pytest.mark.parametrize("name", sorted(interpreters()))
+def test_line_tables_decode_as_the_interpreter_itself_says(name: str) -> None:
+    # every code object of a few stdlib modules: our decoding of the raw table against
+    # the interpreter's own co_lines() (dis.findlinestarts before 3.10), offset by offset
+    out = subprocess.run([str(interpreters()[name]), str(FIXTURES / "dump_lines.py"),
+                          "json.encoder", "argparse", "asyncio.base_events"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    dumped = json.loads(out)
+    version = tuple(dumped["version"])
+    checked = 0
+    for code in dumped["codes"]:
+        info = CodeInfo(code["name"], "", code["firstlineno"], bytes.fromhex(code["table"]))
+        ranges = line_ranges(info, version)
+        for start, end, line in code["lines"]:
+            for byte in range(start, end, 2):
+                at = byte if version < (3, 11) else byte // 2
+                assert ranges.line(at) == (line or 0), (code["name"], byte, line)
+                checked += 1
+    assert checked > 5000, checked

@@ -12,6 +12,7 @@ Line tables (Objects/lnotab_notes.txt of each release):
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from otel_ebpf.symbolize.python.layouts import INSTR_POINTER, Layout
@@ -83,43 +84,80 @@ def read_code(mem: ProcessMemory, code: int, layout: Layout) -> CodeInfo:
                     read_bytes(mem, mem.u64(code + layout.code_linetable), layout))
 
 
+class LineRanges:
+    """A line table decoded once: [start, end) ranges of instruction offsets (in the unit
+    line_of looks them up in) and their lines (0: none)."""
+
+    __slots__ = ("ends", "lines", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.lines: list[int] = []
+
+    def add(self, start: int, end: int, line: int) -> None:
+        if self.starts and self.starts[-1] == start:  # the last entry for one offset wins
+            self.ends[-1], self.lines[-1] = end, line
+        else:
+            self.starts.append(start)
+            self.ends.append(end)
+            self.lines.append(line)
+
+    def line(self, at: int) -> int:
+        i = bisect_right(self.starts, at) - 1
+        return self.lines[i] if i >= 0 and at < self.ends[i] else 0
+
+
+def line_ranges(info: CodeInfo, version: tuple[int, int]) -> LineRanges:
+    if version < (3, 10):
+        return _lnotab_ranges(info.linetable, info.firstlineno)
+    if version < (3, 11):
+        return _linetable_310_ranges(info.linetable, info.firstlineno)
+    return _locations_ranges(info.linetable, info.firstlineno)
+
+
+def instr_offset(instr: int, layout: Layout) -> int:
+    """The BPF walk's instruction (f_lasti, or bytes from co_code_adaptive) in the unit of
+    line_ranges: bytes for 3.8-3.10, code units for 3.11+."""
+    if layout.version < (3, 10):
+        return instr
+    if layout.version < (3, 11):
+        return instr * 2
+    return max(instr // 2 if layout.instr_kind == INSTR_POINTER else instr, 0)
+
+
 def line_of(info: CodeInfo, instr: int, layout: Layout) -> int:
-    """The line of the instruction `instr` (as the BPF walk records it: f_lasti, or
-    bytes from co_code_adaptive); 0 when unknown."""
+    """The line of the instruction `instr` (as the BPF walk records it); 0 when unknown.
+    Decodes the line table each call: callers that repeat keep line_ranges instead."""
     if not info.linetable:
         return 0
-    version = layout.version
-    if version < (3, 10):
-        return _lnotab_line(info.linetable, info.firstlineno, instr)
-    if version < (3, 11):
-        return _linetable_310(info.linetable, info.firstlineno, instr * 2)
-    if layout.instr_kind == INSTR_POINTER:
-        instr //= 2  # code units
-    return _locations_line(info.linetable, info.firstlineno, max(instr, 0))
+    return line_ranges(info, layout.version).line(instr_offset(instr, layout))
 
 
-def _lnotab_line(table: bytes, line: int, lasti: int) -> int:
+def _lnotab_ranges(table: bytes, line: int) -> LineRanges:
+    out = LineRanges()
     addr = 0
+    out.add(0, 1 << 62, line)
     for i in range(0, len(table) - 1, 2):
         addr += table[i]
-        if addr > lasti:
-            break
         delta = table[i + 1]
         line += delta - 256 if delta >= 128 else delta
-    return line
+        out.add(addr, 1 << 62, line)  # up to the next change of line
+    return out
 
 
-def _linetable_310(table: bytes, line: int, addr: int) -> int:
+def _linetable_310_ranges(table: bytes, line: int) -> LineRanges:
+    out = LineRanges()
     start = 0
     for i in range(0, len(table) - 1, 2):
         end = start + table[i]
         delta = table[i + 1]
         if delta != 128:  # -128: no line for this range
             line += delta - 256 if delta > 128 else delta
-        if start <= addr < end:
-            return line if delta != 128 else 0
+        if end > start:
+            out.add(start, end, line if delta != 128 else 0)
         start = end
-    return 0
+    return out
 
 
 def _varint(table: bytes, i: int) -> tuple[int, int]:
@@ -139,7 +177,8 @@ def _svarint(table: bytes, i: int) -> tuple[int, int]:
     return (-(value >> 1) if value & 1 else value >> 1), i
 
 
-def _locations_line(table: bytes, line: int, target: int) -> int:
+def _locations_ranges(table: bytes, line: int) -> LineRanges:
+    out = LineRanges()
     addr, i = 0, 0
     while i < len(table):
         header = table[i]
@@ -159,7 +198,6 @@ def _locations_line(table: bytes, line: int, target: int) -> int:
         else:  # short form: one column byte
             i += 1
         line += delta
-        if addr <= target < addr + length:
-            return line if has_line else 0
+        out.add(addr, addr + length, line if has_line else 0)
         addr += length
-    return 0
+    return out

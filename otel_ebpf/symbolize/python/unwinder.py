@@ -24,7 +24,14 @@ from typing import Any
 
 from otel_ebpf.kernel.maps import BpfMap
 from otel_ebpf.symbolize.frames import CPYTHON, Frame
-from otel_ebpf.symbolize.python.code import CodeInfo, ProcessMemory, line_of, read_code
+from otel_ebpf.symbolize.python.code import (
+    CodeInfo,
+    LineRanges,
+    ProcessMemory,
+    instr_offset,
+    line_ranges,
+    read_code,
+)
 from otel_ebpf.symbolize.python.layouts import Layout
 from otel_ebpf.symbolize.python.process import Detector, PythonProcess
 from otel_ebpf.symbolize.python.walk import PyFrame
@@ -50,10 +57,14 @@ class PythonUnwinder:
         self._procs: dict[int, PythonProcess] = {}
         self._memories: OrderedDict[int, ProcessMemory | None] = OrderedDict()
         # (pid, its generation here, code address): a reused pid starts a new generation
-        self._codes: OrderedDict[tuple[int, int, int], CodeInfo] = OrderedDict()
+        self._codes: OrderedDict[tuple[int, int, int], tuple[CodeInfo, LineRanges]] = \
+            OrderedDict()
         self._generations: dict[int, int] = {}
         self._generation = 0
         self._stacks: dict[int, tuple[PyFrame, ...]] = {}
+        # stack id -> its frames named (ids include the process): the common case, a
+        # stack seen again, costs one lookup instead of a line-table walk per frame
+        self._named: dict[int, list[tuple[Frame, bool]]] = {}
         self._last_used: dict[int, int] = {}
         self._drain = 0
 
@@ -136,28 +147,50 @@ class PythonUnwinder:
             self._stacks_map.delete_many([ct.c_uint64(i) for i in stale])
             for i in stale:
                 del self._last_used[i]
+                self._named.pop(i, None)
         self._drain += 1
+
+    def named(self, pid: int, stack_id: int) -> list[tuple[Frame, bool]]:
+        """The Python frames of an interned stack, named, with their entry flags."""
+        known = self._named.get(stack_id)
+        if known is not None:
+            self._last_used[stack_id] = self._drain
+            return known
+        stack = self.stack(stack_id)
+        if not stack:
+            return []
+        named = self.frames(pid, stack)
+        # kept once every frame has its name and line (a line of 0 may come later: the
+        # process's memory was not readable this time)
+        if all(f.function and f.line for f, _ in named):
+            if len(self._named) >= self._stacks_map.max_entries:
+                self._named.pop(next(iter(self._named)))
+            self._named[stack_id] = named
+        return named
 
     def frames(self, pid: int, stack: Sequence[PyFrame]) -> list[tuple[Frame, bool]]:
         """Each Python frame named, with its entry flag."""
         proc = self._procs.get(pid)
         out = []
         for f in stack:
-            info = self._code(pid, f.code, proc)
-            if info is None:
+            found = self._code(pid, f.code, proc)
+            if found is None:
                 frame = Frame(0, None, CPYTHON, None, 0)
             else:
-                line = line_of(info, f.instr, proc.layout) if proc is not None else 0
+                info, ranges = found
+                line = (ranges.line(instr_offset(f.instr, proc.layout))
+                        if proc is not None and ranges is not None else 0)
                 frame = Frame(0, info.name, CPYTHON, None, 0, info.filename, line,
                               info.firstlineno)
             out.append((frame, f.entry))
         return out
 
-    def _code(self, pid: int, code: int, proc: PythonProcess | None) -> CodeInfo | None:
+    def _code(self, pid: int, code: int, proc: PythonProcess | None
+              ) -> tuple[CodeInfo, LineRanges | None] | None:
         key = (pid, self._generations.get(pid, 0), code)
-        info = self._codes.get(key)
-        if info is not None:
-            return info
+        known = self._codes.get(key)
+        if known is not None:
+            return known
         mem = self._memory(pid) if proc is not None else None
         if mem is not None and proc is not None:
             try:
@@ -166,14 +199,13 @@ class PythonUnwinder:
                 info = None
         if info is None:
             info = self._kernel_copy(pid, code)
-            if info is None:
-                return None
             # not cached: the live process may be readable at the next collection
-            return info
-        self._codes[key] = info
+            return (info, None) if info is not None else None
+        assert proc is not None
+        known = self._codes[key] = (info, line_ranges(info, proc.layout.version))
         while len(self._codes) > CODE_CACHE:
             self._codes.popitem(last=False)
-        return info
+        return known
 
     def _kernel_copy(self, pid: int, code: int) -> CodeInfo | None:
         key = self._codes_map.key_type()
