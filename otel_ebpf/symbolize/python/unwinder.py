@@ -191,6 +191,7 @@ class PythonUnwinder:
         known = self._codes.get(key)
         if known is not None:
             return known
+        info: CodeInfo | None = None
         mem = self._memory(pid) if proc is not None else None
         if mem is not None and proc is not None:
             try:
