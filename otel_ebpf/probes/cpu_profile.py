@@ -262,9 +262,12 @@ class CpuProfile(Probe[CpuProfileConfig]):
                 python = self._python_frames(tgid, python_id)
             # leaf first: the kernel part sits on top
             frames = tuple(kernel) + (merge(user, python) if python else tuple(user))
-            # unresolved frames may resolve later (a library mapped after the snapshot)
+            # frames outside every known file may resolve later (a library mapped after
+            # the snapshot, JIT code named since); one in a file without its symbol will
+            # not (a stripped interpreter's frames, for one: not caching them cost more
+            # than the rest of a Python process's symbolization)
             if kernel_addrs is not None and user_addrs is not None and all(
-                    f.function for f in frames):
+                    f.function or final_without_name(f) for f in frames):
                 if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
                     self._stack_cache.pop(next(iter(self._stack_cache)))
                 self._stack_cache[(tgid, kernel_id, user_id, python_id)] = frames
@@ -294,6 +297,13 @@ class CpuProfile(Probe[CpuProfileConfig]):
         if self._python is not None:
             self._python.close()
             self._python = None
+
+
+def final_without_name(frame: Frame) -> bool:
+    """An unnamed frame that no later look-up will name: a native frame in a mapped file
+    whose symbol table does not have it."""
+    return (frame.kind == "native" and frame.mapping is not None
+            and frame.mapping.path.startswith("/"))
 
 
 def task_offset_flags() -> list[str]:
