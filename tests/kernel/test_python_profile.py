@@ -228,11 +228,13 @@ def test_other_cpython_versions(profiler: Running, name: str) -> None:
     assert with_module > 0.8 * total, (with_module, total)
 
 
-def test_node_jit_functions_are_named_from_its_perf_map(profiler: Running) -> None:
+def test_node_jit_functions_are_named_from_its_perf_map(profiler: Running,
+                                                        tmp_path: Path) -> None:
     node = shutil.which("node") or shutil.which("nodejs")
     assert node is not None, "nodejs is not installed: deploy/host-setup.sh --test"
+    # in a directory of its own: V8 writes its isolate log into the working directory
     proc = subprocess.Popen([node, "--perf-basic-prof", str(FIXTURES / "jit_hot.js"), "30"],
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, cwd=tmp_path)
     try:
         samples = collect_for(profiler, proc.pid, 2.0)
         samples += samples_of(proc.pid, profiler.probe.collect().samples)
