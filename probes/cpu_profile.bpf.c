@@ -83,7 +83,13 @@ enum probe_stat {
     STAT_MAP_FULL = 3,         /* a new key did not fit in samples: sample lost */
     STAT_ANNOUNCE_LOST = 4,    /* the new-process ring buffer was full */
     STAT_SAMPLES = 5,          /* every sample taken, for rates */
-    STAT_COUNT = 6,
+    /* user stacks kept but cut short (user_stack.h, enum unwind_reason, in its order) */
+    STAT_UNWIND_NOT_READY = 6,
+    STAT_UNWIND_UNSUPPORTED = 7,
+    STAT_UNWIND_READ_FAILED = 8,
+    STAT_UNWIND_TRUNCATED = 9,
+    STAT_UNWIND_BAD_FRAME = 10,
+    STAT_COUNT = 11,
 };
 
 BPF_HASH(samples, struct sample_key, struct sample_value, MAX_SAMPLES);
@@ -95,27 +101,41 @@ BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
+#include "user_stack.h"
 
 /* Walk one stack (slot 0: user, into user_stacks; 1: kernel) into this CPU's scratch slot
  * and intern it under the hash of its addresses. *id stays 0 for an empty stack; returns
  * 0, or -errno when nothing was recorded. */
-static __always_inline int intern_stack(struct bpf_perf_event_data *ctx, u32 slot, u64 flags,
+static __always_inline int intern_stack(struct bpf_perf_event_data *ctx, u32 slot, u32 tgid,
                                         u64 *id)
 {
     struct stack *scratch = stack_scratch.lookup(&slot);
     if (!scratch)
         return -ENOENT;
-    /* the kernel zeroes the buffer past the last frame */
-    long bytes = bpf_get_stack(ctx, scratch->ips, sizeof(scratch->ips), flags);
+    long bytes;
+    if (slot == 0) {
+        /* DWARF call-frame information where loaded, frame pointers elsewhere */
+        int reason;
+        int frames = user_stack(scratch, tgid, &reason);
+        if (reason != UNWIND_OK)
+            count_stat(STAT_UNWIND_NOT_READY - UNWIND_NOT_READY + reason);
+        bytes = frames < 0 ? frames : frames * (long)sizeof(u64);
+    } else {
+        /* the kernel zeroes the buffer past the last frame */
+        bytes = bpf_get_stack(ctx, scratch->ips, sizeof(scratch->ips), 0);
+    }
     if (bytes < 0)
         return bytes;
     u32 depth = bytes / sizeof(u64);
     if (depth == 0)
         return 0;
     u64 hash = 0x9e3779b97f4a7c15ULL ^ depth;
+    /* volatile: clang would otherwise fold the two bounds into one `!=` exit, which the
+     * verifier cannot prove stays inside the stack */
+    volatile u32 frames = depth;
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < MAX_STACK_DEPTH; i++) {
-        if (i >= depth)
+        if (i >= frames)
             break;
         hash = (hash ^ scratch->ips[i]) * 0xff51afd7ed558ccdULL;
         hash ^= hash >> 32;
@@ -150,8 +170,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct sample_key key = {.tgid = tgid, .tid = (u32)pid_tgid};
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     /* Kernel threads have no user stack: -EFAULT there is expected, not a loss. */
-    key.user_stack_err = intern_stack(ctx, 0, BPF_F_USER_STACK, &key.user_stack);
-    key.kernel_stack_err = intern_stack(ctx, 1, 0, &key.kernel_stack);
+    key.user_stack_err = intern_stack(ctx, 0, tgid, &key.user_stack);
+    key.kernel_stack_err = intern_stack(ctx, 1, tgid, &key.kernel_stack);
     if (key.user_stack_err && key.user_stack_err != -EFAULT)
         count_stat(STAT_USER_STACK_LOST);
     if (key.kernel_stack_err && key.kernel_stack_err != -EFAULT)
