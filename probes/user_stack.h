@@ -31,7 +31,7 @@
 #define OTEL_EBPF_USER_STACK_H
 
 #ifndef UNWIND_ROWS
-#define UNWIND_ROWS (1 << 19)
+#define UNWIND_ROWS (1 << 20)
 #endif
 #ifndef UNWIND_TABLES
 #define UNWIND_TABLES 1024

@@ -27,6 +27,7 @@ from otel_ebpf.kernel.maps import unpacker
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample, Workload
 from otel_ebpf.probes.base import Hook, Probe, Signal
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
+from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's
 SAMPLE_KEY_FIELDS = ("tgid", "tid", "user_stack", "kernel_stack", "user_stack_err",
                      "kernel_stack_err", "comm")
 SAMPLE_VALUE_FIELDS = ("count", "cgroup_id")
+
+# enum unwind_reason of probes/user_stack.h, as counted by cpu_profile.bpf.c
+UNWIND_LOST = ("unwind_not_ready", "unwind_unsupported", "unwind_read_failed",
+               "unwind_truncated", "unwind_bad_frame")
 
 PROFILE_SAMPLES = MetricDescriptor(
     "cpu.samples", "{sample}",
@@ -57,6 +62,11 @@ class CpuProfileConfig(ProfilesProbeConfig):
     # (a drain walks every bucket, so an oversized map costs CPU on every drain)
     max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
     user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
+    # rows of DWARF unwind tables held in the kernel (8 bytes each, preallocated: the
+    # default is 8 MiB, the tables of ~30 large binaries such as libc, python, libcrypto)
+    unwind_table_rows: int = Field(default=1 << 20, ge=1 << 10, le=1 << 24)
+    # processes whose executable mappings the kernel unwinder knows (~4 KiB each, as used)
+    unwind_processes: int = Field(default=4096, ge=64, le=1 << 16)
     kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     keep_idle: bool = False
 
@@ -131,7 +141,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
     signals = frozenset({Signal.PROFILES})
     exports = (PROFILE_SAMPLES,)
     # idle samples are dropped by design and `samples` is a total
-    lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost")
+    lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost",
+                  # user stacks kept but cut short (probes/user_stack.h)
+                  *UNWIND_LOST)
     filters_cgroups = True
     profile_type = ON_CPU
     wired_at_start = ("folded_path",)  # the profile export's
@@ -144,10 +156,12 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
         self._user_stacks: InternedStacks | None = None
         self._kernel_stacks: InternedStacks | None = None
+        self.unwind: KernelUnwindTables | None = None
         self._keys = self._values = struct.Struct("")  # made from the compiled program
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
+        self._unwind_lock = threading.Lock()
         # (tgid, kernel stack id, user stack id) -> frames: a hot stack is symbolized once
         self._stack_cache: dict[tuple[int, int, int], tuple[Frame, ...]] = {}
         self._workloads: dict[tuple[int, bytes, int], Workload] = {}
@@ -156,7 +170,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
         c = self.config
         flags = [f"-DSAMPLE_HZ={c.frequency}", f"-DMAX_SAMPLES={self.max_samples}",
                  f"-DUSER_STACK_ENTRIES={c.user_stack_entries}",
-                 f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}"]
+                 f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}",
+                 f"-DUNWIND_ROWS={c.unwind_table_rows}", f"-DUNWIND_PROCS={c.unwind_processes}"]
         if c.keep_idle:
             flags.append("-DKEEP_IDLE")
         return flags
@@ -177,11 +192,17 @@ class CpuProfile(Probe[CpuProfileConfig]):
                                            self.config.user_stack_entries, retain)
         self._kernel_stacks = InternedStacks(program.map("kernel_stacks"),
                                              self.config.kernel_stack_entries, retain)
+        self.unwind = KernelUnwindTables(program.map("unwind_rows"),
+                                         program.map("unwind_tables"),
+                                         program.map("unwind_procs"))
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
         with self._symbols_lock:
             self.symbolizer.remember(int(event.tgid))
+        with self._unwind_lock:  # apart: compiling a file's table must not stall a drain
+            if self.unwind is not None:
+                self.unwind.add_process(int(event.tgid))
 
     def poll_spans(self) -> list[Any]:
         # not spans: the new-process announcements, read as they come (and on another
@@ -202,6 +223,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
             self._keys.iter_unpack(keys), self._values.iter_unpack(values), strict=True)]
         self._user_stacks.end_drain()
         self._kernel_stacks.end_drain()
+        with self._unwind_lock:
+            if self.unwind is not None:
+                self.unwind.sampled({s.workload.pid for s in samples})
         grown = self.take_stats()
         for name, n in evicted.items():
             grown[name] += n
@@ -213,6 +237,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
         fill = {"samples": (len(samples), self.max_samples),
                 "user_stacks": (len(self._user_stacks), self.config.user_stack_entries),
                 "kernel_stacks": (len(self._kernel_stacks), self.config.kernel_stack_entries)}
+        if self.unwind is not None:
+            fill["unwind_rows"] = (self.unwind.rows_used, self.config.unwind_table_rows)
+            fill["unwind_processes"] = (self.unwind.processes, self.config.unwind_processes)
         return Collection(self.name, samples=samples, lost_events=lost,
                           period_ns=self.period_ns, profile_type=self.profile_type,
                           map_fill=fill)
@@ -266,5 +293,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
         )
 
     def stop(self) -> None:
+        with self._unwind_lock:
+            if self.unwind is not None:
+                self.unwind.close()
+            self.unwind = None
         super().stop()
         self._user_stacks = self._kernel_stacks = None

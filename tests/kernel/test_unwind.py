@@ -1,0 +1,133 @@
+"""The CPU profiler's user stacks through code built without frame pointers: unwound in
+the kernel with the files' DWARF call-frame information (probes/user_stack.h)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otel_ebpf.kernel.engine import Engine
+from otel_ebpf.model import StackSample
+from otel_ebpf.probes.cpu_profile import UNWIND_LOST, CpuProfile, CpuProfileConfig
+from tests.conftest import build_binary
+from tests.helpers.processes import reap
+from tests.kernel.test_cpu_profile import Running, names, samples_of
+
+pytestmark = pytest.mark.kernel
+
+HZ = 499  # ~1,000 samples of a 2 s run: 75 % +- 5 points is then > 3.5 sigma
+NOFP = ("-O2", "-g", "-fomit-frame-pointer")
+
+
+@pytest.fixture(scope="module")
+def nofp_hot() -> Path:
+    return build_binary("nofp_hot", ("nofp_hot.c",), NOFP)
+
+
+@pytest.fixture(scope="module")
+def mixed_app() -> Path:
+    build_binary("libnofp.so", ("nofp_lib.c",),
+                 (*NOFP, "-shared", "-fPIC", "-Wl,-soname,libnofp.so"))
+    return build_binary("mixed_app", ("mixed_app.c", "bin/libnofp.so"),
+                        ("-O1", "-g", "-fno-omit-frame-pointer",
+                         "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
+                         "-Wl,-rpath,$ORIGIN"))
+
+
+@pytest.fixture
+def profiler(engine: Engine) -> Iterator[Running]:
+    probe = CpuProfile(CpuProfileConfig(frequency=HZ))
+    probe.start(engine)
+    running = Running(probe)
+    try:
+        yield running
+    finally:
+        running.stop()
+        probe.stop()
+
+
+def steady_run(profiler: Running, binary: Path, seconds: float
+               ) -> tuple[list[StackSample], float, dict[str, int]]:
+    """Run `binary SECONDS` past its warm-up, once the agent has seen the process and
+    loaded its mappings (a process's first samples, before that, fall back to frame
+    pointers and are counted as unwind_not_ready; on a machine whose files' tables are
+    not compiled yet that takes seconds). Its samples of the measured part, its CPU
+    seconds, and the probe's lost events meanwhile."""
+    proc = subprocess.Popen([str(binary), str(seconds)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().startswith(b"ready")
+        # the warm-up spins ~0.5 s of CPU (the probe announces the process), then waits
+        # on stdin
+        unwind = profiler.probe.unwind
+        assert unwind is not None
+        deadline = time.monotonic() + 120
+        while not unwind.knows(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert unwind.knows(proc.pid), "the agent never loaded the process's mappings"
+        profiler.probe.collect()  # the warm-up's samples go
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
+        done: list[bytes] = []
+        reader = threading.Thread(target=lambda: done.append(proc.stdout.readline()))
+        reader.start()
+        samples: list[StackSample] = []
+        lost: Counter[str] = Counter()
+        while reader.is_alive():  # drained as the agent does: the machine samples too
+            reader.join(0.25)
+            collection = profiler.probe.collect()
+            samples += collection.samples
+            lost.update(collection.lost_events)
+        assert done == [b"done\n"]
+        cpu_s = reap(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    collection = profiler.probe.collect()
+    lost.update(collection.lost_events)
+    return samples_of(proc.pid, samples + collection.samples), cpu_s, dict(lost)
+
+
+def test_three_to_one_split_without_frame_pointers(profiler: Running, nofp_hot: Path
+                                                   ) -> None:
+    mine, cpu_s, lost = steady_run(profiler, nofp_hot, 2.0)
+    total = sum(s.count for s in mine)
+    assert total > 0.5 * cpu_s * HZ, (total, cpu_s, lost, [(s.count, names(s)) for s in mine[:8]])
+    to_main = sum(s.count for s in mine if "main" in names(s))
+    assert to_main >= 0.95 * total, (to_main, total, lost, [(s.count, [(f.function, hex(f.address)) for f in s.frames if f.kind == "native"]) for s in mine if "main" not in names(s)][:6])
+    in_a = sum(s.count for s in mine if "hot_a" in names(s))
+    in_b = sum(s.count for s in mine if "hot_b" in names(s))
+    assert abs(in_a / total - 0.75) <= 0.05, (in_a, in_b, total)
+    assert abs(in_b / total - 0.25) <= 0.05, (in_a, in_b, total)
+    hot = max(mine, key=lambda s: s.count)
+    user = [f.function for f in hot.frames if f.kind == "native"]
+    # the whole chain, in order, every caller of a function without a frame pointer
+    chain = [n for n in user if n in ("spin", "hot_a", "hot_b", "run_split", "main")]
+    assert chain in (["spin", "hot_a", "run_split", "main"],
+                     ["spin", "hot_b", "run_split", "main"]), user
+    assert "__libc_start_call_main" in user, user  # and on into libc, unwound by its CFI
+    assert set(lost) <= set(UNWIND_LOST) | {"user_stack_lost"}
+
+
+def test_frame_pointer_executable_through_a_library_without_them(
+        profiler: Running, mixed_app: Path) -> None:
+    mine, _, lost = steady_run(profiler, mixed_app, 1.5)
+    total = sum(s.count for s in mine)
+    in_leaf = [s for s in mine if "app_leaf" in names(s)]
+    leaf_total = sum(s.count for s in in_leaf)
+    assert leaf_total > 0.5 * total, (leaf_total, total)
+    whole = ["app_leaf", "lib_inner", "lib_work", "drive", "main"]
+    through = sum(s.count for s in in_leaf
+                  if [n for n in names(s) if n in whole] == whole)
+    assert through >= 0.95 * leaf_total, (through, leaf_total, lost)
+    lib = next(f for s in in_leaf for f in s.frames if f.function == "lib_inner")
+    assert lib.mapping is not None and lib.mapping.path.endswith("libnofp.so")
