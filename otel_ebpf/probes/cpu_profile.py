@@ -27,6 +27,7 @@ from otel_ebpf.kernel.maps import unpacker
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample, Workload
 from otel_ebpf.probes.base import Hook, Probe, Signal
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
+from otel_ebpf.symbolize.unwind.loader import UnwindLoader
 from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,11 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
         self._user_stacks: InternedStacks | None = None
         self._kernel_stacks: InternedStacks | None = None
-        self.unwind: KernelUnwindTables | None = None
+        self.unwind: UnwindLoader | None = None
         self._keys = self._values = struct.Struct("")  # made from the compiled program
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
-        self._unwind_lock = threading.Lock()
         # (tgid, kernel stack id, user stack id) -> frames: a hot stack is symbolized once
         self._stack_cache: dict[tuple[int, int, int], tuple[Frame, ...]] = {}
         self._workloads: dict[tuple[int, bytes, int], Workload] = {}
@@ -192,17 +192,16 @@ class CpuProfile(Probe[CpuProfileConfig]):
                                            self.config.user_stack_entries, retain)
         self._kernel_stacks = InternedStacks(program.map("kernel_stacks"),
                                              self.config.kernel_stack_entries, retain)
-        self.unwind = KernelUnwindTables(program.map("unwind_rows"),
-                                         program.map("unwind_tables"),
-                                         program.map("unwind_procs"))
+        self.unwind = UnwindLoader(KernelUnwindTables(
+            program.map("unwind_rows"), program.map("unwind_tables"),
+            program.map("unwind_procs")))
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
         with self._symbols_lock:
             self.symbolizer.remember(int(event.tgid))
-        with self._unwind_lock:  # apart: compiling a file's table must not stall a drain
-            if self.unwind is not None:
-                self.unwind.add_process(int(event.tgid))
+        if self.unwind is not None:
+            self.unwind.add(int(event.tgid))
 
     def poll_spans(self) -> list[Any]:
         # not spans: the new-process announcements, read as they come (and on another
@@ -223,9 +222,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
             self._keys.iter_unpack(keys), self._values.iter_unpack(values), strict=True)]
         self._user_stacks.end_drain()
         self._kernel_stacks.end_drain()
-        with self._unwind_lock:
-            if self.unwind is not None:
-                self.unwind.sampled({s.workload.pid for s in samples})
+        if self.unwind is not None:
+            self.unwind.sampled({s.workload.pid for s in samples})
         grown = self.take_stats()
         for name, n in evicted.items():
             grown[name] += n
@@ -238,8 +236,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
                 "user_stacks": (len(self._user_stacks), self.config.user_stack_entries),
                 "kernel_stacks": (len(self._kernel_stacks), self.config.kernel_stack_entries)}
         if self.unwind is not None:
-            fill["unwind_rows"] = (self.unwind.rows_used, self.config.unwind_table_rows)
-            fill["unwind_processes"] = (self.unwind.processes, self.config.unwind_processes)
+            tables = self.unwind.tables
+            fill["unwind_rows"] = (tables.rows_used, self.config.unwind_table_rows)
+            fill["unwind_processes"] = (tables.processes, self.config.unwind_processes)
         return Collection(self.name, samples=samples, lost_events=lost,
                           period_ns=self.period_ns, profile_type=self.profile_type,
                           map_fill=fill)
@@ -293,9 +292,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
         )
 
     def stop(self) -> None:
-        with self._unwind_lock:
-            if self.unwind is not None:
-                self.unwind.close()
+        if self.unwind is not None:
+            self.unwind.close()
             self.unwind = None
         super().stop()
         self._user_stacks = self._kernel_stacks = None

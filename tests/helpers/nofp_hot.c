@@ -4,7 +4,8 @@
  *   nofp_hot SECONDS   prints "ready PID", spins ~0.5 s of CPU in warm_up (so the agent
  *                      sees the process and loads its mappings), waits for a line on
  *                      stdin, then alternates hot_a for 3u ms and hot_b for u ms of its
- *                      CPU time (u drawn from [0.5, 1.5)) for SECONDS, prints "done".
+ *                      CPU time (u drawn from [0.5, 1.5)) for SECONDS of its CPU time
+ *                      (not wall-clock: a loaded machine gives it less), prints "done".
  * Every function does work after its call, so none ends in a tail call that would drop
  * its own frame: main -> run_split -> hot_a | hot_b -> spin.
  */
@@ -20,13 +21,6 @@ static long long cpu_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static long long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
@@ -64,10 +58,10 @@ __attribute__((noinline)) unsigned long warm_up(void)
 
 __attribute__((noinline)) unsigned long run_split(double seconds)
 {
-    long long deadline = now_ns() + (long long)(seconds * 1e9);
+    long long deadline = cpu_ns() + (long long)(seconds * 1e9);
     unsigned long total = 0;
     srand(getpid());
-    while (now_ns() < deadline) {
+    while (cpu_ns() < deadline) {
         long unit_ns = 500000 + rand() % 1000000;
         total += hot_a(unit_ns);
         total += hot_b(unit_ns);

@@ -42,7 +42,10 @@ def mixed_app() -> Path:
 
 @pytest.fixture
 def profiler(engine: Engine) -> Iterator[Running]:
-    probe = CpuProfile(CpuProfileConfig(frequency=HZ))
+    # room for drains held up by symbolizing what the rest of a busy machine runs, whose
+    # whole stacks at 25 x the default rate are mostly distinct
+    probe = CpuProfile(CpuProfileConfig(frequency=HZ, max_samples=1 << 15,
+                                        user_stack_entries=1 << 17))
     probe.start(engine)
     running = Running(probe)
     try:
@@ -69,9 +72,9 @@ def steady_run(profiler: Running, binary: Path, seconds: float
         unwind = profiler.probe.unwind
         assert unwind is not None
         deadline = time.monotonic() + 120
-        while not unwind.knows(proc.pid) and time.monotonic() < deadline:
+        while not unwind.tables.knows(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert unwind.knows(proc.pid), "the agent never loaded the process's mappings"
+        assert unwind.tables.knows(proc.pid), "the agent never loaded the process's maps"
         profiler.probe.collect()  # the warm-up's samples go
         proc.stdin.write(b"go\n")
         proc.stdin.close()
@@ -101,9 +104,10 @@ def test_three_to_one_split_without_frame_pointers(profiler: Running, nofp_hot: 
                                                    ) -> None:
     mine, cpu_s, lost = steady_run(profiler, nofp_hot, 2.0)
     total = sum(s.count for s in mine)
-    assert total > 0.5 * cpu_s * HZ, (total, cpu_s, lost, [(s.count, names(s)) for s in mine[:8]])
+    assert total > 0.5 * 2.0 * HZ, (total, cpu_s, lost)  # 2 s of its CPU time
     to_main = sum(s.count for s in mine if "main" in names(s))
-    assert to_main >= 0.95 * total, (to_main, total, lost, [(s.count, [(f.function, hex(f.address)) for f in s.frames if f.kind == "native"]) for s in mine if "main" not in names(s)][:6])
+    short = [(s.count, names(s)) for s in mine if "main" not in names(s)]
+    assert to_main >= 0.95 * total, (to_main, total, lost, short[:5])
     in_a = sum(s.count for s in mine if "hot_a" in names(s))
     in_b = sum(s.count for s in mine if "hot_b" in names(s))
     assert abs(in_a / total - 0.75) <= 0.05, (in_a, in_b, total)
@@ -124,7 +128,8 @@ def test_frame_pointer_executable_through_a_library_without_them(
     total = sum(s.count for s in mine)
     in_leaf = [s for s in mine if "app_leaf" in names(s)]
     leaf_total = sum(s.count for s in in_leaf)
-    assert leaf_total > 0.5 * total, (leaf_total, total)
+    assert leaf_total > 0.5 * total, (leaf_total, total, [
+        (s.count, names(s)) for s in sorted(mine, key=lambda s: -s.count)[:4]])
     whole = ["app_leaf", "lib_inner", "lib_work", "drive", "main"]
     through = sum(s.count for s in in_leaf
                   if [n for n in names(s) if n in whole] == whole)
