@@ -3,6 +3,9 @@
   syscalls  what the syscall_latency probe costs per syscall (this file; method below)
   profile   the CPU profiler: slowdown of a CPU loop at 19 and 99 Hz, the agent's own CPU
             at 99 Hz with every CPU busy, lost stacks (bench/profile.py)
+  unwind    the same on a loop built without frame pointers: slowdown at 99 Hz, the BPF
+            program's time per sample, agent CPU, the unwind maps' kernel memory, the
+            64-CPU projection (bench/unwind.py)
   spans     slow-syscall spans exported per second without loss, and the agent's CPU per
             span (bench/spans.py)
   tcp       the retransmit probe's kernel cost per event and the agent's CPU during a lossy
@@ -341,7 +344,7 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "spans", "tcp", "footprint", "redis", "churn")
+SUITES = ("syscalls", "profile", "unwind", "spans", "tcp", "footprint", "redis", "churn")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -351,8 +354,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
                     "syscall on a getppid storm, next to empty raw tracepoints and "
                     "syscount-bpfcc -L. profile: the CPU profiler's slowdown of a CPU loop, "
-                    "its own CPU and lost stacks. spans: slow-syscall spans exported per "
-                    "second without loss, and the agent's CPU per span. redis: a real "
+                    "its own CPU and lost stacks. unwind: the same on a loop built without "
+                    "frame pointers, with the unwinder's cost per sample and memory. spans: "
+                    "slow-syscall spans exported per second without loss, and the agent's "
+                    "CPU per span. redis: a real "
                     "server's requests/s with nothing, the empty floor, the agent and each "
                     "probe alone. churn: the agent on its defaults under process churn: RSS, "
                     "CPU, points per export, exact counts.")
@@ -481,11 +486,12 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import churn, footprint, profile, redis, spans, tcp
+    from bench import churn, footprint, profile, redis, spans, tcp, unwind
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
         "profile": profile.run_suite,
+        "unwind": unwind.run_suite,
         "spans": spans.run_suite,
         "tcp": tcp.run_suite,
         "footprint": footprint.run_suite,
