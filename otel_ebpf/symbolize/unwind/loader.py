@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 
 from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
@@ -18,6 +19,12 @@ from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 4096
+# Compiling tables may take this share of one core on average, after a start-up burst of
+# COMPILE_BURST_S: a node that starts many new binaries waits longer for their tables
+# (their samples fall back to frame pointers, counted as unwind_not_ready) rather than
+# the agent taking a core.
+COMPILE_SHARE = 0.05
+COMPILE_BURST_S = 10.0
 
 
 class UnwindLoader:
@@ -30,6 +37,8 @@ class UnwindLoader:
         self._wake = threading.Condition()
         self._stopping = False
         self._busy = False
+        self._budget = COMPILE_BURST_S  # compile seconds available now
+        self._budget_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="unwind-loader", daemon=True)
         self._thread.start()
 
@@ -54,11 +63,23 @@ class UnwindLoader:
         with self._wake:
             return not (self._pending or self._sampled or self._busy)
 
+    def _wait_for_budget(self) -> None:
+        """Hold the lock's waiters until compiling is within its CPU share again."""
+        while not self._stopping:
+            now = time.monotonic()
+            self._budget = min(COMPILE_BURST_S,
+                               self._budget + (now - self._budget_at) * COMPILE_SHARE)
+            self._budget_at = now
+            if self._budget > 0:
+                return
+            self._wake.wait(-self._budget / COMPILE_SHARE)
+
     def _run(self) -> None:
         while True:
             with self._wake:
                 while not (self._pending or self._sampled or self._stopping):
                     self._wake.wait()
+                self._wait_for_budget()
                 if self._stopping:
                     return
                 pid = self._pending.popitem(last=False)[0] if self._pending else None
@@ -66,6 +87,7 @@ class UnwindLoader:
                 if pid is None:
                     sampled, self._sampled = self._sampled, set()
                 self._busy = True
+            compiled = self.tables.stats.compile_seconds
             try:
                 if pid is not None:
                     self.tables.add_process(pid)
@@ -76,6 +98,7 @@ class UnwindLoader:
             finally:
                 with self._wake:
                     self._busy = False
+                    self._budget -= self.tables.stats.compile_seconds - compiled
 
     def close(self) -> None:
         """Stop the thread (a compile under way finishes first), then the tables."""

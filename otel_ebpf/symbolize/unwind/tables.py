@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from otel_ebpf.kernel.maps import BpfMap
 from otel_ebpf.symbolize import elf
@@ -37,6 +38,9 @@ _PROC_HEAD = struct.Struct("=II")
 _TABLE = struct.Struct("=IIII")
 REFRESH_S = 5.0  # a process's maps are reread at most this often (dlopen, exec, pid reuse)
 MAX_NO_TABLE = 4096  # files remembered as having no usable table
+MAX_IDENTITIES = 8192  # file keys remembered with their build id
+NO_TABLE = 0xFFFFFFFF  # a mapping without a table (anonymous, vDSO): frame pointers there
+FileKey = tuple[int, int, int, int]  # device, inode, mtime, size
 # One file's rows take at most this share of the array: a few huge libraries (LLVM's, 1M
 # rows) would otherwise evict every other table in turn (frame pointers do there).
 MAX_TABLE_SHARE = 4
@@ -124,8 +128,11 @@ class KernelUnwindTables:
         self._area = RowArea(rows.max_entries)
         self._free_ids = list(range(tables.max_entries - 1, -1, -1))
         self._gen = 0
-        self._files: OrderedDict[tuple[int, int, int, int], _Loaded] = OrderedDict()
-        self._no_table: OrderedDict[tuple[int, int, int, int], None] = OrderedDict()
+        # by build id (the same library in several virtualenvs or containers is one
+        # table), else by file key
+        self._files: OrderedDict[str | FileKey, _Loaded] = OrderedDict()
+        self._no_table: OrderedDict[str | FileKey, None] = OrderedDict()
+        self._identities: OrderedDict[FileKey, str | FileKey] = OrderedDict()
         self._processes: dict[int, _Process] = {}
         self.stats = UnwindStats()
 
@@ -153,7 +160,7 @@ class KernelUnwindTables:
             return None
         with file:
             st = os.fstat(file.fileno())
-            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            key = self._identity_of(file, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
             loaded = self._files.get(key)
             if loaded is not None:
                 self._files.move_to_end(key)
@@ -181,6 +188,16 @@ class KernelUnwindTables:
                 return None
             self._files[key] = loaded
             return loaded
+
+    def _identity_of(self, file: BinaryIO, key: FileKey) -> str | FileKey:
+        identity = self._identities.get(key)
+        if identity is None:
+            identity = elf.file_build_id(file) or key
+            file.seek(0)
+            self._identities[key] = identity
+            while len(self._identities) > MAX_IDENTITIES:
+                self._identities.popitem(last=False)
+        return identity
 
     def _load(self, table: cfi.UnwindTable) -> _Loaded | None:
         count = len(table)
@@ -225,24 +242,24 @@ class KernelUnwindTables:
             return False
         if identity is None:
             return False
-        mappings: list[tuple[int, int, int, int, int]] = []
+        # every executable mapping, those without a table too (anonymous JIT code, the
+        # vDSO: frame pointers there), so that only code mapped since marks a miss
+        with_table: list[tuple[int, int, int, int, int]] = []
+        without: list[tuple[int, int, int, int, int]] = []
         files: list[_Loaded] = []
         for e in entries:
-            if not e.path.startswith("/"):
-                continue  # anonymous (JIT), [vdso]: frame pointers
-            loaded = self._table(pid, e.start, e.end, e.path, e.dev, e.inode)
-            if loaded is None:
+            loaded = (self._table(pid, e.start, e.end, e.path, e.dev, e.inode)
+                      if e.path.startswith("/") else None)
+            bias = loaded.bias(e.start, e.offset) if loaded is not None else None
+            if loaded is None or bias is None:
+                without.append((e.start, e.end, 0, NO_TABLE, 0))
                 continue
-            bias = loaded.bias(e.start, e.offset)
-            if bias is None:
-                continue
-            mappings.append((e.start, e.end, bias & 0xFFFFFFFFFFFFFFFF, loaded.table_id,
-                             loaded.gen))
+            with_table.append((e.start, e.end, bias & 0xFFFFFFFFFFFFFFFF, loaded.table_id,
+                               loaded.gen))
             files.append(loaded)
-        mappings.sort()
-        if len(mappings) > MAX_MAPPINGS:
-            self.stats.mappings_dropped += len(mappings) - MAX_MAPPINGS
-            mappings = mappings[:MAX_MAPPINGS]
+        if len(with_table) + len(without) > MAX_MAPPINGS:
+            self.stats.mappings_dropped += len(with_table) + len(without) - MAX_MAPPINGS
+        mappings = sorted((with_table + without)[:MAX_MAPPINGS])
         value = bytearray(_PROC_HEAD.size + MAX_MAPPINGS * _MAPPING.size)
         _PROC_HEAD.pack_into(value, 0, len(mappings), 0)
         for i, m in enumerate(mappings):
