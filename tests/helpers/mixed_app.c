@@ -3,8 +3,8 @@
  * it: main -> drive -> lib_work -> lib_inner -> app_leaf. Unwinding it needs frame
  * pointers for the application's frames and the library's CFI for its own.
  *
- *   mixed_app SECONDS   prints "ready PID", spins ~0.5 s of CPU in the same calls, waits
- *                       for a line on stdin, spins SECONDS of CPU, prints "done".
+ *   mixed_app SECONDS   prints "ready PID", spins ~0.5 s of CPU in the same calls, prints
+ *                       "waiting", waits for a line on stdin, spins SECONDS of CPU, prints "done".
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -50,6 +50,8 @@ int main(int argc, char **argv)
     printf("ready %d\n", getpid());
     fflush(stdout);
     drive(500000000LL);
+    printf("waiting\n");
+    fflush(stdout);
     if (!fgets(line, sizeof(line), stdin))
         return 1;
     drive((long long)(atof(argv[1]) * 1e9));

@@ -2,8 +2,8 @@
  * frame pointers (-O2 -fomit-frame-pointer; tests/kernel/test_unwind.py builds it).
  *
  *   nofp_hot SECONDS   prints "ready PID", spins ~0.5 s of CPU in warm_up (so the agent
- *                      sees the process and loads its mappings), waits for a line on
- *                      stdin, then alternates hot_a for 3u ms and hot_b for u ms of its
+ *                      sees the process and loads its mappings), prints "waiting", waits
+ *                      for a line on stdin, then alternates hot_a for 3u ms and hot_b for u ms of its
  *                      CPU time (u drawn from [0.5, 1.5)) for SECONDS of its CPU time
  *                      (not wall-clock: a loaded machine gives it less), prints "done".
  * Every function does work after its call, so none ends in a tail call that would drop
@@ -79,6 +79,8 @@ int main(int argc, char **argv)
     printf("ready %d\n", getpid());
     fflush(stdout);
     warm_up();
+    printf("waiting\n");
+    fflush(stdout);
     if (!fgets(line, sizeof(line), stdin))
         return 1;
     sink += run_split(atof(argv[1]));

@@ -68,7 +68,8 @@ def steady_run(profiler: Running, binary: Path, seconds: float
     try:
         assert proc.stdout.readline().startswith(b"ready")
         # the warm-up spins ~0.5 s of CPU (the probe announces the process), then waits
-        # on stdin
+        # on stdin: its samples are all taken once it says so
+        assert proc.stdout.readline() == b"waiting\n"
         unwind = profiler.probe.unwind
         assert unwind is not None
         deadline = time.monotonic() + 120
