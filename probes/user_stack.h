@@ -106,15 +106,24 @@ struct unwind_state {
     u32 depth;
     s32 reason;
     u32 missed;
+    /* the mapping of the previous frame, whose table most callers share: no process or
+     * table lookup for them (end 0: none yet) */
+    u64 map_start;
+    u64 map_end;
+    u64 map_bias;
+    u32 table_first;
+    u32 table_count;
     u64 ips[MAX_STACK_DEPTH];
 };
 BPF_PERCPU_ARRAY(unwind_state, struct unwind_state, 1);
 
-/* The row for `pc` (a return address is looked up one byte back) of the process's
- * mappings; NULL where there is none, with *missed set when no mapping holds the pc. */
-static __always_inline struct unwind_row *unwind_find_row(struct unwind_proc *proc, u64 pc,
-                                                         u32 *missed)
+/* Find the mapping of `pc` in the process's list and its table into s->map_* and
+ * s->table_*; 0, or -1 where there is none (s->missed set when no mapping holds pc). */
+static __always_inline int unwind_find_mapping(struct unwind_state *s, u64 pc)
 {
+    struct unwind_proc *proc = unwind_procs.lookup(&s->tgid);
+    if (!proc)
+        return -1;
     u32 lo = 0, hi = proc->count;
     if (hi > UNWIND_MAPPINGS)
         hi = UNWIND_MAPPINGS;
@@ -128,25 +137,41 @@ static __always_inline struct unwind_row *unwind_find_row(struct unwind_proc *pr
         else
             hi = mid;
     }
-    if (lo == 0) {
-        *missed = 1;
-        return NULL;
-    }
     struct unwind_mapping *m = &proc->mappings[(lo - 1) & (UNWIND_MAPPINGS - 1)];
-    if (pc >= m->end) {
-        *missed = 1;
-        return NULL;
+    if (lo == 0 || pc >= m->end) {
+        s->missed = 1;
+        return -1;
     }
+    s->map_start = m->start;
+    s->map_end = m->end;
+    s->map_bias = m->bias;
+    s->table_count = 0;
     u32 table_id = m->table;
     struct unwind_table *table = unwind_tables.lookup(&table_id);
-    if (!table || table->gen != m->gen || table->count == 0)
+    if (table && table->gen == m->gen) {
+        s->table_first = table->first;
+        s->table_count = table->count;
+    }
+    return 0;
+}
+
+/* The row for `pc` (a return address is looked up one byte back); NULL where there is
+ * none. */
+static __always_inline struct unwind_row *unwind_find_row(struct unwind_state *s, u64 pc)
+{
+    if (pc < s->map_start || pc >= s->map_end) {
+        if (unwind_find_mapping(s, pc)) {
+            s->map_end = 0;
+            return NULL;
+        }
+    }
+    if (s->table_count == 0)
         return NULL;
-    u64 rel = pc - m->bias;
+    u64 rel = pc - s->map_bias;
     if (rel >> 32)
         return NULL;
-    u32 first = table->first;
-    lo = first;
-    hi = first + table->count;
+    u32 first = s->table_first;
+    u32 lo = first, hi = first + s->table_count;
 #pragma clang loop unroll(disable)
     for (int step = 0; step < UNWIND_ROW_STEPS; step++) {
         if (lo >= hi)
@@ -167,12 +192,9 @@ static __always_inline struct unwind_row *unwind_find_row(struct unwind_proc *pr
 }
 
 /* One frame up from s; UNWIND_OK with s->pc == 0 at the end of the stack. */
-static __always_inline int unwind_step(struct unwind_state *s, struct unwind_proc *proc,
-                                       int leaf)
+static __always_inline int unwind_step(struct unwind_state *s, int leaf)
 {
-    struct unwind_row *row = NULL;
-    if (proc)
-        row = unwind_find_row(proc, leaf ? s->pc : s->pc - 1, &s->missed);
+    struct unwind_row *row = unwind_find_row(s, leaf ? s->pc : s->pc - 1);
     u8 kind = row ? row->kind : CFA_NONE;
     u64 cfa, ra = 0, bp = s->bp;
     if (kind == CFA_END) {
@@ -231,8 +253,7 @@ int loop_callback_unwind(void *unused)
         return 1;
     s->ips[i] = s->pc;
     s->depth = i + 1;
-    struct unwind_proc *proc = unwind_procs.lookup(&s->tgid);
-    int err = unwind_step(s, proc, i == 0);
+    int err = unwind_step(s, i == 0);
     if (err) {
         if (s->reason == UNWIND_OK)
             s->reason = err;
@@ -266,6 +287,7 @@ static __always_inline int user_stack(struct stack *out, u32 tgid, int *reason)
     s->tgid = tgid;
     s->depth = 0;
     s->missed = 0;
+    s->map_start = s->map_end = 0;
     s->reason = unwind_procs.lookup(&tgid) ? UNWIND_OK : UNWIND_NOT_READY;
     bpf_loop(MAX_STACK_DEPTH, loop_callback_unwind, NULL, 0);
     u32 depth = s->depth;
