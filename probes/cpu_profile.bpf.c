@@ -1,7 +1,9 @@
 /* cpu_profile.bpf.c - sampled on-CPU stacks, counted in the kernel.
  *
  * Hooks:      perf_event, software cpu-clock at SAMPLE_HZ on every CPU (no hardware PMU is
- *             needed). Each sample records the interrupted task's user and kernel stacks.
+ *             needed). Each sample records the interrupted task's user stack (DWARF CFI
+ *             where user space loaded it, frame pointers elsewhere: user_stack.h) and its
+ *             kernel stack (frame pointers).
  * Aggregates: sample counts per (tgid, tid, comm, user stack, kernel stack), the cgroup id
  *             recorded with the key. Stacks are interned by content: a stack's id is a
  *             64-bit hash of its addresses, so two stacks never compete for one slot (the
@@ -23,14 +25,17 @@
  *             probe_stats   per-CPU counters (probe_stats.h): idle samples dropped, stacks
  *                           lost, map full.
  *             cgroup_filter with FILTER_CGROUP (cgroup_filter.h): the selected workloads.
- * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): two stack walks
- *             (frame pointers; user stacks of code built without them are truncated), a
- *             multiply-xor pass over each stack's addresses, two hash lookups (a 1 KiB
- *             copy when a stack is new), one LRU lookup, one hash update. Nothing runs
- *             between samples.
+ *             unwind_*      the unwinder's tables and per-process mappings (user_stack.h;
+ *                           UNWIND_ROWS x 8 bytes preallocated, UNWIND_PROCS x ~4 KiB).
+ * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): the user stack's
+ *             walk (per frame two binary searches and one or two user reads: 3.4-7.5 us a
+ *             sample for 3..36-frame stacks, measured by bench/run.py --suite unwind), the
+ *             kernel's frame-pointer walk, a multiply-xor pass over each stack's addresses,
+ *             two hash lookups (a 1 KiB copy when a stack is new), one LRU lookup, one
+ *             hash update. Nothing runs between samples.
  *
  * Compile-time switches: SAMPLE_HZ (informational), MAX_SAMPLES, USER_STACK_ENTRIES,
- * KERNEL_STACK_ENTRIES, KEEP_IDLE, FILTER_CGROUP.
+ * KERNEL_STACK_ENTRIES, UNWIND_ROWS, UNWIND_PROCS, KEEP_IDLE, FILTER_CGROUP.
  */
 /* struct bpf_perf_event_data, declared here: <uapi/linux/bpf_perf_event.h> reaches
  * linux/ptrace.h through asm-generic and cost 1.7 s of the 2.1 s this program took to
