@@ -106,29 +106,19 @@ BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
+#define UNWIND_STAT_FIRST STAT_UNWIND_NOT_READY
 #include "user_stack.h"
 
 /* Walk one stack (slot 0: user, into user_stacks; 1: kernel) into this CPU's scratch slot
  * and intern it under the hash of its addresses. *id stays 0 for an empty stack; returns
  * 0, or -errno when nothing was recorded. */
-static __always_inline int intern_stack(struct bpf_perf_event_data *ctx, u32 slot, u32 tgid,
-                                        u64 *id)
+static __always_inline int intern_stack(struct bpf_perf_event_data *ctx, u32 slot, u64 *id)
 {
     struct stack *scratch = stack_scratch.lookup(&slot);
     if (!scratch)
         return -ENOENT;
-    long bytes;
-    if (slot == 0) {
-        /* DWARF call-frame information where loaded, frame pointers elsewhere */
-        int reason;
-        int frames = user_stack(scratch, tgid, &reason);
-        if (reason != UNWIND_OK)
-            count_stat(STAT_UNWIND_NOT_READY - UNWIND_NOT_READY + reason);
-        bytes = frames < 0 ? frames : frames * (long)sizeof(u64);
-    } else {
-        /* the kernel zeroes the buffer past the last frame */
-        bytes = bpf_get_stack(ctx, scratch->ips, sizeof(scratch->ips), 0);
-    }
+    long bytes = slot == 0 ? capture_user_stack_unwound(ctx, scratch)
+                           : bpf_get_stack(ctx, scratch->ips, sizeof(scratch->ips), 0);
     if (bytes < 0)
         return bytes;
     u32 depth = bytes / sizeof(u64);
@@ -175,8 +165,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct sample_key key = {.tgid = tgid, .tid = (u32)pid_tgid};
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     /* Kernel threads have no user stack: -EFAULT there is expected, not a loss. */
-    key.user_stack_err = intern_stack(ctx, 0, tgid, &key.user_stack);
-    key.kernel_stack_err = intern_stack(ctx, 1, tgid, &key.kernel_stack);
+    key.user_stack_err = intern_stack(ctx, 0, &key.user_stack);
+    key.kernel_stack_err = intern_stack(ctx, 1, &key.kernel_stack);
     if (key.user_stack_err && key.user_stack_err != -EFAULT)
         count_stat(STAT_USER_STACK_LOST);
     if (key.kernel_stack_err && key.kernel_stack_err != -EFAULT)

@@ -307,4 +307,23 @@ static __always_inline int user_stack(struct stack *out, u32 tgid, int *reason)
     return depth;
 }
 
+/* stacks.h's capture contract: the bytes of out->ips filled, or -errno. A walk cut short
+ * is counted in probe_stats at UNWIND_STAT_FIRST - 1 + reason when the includer defines
+ * UNWIND_STAT_FIRST (its enum probe_stat holding the reasons' counters in their order). */
+static __always_inline long capture_user_stack_unwound(void *ctx, struct stack *out)
+{
+#if defined(__x86_64__)
+    int reason;
+    int frames = user_stack(out, bpf_get_current_pid_tgid() >> 32, &reason);
+#ifdef UNWIND_STAT_FIRST
+    if (reason != UNWIND_OK)
+        count_stat(UNWIND_STAT_FIRST - UNWIND_NOT_READY + reason);
+#endif
+    return frames < 0 ? frames : frames * (long)sizeof(u64);
+#else
+    /* the tables are x86_64's: frame pointers elsewhere */
+    return bpf_get_stack(ctx, out->ips, sizeof(out->ips), BPF_F_USER_STACK);
+#endif
+}
+
 #endif
