@@ -2,8 +2,8 @@
 unwind rows (cfi.compile_file) loaded once into the kernel's row array, and each process's
 executable mappings written where the BPF program finds them.
 
-Rows live in one BPF array the agent maps into its memory (BPF_F_MMAPABLE: a file's rows
-are one copy, not a syscall each); a file's run of rows is found through unwind_tables
+Rows live in one BPF array the agent writes through a memory mapping (BPF_F_MMAPABLE: a
+file's rows are one copy, not a syscall each); a file's run of rows is found through unwind_tables
 {first, count, generation}. The array is the bound (`max_rows`, 8 bytes a row): a file
 that does not fit evicts the least recently used files' runs (their processes fall back to
 frame pointers there, and are counted), and files are keyed by (device, inode, mtime,
@@ -13,7 +13,6 @@ calls.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes as ct
 import logging
 import mmap
@@ -121,10 +120,6 @@ class KernelUnwindTables:
         if rows.value_size != cfi.ROW.size:
             raise ValueError(f"unwind_rows holds {rows.value_size}-byte rows; the compiler "
                              f"writes {cfi.ROW.size}")
-        size = rows.max_entries * cfi.ROW.size
-        self._mem = mmap.mmap(rows.fd, (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-                              * mmap.PAGESIZE, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
         self._area = RowArea(rows.max_entries)
         self._free_ids = list(range(tables.max_entries - 1, -1, -1))
         self._gen = 0
@@ -148,8 +143,17 @@ class KernelUnwindTables:
                                                         * _MAPPING.size))
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self._mem.close()
+        """Nothing held: the maps are the program's."""
+
+    def _write_rows(self, first: int, rows: bytes) -> None:
+        """Copy rows into the array through a mapping of just their pages (unmapped
+        again at once: the rows are the kernel's memory, not the agent's resident set)."""
+        start = first * cfi.ROW.size
+        page = start // mmap.PAGESIZE * mmap.PAGESIZE
+        length = start + len(rows) - page
+        with mmap.mmap(self._rows_map.fd, length, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE, offset=page) as mem:
+            mem[start - page:length] = rows
 
     # -- files -------------------------------------------------------------------------
 
@@ -212,7 +216,7 @@ class KernelUnwindTables:
             self._evict()
             first = first if first is not None else self._area.allocate(count)
         table_id = self._free_ids.pop()
-        self._mem[first * cfi.ROW.size:(first + count) * cfi.ROW.size] = table.rows
+        self._write_rows(first, table.rows)
         self._gen += 1
         self._tables.set(ct.c_uint32(table_id), self._tables.value_type.from_buffer_copy(
             _TABLE.pack(first, count, self._gen, 0)))
