@@ -3,18 +3,27 @@
  * it: main -> drive -> lib_work -> lib_inner -> app_leaf. Unwinding it needs frame
  * pointers for the application's frames and the library's CFI for its own.
  *
- *   mixed_app SECONDS   prints "ready PID", spins ~0.5 s of CPU in the same calls, prints
- *                       "waiting", waits for a line on stdin, spins SECONDS of CPU, prints "done".
+ *   mixed_app SECONDS           prints "ready PID", spins ~0.5 s of CPU in the same calls,
+ *                               prints "waiting", waits for a line on stdin, spins SECONDS
+ *                               of CPU, prints "done".
+ *   mixed_app_dl SECONDS LIB    (built with -DUSE_DLOPEN) the same, but the warm-up calls
+ *                               app_leaf alone and the library is dlopen'ed from LIB after
+ *                               the line on stdin: mapped after the agent read the maps.
  */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef USE_DLOPEN
+#include <dlfcn.h>
+#endif
 
-unsigned long lib_work(unsigned long (*leaf)(unsigned long), unsigned long n);
+typedef unsigned long (*leaf_fn)(unsigned long);
+unsigned long lib_work(leaf_fn leaf, unsigned long n);
 
 static volatile unsigned long sink;
+static unsigned long (*work)(leaf_fn, unsigned long);
 
 static long long cpu_ns(void)
 {
@@ -31,22 +40,36 @@ __attribute__((noinline)) unsigned long app_leaf(unsigned long n)
     return local;
 }
 
+static unsigned long leaf_only(leaf_fn leaf, unsigned long n)
+{
+    return leaf(n) + leaf(n + 1);
+}
+
 __attribute__((noinline)) void drive(long long cpu_for)
 {
     long long deadline = cpu_ns() + cpu_for;
     unsigned long n = 1;
     while (cpu_ns() < deadline)
-        n += lib_work(app_leaf, n);
+        n += work(app_leaf, n);
     sink += n;
 }
 
 int main(int argc, char **argv)
 {
     char line[16];
+#ifdef USE_DLOPEN
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s SECONDS LIB\n", argv[0]);
+        return 2;
+    }
+    work = leaf_only;
+#else
     if (argc != 2) {
         fprintf(stderr, "usage: %s SECONDS\n", argv[0]);
         return 2;
     }
+    work = lib_work;
+#endif
     printf("ready %d\n", getpid());
     fflush(stdout);
     drive(500000000LL);
@@ -54,6 +77,13 @@ int main(int argc, char **argv)
     fflush(stdout);
     if (!fgets(line, sizeof(line), stdin))
         return 1;
+#ifdef USE_DLOPEN
+    void *lib = dlopen(argv[2], RTLD_NOW);
+    if (!lib || !(work = (unsigned long (*)(leaf_fn, unsigned long))dlsym(lib, "lib_work"))) {
+        fprintf(stderr, "dlopen %s: %s\n", argv[2], dlerror());
+        return 1;
+    }
+#endif
     drive((long long)(atof(argv[1]) * 1e9));
     printf("done\n");
     return 0;

@@ -15,6 +15,7 @@ import pytest
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import StackSample
 from otel_ebpf.probes.cpu_profile import UNWIND_LOST, CpuProfile, CpuProfileConfig
+from otel_ebpf.symbolize.unwind.tables import REFRESH_S
 from tests.conftest import build_binary
 from tests.helpers.processes import reap
 from tests.kernel.test_cpu_profile import Running, names, samples_of
@@ -30,14 +31,25 @@ def nofp_hot() -> Path:
     return build_binary("nofp_hot", ("nofp_hot.c",), NOFP)
 
 
+FP_NO_TABLES = ("-O1", "-g", "-fno-omit-frame-pointer", "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables")
+
+
 @pytest.fixture(scope="module")
-def mixed_app() -> Path:
-    build_binary("libnofp.so", ("nofp_lib.c",),
-                 (*NOFP, "-shared", "-fPIC", "-Wl,-soname,libnofp.so"))
+def libnofp() -> Path:
+    return build_binary("libnofp.so", ("nofp_lib.c",),
+                        (*NOFP, "-shared", "-fPIC", "-Wl,-soname,libnofp.so"))
+
+
+@pytest.fixture(scope="module")
+def mixed_app(libnofp: Path) -> Path:
     return build_binary("mixed_app", ("mixed_app.c", "bin/libnofp.so"),
-                        ("-O1", "-g", "-fno-omit-frame-pointer",
-                         "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
-                         "-Wl,-rpath,$ORIGIN"))
+                        (*FP_NO_TABLES, "-Wl,-rpath,$ORIGIN"))
+
+
+@pytest.fixture(scope="module")
+def mixed_app_dl(libnofp: Path) -> Path:
+    return build_binary("mixed_app_dl", ("mixed_app.c",), (*FP_NO_TABLES, "-DUSE_DLOPEN"))
 
 
 @pytest.fixture
@@ -55,14 +67,14 @@ def profiler(engine: Engine) -> Iterator[Running]:
         probe.stop()
 
 
-def steady_run(profiler: Running, binary: Path, seconds: float
-               ) -> tuple[list[StackSample], float, dict[str, int]]:
+def steady_run(profiler: Running, binary: Path, seconds: float, *extra: str,
+               idle: float = 0.0) -> tuple[list[StackSample], float, dict[str, int]]:
     """Run `binary SECONDS` past its warm-up, once the agent has seen the process and
     loaded its mappings (a process's first samples, before that, fall back to frame
     pointers and are counted as unwind_not_ready; on a machine whose files' tables are
     not compiled yet that takes seconds). Its samples of the measured part, its CPU
     seconds, and the probe's lost events meanwhile."""
-    proc = subprocess.Popen([str(binary), str(seconds)], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([str(binary), str(seconds), *extra], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
@@ -76,6 +88,7 @@ def steady_run(profiler: Running, binary: Path, seconds: float
         while not unwind.tables.knows(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert unwind.tables.knows(proc.pid), "the agent never loaded the process's maps"
+        time.sleep(idle)
         profiler.probe.collect()  # the warm-up's samples go
         proc.stdin.write(b"go\n")
         proc.stdin.close()
@@ -137,3 +150,18 @@ def test_frame_pointer_executable_through_a_library_without_them(
     assert through >= 0.95 * leaf_total, (through, leaf_total, lost)
     lib = next(f for s in in_leaf for f in s.frames if f.function == "lib_inner")
     assert lib.mapping is not None and lib.mapping.path.endswith("libnofp.so")
+
+
+def test_a_library_loaded_after_the_process_was_read_unwinds_once_reread(
+        profiler: Running, mixed_app_dl: Path, libnofp: Path) -> None:
+    # dlopen'ed after the agent read the maps: the unwinder finds its pcs in no mapping,
+    # marks the process, and the maps are read again (at most every REFRESH_S: idle so
+    # long first, so the first drain that sees the mark rereads them)
+    mine, _, lost = steady_run(profiler, mixed_app_dl, 2.0, str(libnofp),
+                               idle=REFRESH_S)
+    in_leaf = [s for s in mine if "lib_inner" in names(s)]
+    leaf_total = sum(s.count for s in in_leaf)
+    through = sum(s.count for s in in_leaf if "main" in names(s))
+    assert leaf_total > 0
+    # the samples before the reread (up to a drain or two) stop in the library
+    assert through >= 0.8 * leaf_total, (through, leaf_total, lost)

@@ -61,7 +61,8 @@ class _Loaded:
 @dataclass(slots=True)
 class _Process:
     identity: tuple[int, int, int]
-    checked_at: float
+    read_at: float  # when its maps were read
+    checked_at: float  # when it was last found alive and the same process
     files: list[_Loaded]
 
 
@@ -277,7 +278,8 @@ class KernelUnwindTables:
         self._release(pid)
         for loaded in files:
             loaded.users.add(pid)
-        self._processes[pid] = _Process(identity, time.monotonic(), files)
+        now = time.monotonic()
+        self._processes[pid] = _Process(identity, now, now, files)
         return True
 
     def _release(self, pid: int) -> None:
@@ -287,19 +289,23 @@ class KernelUnwindTables:
 
     def sampled(self, pids: set[int]) -> None:
         """After a drain: load the sampled processes not loaded yet (announcement lost, pid
-        reused), reread those whose program missed a mapping (dlopen) or that exec'd, at
-        most every REFRESH_S each, and drop the processes that are gone."""
+        reused); reread those whose program missed a mapping (dlopen: one map lookup each)
+        or that exec'd (checked every REFRESH_S), at most every REFRESH_S each; drop the
+        processes that are gone (checked every REFRESH_S)."""
         now = time.monotonic()
         for pid in pids:
             known = self._processes.get(pid)
             if known is None:
                 self.add_process(pid)
                 continue
-            if now - known.checked_at < REFRESH_S:
+            if now - known.read_at < REFRESH_S:
                 continue
-            known.checked_at = now
-            if _identity(pid) != known.identity or self._missed(pid):
+            if self._missed(pid):
                 self.add_process(pid)
+            elif now - known.checked_at >= REFRESH_S:
+                known.checked_at = now
+                if _identity(pid) != known.identity:
+                    self.add_process(pid)
         for pid in [p for p, proc in self._processes.items()
                     if now - proc.checked_at >= REFRESH_S and p not in pids]:
             if _identity(pid) != self._processes[pid].identity:
