@@ -233,6 +233,11 @@ class KernelUnwindTables:
             _TABLE.pack(0, 0, 0, 0)))
         self._area.release(old.first, old.count)
         self._free_ids.append(old.table_id)
+        if not self.stats.tables_evicted:
+            log.warning("unwind: the unwind tables fill probes.cpu_profile.unwind_table_rows "
+                        "(%d rows): the least recently loaded files' tables make room, and "
+                        "stacks through them fall back to frame pointers. Fix: raise it "
+                        "(8 bytes a row of kernel memory)", self._area.size)
         self.stats.tables_evicted += 1
 
     # -- processes ---------------------------------------------------------------------
@@ -271,7 +276,11 @@ class KernelUnwindTables:
             _MAPPING.pack_into(value, _PROC_HEAD.size + i * _MAPPING.size, *m)
         try:
             self._procs.set(ct.c_uint32(pid), self._procs.value_type.from_buffer_copy(value))
-        except OSError:
+        except OSError as exc:
+            if not self.stats.processes_full:
+                log.warning("unwind: cannot hold the mappings of process %d (%s): more "
+                            "processes than probes.cpu_profile.unwind_processes? Their "
+                            "stacks take frame pointers only (unwind_not_ready)", pid, exc)
             self.stats.processes_full += 1
             return False
         self.stats.processes_loaded += pid not in self._processes
