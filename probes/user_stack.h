@@ -196,7 +196,8 @@ static __always_inline int unwind_step(struct unwind_state *s, int leaf)
 {
     struct unwind_row *row = unwind_find_row(s, leaf ? s->pc : s->pc - 1);
     u8 kind = row ? row->kind : CFA_NONE;
-    u64 cfa, ra = 0, bp = s->bp;
+    u64 cfa, ra, bp = s->bp;
+    u64 pair[2]; /* one user read where the saved rbp sits just below the return address */
     if (kind == CFA_END) {
         s->pc = 0;
         return UNWIND_OK;
@@ -211,9 +212,10 @@ static __always_inline int unwind_step(struct unwind_state *s, int leaf)
         }
         if (s->bp < s->sp)
             return UNWIND_BAD_FRAME;
-        if (bpf_probe_read_user(&bp, sizeof(bp), (void *)s->bp) ||
-            bpf_probe_read_user(&ra, sizeof(ra), (void *)(s->bp + 8)))
+        if (bpf_probe_read_user(pair, sizeof(pair), (void *)s->bp))
             return UNWIND_READ_FAILED;
+        bp = pair[0];
+        ra = pair[1];
         cfa = s->bp + 16;
     } else {
         if (kind == CFA_RBP)
@@ -222,13 +224,20 @@ static __always_inline int unwind_step(struct unwind_state *s, int leaf)
             cfa = s->sp + 8 + ((s->pc & 15) >= (u64)row->rbp_off ? 8 : 0);
         else
             cfa = s->sp + row->cfa_off * 8;
-        if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)))
-            return UNWIND_READ_FAILED;
-        s8 saved = (s8)row->rbp_off;
-        if (kind != CFA_PLT && saved == RBP_UNKNOWN) {
-            bp = 0;
-        } else if (kind != CFA_PLT && saved != RBP_SAME) {
-            if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + (s64)saved * 8)))
+        s8 saved = kind == CFA_PLT ? RBP_SAME : (s8)row->rbp_off;
+        if (saved == -2) {
+            /* rbp pushed first (CFA - 16), as most functions that save it do */
+            if (bpf_probe_read_user(pair, sizeof(pair), (void *)(cfa - 16)))
+                return UNWIND_READ_FAILED;
+            bp = pair[0];
+            ra = pair[1];
+        } else {
+            if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)))
+                return UNWIND_READ_FAILED;
+            if (saved == RBP_UNKNOWN)
+                bp = 0;
+            else if (saved != RBP_SAME &&
+                     bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + (s64)saved * 8)))
                 return UNWIND_READ_FAILED;
         }
     }
