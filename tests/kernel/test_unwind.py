@@ -177,3 +177,35 @@ def test_a_library_loaded_after_the_process_was_read_unwinds_once_reread(
     whole, total = through_lib(later)
     assert total > 0 and whole >= 0.95 * total, (whole, total, lost,
                                                  [through_lib(d) for d in drains])
+
+
+def test_files_over_the_compile_budget_get_their_tables_later(engine: Engine,
+                                                               nofp_hot: Path) -> None:
+    probe = CpuProfile(CpuProfileConfig(frequency=HZ))
+    probe.start(engine)
+    proc = subprocess.Popen([str(nofp_hot), "1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert probe.unwind is not None
+        loader, tables = probe.unwind, probe.unwind.tables
+        allowed = False
+        tables.may_compile = lambda: allowed
+
+        def settled() -> None:
+            deadline = time.monotonic() + 60
+            while not loader.idle() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        loader.add(proc.pid)
+        settled()
+        # loaded at once, without tables: its frames take frame pointers meanwhile
+        assert tables.knows(proc.pid) and not tables.complete(proc.pid)
+        assert tables.stats.files_compiled == 0
+        allowed = True
+        loader.sampled({proc.pid})  # its next drain
+        settled()
+        assert tables.complete(proc.pid) and tables.stats.files_compiled > 0
+    finally:
+        proc.kill()
+        proc.wait()
+        probe.stop()

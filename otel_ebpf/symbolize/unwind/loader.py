@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 4096
 # Compiling tables may take this share of one core on average, after a start-up burst of
 # COMPILE_BURST_S: a node that starts many new binaries waits longer for their tables
-# (their samples fall back to frame pointers, counted as unwind_not_ready) rather than
-# the agent taking a core.
+# (frames in those files take frame pointers meanwhile) rather than the agent taking a
+# core. Processes whose files are all compiled are loaded at once all the same.
 COMPILE_SHARE = 0.05
-COMPILE_BURST_S = 10.0
+COMPILE_BURST_S = 5.0
 
 
 class UnwindLoader:
@@ -39,6 +39,7 @@ class UnwindLoader:
         self._busy = False
         self._budget = COMPILE_BURST_S  # compile seconds available now
         self._budget_at = time.monotonic()
+        tables.may_compile = self._may_compile
         self._thread = threading.Thread(target=self._run, name="unwind-loader", daemon=True)
         self._thread.start()
 
@@ -63,23 +64,19 @@ class UnwindLoader:
         with self._wake:
             return not (self._pending or self._sampled or self._busy)
 
-    def _wait_for_budget(self) -> None:
-        """Hold the lock's waiters until compiling is within its CPU share again."""
-        while not self._stopping:
-            now = time.monotonic()
-            self._budget = min(COMPILE_BURST_S,
-                               self._budget + (now - self._budget_at) * COMPILE_SHARE)
-            self._budget_at = now
-            if self._budget > 0:
-                return
-            self._wake.wait(-self._budget / COMPILE_SHARE)
+    def _may_compile(self) -> bool:
+        """Whether compiling is within its CPU share (the loader thread asks)."""
+        now = time.monotonic()
+        self._budget = min(COMPILE_BURST_S,
+                           self._budget + (now - self._budget_at) * COMPILE_SHARE)
+        self._budget_at = now
+        return self._budget > 0
 
     def _run(self) -> None:
         while True:
             with self._wake:
                 while not (self._pending or self._sampled or self._stopping):
                     self._wake.wait()
-                self._wait_for_budget()
                 if self._stopping:
                     return
                 pid = self._pending.popitem(last=False)[0] if self._pending else None

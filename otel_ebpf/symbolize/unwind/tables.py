@@ -20,6 +20,7 @@ import os
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -64,6 +65,7 @@ class _Process:
     read_at: float  # when its maps were read
     checked_at: float  # when it was last found alive and the same process
     files: list[_Loaded]
+    complete: bool  # False: files waited for the compile budget
 
 
 @dataclass(slots=True)
@@ -131,6 +133,10 @@ class KernelUnwindTables:
         self._identities: OrderedDict[FileKey, str | FileKey] = OrderedDict()
         self._processes: dict[int, _Process] = {}
         self.stats = UnwindStats()
+        # whether a table may be compiled now (UnwindLoader holds compiles to a CPU share);
+        # a process whose files had to wait is loaded without their tables, then again
+        self.may_compile: Callable[[], bool] = lambda: True
+        self._deferred = False
 
     @property
     def rows_used(self) -> int:
@@ -171,6 +177,9 @@ class KernelUnwindTables:
                 self._files.move_to_end(key)
                 return loaded
             if key in self._no_table:
+                return None
+            if not self.may_compile():
+                self._deferred = True  # over the compile budget: later
                 return None
             began = time.monotonic()
             try:
@@ -252,6 +261,7 @@ class KernelUnwindTables:
             return False
         if identity is None:
             return False
+        self._deferred = False
         # every executable mapping, those without a table too (anonymous JIT code, the
         # vDSO: frame pointers there), so that only code mapped since marks a miss
         with_table: list[tuple[int, int, int, int, int]] = []
@@ -288,7 +298,7 @@ class KernelUnwindTables:
         for loaded in files:
             loaded.users.add(pid)
         now = time.monotonic()
-        self._processes[pid] = _Process(identity, now, now, files)
+        self._processes[pid] = _Process(identity, now, now, files, not self._deferred)
         return True
 
     def _release(self, pid: int) -> None:
@@ -304,7 +314,7 @@ class KernelUnwindTables:
         now = time.monotonic()
         for pid in pids:
             known = self._processes.get(pid)
-            if known is None:
+            if known is None or (not known.complete and self.may_compile()):
                 self.add_process(pid)
                 continue
             if now - known.read_at < REFRESH_S:
@@ -340,6 +350,11 @@ class KernelUnwindTables:
     def knows(self, pid: int) -> bool:
         """Whether the process's mappings are in the kernel."""
         return pid in self._processes
+
+    def complete(self, pid: int) -> bool:
+        """Whether they are, with a table for each file that has one."""
+        known = self._processes.get(pid)
+        return known is not None and known.complete
 
 
 def _identity(pid: int) -> tuple[int, int, int] | None:
