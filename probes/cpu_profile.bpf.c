@@ -28,7 +28,7 @@
  *             unwind_*      the unwinder's tables and per-process mappings (user_stack.h;
  *                           UNWIND_ROWS x 8 bytes preallocated, UNWIND_PROCS x ~4 KiB).
  * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): the user stack's
- *             walk (per frame two binary searches and one or two user reads: 3.4-7.5 us a
+ *             walk (per frame two binary searches and one or two user reads: 3.1-6.0 us a
  *             sample for 3..36-frame stacks, measured by bench/run.py --suite unwind), the
  *             kernel's frame-pointer walk, a multiply-xor pass over each stack's addresses,
  *             two hash lookups (a 1 KiB copy when a stack is new), one LRU lookup, one
