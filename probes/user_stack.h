@@ -2,11 +2,13 @@
  * call-frame information of its code (.eh_frame, .debug_frame) where user space loaded it,
  * with frame pointers elsewhere (JIT code, the vDSO, files without tables).
  *
- * user_stack(out, tgid, &reason) fills out->ips leaf first (a 0 after the last frame) and
- * returns the depth, or -EFAULT when the task has no user context (a kernel thread).
- * `reason` says why the walk stopped short (UNWIND_OK when the stack ended where stacks
- * end: a return address of 0, the outermost frame of its CFI, a frame-pointer chain's 0);
- * the frames found until then are kept either way.
+ * capture_user_stack_unwound(ctx, out) fills out->ips leaf first (a 0 after the last
+ * frame) and returns the bytes filled, or -EFAULT when the task has no user context (a
+ * kernel thread): stacks.h's capture contract. Why a walk stopped short is counted in
+ * probe_stats from UNWIND_STAT_FIRST (enum unwind_reason; not when the stack ended where
+ * stacks end: a return address of 0, the outermost frame of its CFI, a frame-pointer
+ * chain's 0); the frames found until then are kept either way. user_stack() is the same
+ * with the reason returned.
  *
  * Tables (user space compiles and writes them: otel_ebpf/symbolize/unwind/):
  *   unwind_rows    array (mmapable), UNWIND_ROWS rows of 8 bytes: every loaded file's
@@ -14,16 +16,18 @@
  *   unwind_tables  array, UNWIND_TABLES: a file's run {first row, row count, generation};
  *                  a count of 0 is a table being replaced or evicted.
  *   unwind_procs   hash (not preallocated), UNWIND_PROCS processes: each one's executable
- *                  mappings that have a table, sorted by start (at most UNWIND_MAPPINGS):
+ *                  mappings, sorted by start (at most UNWIND_MAPPINGS; table ~0: none):
  *                  {start, end, bias (address - bias = file's virtual address), table,
  *                  generation}. A pc in no mapping marks the process `missed`, so user
  *                  space rereads its maps (dlopen).
  * Walk: the thread's user registers (bpf_task_pt_regs: a sample may interrupt the kernel),
- * then per frame: binary search of the mapping (<= 8 steps), of the row (<= 20 steps), the
- * CFA from rsp or rbp, the return address at CFA - 8 and the saved rbp with
- * bpf_probe_read_user. Without a row the frame-pointer step (rbp -> saved rbp, return
- * address above it). Bounded: MAX_STACK_DEPTH frames.
- * Cost: measured by bench/profile.py (BPF run time per sample); see the README.
+ * then bpf_loop, per frame: the mapping (the previous frame's, else a binary search of <= 8
+ * steps), the row (binary search, <= 24 steps), the CFA from rsp or rbp, the return
+ * address at CFA - 8 and the saved rbp with bpf_probe_read_user (one read of both when
+ * rbp sits just below). Without a row the frame-pointer step (rbp -> saved rbp, return
+ * address above it). Bounded: MAX_STACK_DEPTH frames. The callback is linked into the
+ * program by the engine (otel_ebpf/kernel/callbacks.py: BCC 0.26 cannot).
+ * Cost: 3.1-6.0 us a sample of 3..36 frames (bench/run.py --suite unwind; README).
  *
  * The includer defines struct stack (u64 ips[MAX_STACK_DEPTH]) first.
  */
