@@ -196,10 +196,11 @@ def test_files_over_the_compile_budget_get_their_tables_later(engine: Engine,
             while not loader.idle() and time.monotonic() < deadline:
                 time.sleep(0.05)
 
+        assert proc.stdout is not None and proc.stdout.readline().startswith(b"ready")
         loader.add(proc.pid)
         settled()
         # loaded at once, without tables: its frames take frame pointers meanwhile
-        assert tables.knows(proc.pid) and not tables.complete(proc.pid)
+        assert tables.knows(proc.pid) and not tables.complete(proc.pid), tables.stats
         assert tables.stats.files_compiled == 0
         allowed = True
         loader.sampled({proc.pid})  # its next drain
