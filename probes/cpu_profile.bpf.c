@@ -3,19 +3,12 @@
  * Hooks:      perf_event, software cpu-clock at SAMPLE_HZ on every CPU (no hardware PMU is
  *             needed). Each sample records the interrupted task's user and kernel stacks.
  * Aggregates: sample counts per (tgid, tid, comm, user stack, kernel stack), the cgroup id
- *             recorded with the key. Stacks are interned by content: a stack's id is a
- *             64-bit hash of its addresses, so two stacks never compete for one slot (the
- *             kernel's stack_trace map buckets by hash and refuses the second stack of a
- *             bucket; at 99 Hz that lost up to ~1 % of user stacks here) and an id names
- *             the same addresses for as long as it lives, which lets user space cache it.
+ *             recorded with the key. Stacks are interned by content (stacks.h).
  * Maps:       samples       hash, MAX_SAMPLES keys; drained (lookup and delete) by user
  *                           space every collection.
- *             user_stacks   hash (not preallocated), USER_STACK_ENTRIES / KERNEL_STACK_ENTRIES
- *             kernel_stacks stacks of up to MAX_STACK_DEPTH (127, perf's default) addresses,
- *                           1 KiB each; user space deletes the stacks no sample used for a
- *                           while. Full: the sample is kept and counted, its stack reported
- *                           lost, never replaced by another stack.
- *             stack_scratch per-CPU, the two stacks of the sample being taken.
+ *             user_stacks, kernel_stacks, stack_scratch: stacks.h; user space deletes the
+ *                           stacks no sample used for a while. Full: the sample is kept
+ *                           and counted, its stack reported lost.
  *             seen_tgids    LRU hash (8192): processes already announced to user space.
  *             new_tgids     ring buffer: "a process appeared", so user space can read its
  *                           memory maps while it lives (short-lived processes are then still
@@ -50,12 +43,7 @@ struct bpf_perf_event_data {
     __u64 addr;
 };
 #define TASK_COMM_LEN 16
-
-#define MAX_STACK_DEPTH 127
-
-struct stack {
-    u64 ips[MAX_STACK_DEPTH]; /* leaf first; zero after the last frame */
-};
+#include "stacks.h"
 
 struct sample_key {
     u32 tgid;
@@ -87,52 +75,10 @@ enum probe_stat {
 };
 
 BPF_HASH(samples, struct sample_key, struct sample_value, MAX_SAMPLES);
-BPF_F_TABLE("hash", u64, struct stack, user_stacks, USER_STACK_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u64, struct stack, kernel_stacks, KERNEL_STACK_ENTRIES,
-            BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(stack_scratch, struct stack, 2);
 BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
-
-/* Walk one stack (slot 0: user, into user_stacks; 1: kernel) into this CPU's scratch slot
- * and intern it under the hash of its addresses. *id stays 0 for an empty stack; returns
- * 0, or -errno when nothing was recorded. */
-static __always_inline int intern_stack(struct bpf_perf_event_data *ctx, u32 slot, u64 flags,
-                                        u64 *id)
-{
-    struct stack *scratch = stack_scratch.lookup(&slot);
-    if (!scratch)
-        return -ENOENT;
-    /* the kernel zeroes the buffer past the last frame */
-    long bytes = bpf_get_stack(ctx, scratch->ips, sizeof(scratch->ips), flags);
-    if (bytes < 0)
-        return bytes;
-    u32 depth = bytes / sizeof(u64);
-    if (depth == 0)
-        return 0;
-    u64 hash = 0x9e3779b97f4a7c15ULL ^ depth;
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_STACK_DEPTH; i++) {
-        if (i >= depth)
-            break;
-        hash = (hash ^ scratch->ips[i]) * 0xff51afd7ed558ccdULL;
-        hash ^= hash >> 32;
-    }
-    hash |= 1; /* 0 means "no stack" */
-    /* a known stack (the common case) costs a lockless lookup, a new one an insert */
-    void *known = slot == 0 ? (void *)user_stacks.lookup(&hash)
-                            : (void *)kernel_stacks.lookup(&hash);
-    if (!known) {
-        int err = slot == 0 ? user_stacks.insert(&hash, scratch)
-                            : kernel_stacks.insert(&hash, scratch);
-        if (err && err != -EEXIST)
-            return err; /* the stack map is full */
-    }
-    *id = hash;
-    return 0;
-}
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
 {
@@ -150,8 +96,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct sample_key key = {.tgid = tgid, .tid = (u32)pid_tgid};
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     /* Kernel threads have no user stack: -EFAULT there is expected, not a loss. */
-    key.user_stack_err = intern_stack(ctx, 0, BPF_F_USER_STACK, &key.user_stack);
-    key.kernel_stack_err = intern_stack(ctx, 1, 0, &key.kernel_stack);
+    key.user_stack_err = intern_stack(ctx, USER_STACK, &key.user_stack);
+    key.kernel_stack_err = intern_stack(ctx, KERNEL_STACK, &key.kernel_stack);
     if (key.user_stack_err && key.user_stack_err != -EFAULT)
         count_stat(STAT_USER_STACK_LOST);
     if (key.kernel_stack_err && key.kernel_stack_err != -EFAULT)
