@@ -25,6 +25,7 @@
  */
 #ifndef OTEL_EBPF_STACKS_H
 #define OTEL_EBPF_STACKS_H
+#include <uapi/asm-generic/errno-base.h>  /* ENOENT, EFAULT, EEXIST: ABI */
 
 #define MAX_STACK_DEPTH 127
 
