@@ -5,7 +5,8 @@
  *
  *   off_cpu_target sleeps K MS   K nanosleeps of MS ms from wait_for_tick
  *   off_cpu_target read          one read of a byte from stdin from read_config: slow
- *                                when the test writes to the pipe late
+ *                                when the test writes to the pipe late; then waits for
+ *                                the end of stdin (the test keeps it alive until then)
  * Prints "done" and exits.
  */
 #define _GNU_SOURCE
@@ -54,6 +55,9 @@ int main(int argc, char **argv)
     } else if (argc == 2 && !strcmp(argv[1], "read")) {
         if (read_config() != 1)
             return 1;
+        char rest;
+        while (read(0, &rest, 1) > 0)
+            ;
     } else {
         fprintf(stderr, "usage: %s sleeps K MS | read\n", argv[0]);
         return 2;
