@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from otel_ebpf.export.profiles import ProfileWindow, folded_lines
+from otel_ebpf.model import StackSample, Workload
 from otel_ebpf.probes.off_cpu import OFF_CPU, OffCpu, OffCpuConfig
 from otel_ebpf.probes.slow_syscalls import format_stacktrace
 from otel_ebpf.symbolize.frames import Frame, Mapping
@@ -44,3 +46,13 @@ def test_opt_in_and_named_as_the_opentelemetry_ebpf_profiler_names_it() -> None:
 def test_code_stacktrace_is_one_frame_a_line_innermost_first(frames: tuple[Frame, ...],
                                                               text: str) -> None:
     assert format_stacktrace(frames) == text
+
+
+def test_folded_off_cpu_stacks_sit_under_a_root_of_their_own() -> None:
+    main = Frame(0x401000, "main", "native", None, 0)
+    sample = StackSample(Workload(7, "app", 1), 7, "app", (main,), 2_000_000_000)
+    on, off = ProfileWindow(0, True), ProfileWindow(0, True)
+    on.fold([StackSample(Workload(7, "app", 1), 7, "app", (main,), 3)], lambda w: w.comm)
+    off.fold([sample], lambda w: w.comm, OFF_CPU.sample_type)
+    assert folded_lines(on.folded) == ["app;main 3"]
+    assert folded_lines(off.folded) == ["off_cpu;app;main 2000000000"]
