@@ -22,7 +22,12 @@
  *                           Full: the wait is lost (map_full).
  *             user_stacks, kernel_stacks, stack_scratch: stacks.h.
  *             capture_rate  per-CPU array (1): the rate limiter's state.
- *             seen_tgids, new_tgids: processes announced to user space (as cpu_profile).
+ *             seen_tgids    LRU hash (8192): processes announced to user space, with their
+ *                           mm: an exec (a new mm) is announced again, since the off-CPU
+ *                           hook sees a child block between fork and exec, and maps read
+ *                           then are not those of the program it runs next.
+ *             new_tgids     ring buffer: "a process appeared", so user space reads its maps
+ *                           while it lives.
  *             probe_stats   per-CPU counters (probe_stats.h).
  *             cgroup_filter with FILTER_CGROUP (cgroup_filter.h): applied when a task
  *                           leaves the CPU.
@@ -84,7 +89,7 @@ enum probe_stat {
 BPF_TABLE("lru_hash", u64, struct blocked_task, blocked, TASKS);
 BPF_HASH(samples, struct sample_key, struct sample_value, MAX_SAMPLES);
 BPF_PERCPU_ARRAY(capture_rate, u64, 1);
-BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
+BPF_TABLE("lru_hash", u32, u64, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
@@ -93,15 +98,12 @@ BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #define ERRNO_AGAIN 11  /* errno values are ABI */
 #endif
 
-static __always_inline int is_kernel_thread(void)
+/* The current task's mm (0 for a kernel thread). */
+static __always_inline u64 current_mm(void)
 {
-#ifdef KEEP_KERNEL_THREADS
-    return 0;
-#else
     u64 mm = 0;
     bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(bpf_get_current_task() + TASK_MM_OFF));
-    return mm == 0;
-#endif
+    return mm;
 }
 
 static __always_inline int take_token(u64 now)
@@ -112,7 +114,7 @@ static __always_inline int take_token(u64 now)
 }
 
 /* The current task leaves the CPU blocked: remember when, with its stacks and identity. */
-static __always_inline void leave(void *ctx, u64 task, u64 pid_tgid, u64 now)
+static __always_inline void leave(void *ctx, u64 task, u64 pid_tgid, u64 mm, u64 now)
 {
     struct blocked_task b = {.since_ns = now, .cgroup_id = bpf_get_current_cgroup_id()};
     b.key.tgid = pid_tgid >> 32;
@@ -122,9 +124,9 @@ static __always_inline void leave(void *ctx, u64 task, u64 pid_tgid, u64 now)
         b.key.user_stack_err = intern_stack(ctx, USER_STACK, &b.key.user_stack);
         b.key.kernel_stack_err = intern_stack(ctx, KERNEL_STACK, &b.key.kernel_stack);
         u32 tgid = b.key.tgid;
-        if (!seen_tgids.lookup(&tgid)) {
-            u8 one = 1;
-            seen_tgids.update(&tgid, &one);
+        u64 *seen = seen_tgids.lookup(&tgid);
+        if (!seen || *seen != mm) {
+            seen_tgids.update(&tgid, &mm);
             struct new_tgid ev = {.tgid = tgid};
             if (new_tgids.ringbuf_output(&ev, sizeof(ev), 0) < 0)
                 count_stat(STAT_ANNOUNCE_LOST);
@@ -181,8 +183,13 @@ int on_switch(struct bpf_raw_tracepoint_args *ctx)
     u32 state = (u32)ctx->args[3];
     /* blocked: not the idle task, not preempted, not runnable, not exiting */
     if (pid_tgid && !ctx->args[0] && state != TASK_RUNNING && !(state & TASK_DEAD) &&
-        current_selected() && !is_kernel_thread())
-        leave(ctx, prev, pid_tgid, now);
+        current_selected()) {
+        u64 mm = current_mm();
+#ifndef KEEP_KERNEL_THREADS
+        if (mm)
+#endif
+            leave(ctx, prev, pid_tgid, mm, now);
+    }
     struct blocked_task *b = blocked.lookup(&next);
     if (b) {
         arrive(b, now);

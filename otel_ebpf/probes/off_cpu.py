@@ -115,17 +115,15 @@ class OffCpu(Probe[OffCpuConfig]):
                  f"-DRATE_BURST={max(1, math.ceil(c.burst / cpus))}ULL"]
         if c.keep_kernel_threads:
             flags.append("-DKEEP_KERNEL_THREADS")
-        else:
-            try:
-                btf = kbtf.vmlinux()
-                mm = btf.member_offset("task_struct", "mm", btf.pointer_size)
-                flags.append(f"-DTASK_MM_OFF={mm}")
-            except kbtf.BtfError as exc:
-                raise EngineError(
-                    f"{self.name}: cannot tell kernel threads apart on this kernel: {exc} "
-                    "(it reads task_struct.mm at its offset in /sys/kernel/btf/vmlinux). "
-                    f"Set probes.{self.name}.keep_kernel_threads: true") from exc
-        return flags
+        try:
+            btf = kbtf.vmlinux()
+            mm = btf.member_offset("task_struct", "mm", btf.pointer_size)
+        except kbtf.BtfError as exc:
+            raise EngineError(
+                f"{self.name}: cannot find a task's address space on this kernel: {exc} "
+                "(it reads task_struct.mm at its offset in /sys/kernel/btf/vmlinux, "
+                "CONFIG_DEBUG_INFO_BTF=y). Set probes.off_cpu.enabled: false") from exc
+        return [*flags, f"-DTASK_MM_OFF={mm}"]
 
     def prepare(self, program: Program) -> None:
         samples = program.map("samples")

@@ -252,6 +252,9 @@ class SlowCallStream:
             if addrs is None:
                 self.stacks_lost += 1
             else:
+                # maps read now unless this very program's are kept (an exec since the
+                # last span of this pid replaces them)
+                self._symbolizer.remember(call.tgid)
                 frames = self._symbolizer.user_frames(call.tgid, addrs)
                 attrs["code.stacktrace"] = format_stacktrace(frames)
         return SpanRecord(

@@ -1,7 +1,8 @@
 """Off-CPU profiles and slow-call stacks through the agent as a process and the real
 OpenTelemetry Collector (profiles and traces to its file exporter): a helper that sleeps
-40 x 50 ms from wait_for_tick, and one whose read on a pipe is slow
-(tests/helpers/off_cpu_target.c)."""
+40 x 50 ms from wait_for_tick, and one that burns CPU and then blocks in a slow read on a
+pipe (tests/helpers/off_cpu_target.c): its on-CPU and off-CPU profiles come under one
+workload resource."""
 
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ from tests.kernel.test_slow_call_stack import sleeping
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
 SLEEPS, SLEEP_MS = 40, 50
-# captures are rate-limited machine-wide: on a shared machine other tasks' switches
-# could take the default 1000 a second, and this test is about the helper's stacks
+# cpu_profile at a modest rate: at 499 Hz on a loaded 2-CPU machine its collect holds its
+# symbolizer lock for seconds, and the one thread that reads every probe's events waits
+# on it in cpu_profile's new-process handler, so off_cpu's announcement of a 2 s process
+# can come after it exited. Stack captures are rate-limited machine-wide: on a shared
+# machine other tasks' switches could take the default 1000 a second, and this test is
+# about the helper's stacks.
 CONFIG = """
 probes:
   syscall_latency:
     filter:
       comms: [off_cpu_target]
   cpu_profile:
-    enabled: false
+    frequency: 97
   off_cpu:
     enabled: true
     rate_per_second: 50000
@@ -48,6 +53,28 @@ def span_attributes(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def resources_of(docs: list[dict[str, Any]], pid: int) -> dict[tuple[str, str], set[Any]]:
+    """Per profile type, the resources (attribute sets) of the profiles holding `pid`'s
+    samples."""
+    from tests.peers.otelcol import resolve_profile_samples
+
+    out: dict[tuple[str, str], set[Any]] = {}
+    for doc in docs:
+        for rp in doc.get("resourceProfiles", []):
+            strings = doc.get("dictionary", {}).get("stringTable", [])
+            resource = frozenset(
+                (a["key"] if "key" in a else strings[a.get("keyStrindex", 0)],
+                 str(strings[v["stringValueStrindex"]] if "stringValueStrindex" in v
+                     else next(iter(v.values()), None)))
+                for a in rp.get("resource", {}).get("attributes", [])
+                for v in [a.get("value", {})])
+            one = {"dictionary": doc.get("dictionary", {}), "resourceProfiles": [rp]}
+            for sample in resolve_profile_samples(one):
+                if sample["attributes"].get("process.pid") == pid:
+                    out.setdefault(sample["sample_type"], set()).add(resource)
+    return out
+
+
 def test_off_cpu_profile_and_slow_call_stack_reach_the_collector(
     otelcol: Any, tmp_path: Path
 ) -> None:
@@ -58,14 +85,16 @@ def test_off_cpu_profile_and_slow_call_stack_reach_the_collector(
     config.write_text(CONFIG)
     agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
-    agent.wait_for_log("probe off_cpu attached", timeout=60)
-    agent.wait_for_log("probe syscall_latency attached", timeout=60)
+    # every probe attached and their event buffers read (new processes announced): the
+    # helpers are then symbolized from maps read while they live
+    agent.wait_for_log(" running: probes", timeout=90)
 
     sleeper = subprocess.run([str(binary), "sleeps", str(SLEEPS), str(SLEEP_MS)],
                              capture_output=True, check=True, timeout=30)
     assert sleeper.stdout.strip() == b"done"
 
-    reader = subprocess.Popen([str(binary), "read"], stdin=subprocess.PIPE,
+    # 500 ms of CPU in burn (on-CPU samples), then the slow read (an off-CPU sample)
+    reader = subprocess.Popen([str(binary), "read", "500"], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL)
     assert reader.stdin is not None
     try:
@@ -84,9 +113,18 @@ def test_off_cpu_profile_and_slow_call_stack_reach_the_collector(
         deadline = time.monotonic() + 30
         while not read_spans() and time.monotonic() < deadline:
             time.sleep(0.2)
+        both = {("samples", "count"), ("off_cpu", "nanoseconds")}
+        while not both <= set(resources_of(otelcol.read_exported("profiles"), reader.pid)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        resources = resources_of(otelcol.read_exported("profiles"), reader.pid)
     finally:
         reader.stdin.close()
         reader.wait(timeout=10)
+    # the same workload resource for both profile types, one identity
+    assert resources.get(("samples", "count")) and resources.get(
+        ("off_cpu", "nanoseconds")) == resources[("samples", "count")], resources
+    assert len(resources[("samples", "count")]) == 1, resources
     (span,) = read_spans()
     frames = [line.split()[1].split("+")[0] for line in span["code.stacktrace"].splitlines()]
     assert frames.index("read_config") < frames.index("main"), frames
