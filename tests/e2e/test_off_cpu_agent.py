@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import build_helper
 from tests.e2e.test_agent import AgentProcess
-from tests.kernel.test_slow_call_stack import sleeping
+from tests.helpers.processes import sleeping
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 

@@ -18,6 +18,7 @@ from otel_ebpf.model import SpanRecord
 from otel_ebpf.probes.slow_syscalls import SlowSpansConfig
 from otel_ebpf.probes.syscall_latency import SyscallFilter, SyscallLatency, SyscallLatencyConfig
 from tests.conftest import build_helper
+from tests.helpers.processes import sleeping
 
 pytestmark = pytest.mark.kernel
 
@@ -38,10 +39,6 @@ def probe(engine: Engine, table: syscalls.SyscallTable) -> Iterator[SyscallLaten
         yield probe
     finally:
         probe.stop()
-
-
-def sleeping(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
 
 
 def slow_read(probe: SyscallLatency, binary: Path) -> tuple[int, SpanRecord]:
