@@ -199,9 +199,24 @@ class SlowCallStream:
             self._stacks = InternedStacks(program.map("user_stacks"),
                                           self.config.stack_entries, 1)
             self._symbolizer = self._symbolizer or Symbolizer()
+            self._warm(self._symbolizer)
         program.open_event_buffer("slow_events", self._on_event, perf=self.perf,
                                   pages=buffer_pages(self.config.buffer_size))
         self._program = program
+
+    @staticmethod
+    def _warm(symbolizer: Symbolizer) -> None:
+        """Load the symbol reader and the C library's table now (the agent's own, shared
+        by nearly every process), not at the first slow call: ~0.1 s of CPU the first
+        span would otherwise cost right as the thread that made the call runs again."""
+        import ctypes.util
+        try:
+            libc = ct.CDLL(ctypes.util.find_library("c"))
+            address = ct.cast(libc.read, ct.c_void_p).value
+        except (OSError, AttributeError):
+            return
+        if address:
+            symbolizer.user_frames(os.getpid(), [address])
 
     def end_interval(self, interval_s: float) -> None:
         """Delete the kernel's copies of the stacks no span used for RETAIN_S."""

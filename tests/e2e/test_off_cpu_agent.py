@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import build_helper
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.helpers.processes import sleeping
 
@@ -26,20 +27,11 @@ SLEEPS, SLEEP_MS = 40, 50
 # can come after it exited. Stack captures are rate-limited machine-wide: on a shared
 # machine other tasks' switches could take the default 1000 a second, and this test is
 # about the helper's stacks.
-CONFIG = """
-probes:
-  syscall_latency:
-    filter:
-      comms: [off_cpu_target]
-  cpu_profile:
-    frequency: 97
-  off_cpu:
-    enabled: true
-    rate_per_second: 50000
-    burst: 5000
-summary:
-  enabled: false
-"""
+CONFIG = agent_config({
+    "syscall_latency": {"filter": {"comms": ["off_cpu_target"]}},
+    "cpu_profile": {"frequency": 97},
+    "off_cpu": {"enabled": True, "rate_per_second": 50000, "burst": 5000},
+})
 
 
 def span_attributes(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -81,9 +73,7 @@ def test_off_cpu_profile_and_slow_call_stack_reach_the_collector(
     from tests.peers.otelcol import resolve_profile_samples
 
     binary = build_helper("off_cpu_target")
-    config = tmp_path / "offcpu.yaml"
-    config.write_text(CONFIG)
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=CONFIG,
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
     # every probe attached and their event buffers read (new processes announced): the
     # helpers are then symbolized from maps read while they live

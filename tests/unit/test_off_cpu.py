@@ -56,3 +56,14 @@ def test_folded_off_cpu_stacks_sit_under_a_root_of_their_own() -> None:
     off.fold([sample], lambda w: w.comm, OFF_CPU.sample_type)
     assert folded_lines(on.folded) == ["app;main 3"]
     assert folded_lines(off.folded) == ["off_cpu;app;main 2000000000"]
+
+
+def test_a_span_with_a_stack_is_counted_at_its_size_in_the_queue() -> None:
+    from otel_ebpf.export.traces import span_bytes
+    from otel_ebpf.model import SpanRecord
+
+    plain = SpanRecord("syscall read", Workload(7, "app", 1), 0, 1, {"thread.id": 7})
+    trace = "\n".join(f"at f{i}+0x10 (/usr/lib/libfoo.so+0x{i:x})" for i in range(40))
+    with_stack = SpanRecord("syscall read", Workload(7, "app", 1), 0, 1,
+                            {"thread.id": 7, "code.stacktrace": trace})
+    assert span_bytes(with_stack) >= span_bytes(plain) + len(trace)
