@@ -18,6 +18,9 @@
   churn     the agent on its defaults while 200 /bin/true a second come and go: its RSS and
             its growth, peak RSS, CPU, points per export, series, and exact counts
             (bench/churn.py)
+  offcpu    the off-CPU probe's cost per context switch on a two-thread pipe ping-pong:
+            switches/s with nothing, an empty sched_switch program and the probe (rate
+            limited, and recording every switch), and its BPF run time (bench/offcpu.py)
 
 Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
 per target. Shared helpers live in bench/common.py.
@@ -344,11 +347,12 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "unwind", "spans", "tcp", "footprint", "redis", "churn")
+SUITES = ("syscalls", "profile", "unwind", "spans", "tcp", "footprint", "redis", "churn",
+          "offcpu")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import churn, footprint, profile, redis, spans, tcp
+    from bench import churn, footprint, offcpu, profile, redis, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
@@ -360,7 +364,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "CPU per span. redis: a real "
                     "server's requests/s with nothing, the empty floor, the agent and each "
                     "probe alone. churn: the agent on its defaults under process churn: RSS, "
-                    "CPU, points per export, exact counts.")
+                    "CPU, points per export, exact counts. offcpu: the off-CPU probe's cost "
+                    "per context switch.")
     parser.add_argument("--suite", choices=(*SUITES, "all"), default="all",
                         help="which benchmark to run (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
@@ -374,12 +379,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     footprint.add_arguments(parser)
     redis.add_arguments(parser)
     churn.add_arguments(parser)
+    offcpu.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
     problem = (profile.check_arguments(args) or spans.check_arguments(args)
                or tcp.check_arguments(args) or footprint.check_arguments(args)
-               or redis.check_arguments(args) or churn.check_arguments(args))
+               or redis.check_arguments(args) or churn.check_arguments(args)
+               or offcpu.check_arguments(args))
     if problem:
         parser.error(problem)
     return args
@@ -486,7 +493,7 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import churn, footprint, profile, redis, spans, tcp, unwind
+    from bench import churn, footprint, offcpu, profile, redis, spans, tcp, unwind
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
@@ -497,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "footprint": footprint.run_suite,
         "redis": redis.run_suite,
         "churn": churn.run_suite,
+        "offcpu": offcpu.run_suite,
     }
     chosen = SUITES if args.suite == "all" else (args.suite,)
     affinity = os.sched_getaffinity(0)

@@ -5,19 +5,12 @@
  *             where user space loaded it, frame pointers elsewhere: user_stack.h) and its
  *             kernel stack (frame pointers).
  * Aggregates: sample counts per (tgid, tid, comm, user stack, kernel stack), the cgroup id
- *             recorded with the key. Stacks are interned by content: a stack's id is a
- *             64-bit hash of its addresses, so two stacks never compete for one slot (the
- *             kernel's stack_trace map buckets by hash and refuses the second stack of a
- *             bucket; at 99 Hz that lost up to ~1 % of user stacks here) and an id names
- *             the same addresses for as long as it lives, which lets user space cache it.
+ *             recorded with the key. Stacks are interned by content (stacks.h).
  * Maps:       samples       hash, MAX_SAMPLES keys; drained (lookup and delete) by user
  *                           space every collection.
- *             user_stacks   hash (not preallocated), USER_STACK_ENTRIES / KERNEL_STACK_ENTRIES
- *             kernel_stacks stacks of up to MAX_STACK_DEPTH (127, perf's default) addresses,
- *                           1 KiB each; user space deletes the stacks no sample used for a
- *                           while. Full: the sample is kept and counted, its stack reported
- *                           lost, never replaced by another stack.
- *             stack_scratch per-CPU, the two stacks of the sample being taken.
+ *             user_stacks, kernel_stacks, stack_scratch: stacks.h; user space deletes the
+ *                           stacks no sample used for a while. Full: the sample is kept
+ *                           and counted, its stack reported lost.
  *             seen_tgids    LRU hash (8192): processes already announced to user space.
  *             new_tgids     ring buffer: "a process appeared", so user space can read its
  *                           memory maps while it lives (short-lived processes are then still
@@ -56,12 +49,6 @@ struct bpf_perf_event_data {
 };
 #define TASK_COMM_LEN 16
 
-#define MAX_STACK_DEPTH 127
-
-struct stack {
-    u64 ips[MAX_STACK_DEPTH]; /* leaf first; zero after the last frame */
-};
-
 struct sample_key {
     u32 tgid;
     u32 tid;
@@ -98,56 +85,14 @@ enum probe_stat {
 };
 
 BPF_HASH(samples, struct sample_key, struct sample_value, MAX_SAMPLES);
-BPF_F_TABLE("hash", u64, struct stack, user_stacks, USER_STACK_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u64, struct stack, kernel_stacks, KERNEL_STACK_ENTRIES,
-            BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(stack_scratch, struct stack, 2);
 BPF_TABLE("lru_hash", u32, u8, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
+/* user stacks unwound with DWARF CFI (user_stack.h), its reasons counted from here */
+#define UNWIND_USER_STACKS
 #define UNWIND_STAT_FIRST STAT_UNWIND_NOT_READY
-#include "user_stack.h"
-
-/* Walk one stack (slot 0: user, into user_stacks; 1: kernel) into this CPU's scratch slot
- * and intern it under the hash of its addresses. *id stays 0 for an empty stack; returns
- * 0, or -errno when nothing was recorded. */
-static __always_inline int intern_stack(struct bpf_perf_event_data *ctx, u32 slot, u64 *id)
-{
-    struct stack *scratch = stack_scratch.lookup(&slot);
-    if (!scratch)
-        return -ENOENT;
-    long bytes = slot == 0 ? capture_user_stack_unwound(ctx, scratch)
-                           : bpf_get_stack(ctx, scratch->ips, sizeof(scratch->ips), 0);
-    if (bytes < 0)
-        return bytes;
-    u32 depth = bytes / sizeof(u64);
-    if (depth == 0)
-        return 0;
-    u64 hash = 0x9e3779b97f4a7c15ULL ^ depth;
-    /* volatile: clang would otherwise fold the two bounds into one `!=` exit, which the
-     * verifier cannot prove stays inside the stack */
-    volatile u32 frames = depth;
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_STACK_DEPTH; i++) {
-        if (i >= frames)
-            break;
-        hash = (hash ^ scratch->ips[i]) * 0xff51afd7ed558ccdULL;
-        hash ^= hash >> 32;
-    }
-    hash |= 1; /* 0 means "no stack" */
-    /* a known stack (the common case) costs a lockless lookup, a new one an insert */
-    void *known = slot == 0 ? (void *)user_stacks.lookup(&hash)
-                            : (void *)kernel_stacks.lookup(&hash);
-    if (!known) {
-        int err = slot == 0 ? user_stacks.insert(&hash, scratch)
-                            : kernel_stacks.insert(&hash, scratch);
-        if (err && err != -EEXIST)
-            return err; /* the stack map is full */
-    }
-    *id = hash;
-    return 0;
-}
+#include "stacks.h"
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
 {
@@ -165,8 +110,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct sample_key key = {.tgid = tgid, .tid = (u32)pid_tgid};
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     /* Kernel threads have no user stack: -EFAULT there is expected, not a loss. */
-    key.user_stack_err = intern_stack(ctx, 0, &key.user_stack);
-    key.kernel_stack_err = intern_stack(ctx, 1, &key.kernel_stack);
+    key.user_stack_err = intern_stack(ctx, USER_STACK, &key.user_stack);
+    key.kernel_stack_err = intern_stack(ctx, KERNEL_STACK, &key.kernel_stack);
     if (key.user_stack_err && key.user_stack_err != -EFAULT)
         count_stat(STAT_USER_STACK_LOST);
     if (key.kernel_stack_err && key.kernel_stack_err != -EFAULT)

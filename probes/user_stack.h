@@ -29,7 +29,8 @@
  * program by the engine (otel_ebpf/kernel/callbacks.py: BCC 0.26 cannot).
  * Cost: 3.1-6.0 us a sample of 3..36 frames (bench/run.py --suite unwind; README).
  *
- * The includer defines struct stack (u64 ips[MAX_STACK_DEPTH]) first.
+ * stacks.h includes it (UNWIND_USER_STACKS) after struct stack; count_stat (probe_stats.h)
+ * must be defined first when UNWIND_STAT_FIRST is.
  */
 #ifndef OTEL_EBPF_USER_STACK_H
 #define OTEL_EBPF_USER_STACK_H

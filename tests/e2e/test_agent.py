@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from tests.e2e.agent_config import agent_config
 from tests.helpers.processes import paused, reap
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 from tests.peers.rotel import RotelCollector
@@ -95,8 +96,9 @@ class AgentProcess:
 def agent_factory(tmp_path: Path) -> Iterator[object]:
     started: ClassVar[list[AgentProcess]] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
-        agent = AgentProcess(tmp_path, *args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None,
+              config_text: str = CONFIG) -> AgentProcess:
+        agent = AgentProcess(tmp_path, *args, env=env, config_text=config_text)
         started.append(agent)
         return agent
 
@@ -205,27 +207,19 @@ def test_absent_collector_is_reported_once_and_summary_still_prints(
     assert any(row[2] == "getppid" and int(row[3]) == N_GETPPID for row in rows), agent.stdout
 
 
-SLOW_CONFIG = """
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      comms: [slowpoke, slow_workload]
-    slow_spans:
-      include: [nanosleep, clock_nanosleep]
-summary:
-  enabled: false
-"""
-
-
 def test_slow_calls_arrive_as_spans_linked_by_exemplars(
     agent_factory, rotel: RotelCollector, otlp_sink: OtlpSink, slow_workload: Path,
     tmp_path: Path,
 ) -> None:
-    config = tmp_path / "slow.yaml"
-    config.write_text(SLOW_CONFIG)
-    agent = agent_factory("--config", str(config), "--export-interval", "1s",
+    # no stacks: the helper's own clock reads around each call are the truth here, and
+    # symbolizing a new binary's first stack (~3 ms of the agent's CPU, as the helper runs
+    # on) delayed them by 1-6 ms on this loaded 2-CPU machine; tests/e2e/test_off_cpu_agent.py
+    # checks the stacks
+    config = agent_config({"syscall_latency": {
+        "interval": "500ms", "aggregation": "process",
+        "filter": {"comms": ["slowpoke", "slow_workload"]},
+        "slow_spans": {"include": ["nanosleep", "clock_nanosleep"], "stacks": False}}})
+    agent = agent_factory("--export-interval", "1s", config_text=config,
                           env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
     agent.wait_for_log("probe syscall_latency attached")
     proc = subprocess.run([str(slow_workload), "sleeps", "5", "50", "100"], check=True,
@@ -270,27 +264,14 @@ def test_slow_calls_arrive_as_spans_linked_by_exemplars(
     assert code == 0
 
 
-PROFILE_CONFIG = """
-probes:
-  syscall_latency:
-    enabled: false
-  cpu_profile:
-    frequency: 499
-summary:
-  enabled: false
-"""
-
-
 def test_profiles_reach_the_opentelemetry_collector(
     agent_factory, otelcol, cpu_hot: Path, tmp_path: Path
 ) -> None:
     from tests.peers.otelcol import resolve_profile_samples
 
-    config = tmp_path / "profile.yaml"
-    config.write_text(PROFILE_CONFIG)
     folded = tmp_path / "cpu.folded"
-    agent = agent_factory("--config", str(config), "--export-interval", "1s",
-                          "--profiles-folded", str(folded),
+    agent = agent_factory("--export-interval", "1s", "--profiles-folded", str(folded),
+                          config_text=agent_config({"cpu_profile": {"frequency": 499}}),
                           env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
     agent.wait_for_log("probe cpu_profile attached")
     proc = subprocess.Popen([str(cpu_hot), "split", "2"], stdout=subprocess.DEVNULL)
@@ -337,9 +318,9 @@ def test_profiles_reach_the_opentelemetry_collector(
 def test_collector_without_profiles_is_reported_once(
     agent_factory, rotel: RotelCollector, otlp_sink: OtlpSink, cpu_hot: Path, tmp_path: Path
 ) -> None:
-    config = tmp_path / "profile.yaml"
-    config.write_text(PROFILE_CONFIG.replace("enabled: false", "interval: 500ms"))
-    agent = agent_factory("--config", str(config), "--export-interval", "500ms",
+    config = agent_config({"syscall_latency": {"interval": "500ms"},
+                           "cpu_profile": {"frequency": 499}})
+    agent = agent_factory("--export-interval", "500ms", config_text=config,
                           env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
     agent.wait_for_log("probe cpu_profile attached")
     subprocess.run([str(cpu_hot), "split", "1.5"], capture_output=True, check=True, timeout=30)

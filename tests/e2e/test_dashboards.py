@@ -13,6 +13,7 @@ import pytest
 
 from otel_ebpf.endpoints.prometheus import IDENTIFYING
 from tests.deploy.test_grafana import dashboard_expressions, substituted
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.e2e.test_endpoints import run_workload
 from tests.e2e.test_tcp_agent import lossy_transfer
@@ -21,30 +22,6 @@ from tests.peers.process import free_port
 from tests.peers.prometheus import PrometheusServer, otlp_config, prometheus3, scrape_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
-
-CONFIG = """
-log_level: info
-exporter:
-  enabled: {export}
-  interval: 1s
-summary:
-  enabled: false
-identity:
-  docker:
-    enabled: false
-probes:
-  syscall_latency:
-    interval: 500ms
-    slow_spans:
-      enabled: false
-  cpu_profile:
-    enabled: false
-  tcp_retransmit:
-    interval: 1s
-endpoints:
-  enabled: {endpoints}
-  port: {port}
-"""
 
 
 @pytest.mark.parametrize("source", ["scrape", "otlp"])
@@ -57,8 +34,11 @@ def test_every_dashboard_expression_returns_data(tmp_path: Path, syscall_workloa
     else:
         server = PrometheusServer(otlp_config(list(IDENTIFYING)), binary=prometheus3(),
                                   extra_args=["--web.enable-otlp-receiver"])
-    config = CONFIG.format(export="false" if source == "scrape" else "true",
-                           endpoints="true" if source == "scrape" else "false", port=port)
+    config = agent_config(
+        {"syscall_latency": {"interval": "500ms", "slow_spans": {"enabled": False}},
+         "tcp_retransmit": {"interval": "1s"}},
+        exporter={"enabled": source == "otlp", "interval": "1s"},
+        endpoints={"enabled": source == "scrape", "port": port})
     with server as prometheus:
         if source == "otlp":
             env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"{prometheus.url}/api/v1/otlp",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.peers.process import free_port
 from tests.peers.prometheus import PrometheusServer, scrape_config
@@ -26,34 +27,19 @@ N_GETPPID = 3217
 SLEEPS = 3
 SECRET_ENV = "s3cr3t-from-the-environment"
 SECRET_ATTRIBUTE = "s3cr3t-resource-attribute"
-CONFIG = """
-log_level: info
-exporter:
-  enabled: false
-summary:
-  enabled: false
-identity:
-  process:
-    command_args: true
-  docker:
-    enabled: false
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      comms: [syscall_workloa]
-  cpu_profile:
-    enabled: false
-  tcp_retransmit:
-    enabled: false
-endpoints:
-  enabled: {enabled}
-  port: {port}
-"""
 # what a series may be labelled with: the metric's attributes and the workload's identity
 ALLOWED_LABELS = {"__name__", "job", "instance", "le", "linux_syscall_name", "process_pid",
                   "process_executable_name", "service_name", "host_name"}
+
+
+def agent_yaml(endpoints: bool, port: int) -> str:
+    """The workload's syscalls per process, on /metrics only; its command line is taken
+    (process.command_args) and must stay out of /metrics all the same."""
+    return agent_config(
+        {"syscall_latency": {"interval": "500ms", "aggregation": "process",
+                             "filter": {"comms": ["syscall_workloa"]}}},
+        exporter={"enabled": False}, identity={"process": {"command_args": True}},
+        endpoints={"enabled": endpoints, "port": port})
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -77,7 +63,7 @@ def run_workload(binary: Path) -> tuple[int, str]:
 def test_prometheus_scrapes_exact_counts_and_finite_p99(
         tmp_path: Path, syscall_workload: Path) -> None:
     port = free_port()
-    agent = AgentProcess(tmp_path, config_text=CONFIG.format(enabled="true", port=port),
+    agent = AgentProcess(tmp_path, config_text=agent_yaml(True, port),
                          env={"OTEL_RESOURCE_ATTRIBUTES":
                               f"deployment.environment={SECRET_ATTRIBUTE}"})
     try:
@@ -153,7 +139,7 @@ def test_prometheus_scrapes_exact_counts_and_finite_p99(
 def test_endpoints_off_serve_nothing_and_keep_aiohttp_out(
         tmp_path: Path, syscall_workload: Path) -> None:
     port = free_port()
-    agent = AgentProcess(tmp_path, config_text=CONFIG.format(enabled="false", port=port))
+    agent = AgentProcess(tmp_path, config_text=agent_yaml(False, port))
     try:
         agent.wait_for_log("probe syscall_latency attached")
         time.sleep(1)  # any lazy start-up work done

@@ -14,29 +14,16 @@ from pathlib import Path
 import pytest
 
 from otel_ebpf.kernel.cgroupfs import cgroup2_root
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 from tests.peers.rotel import RotelCollector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
-CONFIG = """
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      comms: [cpu_hot]
-    slow_spans:
-      include: [nanosleep, clock_nanosleep]
-  cpu_profile:
-    frequency: 199
-summary:
-  enabled: false
-identity:
-  docker:
-    enabled: false
-"""
+# the helper's syscalls per process, its sleeps slow calls (spans)
+SYSCALLS = {"interval": "500ms", "aggregation": "process", "filter": {"comms": ["cpu_hot"]},
+            "slow_spans": {"include": ["nanosleep", "clock_nanosleep"]}}
 
 
 def runtime_paths(tag: str) -> dict[str, tuple[str, str, str | None]]:
@@ -98,9 +85,8 @@ def test_same_container_identity_on_metrics_spans_and_profiles(
     cgroups: dict[str, tuple[Path, str, str | None]], cpu_hot: Path, tmp_path: Path,
     otlp_sink: OtlpSink,
 ) -> None:
-    config = tmp_path / "identity.yaml"
-    config.write_text(CONFIG)
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+    config = agent_config({"syscall_latency": SYSCALLS, "cpu_profile": {"frequency": 199}})
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint})
     helpers: dict[str, subprocess.Popen[str]] = {}
     try:
@@ -171,9 +157,9 @@ def test_workload_filter_selects_containers_in_the_kernel(
     """Only the docker container is selected (by a short id prefix): the helpers in the
     other cgroups produce no syscall metrics and no profile samples at all."""
     _, docker_id, _ = cgroups["docker"]
-    config = tmp_path / "filter.yaml"
-    config.write_text(CONFIG + f"  filter:\n    container_ids: ['{docker_id[:12]}']\n")
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+    config = agent_config({"syscall_latency": SYSCALLS, "cpu_profile": {"frequency": 199}},
+                          identity={"filter": {"container_ids": [docker_id[:12]]}})
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint})
     try:
         agent.wait_for_log("workload filter: ")
@@ -207,10 +193,8 @@ def test_resource_attributes_through_rotel(
     """Through a real collector: the container's resource carries the container, the pod,
     the host and OTEL_RESOURCE_ATTRIBUTES; the process is on the data point."""
     path, container_id, pod_uid = cgroups["containerd"]
-    config = tmp_path / "rotel.yaml"
-    config.write_text(CONFIG.replace("  cpu_profile:\n    frequency: 199\n",
-                                     "  cpu_profile:\n    enabled: false\n"))
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+    agent = AgentProcess(tmp_path, "--export-interval", "1s",
+                         config_text=agent_config({"syscall_latency": SYSCALLS}),
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint,
                               "OTEL_RESOURCE_ATTRIBUTES": "k8s.cluster.name=e2e"})
     try:

@@ -85,7 +85,8 @@ class Node:
         """Delete what runs through the API (the kubelet stops the pods as in any
         cluster), stop everything; what is left on the machine."""
         left: list[str] = []
-        private = [peer.dir for peer in (self.runtime, self.kubelet) if peer.started]
+        private = [peer.workdir.path for peer in (self.runtime, self.kubelet)
+                   if peer.workdir.exists]
         try:
             for namespace in (AGENT_NS, WORKLOAD_NS):
                 self.api.kubectl("delete", "daemonsets,pods", "--all", f"--namespace={namespace}",
@@ -237,7 +238,8 @@ def probe_results(node: Node, pod: str) -> dict[tuple[str, str], float]:
     context = ssl.create_default_context(cafile=None)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the kubelet's self-signed serving certificate
-    context.load_cert_chain(str(node.api.dir / "admin.crt"), str(node.api.dir / "admin.key"))
+    context.load_cert_chain(str(node.api.workdir / "admin.crt"),
+                            str(node.api.workdir / "admin.key"))
     port = node.kubelet.port
     with urllib.request.urlopen(f"https://{LOOPBACK}:{port}/metrics/probes", context=context,
                                 timeout=10) as resp:

@@ -26,6 +26,7 @@ import pytest
 from otel_ebpf.config import KubernetesConfig
 from otel_ebpf.enrich.kubernetes import KubernetesPods
 from otel_ebpf.kernel.cgroupfs import cgroup2_root
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.e2e.test_identity import go, start_in_cgroup
 from tests.peers.kube import KubeApiServer
@@ -33,25 +34,6 @@ from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
 from tests.peers.rotel import RotelCollector
 
 AGENT_NS, AGENT_SA = "otel-ebpf", "otel-ebpf"  # deploy/kubernetes
-CONFIG = """
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      comms: [cpu_hot]
-  cpu_profile:
-    enabled: false
-summary:
-  enabled: false
-identity:
-  docker:
-    enabled: false
-  kubernetes:
-    token_path: {token}
-    ca_path: {ca}
-    labels: [version]
-"""
 K8S_KEYS = ("k8s.pod.name", "k8s.namespace.name", "k8s.container.name", "k8s.node.name",
             "k8s.pod.uid", "k8s.pod.label.version", "container.id")
 
@@ -110,9 +92,12 @@ def test_agent_names_pods_listed_and_watched_from_a_real_api_server(
     web = kube_api.run_pod(ns, "web", node, {"app": ids["web"]}, {"version": "v1"})
     elsewhere = kube_api.run_pod(ns, "elsewhere", "another-node", {"app": ids["elsewhere"]})
     token = kube_api.token(AGENT_NS, AGENT_SA, tmp_path / "token")
-    config = tmp_path / "k8s.yaml"
-    config.write_text(CONFIG.format(token=token, ca=kube_api.ca_path))
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s", env={
+    config = agent_config(
+        {"syscall_latency": {"interval": "500ms", "aggregation": "process",
+                             "filter": {"comms": ["cpu_hot"]}}},
+        identity={"kubernetes": {"token_path": str(token), "ca_path": str(kube_api.ca_path),
+                                 "labels": ["version"]}})
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config, env={
         "OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint, "NODE_NAME": node,
         # what the kubelet puts in every container's environment
         "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(kube_api.port)})

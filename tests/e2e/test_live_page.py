@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.peers.process import free_port
 
@@ -22,29 +23,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 # more calls than other tests' runs of the same helper make (they may run meanwhile): the
 # page's busiest series, which its heatmap shows first, is this one
 N_GETPPID = 200_000
-
-CONFIG = """
-log_level: info
-exporter:
-  enabled: false
-summary:
-  enabled: false
-identity:
-  docker:
-    enabled: false
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      comms: [syscall_workloa]
-  cpu_profile:
-    interval: 500ms
-  tcp_retransmit:
-    enabled: false
-endpoints:
-  port: {port}
-"""
 
 
 class Texts(HTMLParser):
@@ -97,7 +75,11 @@ def wait_json(url: str, ok: object, timeout: float = 60) -> dict[str, object]:
 def test_live_page_shows_the_hot_function_and_the_syscall(
         tmp_path: Path, syscall_workload: Path, cpu_hot: Path) -> None:
     port = free_port()
-    agent = AgentProcess(tmp_path, config_text=CONFIG.format(port=port))
+    agent = AgentProcess(tmp_path, config_text=agent_config(
+        {"syscall_latency": {"interval": "500ms", "aggregation": "process",
+                             "filter": {"comms": ["syscall_workloa"]}},
+         "cpu_profile": {"interval": "500ms"}},
+        exporter={"enabled": False}, endpoints={"enabled": True, "port": port}))
     base = f"http://127.0.0.1:{port}"
     try:
         agent.wait_for_log("probe cpu_profile attached")

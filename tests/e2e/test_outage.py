@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.helpers.cgroups import run_in
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
@@ -37,37 +38,24 @@ OUTAGE_S = float(os.environ.get("OTEL_EBPF_OUTAGE_S", "15"))
 FIRST_EXPORT_BOUND_S = 10.0  # generous: the design's figure is ~2.4 s (the backoff's cap)
 N_GETPPID = 200_000
 SLOW_NAMES = ("syscall nanosleep", "syscall clock_nanosleep")
-CONFIG = """
-log_level: info
-exporter:
-  queue:
-    spans:
-      max_items: {max_items}
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      cgroups: [{cgroup}]
-    slow_spans:
-      threshold: 1s          # only the sleeps are slow calls, whatever the machine's load
-      thresholds: {{nanosleep: 10ms, clock_nanosleep: 10ms}}
-      include: [nanosleep, clock_nanosleep]
-  cpu_profile:
-    enabled: false
-  tcp_retransmit:
-    enabled: false
-summary:
-  enabled: false
-"""
+
+
+def sleeps_in(cgroup: Path, threshold: str = "10ms", **slow_spans: Any) -> dict[str, Any]:
+    """syscall_latency per process of the workloads in `cgroup`, where only the sleeps
+    (over `threshold`) are slow calls, whatever the machine's load."""
+    return {"interval": "500ms", "aggregation": "process",
+            "filter": {"cgroups": [str(cgroup)]},
+            "slow_spans": {"threshold": "1s", "include": ["nanosleep", "clock_nanosleep"],
+                           "thresholds": {"nanosleep": threshold, "clock_nanosleep": threshold},
+                           **slow_spans}}
 
 
 def start_agent(tmp_path: Path, rotel: RotelCollector, protocol: str, interval: str,
                 cgroup: Path, max_items: int = 8192) -> AgentProcess:
-    config = tmp_path / "outage.yaml"
-    config.write_text(CONFIG.format(max_items=max_items, cgroup=cgroup))
+    config = agent_config({"syscall_latency": sleeps_in(cgroup)},
+                          exporter={"queue": {"spans": {"max_items": max_items}}})
     endpoint = rotel.grpc_endpoint if protocol == "grpc" else rotel.http_endpoint
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", interval,
+    agent = AgentProcess(tmp_path, "--export-interval", interval, config_text=config,
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
                               "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
     agent.wait_for_log("probe syscall_latency attached")
@@ -204,32 +192,6 @@ def test_a_small_queue_keeps_the_newest_and_counts_every_drop_by_workload(
     assert code == 0 and "Traceback" not in "".join(agent.stderr)
 
 
-STORM_CONFIG = """
-exporter:
-  queue:
-    spans:
-      max_items: 1000000
-      max_bytes: {max_bytes}
-probes:
-  syscall_latency:
-    interval: 500ms
-    sample_period: 1         # every call timed: every getppid a span
-    filter:
-      cgroups: [{cgroup}]
-    slow_spans:
-      threshold: 1s
-      thresholds: {{getppid: 1ns}}
-      rate_per_second: {rate}
-      burst: {rate}
-  cpu_profile:
-    enabled: false
-  tcp_retransmit:
-    enabled: false
-summary:
-  enabled: false
-"""
-
-
 def test_a_span_storm_during_an_outage_stays_within_the_queue_bound(
     rotel: RotelCollector, otlp_sink: OtlpSink, slow_workload: Path, tmp_path: Path,
     cgroup: Path,
@@ -238,9 +200,14 @@ def test_a_span_storm_during_an_outage_stays_within_the_queue_bound(
     rate limit), for the whole outage: ~430 KB a second the agent must hold or drop. Its
     RSS may grow by the queue's byte bound, not by the storm."""
     max_bytes, rate, calls_per_run = 4 << 20, 5000, 2000
-    config = tmp_path / "storm.yaml"
-    config.write_text(STORM_CONFIG.format(max_bytes=max_bytes, rate=rate, cgroup=cgroup))
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+    config = agent_config(
+        {"syscall_latency": {
+            "interval": "500ms", "filter": {"cgroups": [str(cgroup)]},
+            "sample_period": 1,  # every call timed: every getppid a span
+            "slow_spans": {"threshold": "1s", "thresholds": {"getppid": "1ns"},
+                           "rate_per_second": rate, "burst": rate}}},
+        exporter={"queue": {"spans": {"max_items": 1_000_000, "max_bytes": max_bytes}}})
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
     agent.wait_for_log("probe syscall_latency attached")
     peak: list[int] = []
@@ -292,19 +259,6 @@ def test_a_span_storm_during_an_outage_stays_within_the_queue_bound(
     assert code == 0 and "Traceback" not in "".join(agent.stderr)
 
 
-PROFILE_CONFIG = """
-probes:
-  syscall_latency:
-    enabled: false
-  tcp_retransmit:
-    enabled: false
-  cpu_profile:
-    frequency: 499
-summary:
-  enabled: false
-"""
-
-
 def test_profiles_of_an_outage_reach_the_collector_after_it(
     otelcol: Any, cpu_hot: Path, tmp_path: Path,
 ) -> None:
@@ -317,11 +271,9 @@ def test_profiles_of_an_outage_reach_the_collector_after_it(
     name = f"hot-{secrets.token_hex(3)}"
     burner = tmp_path / name
     shutil.copy(cpu_hot, burner)
-    config = tmp_path / "profile.yaml"
-    config.write_text(PROFILE_CONFIG)
     folded = tmp_path / "cpu.folded"
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
-                         "--profiles-folded", str(folded),
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", "--profiles-folded", str(folded),
+                         config_text=agent_config({"cpu_profile": {"frequency": 499}}),
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
     agent.wait_for_log("probe cpu_profile attached")
     otelcol.wait_for_export("profiles", timeout=30)  # the way works before the outage

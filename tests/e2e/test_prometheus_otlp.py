@@ -10,36 +10,18 @@ from pathlib import Path
 import pytest
 
 from otel_ebpf.endpoints.prometheus import IDENTIFYING
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.e2e.test_endpoints import N_GETPPID, SLEEPS, run_workload
 from tests.peers.prometheus import PrometheusServer, otlp_config, prometheus3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
-CONFIG = """
-log_level: info
-exporter:
-  interval: 1s
-summary:
-  enabled: false
-identity:
-  docker:
-    enabled: false
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      comms: [syscall_workloa]
-    slow_spans:
-      enabled: false
-  cpu_profile:
-    enabled: false
-  tcp_retransmit:
-    enabled: false
-endpoints:
-  enabled: false
-"""
+CONFIG = agent_config(
+    {"syscall_latency": {"interval": "500ms", "aggregation": "process",
+                         "filter": {"comms": ["syscall_workloa"]},
+                         "slow_spans": {"enabled": False}}},
+    exporter={"interval": "1s"}, endpoints={"enabled": False})
 
 
 @pytest.fixture(scope="session")

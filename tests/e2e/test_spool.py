@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.e2e.test_outage import (
     OUTAGE_S,
     dropped_spans,
     outage,
+    sleeps_in,
     slow_calls,
     spans_of,
 )
@@ -29,40 +31,14 @@ from tests.peers.rotel import RotelCollector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
-CONFIG = """
-exporter:
-  queue:
-    spool_directory: {spool}
-    spans:
-      max_items: 8
-      max_spool_bytes: {spool_bytes}
-probes:
-  syscall_latency:
-    interval: 500ms
-    aggregation: process
-    filter:
-      cgroups: [{cgroup}]
-    slow_spans:
-      threshold: 1s          # only the sleeps are slow calls, whatever the machine's load
-      thresholds: {{nanosleep: {threshold}, clock_nanosleep: {threshold}}}
-      include: [nanosleep, clock_nanosleep]
-      rate_per_second: 5000
-      burst: 5000
-  cpu_profile:
-    enabled: false
-  tcp_retransmit:
-    enabled: false
-summary:
-  enabled: false
-"""
-
 
 def start_agent(tmp_path: Path, rotel: RotelCollector, cgroup: Path, spool: Path,
                 spool_bytes: str = "256MiB", threshold: str = "10ms") -> AgentProcess:
-    config = tmp_path / "spool.yaml"
-    config.write_text(CONFIG.format(spool=spool, spool_bytes=spool_bytes, cgroup=cgroup,
-                                    threshold=threshold))
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+    config = agent_config(
+        {"syscall_latency": sleeps_in(cgroup, threshold, rate_per_second=5000, burst=5000)},
+        exporter={"queue": {"spool_directory": str(spool),
+                            "spans": {"max_items": 8, "max_spool_bytes": spool_bytes}}})
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
     agent.wait_for_log("probe syscall_latency attached")
     return agent

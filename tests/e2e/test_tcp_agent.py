@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.agent_config import agent_config
 from tests.e2e.test_agent import AgentProcess
 from tests.helpers.netns import Netns, NetnsUnavailable, leftover_namespaces, lossy_netns
 from tests.peers.otlp_sink import OtlpSink, attrs_to_dict
@@ -33,21 +34,6 @@ NBYTES = 20 * 1024 * 1024
 LO_MTU = 1500
 DROP_PERCENT = 5
 METRIC = "linux.tcp.retransmits"
-CONFIG = """
-log_level: info
-summary:
-  enabled: false
-probes:
-  syscall_latency:
-    enabled: false
-  cpu_profile:
-    enabled: false
-  tcp_retransmit:
-    enabled: true
-    interval: 1s
-    aggregation: connection
-    owner: process
-"""
 
 
 @dataclass
@@ -61,10 +47,9 @@ class Transfer:
 
 @pytest.fixture
 def tcp_agent(tmp_path: Path, rotel: RotelCollector) -> Iterator[AgentProcess]:
-    config = tmp_path / "tcp.yaml"
-    config.write_text(CONFIG)
-    # the later --config wins over the one AgentProcess writes
-    agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
+    config = agent_config({"tcp_retransmit": {"interval": "1s", "aggregation": "connection",
+                                              "owner": "process"}})
+    agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
     try:
         yield agent

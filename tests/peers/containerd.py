@@ -27,11 +27,10 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from tests.peers.process import PeerProcess
+from tests.peers.process import PeerProcess, WorkDir
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -108,23 +107,13 @@ class Containerd:
         self.sandbox_image = sandbox_image
         self.startup_timeout = startup_timeout
         self._peer = PeerProcess(startup_timeout)
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir = WorkDir("containerd")
         self._final_log = ""
         self._made_shim_run = False
 
     @property
-    def started(self) -> bool:
-        return self._tmp is not None
-
-    @property
-    def dir(self) -> Path:
-        if self._tmp is None:
-            raise RuntimeError("Containerd not started")
-        return Path(self._tmp.name)
-
-    @property
     def socket(self) -> Path:
-        return self.dir / "containerd.sock"
+        return self.workdir / "containerd.sock"
 
     @property
     def endpoint(self) -> str:
@@ -132,7 +121,7 @@ class Containerd:
         return f"unix://{self.socket}"
 
     def config(self) -> str:
-        d = self.dir
+        d = self.workdir.path
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         runc = f'{cri}.containerd.runtimes.runc'
         return f"""version = 2
@@ -171,12 +160,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         if (why := missing()) is not None:
             raise RuntimeError(why)
         self._made_shim_run = not SHIM_RUN.exists()
-        self._tmp = tempfile.TemporaryDirectory(prefix="containerd-")
-        (self.dir / "containerd.toml").write_text(self.config())
-        with open(self.dir / "containerd.log", "ab") as log:
+        d = self.workdir.make()
+        (d / "containerd.toml").write_text(self.config())
+        with open(d / "containerd.log", "ab") as log:
             self._peer.proc = subprocess.Popen(
-                [CONTAINERD, "--config", str(self.dir / "containerd.toml")], stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir)
+                [CONTAINERD, "--config", str(d / "containerd.toml")], stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=d)
         deadline = time.monotonic() + self.startup_timeout
         while self.ctr("version", check=False).returncode != 0:
             if self._peer.proc.poll() is not None or time.monotonic() > deadline:
@@ -193,10 +182,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.stop()
 
     def read_log(self) -> str:
-        if self._tmp is None:
+        if not self.workdir.exists:
             return self._final_log
         try:
-            return (self.dir / "containerd.log").read_text(errors="replace")
+            return (self.workdir / "containerd.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -234,7 +223,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def stop(self) -> None:
         """Kill and delete every task and container, stop containerd and any shim it left,
         unmount and remove the directory; idempotent."""
-        if self._tmp is None:
+        if not self.workdir.exists:
             return
         if self._peer.proc is not None and self._peer.proc.poll() is None:
             listed = self.ctr("tasks", "list", "--quiet", check=False).stdout.split()
@@ -251,7 +240,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._peer.terminate(timeout=20.0)
         for pid in self._shims():
             os.kill(pid, signal.SIGKILL)
-        unmount_below(self.dir)
+        unmount_below(self.workdir.path)
         if self._made_shim_run:
             for leaf in (SHIM_RUN / "s", SHIM_RUN):
                 try:
@@ -260,6 +249,5 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     break  # not empty: another containerd came meanwhile
         self._final_log = self.read_log()
         # overlay work directories can hold entries only root may unlink: rm -rf does
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self._tmp.cleanup()
-        self._tmp = None
+        shutil.rmtree(self.workdir.path, ignore_errors=True)
+        self.workdir.remove()

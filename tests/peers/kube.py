@@ -26,7 +26,6 @@ import json
 import shutil
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.peers.process import LOOPBACK, PeerProcess
+from tests.peers.process import LOOPBACK, PeerProcess, WorkDir
 
 BUILD = Path(__file__).with_name("build-kube.sh")
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -125,16 +124,10 @@ class KubeApiServer:
         self.startup_timeout = startup_timeout
         self._etcd = PeerProcess(startup_timeout=30.0)
         self._apiserver = PeerProcess(startup_timeout=startup_timeout)
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir = WorkDir("kube-api")
         self.port = 0
         self._final_logs: str | None = None
         self._pki: _Pki | None = None
-
-    @property
-    def dir(self) -> Path:
-        if self._tmp is None:
-            raise RuntimeError("KubeApiServer not started")
-        return Path(self._tmp.name)
 
     @property
     def url(self) -> str:
@@ -142,11 +135,11 @@ class KubeApiServer:
 
     @property
     def ca_path(self) -> Path:
-        return self.dir / "ca.crt"
+        return self.workdir / "ca.crt"
 
     @property
     def kubeconfig(self) -> Path:
-        return self.dir / "admin.kubeconfig"
+        return self.workdir / "admin.kubeconfig"
 
     def __enter__(self) -> KubeApiServer:
         self.start()
@@ -157,8 +150,7 @@ class KubeApiServer:
         self.stop()
 
     def start(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="kube-api-")
-        d = self.dir
+        d = self.workdir.make()
         pki = self._pki = _Pki(d)
         serving = pki.issue("apiserver", _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH,
                             [x509.IPAddress(IPv4Address(LOOPBACK)), x509.DNSName("localhost"),
@@ -218,7 +210,7 @@ class KubeApiServer:
         if self._pki is None:
             raise RuntimeError("KubeApiServer not started")
         cert = self._pki.issue(stem, _name(user, group), ExtendedKeyUsageOID.CLIENT_AUTH)
-        path = self.dir / f"{stem}.kubeconfig"
+        path = self.workdir / f"{stem}.kubeconfig"
         self._write_kubeconfig(path, cert)
         return path
 
@@ -252,7 +244,7 @@ class KubeApiServer:
             return self._final_logs
         out = []
         for name in ("etcd.log", "apiserver.log"):
-            path = self.dir / name
+            path = self.workdir / name
             if path.exists():
                 out.append(f"--- {name} ---\n{path.read_text(errors='replace')}")
         return "\n".join(out)
@@ -260,13 +252,12 @@ class KubeApiServer:
     def stop(self) -> None:
         """SIGTERM the API server, then etcd (SIGKILL after a grace); remove the directory,
         keeping the logs for read_logs()."""
-        if self._tmp is None:
+        if not self.workdir.exists:
             return
         self._apiserver.terminate(timeout=20.0)
         self._etcd.terminate(timeout=10.0)
         self._final_logs = self.read_logs()
-        self._tmp.cleanup()
-        self._tmp = None
+        self.workdir.remove()
 
     # ---- helpers for tests -------------------------------------------------------------
 

@@ -34,14 +34,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.peers.containerd import unmount_below
-from tests.peers.process import LOOPBACK, PeerProcess
+from tests.peers.process import LOOPBACK, PeerProcess, WorkDir
 
 if TYPE_CHECKING:
     from tests.peers.containerd import Containerd
@@ -122,12 +121,11 @@ class ControlLoops:
         self.api = api
         self.bindir = bindir
         self._procs: dict[str, PeerProcess] = {}
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir = WorkDir("kube-loops")
         self._final_logs = ""
 
     def start(self) -> ControlLoops:
-        self._tmp = tempfile.TemporaryDirectory(prefix="kube-loops-")
-        d = Path(self._tmp.name)
+        d = self.workdir.make()
         common = [f"--kubeconfig={self.api.kubeconfig}", "--leader-elect=false",
                   "--secure-port=0", f"--bind-address={LOOPBACK}"]
         commands = {
@@ -146,10 +144,10 @@ class ControlLoops:
         return self
 
     def read_logs(self) -> str:
-        if self._tmp is None:
+        if not self.workdir.exists:
             return self._final_logs
         return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')}"
-                         for p in sorted(Path(self._tmp.name).glob("*.log")))
+                         for p in sorted(self.workdir.path.glob("*.log")))
 
     def check_running(self) -> None:
         for name, peer in self._procs.items():
@@ -161,9 +159,7 @@ class ControlLoops:
         for peer in self._procs.values():
             peer.terminate(timeout=10.0)
         self._final_logs = self.read_logs()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self.workdir.remove()
 
 
 class Kubelet:
@@ -179,25 +175,15 @@ class Kubelet:
         self.cgroup_root = f"/otel-ebpf-test-kubelet-{os.getpid()}"
         self.port = 0  # its HTTPS API (x509 clients of the cluster CA), once started
         self._peer = PeerProcess(startup_timeout)
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir = WorkDir("kubelet")
         self._sysctls: dict[str, str] = {}
         self._made_log_links_dir = False
         self._final_log = ""
 
     @property
-    def started(self) -> bool:
-        return self._tmp is not None
-
-    @property
-    def dir(self) -> Path:
-        if self._tmp is None:
-            raise RuntimeError("Kubelet not started")
-        return Path(self._tmp.name)
-
-    @property
     def pod_logs(self) -> Path:
         """Where the kubelet writes container logs (what /var/log/pods is elsewhere)."""
-        return self.dir / "pods-logs"
+        return self.workdir / "pods-logs"
 
     def config(self, port: int, healthz: int) -> dict[str, object]:
         return {
@@ -217,21 +203,21 @@ class Kubelet:
 
     def start(self) -> Kubelet:
         sweep_stale_cgroups()
-        self._tmp = tempfile.TemporaryDirectory(prefix="kubelet-")
+        d = self.workdir.make()
         self._sysctls = {n: _sysctl_path(n).read_text().strip() for n in SYSCTLS}
         self._made_log_links_dir = not CONTAINER_LOG_LINKS.exists()
         for mount in cgroup_mounts():
             (mount / self.cgroup_root.lstrip("/")).mkdir(exist_ok=True)
         kubeconfig = self.api.client_kubeconfig("kubelet", f"system:node:{self.name}",
                                                 "system:nodes")
-        config_path = self.dir / "kubelet.yaml"
+        config_path = d / "kubelet.yaml"
         ports = self._peer.launch(
             lambda port, healthz: (
                 config_path.write_text(json.dumps(self.config(port, healthz))),
                 [str(self.bindir / "kubelet"), f"--config={config_path}",
                  f"--kubeconfig={kubeconfig}", f"--hostname-override={self.name}",
-                 f"--root-dir={self.dir / 'root'}", "--v=1"])[1],
-            self.dir / "kubelet.log", attempts=1, count=2, cwd=self.dir)
+                 f"--root-dir={d / 'root'}", "--v=1"])[1],
+            d / "kubelet.log", attempts=1, count=2, cwd=d)
         if ports is None:
             self._fail("kubelet did not start")
         assert ports is not None
@@ -257,10 +243,10 @@ class Kubelet:
         raise RuntimeError(f"{why}; output:\n{log[-8000:]}")
 
     def read_log(self) -> str:
-        if self._tmp is None:
+        if not self.workdir.exists:
             return self._final_log
         try:
-            return (self.dir / "kubelet.log").read_text(errors="replace")
+            return (self.workdir / "kubelet.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -285,7 +271,7 @@ class Kubelet:
 
     def stop(self) -> None:
         """Stop the kubelet and undo what it did to the machine; idempotent."""
-        if self._tmp is None:
+        if not self.workdir.exists:
             return
         self._peer.terminate(timeout=20.0)
         if CONTAINER_LOG_LINKS.is_dir():
@@ -294,13 +280,12 @@ class Kubelet:
                     link.unlink()
             if self._made_log_links_dir and not any(CONTAINER_LOG_LINKS.iterdir()):
                 CONTAINER_LOG_LINKS.rmdir()
-        unmount_below(self.dir)
+        unmount_below(self.workdir.path)
         for name, value in self._sysctls.items():
             if _sysctl_path(name).read_text().strip() != value:
                 _sysctl_path(name).write_text(value)
         self._final_log = self.read_log()
-        self._tmp.cleanup()
-        self._tmp = None
+        self.workdir.remove()
 
     def remove_cgroups(self) -> list[Path]:
         """The cgroup root in every hierarchy, once no container runs (after the runtime

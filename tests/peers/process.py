@@ -1,6 +1,7 @@
-"""What every collector peer does the same way: start on free loopback ports, wait until
-its OTLP ports accept connections (retrying with fresh ports if another process took
-one), stop with SIGTERM then SIGKILL, and never outlive the test session."""
+"""What every peer does the same way: start on free loopback ports, wait until its ports
+accept connections (retrying with fresh ports if another process took one), keep its
+files in a private temporary directory, stop with SIGTERM then SIGKILL, and never outlive
+the test session."""
 
 from __future__ import annotations
 
@@ -40,6 +41,39 @@ def accepts(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+class WorkDir:
+    """A peer's private temporary directory: made at start, removed at stop."""
+
+    def __init__(self, peer_name: str) -> None:
+        self.peer_name = peer_name
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self._tmp is not None
+
+    @property
+    def path(self) -> Path:
+        if self._tmp is None:
+            raise RuntimeError(f"{self.peer_name} not started")
+        return Path(self._tmp.name)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def make(self) -> Path:
+        """A fresh directory, named after the peer."""
+        self.remove()
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{self.peer_name}-")
+        return self.path
+
+    def remove(self) -> None:
+        """Remove it and everything in it; idempotent."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 class PeerProcess:
@@ -104,7 +138,7 @@ class CollectorPeer:
 
     def __init__(self, log_path: Path | None, startup_timeout: float) -> None:
         self.startup_timeout = startup_timeout
-        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir = WorkDir(self.name)  # config, pid and output files of this run
         self._requested_log_path = log_path
         self._log_path: Path | None = None
         self._peer = PeerProcess(startup_timeout)
@@ -136,13 +170,6 @@ class CollectorPeer:
         return self._log_path
 
     @property
-    def workdir(self) -> Path:
-        """The private directory of this run (config, pid and output files)."""
-        if self._tmpdir is None:
-            raise RuntimeError(f"{type(self).__name__} not started")
-        return Path(self._tmpdir.name)
-
-    @property
     def pid(self) -> int | None:
         """The subprocess id while running."""
         return self._peer.proc.pid if self._peer.proc is not None else None
@@ -167,8 +194,8 @@ class CollectorPeer:
         if self._peer.proc is not None:
             raise RuntimeError(f"{type(self).__name__} already started")
         self._final_log = None
-        self._tmpdir = tempfile.TemporaryDirectory(prefix=f"{self.name}-")
-        self._log_path = self._requested_log_path or self.workdir / f"{self.name}-output.log"
+        workdir = self.workdir.make()
+        self._log_path = self._requested_log_path or workdir / f"{self.name}-output.log"
 
         def with_ports(grpc_port: int, http_port: int) -> Sequence[str]:
             self.grpc_port, self.http_port = grpc_port, http_port
@@ -176,10 +203,10 @@ class CollectorPeer:
 
         def relaunch(ports: tuple[int, int]) -> object:
             return self._peer.launch(with_ports, self.log_path, attempts, ports=ports,
-                                     cwd=self.workdir, **popen)
+                                     cwd=workdir, **popen)
 
         self._relaunch = relaunch
-        if self._peer.launch(with_ports, self._log_path, attempts, cwd=self.workdir,
+        if self._peer.launch(with_ports, self._log_path, attempts, cwd=workdir,
                              **popen) is None:
             output = self.read_log()
             self.stop()
@@ -192,7 +219,7 @@ class CollectorPeer:
 
     def resume(self) -> None:
         """The collector comes back on the same ports; returns once both accept."""
-        if self._relaunch is None or self._tmpdir is None:
+        if self._relaunch is None or not self.workdir.exists:
             raise RuntimeError(f"{type(self).__name__} not started")
         if self._relaunch((self.grpc_port, self.http_port)) is None:
             raise RuntimeError(f"{self.name} did not restart on ports {self.grpc_port}, "
@@ -205,11 +232,10 @@ class CollectorPeer:
         """SIGTERM the collector (letting it flush), SIGKILL it after ``timeout``;
         idempotent. The log stays readable."""
         self._peer.terminate(self.stop_timeout if timeout is None else timeout)
-        if self._tmpdir is not None:
+        if self.workdir.exists:
             self._final_log = self.read_log()
             self._keep()
-            self._tmpdir.cleanup()
-            self._tmpdir = None
+            self.workdir.remove()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -12,7 +12,6 @@ import json
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -20,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.peers.process import _LIVE, LOOPBACK, free_port
+from tests.peers.process import _LIVE, LOOPBACK, WorkDir, free_port
 
 BUILD3 = Path(__file__).with_name("build-prometheus3.sh")
 BUILD3_TIMEOUT = 3600.0  # a cold build on a busy 2-core machine
@@ -62,30 +61,24 @@ class PrometheusServer:
         self.startup_timeout = startup_timeout
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
-        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir = WorkDir("prometheus")  # its configuration, TSDB and output
         self.log = ""
 
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    @property
-    def workdir(self) -> Path:
-        assert self._tmpdir is not None
-        return Path(self._tmpdir.name)
-
     def start(self, attempts: int = 3) -> PrometheusServer:
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="prometheus-")
-        (self.workdir / "prometheus.yml").write_text(self.config)
+        d = self.workdir.make()
+        (d / "prometheus.yml").write_text(self.config)
         for _ in range(attempts):
             self.port = free_port()
-            with open(self.workdir / "output.log", "ab") as out:
+            with open(d / "output.log", "ab") as out:
                 self.proc = subprocess.Popen(
-                    [str(self.binary), f"--config.file={self.workdir / 'prometheus.yml'}",
-                     f"--storage.tsdb.path={self.workdir / 'data'}",
+                    [str(self.binary), f"--config.file={d / 'prometheus.yml'}",
+                     f"--storage.tsdb.path={d / 'data'}",
                      f"--web.listen-address={LOOPBACK}:{self.port}", *self.extra_args],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    cwd=self.workdir)
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=d)
             _LIVE.add(self.proc)  # killed at exit should the test never stop it
             if self._wait_ready():
                 return self
@@ -150,11 +143,10 @@ class PrometheusServer:
 
     def stop(self) -> None:
         self._terminate()
-        if self._tmpdir is not None:
+        if self.workdir.exists:
             log = self.workdir / "output.log"
             self.log = log.read_text(errors="replace") if log.exists() else ""
-            self._tmpdir.cleanup()
-            self._tmpdir = None
+            self.workdir.remove()
 
     def __enter__(self) -> PrometheusServer:
         return self.start()
