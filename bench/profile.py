@@ -69,7 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,9 +154,10 @@ class Reading:
 class CpuLoop:
     """cpu_loop pinned to one CPU, its progress counter mapped read-only here."""
 
-    def __init__(self, cpu: int, workdir: Path, max_seconds: float) -> None:
+    def __init__(self, cpu: int, workdir: Path, max_seconds: float,
+                 binary: Path = LOOP_BIN) -> None:
         counter = workdir / f"cpu_loop.{cpu}.counter"
-        self.command = ["taskset", "-c", str(cpu), str(LOOP_BIN), str(counter),
+        self.command = ["taskset", "-c", str(cpu), str(binary), str(counter),
                         f"{max_seconds:.0f}"]
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
@@ -283,7 +284,8 @@ def running_agent(workdir: Path, name: str, hz: int, endpoint: str, interval: st
             agent.stop()
 
 
-def slowdown_phase(args: argparse.Namespace, loop: CpuLoop, workdir: Path, endpoint: str
+def slowdown_phase(args: argparse.Namespace, loop: CpuLoop, workdir: Path, endpoint: str,
+                   frequencies: tuple[int, ...] = (*FREQUENCIES, CALIBRATION_HZ)
                    ) -> dict[int, list[Window]]:
     w = args.profile_window
     out: dict[int, list[Window]] = {}
@@ -291,7 +293,7 @@ def slowdown_phase(args: argparse.Namespace, loop: CpuLoop, workdir: Path, endpo
     print(f"\nslowdown windows: {2 * args.profile_pairs + 1} of {w:g}s per frequency "
           f"({2 * calibration_pairs + 1} at {CALIBRATION_HZ} Hz), off/on alternating "
           "(work units per loop CPU-second; ! = another profiler was loaded)", flush=True)
-    for hz in (*FREQUENCIES, CALIBRATION_HZ):
+    for hz in frequencies:
         count = 2 * (calibration_pairs if hz == CALIBRATION_HZ else args.profile_pairs) + 1
         life = ON_SETTLE + count * (w + TOGGLE_SETTLE + 0.5) + 120
         windows: list[Window] = []
@@ -343,8 +345,11 @@ def profile_samples(sink: Any) -> tuple[int, int]:
 
 
 def cpu_phase(args: argparse.Namespace, loop_cpu: int, rest: set[int], workdir: Path,
-              sink: Any) -> CpuPhase:
-    extra = [CpuLoop(cpu, workdir, args.profile_cpu_seconds + 180) for cpu in sorted(rest)]
+              sink: Any, binary: Path = LOOP_BIN,
+              during: Callable[[AgentProcess, set[int]], None] | None = None) -> CpuPhase:
+    """`during(agent, program ids)` runs at the end of the measured window."""
+    extra = [CpuLoop(cpu, workdir, args.profile_cpu_seconds + 180, binary)
+             for cpu in sorted(rest)]
     try:
         sink.clear()
         began = time.monotonic()
@@ -366,6 +371,8 @@ def cpu_phase(args: argparse.Namespace, loop_cpu: int, rest: set[int], workdir: 
                 time.sleep(args.profile_cpu_seconds)
                 cpu1, t1 = agent.cpu_seconds(), time.monotonic()
                 runs1, ns1 = prog_run_stats(prog_ids)
+            if during is not None:
+                during(agent, prog_ids)
             command = agent_command_for_report(agent)
             stop_agent(agent, prog_ids)
             errors = agent.errors()

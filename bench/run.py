@@ -5,6 +5,9 @@
             at 99 Hz with every CPU busy, lost stacks (bench/profile.py)
   pyprofile the CPython unwinder: slowdown of two busy Python processes at 99 Hz, the BPF
             time per sample and the agent's CPU, next to a C loop (bench/pyprofile.py)
+  unwind    the same on a loop built without frame pointers: slowdown at 99 Hz, the BPF
+            program's time per sample, agent CPU, the unwind maps' kernel memory, the
+            64-CPU projection (bench/unwind.py)
   spans     slow-syscall spans exported per second without loss, and the agent's CPU per
             span (bench/spans.py)
   tcp       the retransmit probe's kernel cost per event and the agent's CPU during a lossy
@@ -17,6 +20,9 @@
   churn     the agent on its defaults while 200 /bin/true a second come and go: its RSS and
             its growth, peak RSS, CPU, points per export, series, and exact counts
             (bench/churn.py)
+  offcpu    the off-CPU probe's cost per context switch on a two-thread pipe ping-pong:
+            switches/s with nothing, an empty sched_switch program and the probe (rate
+            limited, and recording every switch), and its BPF run time (bench/offcpu.py)
 
 Each suite prints the machine, the commands, its method in brief, a table and PASS/MISS
 per target. Shared helpers live in bench/common.py.
@@ -343,21 +349,25 @@ def report(modes: Sequence[Mode], samples: dict[str, list[float]]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-SUITES = ("syscalls", "profile", "pyprofile", "spans", "tcp", "footprint", "redis", "churn")
+SUITES = ("syscalls", "profile", "pyprofile", "unwind", "spans", "tcp", "footprint", "redis",
+          "churn", "offcpu")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from bench import churn, footprint, profile, pyprofile, redis, spans, tcp
+    from bench import churn, footprint, offcpu, profile, pyprofile, redis, spans, tcp
 
     parser = argparse.ArgumentParser(
         description="Overhead benchmarks. syscalls: the syscall_latency probe's cost per "
                     "syscall on a getppid storm, next to empty raw tracepoints and "
                     "syscount-bpfcc -L. profile: the CPU profiler's slowdown of a CPU loop, "
-                    "its own CPU and lost stacks. spans: slow-syscall spans exported per "
-                    "second without loss, and the agent's CPU per span. redis: a real "
+                    "its own CPU and lost stacks. unwind: the same on a loop built without "
+                    "frame pointers, with the unwinder's cost per sample and memory. spans: "
+                    "slow-syscall spans exported per second without loss, and the agent's "
+                    "CPU per span. redis: a real "
                     "server's requests/s with nothing, the empty floor, the agent and each "
                     "probe alone. churn: the agent on its defaults under process churn: RSS, "
-                    "CPU, points per export, exact counts.")
+                    "CPU, points per export, exact counts. offcpu: the off-CPU probe's cost "
+                    "per context switch.")
     parser.add_argument("--suite", choices=(*SUITES, "all"), default="all",
                         help="which benchmark to run (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
@@ -372,12 +382,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     footprint.add_arguments(parser)
     redis.add_arguments(parser)
     churn.add_arguments(parser)
+    offcpu.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1000:
         parser.error("--rounds must be >= 1 and --calls >= 1000")
     problem = (profile.check_arguments(args) or spans.check_arguments(args)
                or tcp.check_arguments(args) or footprint.check_arguments(args)
-               or redis.check_arguments(args) or churn.check_arguments(args))
+               or redis.check_arguments(args) or churn.check_arguments(args)
+               or offcpu.check_arguments(args))
     if problem:
         parser.error(problem)
     return args
@@ -484,17 +496,19 @@ def check_clean() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
-    from bench import churn, footprint, profile, pyprofile, redis, spans, tcp
+    from bench import churn, footprint, offcpu, profile, pyprofile, redis, spans, tcp, unwind
 
     suites: dict[str, Callable[[argparse.Namespace, bool], int]] = {
         "syscalls": lambda a, _: run(a),
         "profile": profile.run_suite,
         "pyprofile": pyprofile.run_suite,
+        "unwind": unwind.run_suite,
         "spans": spans.run_suite,
         "tcp": tcp.run_suite,
         "footprint": footprint.run_suite,
         "redis": redis.run_suite,
         "churn": churn.run_suite,
+        "offcpu": offcpu.run_suite,
     }
     chosen = SUITES if args.suite == "all" else (args.suite,)
     affinity = os.sched_getaffinity(0)

@@ -37,6 +37,7 @@ from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import Collection, SpanRecord, Workload
 from otel_ebpf.probe_host import ProbeHost, Routes
 from otel_ebpf.probes import PROBE_TYPES, ProbeContext, Signal, build
+from otel_ebpf.probes.cpu_profile import ON_CPU
 from otel_ebpf.reload import Reloader, Wiring
 from otel_ebpf.signals import needed
 from otel_ebpf.signals.metrics import MetricsSignal
@@ -196,8 +197,8 @@ def _routes(metrics: MetricsSignal, spans: SpansSignal | None,
     def samples(c: Collection) -> None:
         if profiles is not None:
             profiles.add(c)
-        if stacks is not None and c.samples:
-            stacks.add(c.samples)  # the live page's flame graph
+        if stacks is not None and c.samples and c.profile_type == ON_CPU:
+            stacks.add(c.samples)  # the live page's flame graph, of CPU samples
 
     span_route: Callable[[list[SpanRecord]], None] = spans.offer if spans else ignore
     return Routes(collection, samples, span_route)

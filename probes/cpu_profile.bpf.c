@@ -1,21 +1,16 @@
 /* cpu_profile.bpf.c - sampled on-CPU stacks, counted in the kernel.
  *
  * Hooks:      perf_event, software cpu-clock at SAMPLE_HZ on every CPU (no hardware PMU is
- *             needed). Each sample records the interrupted task's user and kernel stacks.
+ *             needed). Each sample records the interrupted task's user stack (DWARF CFI
+ *             where user space loaded it, frame pointers elsewhere: user_stack.h) and its
+ *             kernel stack (frame pointers).
  * Aggregates: sample counts per (tgid, tid, comm, user stack, kernel stack), the cgroup id
- *             recorded with the key. Stacks are interned by content: a stack's id is a
- *             64-bit hash of its addresses, so two stacks never compete for one slot (the
- *             kernel's stack_trace map buckets by hash and refuses the second stack of a
- *             bucket; at 99 Hz that lost up to ~1 % of user stacks here) and an id names
- *             the same addresses for as long as it lives, which lets user space cache it.
+ *             recorded with the key. Stacks are interned by content (stacks.h).
  * Maps:       samples       hash, MAX_SAMPLES keys; drained (lookup and delete) by user
  *                           space every collection.
- *             user_stacks   hash (not preallocated), USER_STACK_ENTRIES / KERNEL_STACK_ENTRIES
- *             kernel_stacks stacks of up to MAX_STACK_DEPTH (127, perf's default) addresses,
- *                           1 KiB each; user space deletes the stacks no sample used for a
- *                           while. Full: the sample is kept and counted, its stack reported
- *                           lost, never replaced by another stack.
- *             stack_scratch per-CPU, the two stacks of the sample being taken.
+ *             user_stacks, kernel_stacks, stack_scratch: stacks.h; user space deletes the
+ *                           stacks no sample used for a while. Full: the sample is kept
+ *                           and counted, its stack reported lost.
  *             seen_tgids    LRU hash (8192): processes already announced to user space, with
  *                           their start time: a reused pid is a new process (pid_max is
  *                           often 32768, and a busy host wraps it in minutes).
@@ -26,15 +21,18 @@
  *             probe_stats   per-CPU counters (probe_stats.h): idle samples dropped, stacks
  *                           lost, map full, Python walks given up.
  *             cgroup_filter with FILTER_CGROUP (cgroup_filter.h): the selected workloads.
- * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): two stack walks
- *             (frame pointers; user stacks of code built without them are truncated), a
- *             multiply-xor pass over each stack's addresses, two hash lookups (a 1 KiB
- *             copy when a stack is new), one LRU lookup, one hash update. Nothing runs
- *             between samples.
+ *             unwind_*      the unwinder's tables and per-process mappings (user_stack.h;
+ *                           UNWIND_ROWS x 8 bytes preallocated, UNWIND_PROCS x ~4 KiB).
+ * Cost:       per sample (SAMPLE_HZ x CPUs a second, 19 Hz by default): the user stack's
+ *             walk (per frame two binary searches and one or two user reads: 3.1-6.0 us a
+ *             sample for 3..36-frame stacks, measured by bench/run.py --suite unwind), the
+ *             kernel's frame-pointer walk, a multiply-xor pass over each stack's addresses,
+ *             two hash lookups (a 1 KiB copy when a stack is new), one LRU lookup, one
+ *             hash update. Nothing runs between samples.
  *
  * Compile-time switches: SAMPLE_HZ (informational), MAX_SAMPLES, USER_STACK_ENTRIES,
- * KERNEL_STACK_ENTRIES, PY_STACK_ENTRIES, TASK_FSBASE_OFF, TASK_GROUP_LEADER_OFF,
- * TASK_START_TIME_OFF, KEEP_IDLE, FILTER_CGROUP.
+ * KERNEL_STACK_ENTRIES, UNWIND_ROWS, UNWIND_PROCS, PY_STACK_ENTRIES, TASK_FSBASE_OFF,
+ * TASK_GROUP_LEADER_OFF, TASK_START_TIME_OFF, KEEP_IDLE, FILTER_CGROUP.
  */
 /* struct bpf_perf_event_data, declared here: <uapi/linux/bpf_perf_event.h> reaches
  * linux/ptrace.h through asm-generic and cost 1.7 s of the 2.1 s this program took to
@@ -54,12 +52,6 @@ struct bpf_perf_event_data {
     __u64 addr;
 };
 #define TASK_COMM_LEN 16
-
-#define MAX_STACK_DEPTH 127
-
-struct stack {
-    u64 ips[MAX_STACK_DEPTH]; /* leaf first; zero after the last frame */
-};
 
 struct sample_key {
     u32 tgid;
@@ -88,61 +80,29 @@ enum probe_stat {
     STAT_MAP_FULL = 3,         /* a new key did not fit in samples: sample lost */
     STAT_ANNOUNCE_LOST = 4,    /* the new-process ring buffer was full */
     STAT_SAMPLES = 5,          /* every sample taken, for rates */
-    STAT_PY_TRUNCATED = 6,     /* Python frames past PY_MAX_FRAMES not recorded */
-    STAT_PY_READ_FAILED = 7,   /* a Python thread state or frame could not be read */
-    STAT_PY_THREAD_LOST = 8,   /* no thread state within PY_MAX_THREADS */
-    STAT_PY_STACK_LOST = 9,    /* py_stacks full */
-    STAT_COUNT = 10,
+    /* user stacks kept but cut short (user_stack.h, enum unwind_reason, in its order) */
+    STAT_UNWIND_NOT_READY = 6,
+    STAT_UNWIND_UNSUPPORTED = 7,
+    STAT_UNWIND_READ_FAILED = 8,
+    STAT_UNWIND_TRUNCATED = 9,
+    STAT_UNWIND_BAD_FRAME = 10,
+    STAT_PY_TRUNCATED = 11,    /* Python frames past PY_MAX_FRAMES not recorded */
+    STAT_PY_READ_FAILED = 12,  /* a Python thread state or frame could not be read */
+    STAT_PY_THREAD_LOST = 13,  /* no thread state within PY_MAX_THREADS */
+    STAT_PY_STACK_LOST = 14,   /* py_stacks full */
+    STAT_COUNT = 15,
 };
 
 BPF_HASH(samples, struct sample_key, struct sample_value, MAX_SAMPLES);
-BPF_F_TABLE("hash", u64, struct stack, user_stacks, USER_STACK_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u64, struct stack, kernel_stacks, KERNEL_STACK_ENTRIES,
-            BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(stack_scratch, struct stack, 2);
 BPF_TABLE("lru_hash", u32, u64, seen_tgids, 8192);  /* tgid -> its start time */
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
+/* user stacks unwound with DWARF CFI (user_stack.h), its reasons counted from here */
+#define UNWIND_USER_STACKS
+#define UNWIND_STAT_FIRST STAT_UNWIND_NOT_READY
+#include "stacks.h"
 #include "python_stack.h"
-
-/* Walk one stack (slot 0: user, into user_stacks; 1: kernel) into this CPU's scratch slot
- * and intern it under the hash of its addresses. *id stays 0 for an empty stack; returns
- * 0, or -errno when nothing was recorded. */
-static __always_inline int intern_stack(struct bpf_perf_event_data *ctx, u32 slot, u64 flags,
-                                        u64 *id)
-{
-    struct stack *scratch = stack_scratch.lookup(&slot);
-    if (!scratch)
-        return -ENOENT;
-    /* the kernel zeroes the buffer past the last frame */
-    long bytes = bpf_get_stack(ctx, scratch->ips, sizeof(scratch->ips), flags);
-    if (bytes < 0)
-        return bytes;
-    u32 depth = bytes / sizeof(u64);
-    if (depth == 0)
-        return 0;
-    u64 hash = 0x9e3779b97f4a7c15ULL ^ depth;
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_STACK_DEPTH; i++) {
-        if (i >= depth)
-            break;
-        hash = (hash ^ scratch->ips[i]) * 0xff51afd7ed558ccdULL;
-        hash ^= hash >> 32;
-    }
-    hash |= 1; /* 0 means "no stack" */
-    /* a known stack (the common case) costs a lockless lookup, a new one an insert */
-    void *known = slot == 0 ? (void *)user_stacks.lookup(&hash)
-                            : (void *)kernel_stacks.lookup(&hash);
-    if (!known) {
-        int err = slot == 0 ? user_stacks.insert(&hash, scratch)
-                            : kernel_stacks.insert(&hash, scratch);
-        if (err && err != -EEXIST)
-            return err; /* the stack map is full */
-    }
-    *id = hash;
-    return 0;
-}
 
 /* The start time of the current process (its thread group leader), from BTF offsets. */
 static __always_inline u64 process_start_time(void)
@@ -174,8 +134,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct sample_key key = {.tgid = tgid, .tid = (u32)pid_tgid};
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     /* Kernel threads have no user stack: -EFAULT there is expected, not a loss. */
-    key.user_stack_err = intern_stack(ctx, 0, BPF_F_USER_STACK, &key.user_stack);
-    key.kernel_stack_err = intern_stack(ctx, 1, 0, &key.kernel_stack);
+    key.user_stack_err = intern_stack(ctx, USER_STACK, &key.user_stack);
+    key.kernel_stack_err = intern_stack(ctx, KERNEL_STACK, &key.kernel_stack);
     if (key.user_stack_err && key.user_stack_err != -EFAULT)
         count_stat(STAT_USER_STACK_LOST);
     if (key.kernel_stack_err && key.kernel_stack_err != -EFAULT)

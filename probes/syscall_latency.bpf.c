@@ -49,9 +49,14 @@
  *             slow_threshold_ns  array by syscall nr (SYSCALL_SLOTS): 0 = never a span.
  *             slow_rate     1-entry array: the rate limiter's state (GCRA, one u64).
  *             slow_events   ring buffer (perf buffer before 5.8) of slow-call events.
+ *             user_stacks   with SLOW_STACKS (stacks.h): the user stacks of slow calls,
+ *                           STACK_ENTRIES, interned by content; user space ages them out.
  * Emits:      with SLOW_EVENTS, one event per timed call slower than its syscall's
  *             threshold, at most SLOW_RATE per second (burst SLOW_BURST); calls refused by
- *             the limit or by a full buffer are counted in probe_stats.
+ *             the limit or by a full buffer are counted in probe_stats. With SLOW_STACKS,
+ *             the event names the user stack that made the call, walked at the exit (the
+ *             saved user registers are still the caller's there), only for an event that
+ *             passed the limit: one stack walk and a hash lookup per slow call.
  * Cost:       per call that stays on the CPU: enter - a per-CPU array lookup, the current
  *             task, three stores, a countdown and one array lookup (timed_once); exit - the
  *             per-CPU lookup, one compare, the generation, a scan of 8 slots and an add.
@@ -65,7 +70,8 @@
  *   MAX_ENTRIES, SAMPLE_PERIOD, NR_EXECVE, NR_EXECVEAT, NR_CLONE, NR_CLONE3, NR_FORK,
  *   NR_VFORK (-1 where the architecture has none), FILTER_TGID, FILTER_COMM,
  *   FILTER_CGROUP, KEY_WORKLOAD (+ the offsets workload.h reads), KEY_TGID, KEY_CGROUP,
- *   SLOW_EVENTS, SLOW_MIN_NS, SLOW_RATE, SLOW_BURST, RINGBUF_PAGES, USE_PERF_BUFFER.
+ *   SLOW_EVENTS, SLOW_MIN_NS, SLOW_RATE, SLOW_BURST, RINGBUF_PAGES, USE_PERF_BUFFER,
+ *   SLOW_STACKS, STACK_ENTRIES.
  */
 #include <asm/ptrace.h>  /* struct pt_regs: the arguments of sys_enter */
 /* task_struct only as an opaque pointer (task storage): linux/sched.h would cost ~1 s of
@@ -153,7 +159,8 @@ enum probe_stat {
     STAT_NO_TASK_STORAGE = 4,  /* a call left the CPU but task storage was unavailable */
     STAT_NO_MEMORY = 5,     /* calls lost: the kernel had no memory for their new key */
     STAT_TIMING_LOST = 6,   /* a timed call whose key could not be inserted (counted still) */
-    STAT_COUNT = 7,
+    STAT_SLOW_STACK_LOST = 7,  /* a slow call's user stack not recorded (map full, walk) */
+    STAT_COUNT = 8,
 };
 
 BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
@@ -181,7 +188,15 @@ struct slow_event {
     u32 entry_exact;  /* enter_ns is the call's entry */
     char comm[TASK_COMM_LEN];  /* the thread's name */
     char exe[EXE_LEN];         /* the series' executable (KEY_WORKLOAD) */
+    u64 user_stack;   /* SLOW_STACKS: id in user_stacks; 0: none recorded */
+    s64 user_stack_err;  /* -errno when it could not be recorded */
 };
+
+#ifdef SLOW_STACKS
+#define STACKS_USER_ONLY
+#define USER_STACK_ENTRIES STACK_ENTRIES
+#include "stacks.h"
+#endif
 
 BPF_ARRAY(slow_threshold_ns, u64, SYSCALL_SLOTS);
 BPF_ARRAY(slow_rate, u64, 1);  /* GCRA theoretical arrival time, ns */
@@ -398,6 +413,11 @@ static __always_inline void emit_if_slow(struct bpf_raw_tracepoint_args *ctx,
     ev.nr = nr;
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     __builtin_memcpy(ev.exe, id->exe, EXE_LEN);
+#ifdef SLOW_STACKS
+    ev.user_stack_err = intern_stack(ctx, USER_STACK, &ev.user_stack);
+    if (ev.user_stack_err && ev.user_stack_err != -EFAULT)
+        count_stat(STAT_SLOW_STACK_LOST);
+#endif
 #ifdef USE_PERF_BUFFER
     if (slow_events.perf_submit(ctx, &ev, sizeof(ev)) < 0)
         count_stat(STAT_BUFFER_FULL);

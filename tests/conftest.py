@@ -71,15 +71,21 @@ def _kernel_required_but_missing() -> None:
 def build_helper(name: str) -> Path:
     """Compile tests/helpers/<name>.c once per session (frame pointers kept for the
     profiler tests)."""
-    source = HELPERS / f"{name}.c"
+    return build_binary(name, (f"{name}.c",), ("-O1", "-g", "-fno-omit-frame-pointer"))
+
+
+@functools.cache
+def build_binary(name: str, sources: tuple[str, ...], flags: tuple[str, ...]) -> Path:
+    """Compile tests/helpers/`sources` with `flags` into tests/helpers/bin/`name`, when
+    it is missing or older than a source."""
+    paths = [HELPERS / source for source in sources]
     binary = HELPER_BIN / name
     HELPER_BIN.mkdir(exist_ok=True)
-    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+    if not binary.exists() or binary.stat().st_mtime < max(p.stat().st_mtime for p in paths):
         cc = shutil.which("cc") or shutil.which("gcc")
         if cc is None:
             pytest.fail("no C compiler; run `make test`, which installs gcc")
-        subprocess.run([cc, "-O1", "-g", "-fno-omit-frame-pointer", "-o", str(binary),
-                        str(source)], check=True)
+        subprocess.run([cc, *flags, "-o", str(binary), *map(str, paths)], check=True)
     return binary
 
 

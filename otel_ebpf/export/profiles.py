@@ -223,9 +223,11 @@ class ProfileWindow:
         return samples, start, end_ns
 
     def fold(self, samples: Iterable[StackSample],
-             process_name: Callable[[Workload], str]) -> None:
+             process_name: Callable[[Workload], str], root: str | None = None) -> None:
         for s in samples:
             stack = folded_stack(s, process_name(s.workload))
+            if root is not None:
+                stack = (root, *stack)
             self.folded[stack] = self.folded.get(stack, 0) + s.count
 
 
@@ -284,8 +286,11 @@ class ProfileExport:
     def _flush(self, identity_of: Callable[[Workload], Identity], profile_type: ProfileType,
                period_ns: int, samples: list[StackSample], start: int, end: int) -> None:
         if self.folded_path is not None:
+            # on-CPU samples as they are; another type's stacks under a root of its name
+            # (off_cpu;app;main;wait 2000000000): its values (nanoseconds) are not counts
             self.windows[profile_type].fold(samples, lambda w: str(
-                identity_of(w).point.get("process.executable.name") or w.comm or w.pid))
+                identity_of(w).point.get("process.executable.name") or w.comm or w.pid),
+                None if profile_type.sample_type == "samples" else profile_type.sample_type)
             folded: dict[tuple[str, ...], int] = {}  # cumulative, every type's
             for window in self.windows.values():
                 for stack, count in window.folded.items():

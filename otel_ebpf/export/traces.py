@@ -139,8 +139,11 @@ SPAN_EXPORT_S = 0.5  # the longest a queued span waits for a batch to fill
 def span_bytes(record: SpanRecord) -> int:
     """What a queued span holds in memory, estimated: ~1,210 bytes measured with
     tracemalloc for a slow-syscall span of four attributes (the record, its attribute
-    dict, workload and exemplar key, the ids, the queue entry); ~120 more an attribute."""
-    return 730 + 120 * len(record.attributes) + len(record.name)
+    dict, workload and exemplar key, the ids, the queue entry); ~120 more an attribute,
+    and a long string's own length (a code.stacktrace is kilobytes)."""
+    long_strings = sum(len(v) for v in record.attributes.values()
+                       if isinstance(v, str) and len(v) > 64)
+    return 730 + 120 * len(record.attributes) + len(record.name) + long_strings
 
 
 class SpanExport:

@@ -197,17 +197,21 @@ def _obj_name(name: str) -> bytes:
     return "".join(c if c.isalnum() or c in "_." else "_" for c in name)[:15].encode()
 
 
-def prog_load(prog_type: int, insns: bytes, license_: str, name: str) -> tuple[int, str]:
+def prog_load(prog_type: int, insns: bytes, license_: str, name: str, btf_fd: int = 0,
+              func_info: bytes = b"") -> tuple[int, str]:
     """(fd, "") or raises OSError; on failure the verifier's log is the OSError's
-    filename (retried with a log, as libbpf does, so success costs no log buffer)."""
+    filename (retried with a log, as libbpf does, so success costs no log buffer).
+    func_info: (instruction offset, BTF type id) u32 pairs of btf_fd, one per function."""
     code = ct.create_string_buffer(insns, len(insns))
     lic = ct.create_string_buffer(license_.encode())
+    info = ct.create_string_buffer(func_info, len(func_info)) if func_info else None
 
     def load(log: ct.Array[ct.c_char] | None) -> int:
         return bpf(PROG_LOAD, _attr(
-            "=IIQQIIQII16s", prog_type, len(insns) // 8, addr(code), addr(lic),
+            "=IIQQIIQII16sIIIIQI", prog_type, len(insns) // 8, addr(code), addr(lic),
             1 if log is not None else 0, len(log) if log is not None else 0, addr(log), 0, 0,
-            _obj_name(name)))
+            _obj_name(name), 0, 0, btf_fd, 8 if info is not None else 0, addr(info),
+            len(func_info) // 8))
 
     try:
         return load(None), ""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from otel_ebpf.kernel.cache import ImageCache
+from otel_ebpf.kernel.callbacks import CALLBACK_PREFIX, link_callback
 from otel_ebpf.kernel.ctypes_json import build
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,27 @@ class Image:
                        for name, f in data["functions"].items()})
 
     def instructions(self, fn_name: str, map_fds: Sequence[int]) -> bytes:
-        """fn_name's instructions naming the maps by `map_fds` (in self.maps order)."""
+        """fn_name's instructions naming the maps by `map_fds` (in self.maps order), with
+        its loop callback appended when it takes one's address (see link_callback)."""
         fn = self.functions[fn_name]
         insns = bytearray(fn.insns)
         for index, map_index in fn.relocations:
             struct.pack_into("=i", insns, index * 8 + 4, map_fds[map_index])
-        return bytes(insns)
+        callbacks = sorted(name for name in self.functions
+                           if name.startswith(CALLBACK_PREFIX) and name != fn_name)
+        if fn_name.startswith(CALLBACK_PREFIX) or not callbacks:
+            return bytes(insns)
+        if len(callbacks) > 1:
+            raise ValueError(f"more than one loop callback ({', '.join(callbacks)}): the "
+                             "engine links one per program")
+        return link_callback(bytes(insns), self.instructions(callbacks[0], map_fds))
+
+    def callback_of(self, fn_name: str) -> str | None:
+        """The loop callback that instructions() links into fn_name, if any."""
+        if fn_name.startswith(CALLBACK_PREFIX):
+            return None
+        return next((name for name in sorted(self.functions)
+                     if name.startswith(CALLBACK_PREFIX)), None)
 
 
 class Compiler:

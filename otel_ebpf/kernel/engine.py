@@ -16,12 +16,13 @@ import importlib.util
 import logging
 import os
 import re
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from otel_ebpf.kernel import bpfsys
+from otel_ebpf.kernel import bpfsys, callbacks
 from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.buffers import PerfBuffer, RingBuffer
 from otel_ebpf.kernel.cache import ImageCache
@@ -123,15 +124,25 @@ class Program:
         if fn_name not in self._image.functions:
             raise EngineError(f"{self.name}: the program has no function {fn_name}")
         insns = self._image.instructions(fn_name, self._map_fds)
+        btf_fd, func_info = 0, b""
         try:
+            callback = self._image.callback_of(fn_name)
+            main_size = len(self._image.functions[fn_name].insns)
+            if callback is not None and len(insns) > main_size:
+                # a program with a subprogram needs BTF function information
+                btf_fd = callbacks.load_btf(callbacks.func_info_btf([fn_name, callback]))
+                func_info = struct.pack("=IIII", 0, 4, main_size // 8, 5)
             fd, _ = bpfsys.prog_load(bpfsys.PROG_TYPES[kind], insns, self._image.license,
-                                     fn_name)
+                                     fn_name, btf_fd, func_info)
         except OSError as exc:
             if exc.filename:
                 sys.stderr.write(f"{exc.filename}\n")
                 sys.stderr.flush()
             raise EngineError(f"{self.name}: the verifier refused {fn_name}: "
                               f"{exc.strerror} (its log is above)") from exc
+        finally:
+            if btf_fd:
+                os.close(btf_fd)
         self._progs[fn_name] = fd
         return fd
 

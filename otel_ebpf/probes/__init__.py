@@ -25,6 +25,7 @@ PROBES = (
     "cpu_profile:CpuProfile",
     "tcp_retransmit:TcpRetransmit",
     "runqueue_latency:RunqueueLatency",
+    "off_cpu:OffCpu",
 )
 
 

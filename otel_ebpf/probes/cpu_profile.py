@@ -29,6 +29,8 @@ from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSamp
 from otel_ebpf.probes.base import Hook, Probe, Signal
 from otel_ebpf.symbolize.python.unwinder import PythonUnwinder, merge
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
+from otel_ebpf.symbolize.unwind.loader import UnwindLoader
+from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's
 SAMPLE_KEY_FIELDS = ("tgid", "tid", "user_stack", "kernel_stack", "python_stack",
                      "user_stack_err", "kernel_stack_err", "comm")
 SAMPLE_VALUE_FIELDS = ("count", "cgroup_id")
+
+# enum unwind_reason of probes/user_stack.h, as counted by cpu_profile.bpf.c
+UNWIND_LOST = ("unwind_not_ready", "unwind_unsupported", "unwind_read_failed",
+               "unwind_truncated", "unwind_bad_frame")
 
 PROFILE_SAMPLES = MetricDescriptor(
     "cpu.samples", "{sample}",
@@ -59,6 +65,11 @@ class CpuProfileConfig(ProfilesProbeConfig):
     # (a drain walks every bucket, so an oversized map costs CPU on every drain)
     max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
     user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
+    # rows of DWARF unwind tables held in the kernel (8 bytes each, preallocated: the
+    # default is 8 MiB, the tables of ~30 large binaries such as libc, python, libcrypto)
+    unwind_table_rows: int = Field(default=1 << 20, ge=1 << 10, le=1 << 24)
+    # processes whose executable mappings the kernel unwinder knows (~4 KiB each, as used)
+    unwind_processes: int = Field(default=4096, ge=64, le=1 << 16)
     kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     # distinct CPython stacks held in the kernel (~800 bytes each, allocated as used)
     python_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
@@ -136,7 +147,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
     exports = (PROFILE_SAMPLES,)
     # idle samples are dropped by design and `samples` is a total
     lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost",
-                  "py_truncated", "py_read_failed", "py_thread_lost", "py_stack_lost")
+                  "py_truncated", "py_read_failed", "py_thread_lost", "py_stack_lost",
+                  # user stacks kept but cut short (probes/user_stack.h)
+                  *UNWIND_LOST)
     filters_cgroups = True
     profile_type = ON_CPU
     wired_at_start = ("folded_path",)  # the profile export's
@@ -150,6 +163,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self._user_stacks: InternedStacks | None = None
         self._kernel_stacks: InternedStacks | None = None
         self._python: PythonUnwinder | None = None
+        self.unwind: UnwindLoader | None = None
         self._keys = self._values = struct.Struct("")  # made from the compiled program
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
@@ -164,6 +178,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
                  f"-DUSER_STACK_ENTRIES={c.user_stack_entries}",
                  f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}",
                  f"-DPY_STACK_ENTRIES={c.python_stack_entries}",
+                 f"-DUNWIND_ROWS={c.unwind_table_rows}", f"-DUNWIND_PROCS={c.unwind_processes}",
                  *task_offset_flags()]
         if c.keep_idle:
             flags.append("-DKEEP_IDLE")
@@ -188,6 +203,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self._python = PythonUnwinder(program.map("py_procs"), program.map("py_layouts"),
                                       program.map("py_codes"), program.map("py_stacks"),
                                       retain)
+        self.unwind = UnwindLoader(KernelUnwindTables(
+            program.map("unwind_rows"), program.map("unwind_tables"),
+            program.map("unwind_procs")))
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
@@ -195,6 +213,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
             self.symbolizer.remember(int(event.tgid))
             if self._python is not None:
                 self._python.on_new_process(int(event.tgid))
+        if self.unwind is not None:
+            self.unwind.add(int(event.tgid))
 
     def poll_spans(self) -> list[Any]:
         # not spans: the new-process announcements, read as they come (and on another
@@ -218,6 +238,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
         if self._python is not None:
             with self._symbols_lock:
                 self._python.end_drain()
+        if self.unwind is not None:
+            self.unwind.sampled({s.workload.pid for s in samples})
         grown = self.take_stats()
         for name, n in evicted.items():
             grown[name] += n
@@ -229,6 +251,10 @@ class CpuProfile(Probe[CpuProfileConfig]):
         fill = {"samples": (len(samples), self.max_samples),
                 "user_stacks": (len(self._user_stacks), self.config.user_stack_entries),
                 "kernel_stacks": (len(self._kernel_stacks), self.config.kernel_stack_entries)}
+        if self.unwind is not None:
+            tables = self.unwind.tables
+            fill["unwind_rows"] = (tables.rows_used, self.config.unwind_table_rows)
+            fill["unwind_processes"] = (tables.processes, self.config.unwind_processes)
         return Collection(self.name, samples=samples, lost_events=lost,
                           period_ns=self.period_ns, profile_type=self.profile_type,
                           map_fill=fill)
@@ -292,6 +318,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
         return self._python.named(tgid, python_id)
 
     def stop(self) -> None:
+        if self.unwind is not None:
+            self.unwind.close()
+            self.unwind = None
         super().stop()
         self._user_stacks = self._kernel_stacks = None
         if self._python is not None:

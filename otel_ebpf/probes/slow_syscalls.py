@@ -3,7 +3,9 @@
 The kernel side decides what is slow (per-syscall thresholds in an array map) and how many
 events a second may leave (a token bucket); this module fills those maps from the config,
 decodes the events and drops the few that only user space can recognise (a read of a
-terminal is waiting for a human, not slow).
+terminal is waiting for a human, not slow). Each event names the user stack that made the
+call (interned by content in the kernel, probes/stacks.h): symbolized as the profiles
+are, it is the span's `code.stacktrace`, so a slow fsync says which code path issued it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import logging
+import math
 import os
 import platform
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +28,10 @@ from otel_ebpf.config_base import Duration, Strict
 from otel_ebpf.kernel.engine import Program
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import AttributeValue, SpanRecord, Workload
+from otel_ebpf.probes.cpu_profile import RETAIN_S, InternedStacks
 from otel_ebpf.probes.series import workload_of
+from otel_ebpf.symbolize.frames import Frame
+from otel_ebpf.symbolize.symbols import Symbolizer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,11 @@ class SlowSpansConfig(Strict):
     buffer_size: int = Field(default=1 << 20, ge=1 << 16, le=1 << 28,
                              description="kernel event buffer in bytes (power of two)")
     exemplars_per_series: int = Field(default=4, ge=0, le=64)
+    # each span carries the user stack that made the call (code.stacktrace)
+    stacks: bool = True
+    # distinct user stacks of slow calls held in the kernel (1 KiB each, allocated as used;
+    # one no span used for 30 s is deleted); full: the span has no stack (counted)
+    stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,7 @@ class SlowCall:
     exit_ns: int
     exe: str = ""  # the series' executable name (workload aggregation)
     entry_exact: bool = True
+    user_stack: int = 0  # id in the kernel's user_stacks; 0: none recorded
 
 
 def series_of(aggregation: str, syscall: str, tgid: int, comm: str, cgroup_id: int,
@@ -125,7 +139,22 @@ def cflags(config: SlowSpansConfig, table: SyscallTable, perf: bool) -> list[str
              f"-DRINGBUF_PAGES={buffer_pages(config.buffer_size)}"]
     if perf:
         flags.append("-DUSE_PERF_BUFFER")
+    if config.stacks:
+        flags += ["-DSLOW_STACKS", f"-DSTACK_ENTRIES={config.stack_entries}"]
     return flags
+
+
+def format_stacktrace(frames: Sequence[Frame]) -> str:
+    """code.stacktrace as native stack traces read: one frame a line, innermost first,
+    `at function+0xoff (module+0xoff)` (the address inside the file as mapped)."""
+    lines = []
+    for f in frames:
+        name = (f"{f.function}+{f.offset_in_function:#x}" if f.function
+                else f"{f.address:#x}")
+        where = (f" ({f.mapping.path}+{f.address - f.mapping.start + f.mapping.file_offset:#x})"
+                 if f.mapping is not None else "")
+        lines.append(f"at {name}{where}")
+    return "\n".join(lines)
 
 
 def error_type(ret: int) -> str | None:
@@ -153,6 +182,11 @@ class SlowCallStream:
         self.clock = clock
         self.perf = perf
         self.terminal_reads = 0  # events dropped because they waited on a terminal
+        self.stacks_lost = 0  # events whose stack was gone from the kernel and the cache
+        self._stacks: InternedStacks | None = None
+        self._symbolizer: Symbolizer | None = None
+        # spans are made on the event thread, stacks aged on the collecting one
+        self._stacks_lock = threading.Lock()
         self._pending: list[SlowCall] = []
         self._program: Program | None = None
 
@@ -160,15 +194,43 @@ class SlowCallStream:
         limits = program.map("slow_threshold_ns")
         for nr, ns in thresholds(self.config, self.table).items():
             limits.set(ct.c_int(nr), ct.c_uint64(ns))
+        if self.config.stacks:
+            # aged by drains of the probe (end_interval), at most every interval
+            self._stacks = InternedStacks(program.map("user_stacks"),
+                                          self.config.stack_entries, 1)
+            self._symbolizer = self._symbolizer or Symbolizer()
+            self._warm(self._symbolizer)
         program.open_event_buffer("slow_events", self._on_event, perf=self.perf,
                                   pages=buffer_pages(self.config.buffer_size))
         self._program = program
+
+    @staticmethod
+    def _warm(symbolizer: Symbolizer) -> None:
+        """Load the symbol reader and the C library's table now (the agent's own, shared
+        by nearly every process), not at the first slow call: ~0.1 s of CPU the first
+        span would otherwise cost right as the thread that made the call runs again."""
+        import ctypes.util
+        try:
+            libc = ct.CDLL(ctypes.util.find_library("c"))
+            address = ct.cast(libc.read, ct.c_void_p).value
+        except (OSError, AttributeError):
+            return
+        if address:
+            symbolizer.user_frames(os.getpid(), [address])
+
+    def end_interval(self, interval_s: float) -> None:
+        """Delete the kernel's copies of the stacks no span used for RETAIN_S."""
+        if self._stacks is not None:
+            with self._stacks_lock:
+                self._stacks.retain_drains = max(1, math.ceil(RETAIN_S / interval_s))
+                self._stacks.end_drain()
 
     def _on_event(self, ev: Any) -> None:
         self._pending.append(SlowCall(
             int(ev.tgid), int(ev.tid), ev.comm.decode(errors="replace"), int(ev.cgroup_id),
             int(ev.nr), int(ev.ret), int(ev.arg0), int(ev.enter_ns), int(ev.exit_ns),
-            ev.exe.decode(errors="replace"), bool(ev.entry_exact)))
+            ev.exe.decode(errors="replace"), bool(ev.entry_exact),
+            int(getattr(ev, "user_stack", 0))))
 
     def poll(self) -> list[SpanRecord]:
         if self._program is None:
@@ -198,6 +260,18 @@ class SlowCallStream:
         err = error_type(call.ret)
         if err is not None:
             attrs["error.type"] = err
+        if call.user_stack and self._stacks is not None and self._symbolizer is not None:
+            with self._stacks_lock:
+                self._stacks.use(call.user_stack)
+                addrs = self._stacks.addresses(call.user_stack)
+            if addrs is None:
+                self.stacks_lost += 1
+            else:
+                # maps read now unless this very program's are kept (an exec since the
+                # last span of this pid replaces them)
+                self._symbolizer.remember(call.tgid)
+                frames = self._symbolizer.user_frames(call.tgid, addrs)
+                attrs["code.stacktrace"] = format_stacktrace(frames)
         return SpanRecord(
             name=f"syscall {name}",
             workload=Workload(call.tgid, call.comm, call.cgroup_id),

@@ -102,7 +102,7 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
     signals = frozenset({Signal.METRICS, Signal.SPANS})
     exports = (SYSCALL_DURATION,)
     lost_stats = ("map_full", "no_start", "rate_limited", "buffer_full",
-                  "no_task_storage", "no_memory", "timing_lost")
+                  "no_task_storage", "no_memory", "timing_lost", "slow_stack_lost")
     filters_cgroups = True
     wired_at_start = ("slow_spans.exemplars_per_series",)  # the series store's
 
@@ -117,6 +117,7 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
             self.slow = SlowCallStream(config.slow_spans, syscalls, clock or MonotonicClock(),
                                        perf, config.aggregation)
         self._terminal_reads_seen = 0
+        self._stacks_lost_seen = 0
         self._forgotten_seen = 0
         self.latency = Generations("latency")
         self.estimator = FastCallEstimator()
@@ -181,6 +182,12 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
         if self.slow is not None and self.slow.terminal_reads > self._terminal_reads_seen:
             lost["terminal_read_filtered"] = self.slow.terminal_reads - self._terminal_reads_seen
             self._terminal_reads_seen = self.slow.terminal_reads
+        if self.slow is not None:
+            if self.slow.stacks_lost > self._stacks_lost_seen:
+                lost["slow_stack_lost"] = (lost.get("slow_stack_lost", 0)
+                                           + self.slow.stacks_lost - self._stacks_lost_seen)
+                self._stacks_lost_seen = self.slow.stacks_lost
+            self.slow.end_interval(self.config.interval)
         if self.estimator.forgotten > self._forgotten_seen:
             lost["unsampled_forgotten"] = self.estimator.forgotten - self._forgotten_seen
             self._forgotten_seen = self.estimator.forgotten

@@ -239,6 +239,14 @@ _SOURCES: tuple[tuple[str, Callable[[ELFFile, str | None, Path | None], _Table |
     ("minidebuginfo", _from_minidebuginfo), ("dynsym", _from_dynsym))
 
 
+def file_build_id(file: BinaryIO) -> str | None:
+    """The GNU build id of an open ELF file; None without one or when it is not ELF."""
+    try:
+        return _build_id(ELFFile(file))
+    except (ELFError, struct.error, OSError, ValueError):
+        return None
+
+
 def _build_id(elf: ELFFile) -> str | None:
     section = elf.get_section_by_name(".note.gnu.build-id")
     holders: list[NoteSection | NoteSegment] = []

@@ -211,10 +211,14 @@ def test_slow_calls_arrive_as_spans_linked_by_exemplars(
     agent_factory, rotel: RotelCollector, otlp_sink: OtlpSink, slow_workload: Path,
     tmp_path: Path,
 ) -> None:
+    # no stacks: the helper's own clock reads around each call are the truth here, and
+    # symbolizing a new binary's first stack (~3 ms of the agent's CPU, as the helper runs
+    # on) delayed them by 1-6 ms on this loaded 2-CPU machine; tests/e2e/test_off_cpu_agent.py
+    # checks the stacks
     config = agent_config({"syscall_latency": {
         "interval": "500ms", "aggregation": "process",
         "filter": {"comms": ["slowpoke", "slow_workload"]},
-        "slow_spans": {"include": ["nanosleep", "clock_nanosleep"]}}})
+        "slow_spans": {"include": ["nanosleep", "clock_nanosleep"], "stacks": False}}})
     agent = agent_factory("--export-interval", "1s", config_text=config,
                           env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
     agent.wait_for_log("probe syscall_latency attached")

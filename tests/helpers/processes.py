@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -35,3 +36,8 @@ def reap(proc: subprocess.Popen[bytes]) -> float:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return float(usage.ru_utime + usage.ru_stime)
+
+
+def sleeping(pid: int) -> bool:
+    """Whether the process is asleep in the kernel (state S: blocked in a call)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"

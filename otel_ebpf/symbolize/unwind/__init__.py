@@ -1,0 +1,1 @@
+"""User-stack unwinding without frame pointers: CFI tables for the kernel's unwinder."""

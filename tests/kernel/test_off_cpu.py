@@ -1,0 +1,144 @@
+"""The off-CPU profiler against a process whose waits are known: 40 x 50 ms in nanosleep,
+called from wait_for_tick (tests/helpers/off_cpu_target.c), run in a cgroup of the test's
+own with the probe's in-kernel filter on it (the machine is shared).
+
+What must hold: the waits sum to the 2.0 s slept (each wait is measured from the switch
+that took the thread off the CPU to the one that gave it back: the sleep, its timer slack
+and its wake-up latency), >= 95 % of that time is on stacks through wait_for_tick and
+main, with the kernel's nanosleep frames on top, and every wait was counted once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otel_ebpf.kernel.cgroupfs import cgroup_id
+from otel_ebpf.kernel.engine import Engine
+from otel_ebpf.model import StackSample
+from otel_ebpf.probes.off_cpu import OFF_CPU, OffCpu, OffCpuConfig
+from tests.conftest import build_helper
+from tests.helpers.cgroups import own_cgroup, run_in
+
+pytestmark = pytest.mark.kernel
+
+SLEEPS, SLEEP_MS = 40, 50
+
+
+@pytest.fixture(scope="module")
+def off_cpu_target() -> Path:
+    return build_helper("off_cpu_target")
+
+
+class Running:
+    """The probe started on one cgroup, its new-process announcements polled as the
+    daemon does, its samples collected."""
+
+    def __init__(self, probe: OffCpu) -> None:
+        self.probe = probe
+        self.samples: list[StackSample] = []
+        self.lost: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            self.probe.poll_spans()
+
+    def collect(self) -> list[StackSample]:
+        collection = self.probe.collect()
+        assert collection.profile_type == OFF_CPU
+        for reason, n in collection.lost_events.items():
+            self.lost[reason] = self.lost.get(reason, 0) + n
+        self.samples += collection.samples
+        return self.samples
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    with own_cgroup("offcpu") as path:
+        yield path
+
+
+@pytest.fixture
+def profiler(engine: Engine, cgroup: Path) -> Iterator[Running]:
+    probe = OffCpu(OffCpuConfig(enabled=True), select_cgroups=True)
+    probe.start(engine)
+    probe.set_cgroup_filter({cgroup_id(str(cgroup))})
+    running = Running(probe)
+    try:
+        yield running
+    finally:
+        running.stop()
+        probe.stop()
+
+
+def names(sample: StackSample) -> list[str | None]:
+    return [f.function for f in sample.frames]
+
+
+def test_blocked_time_is_on_the_stack_that_waited(profiler: Running, cgroup: Path,
+                                                  off_cpu_target: Path) -> None:
+    pid, out = run_in(cgroup, [off_cpu_target, "sleeps", str(SLEEPS), str(SLEEP_MS)])
+    assert out.strip() == "done"
+    mine = [s for s in profiler.collect() if s.workload.pid == pid]
+    total = sum(s.count for s in mine)
+    slept = SLEEPS * SLEEP_MS * 1_000_000
+    assert abs(total - slept) <= 0.05 * slept, (total, profiler.lost)
+    through = [s for s in mine if "wait_for_tick" in names(s) and "main" in names(s)]
+    assert sum(s.count for s in through) >= 0.95 * total, [(names(s), s.count) for s in mine]
+    for s in through:
+        kinds = [f.kind for f in s.frames]
+        assert kinds == sorted(kinds, key=lambda k: k != "kernel"), kinds  # kernel on top
+        kernel = [f.function or "" for f in s.frames if f.kind == "kernel"]
+        assert kernel[0] in ("__schedule", "schedule"), kernel  # no tracing frames
+        assert any("nanosleep" in n for n in kernel), kernel
+        (tick,) = [f for f in s.frames if f.function == "wait_for_tick"]
+        assert tick.mapping is not None and tick.mapping.path.endswith("off_cpu_target")
+    assert not profiler.lost, profiler.lost
+
+
+def test_short_waits_are_dropped_and_counted(engine: Engine, cgroup: Path,
+                                             off_cpu_target: Path) -> None:
+    # 20 waits of 2 ms under a 100 ms minimum: none recorded, every one counted short
+    probe = OffCpu(OffCpuConfig(enabled=True, min_block=0.1), select_cgroups=True)
+    probe.start(engine)
+    try:
+        probe.set_cgroup_filter({cgroup_id(str(cgroup))})
+        pid, _ = run_in(cgroup, [off_cpu_target, "sleeps", "20", "2"])
+        collection = probe.collect()
+        assert not [s for s in collection.samples if s.workload.pid == pid]
+        assert probe.totals["short"] >= 20, probe.totals
+        assert probe.totals["waits"] == 0, probe.totals
+    finally:
+        probe.stop()
+
+
+def test_rate_limited_waits_keep_their_time_without_stacks(engine: Engine, cgroup: Path,
+                                                           off_cpu_target: Path) -> None:
+    # one capture every CPUs seconds per CPU: most of the 40 waits find no token
+    probe = OffCpu(OffCpuConfig(enabled=True, rate_per_second=1, burst=1),
+                   select_cgroups=True)
+    probe.start(engine)
+    try:
+        probe.set_cgroup_filter({cgroup_id(str(cgroup))})
+        pid, _ = run_in(cgroup, [off_cpu_target, "sleeps", str(SLEEPS), str(SLEEP_MS)])
+        collection = probe.collect()
+        mine = [s for s in collection.samples if s.workload.pid == pid]
+        slept = SLEEPS * SLEEP_MS * 1_000_000
+        assert abs(sum(s.count for s in mine) - slept) <= 0.05 * slept
+        stackless = [s for s in mine if not s.frames]
+        assert stackless and all(s.lost_stacks == ("user", "kernel") for s in stackless)
+        assert sum(s.count for s in stackless) >= 0.5 * slept
+        limited = collection.lost_events.get("rate_limited", 0)
+        assert limited >= SLEEPS // 2 and probe.totals["waits"] >= SLEEPS, collection
+    finally:
+        probe.stop()
