@@ -186,6 +186,41 @@ def test_a_thread_busy_in_c_under_python_code_shows_both(profiler: Running) -> N
     assert python_names(s)[-1] == "Thread._bootstrap", python_names(s)  # its entry
 
 
+def test_python_frames_take_the_place_of_the_eval_loop_in_a_mixed_stack(
+        profiler: Running) -> None:
+    # the native stack unwound with Debian's python3's CFI: C on top (json's encoder),
+    # the Python frames where the eval loop ran them, the interpreter's main beneath
+    proc = subprocess.Popen([str(DEBIAN_PYTHON), str(FIXTURES / "python" / "mixed.py")])
+    try:
+        # judged once the unwinder has loaded the interpreter's tables: it compiles them
+        # on a thread of its own within a CPU budget (otel_ebpf/symbolize/unwind/loader.py),
+        # after the other processes of a busy machine announced before it
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                "Py_BytesMain" in [f.function for f in s.frames]
+                for s in collect_for(profiler, proc.pid, cpu_seconds(proc.pid) + 0.2)):
+            pass
+        samples = collect_for(profiler, proc.pid, cpu_seconds(proc.pid) + 2.0)
+    finally:
+        proc.kill()
+        reap(proc)
+    in_dumps = [s for s in samples if "dumps" in python_names(s)]
+    assert sum(s.count for s in in_dumps) > 0.5 * sum(s.count for s in samples)
+
+    def reads_as_mixed(s: StackSample) -> bool:
+        kinds = [f.kind for f in s.frames if f.kind != "kernel"]
+        first = kinds.index("cpython")
+        last = len(kinds) - 1 - kinds[::-1].index("cpython")
+        names = [f.function for f in s.frames if f.kind != "kernel"]
+        return (first > 0 and all(k == "cpython" for k in kinds[first:last + 1])
+                and python_names(s)[-4:] == ["dumps", "handler", "serve", "<module>"]
+                and "Py_BytesMain" in names[last + 1:])
+
+    mixed = sum(s.count for s in in_dumps if reads_as_mixed(s))
+    assert mixed > 0.5 * sum(s.count for s in in_dumps), [
+        [f.function for f in s.frames] for s in in_dumps[:3]]
+
+
 def test_a_walk_deeper_than_its_bound_keeps_its_frames_and_is_counted(
         profiler: Running) -> None:
     code = ("def deep(n):\n"
