@@ -142,10 +142,13 @@ def test_pure_python_split_under_debians_python3(profiler: Running) -> None:
                 # within the function's lines, or 0 for a sample decoded after the
                 # process exited
                 assert hot[2] in {0} | function_lines(SPLIT, name), hot
-    assert without <= 0.05 * total, (without, total)
-    in_a, in_b = by_function["hot_a"], by_function["hot_b"]
-    assert abs(in_a / total - 0.75) <= 0.05, (in_a, in_b, total)
-    assert abs(in_b / total - 0.25) <= 0.05, (in_a, in_b, total)
+    # the interpreter's start-up and the first tens of ms before the agent had read the
+    # new process (more on a loaded machine)
+    assert without <= 0.1 * total, (without, total)
+    # the split is of the program's time in Python code: the start-up is in neither
+    in_a, in_b, named = by_function["hot_a"], by_function["hot_b"], total - without
+    assert abs(in_a / named - 0.75) <= 0.05, (in_a, in_b, named, without)
+    assert abs(in_b / named - 0.25) <= 0.05, (in_a, in_b, named, without)
     lines = {f[2] for row in rows for f in exported_frames(d, row) if f[0] == "hot_a"}
     # the call to spin (the function's last line), read from the live line table
     assert max(function_lines(SPLIT, "hot_a")) in lines, lines
