@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 SYSCALL_SLOTS = 1024  # keep in sync with the .bpf.c
 PAGE = 4096
 MIN_RING_KERNEL = (5, 8)
+STACKTRACE_CACHE = 4096  # (pid, stack) -> code.stacktrace strings kept
 # syscalls whose first argument is a file descriptor worth showing on the span
 FD_FIRST = frozenset({
     "read", "write", "pread64", "pwrite64", "readv", "writev", "preadv", "pwritev",
@@ -187,6 +189,9 @@ class SlowCallStream:
         self._symbolizer: Symbolizer | None = None
         # spans are made on the event thread, stacks aged on the collecting one
         self._stacks_lock = threading.Lock()
+        # (pid, stack id) -> its code.stacktrace: a process blocking in the same place again
+        # (a poll loop, a worker's wait) costs a lookup, not a maps check and symbolization
+        self._stacktraces: OrderedDict[tuple[int, int], str] = OrderedDict()
         self._pending: list[SlowCall] = []
         self._program: Program | None = None
 
@@ -261,17 +266,9 @@ class SlowCallStream:
         if err is not None:
             attrs["error.type"] = err
         if call.user_stack and self._stacks is not None and self._symbolizer is not None:
-            with self._stacks_lock:
-                self._stacks.use(call.user_stack)
-                addrs = self._stacks.addresses(call.user_stack)
-            if addrs is None:
-                self.stacks_lost += 1
-            else:
-                # maps read now unless this very program's are kept (an exec since the
-                # last span of this pid replaces them)
-                self._symbolizer.remember(call.tgid)
-                frames = self._symbolizer.user_frames(call.tgid, addrs)
-                attrs["code.stacktrace"] = format_stacktrace(frames)
+            stacktrace = self._stacktrace(call.tgid, call.user_stack)
+            if stacktrace is not None:
+                attrs["code.stacktrace"] = stacktrace
         return SpanRecord(
             name=f"syscall {name}",
             workload=Workload(call.tgid, call.comm, call.cgroup_id),
@@ -283,3 +280,25 @@ class SlowCallStream:
                 self.aggregation, name, call.tgid, call.comm, call.cgroup_id, call.exe)),
         )
 
+    def _stacktrace(self, tgid: int, stack_id: int) -> str | None:
+        assert self._stacks is not None and self._symbolizer is not None
+        key = (tgid, stack_id)
+        with self._stacks_lock:
+            self._stacks.use(stack_id)
+            known = self._stacktraces.get(key)
+            if known is not None:
+                self._stacktraces.move_to_end(key)
+                return known
+            addrs = self._stacks.addresses(stack_id)
+        if addrs is None:
+            self.stacks_lost += 1
+            return None
+        # maps read now unless this very program's are kept (an exec since the last span
+        # of this pid replaces them)
+        self._symbolizer.remember(tgid)
+        stacktrace = format_stacktrace(self._symbolizer.user_frames(tgid, addrs))
+        with self._stacks_lock:
+            self._stacktraces[key] = stacktrace
+            while len(self._stacktraces) > STACKTRACE_CACHE:
+                self._stacktraces.popitem(last=False)
+        return stacktrace
