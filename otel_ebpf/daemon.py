@@ -34,6 +34,7 @@ from otel_ebpf.export.transport import OneAttempt
 from otel_ebpf.health import HealthReporter
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.kernel.syscalls import SyscallTable
+from otel_ebpf.memory import trim_periodically
 from otel_ebpf.model import Collection, SpanRecord, Workload
 from otel_ebpf.probe_host import ProbeHost, Routes
 from otel_ebpf.probes import PROBE_TYPES, ProbeContext, Signal, build
@@ -84,7 +85,8 @@ class Agent:
             if not await starting:
                 return 1
             jobs: list[tuple[str, Coroutine[Any, Any, None]]] = [
-                ("export", self.metrics.run()), ("selection", self.host.run_selection())]
+                ("export", self.metrics.run()), ("selection", self.host.run_selection()),
+                ("memory", trim_periodically())]
             for name, job in (("summary", self.summary), ("spans", self.spans),
                               ("profiles", self.profiles)):
                 if job is not None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from otel_ebpf import memory
 from otel_ebpf.kernel import bpfsys, callbacks
 from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.buffers import PerfBuffer, RingBuffer
@@ -305,8 +306,7 @@ class Engine:
         otherwise). The compiler's never was ours; this is start-up's own garbage, the
         kernel's parsed BTF among it."""
         kbtf.forget()
-        with contextlib.suppress(AttributeError, OSError):
-            ct.CDLL(None).malloc_trim(0)
+        memory.trim()
 
     def verify(self, name: str, cflags: Sequence[str], functions: Sequence[tuple[str, str]]
                ) -> None:
