@@ -176,6 +176,8 @@ class Kubelet:
         self.port = 0  # its HTTPS API (x509 clients of the cluster CA), once started
         self._peer = PeerProcess(startup_timeout)
         self.workdir = WorkDir("kubelet")
+        # where its pods' logs were: leftovers() still knows after stop() removed them
+        self._logs_prefix = ""
         self._sysctls: dict[str, str] = {}
         self._made_log_links_dir = False
         self._final_log = ""
@@ -204,6 +206,7 @@ class Kubelet:
     def start(self) -> Kubelet:
         sweep_stale_cgroups()
         d = self.workdir.make()
+        self._logs_prefix = str(self.pod_logs)
         self._sysctls = {n: _sysctl_path(n).read_text().strip() for n in SYSCTLS}
         self._made_log_links_dir = not CONTAINER_LOG_LINKS.exists()
         for mount in cgroup_mounts():
@@ -264,9 +267,9 @@ class Kubelet:
                  if (m / self.cgroup_root.lstrip("/")).exists()]
         found += [f"{n}={_sysctl_path(n).read_text().strip()} (was {v})"
                   for n, v in self._sysctls.items() if _sysctl_path(n).read_text().strip() != v]
-        if CONTAINER_LOG_LINKS.is_dir():
+        if CONTAINER_LOG_LINKS.is_dir() and self._logs_prefix:
             found += [str(p) for p in CONTAINER_LOG_LINKS.iterdir()
-                      if p.is_symlink() and os.readlink(p).startswith(str(self.pod_logs))]
+                      if p.is_symlink() and os.readlink(p).startswith(self._logs_prefix)]
         return found
 
     def stop(self) -> None:
