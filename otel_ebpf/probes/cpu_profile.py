@@ -48,6 +48,8 @@ SAMPLE_VALUE_FIELDS = ("count", "cgroup_id")
 # enum unwind_reason of probes/user_stack.h, as counted by cpu_profile.bpf.c
 UNWIND_LOST = ("unwind_not_ready", "unwind_unsupported", "unwind_read_failed",
                "unwind_truncated", "unwind_bad_frame")
+# the CPython walk's (probes/python_stack.h): the Python frames cut short or missing
+PYTHON_LOST = ("py_truncated", "py_read_failed", "py_thread_lost", "py_stack_lost")
 
 PROFILE_SAMPLES = MetricDescriptor(
     "cpu.samples", "{sample}",
@@ -147,7 +149,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
     exports = (PROFILE_SAMPLES,)
     # idle samples are dropped by design and `samples` is a total
     lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost",
-                  "py_truncated", "py_read_failed", "py_thread_lost", "py_stack_lost",
+                  *PYTHON_LOST,
                   # user stacks kept but cut short (probes/user_stack.h)
                   *UNWIND_LOST)
     filters_cgroups = True

@@ -14,7 +14,12 @@ import pytest
 
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import StackSample
-from otel_ebpf.probes.cpu_profile import UNWIND_LOST, CpuProfile, CpuProfileConfig
+from otel_ebpf.probes.cpu_profile import (
+    PYTHON_LOST,
+    UNWIND_LOST,
+    CpuProfile,
+    CpuProfileConfig,
+)
 from otel_ebpf.symbolize.unwind.tables import REFRESH_S
 from tests.conftest import build_binary
 from tests.helpers.processes import reap
@@ -137,7 +142,9 @@ def test_three_to_one_split_without_frame_pointers(profiler: Running, nofp_hot: 
     assert chain in (["spin", "hot_a", "run_split", "main"],
                      ["spin", "hot_b", "run_split", "main"]), user
     assert "__libc_start_call_main" in user, user  # and on into libc, unwound by its CFI
-    assert set(lost) <= set(UNWIND_LOST) | {"user_stack_lost"}
+    # the counters are the probe's, machine-wide: the CPython walk's losses are other
+    # processes' (a Python process exiting mid-read), never this C program's
+    assert set(lost) <= set(UNWIND_LOST) | set(PYTHON_LOST) | {"user_stack_lost"}
 
 
 def test_frame_pointer_executable_through_a_library_without_them(
