@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +127,36 @@ def test_line_tables_decode_as_the_interpreter_itself_says(name: str) -> None:
                 assert ranges.line(at) == (line or 0), (code["name"], byte, line)
                 checked += 1
     assert checked > 5000, checked
+
+
+def test_a_process_of_known_files_is_recognised_without_opening_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under process churn each new process costs a read of its maps, not an open of each
+    of its files: the second interpreter of the same build is answered from memory."""
+    import otel_ebpf.symbolize.python.process as process
+
+    opened: list[str] = []
+    real_open = process.open_mapped
+
+    def counting(pid: int, start: int, end: int, path: str, dev: int, inode: int) -> Any:
+        opened.append(path)
+        return real_open(pid, start, end, path, dev, inode)
+
+    monkeypatch.setattr(process, "open_mapped", counting)
+    procs = [subprocess.Popen(["/usr/bin/python3", "-c", "import sys, time; "
+                               "print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        detector = Detector()
+        first = detector.detect(procs[0].pid)
+        assert first is not None and opened, "the first process's files are opened"
+        opened.clear()
+        second = detector.detect(procs[1].pid)
+        assert second is not None and second.layout == first.layout
+        assert opened == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
