@@ -1,42 +1,32 @@
-"""Decoder for probes/cpu_profile.bpf.c: drained stack counts -> symbolized stack samples.
-
-The kernel interns stacks by content (id = hash of the addresses), so an id means the same
-addresses for as long as it lives: user space reads each stack once, keeps it in a bounded
-cache, and deletes a stack from the kernel only after no sample used it for RETAIN_S. A
-steady workload then costs one batch drain per interval and no per-stack syscall.
+"""Decoder for probes/cpu_profile.bpf.c: drained stack counts -> symbolized stack samples,
+their native frames unwound in the kernel (probes/user_stack.h, tables loaded by
+symbolize.unwind) and CPython's frames merged in (symbolize.python). Stacks are interned
+and aged as every stacks.h program's are (probes/stacks.py).
 """
 
 from __future__ import annotations
 
-import ctypes as ct
-import errno
 import logging
 import math
 import os
-import struct
 import threading
 import time
-from array import array
 from typing import Any
 
 from pydantic import Field
 
 from otel_ebpf.config_base import Duration, ProfilesProbeConfig
 from otel_ebpf.kernel import btf as kbtf
-from otel_ebpf.kernel.engine import BpfMap, EngineError, Program
-from otel_ebpf.kernel.maps import unpacker
-from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample, Workload
+from otel_ebpf.kernel.engine import Program
+from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample
 from otel_ebpf.probes.base import Hook, Probe, Signal
+from otel_ebpf.probes.stacks import StackSamples, stack_errors
 from otel_ebpf.symbolize.python.unwinder import PythonUnwinder, merge
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
 from otel_ebpf.symbolize.unwind.loader import UnwindLoader
 from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 
 log = logging.getLogger(__name__)
-
-STACK_CACHE_ENTRIES = 16384  # symbolized stacks kept across drains (hot stacks recur)
-RETAIN_S = 30.0  # a stack no sample used for this long leaves the kernel's map
-FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's stacks
 
 # the members of struct sample_key and struct sample_value of probes/cpu_profile.bpf.c that
 # decode() reads, in order; their layout comes from the compiled program (unpacked in
@@ -87,59 +77,6 @@ def samples_map_size(config: CpuProfileConfig, cpus: int) -> int:
     return min(1 << 20, 1 << math.ceil(math.log2(wanted)))
 
 
-class InternedStacks:
-    """User space's half of a content-addressed stack map (user_stacks or kernel_stacks).
-
-    Addresses are cached per id (as compact arrays, at most as many as the kernel map
-    holds); the kernel's copy of a stack is deleted once no sample used it for
-    `retain_drains` drains (sooner when the map fills up), so a stack that comes back is
-    re-interned under the same id and the cache likely still holds it: even a sample taken
-    while its stack was being deleted decodes.
-    """
-
-    def __len__(self) -> int:
-        """The stacks the kernel map holds."""
-        return len(self._last_used)
-
-    def __init__(self, table: BpfMap, capacity: int, retain_drains: int) -> None:
-        self.table = table
-        self.capacity = capacity
-        self.retain_drains = retain_drains
-        self._addresses: dict[int, array[int]] = {}
-        self._last_used: dict[int, int] = {}  # id -> drain; the stacks the kernel holds
-        self._drain = 0
-
-    def use(self, stack_id: int) -> None:
-        self._last_used[stack_id] = self._drain
-
-    def addresses(self, stack_id: int) -> array[int] | None:
-        """The stack's addresses, leaf first; None if the kernel no longer has it."""
-        known = self._addresses.get(stack_id)
-        if known is None:
-            value = self.table.get(ct.c_uint64(stack_id))
-            if value is None:
-                return None
-            known = array("Q", bytes(value.ips))
-            if 0 in known:  # the kernel zeroes the slots past the last frame
-                del known[known.index(0):]
-            if len(self._addresses) >= self.capacity:
-                self._addresses.pop(next(iter(self._addresses)))
-            self._addresses[stack_id] = known
-        return known
-
-    def end_drain(self) -> int:
-        """Delete the kernel's copies of the stacks no sample used lately; how many."""
-        retain = (self.retain_drains if len(self._last_used) < FILL_LIMIT * self.capacity
-                  else 0)
-        stale = [i for i, drain in self._last_used.items() if self._drain - drain > retain]
-        if stale:
-            self.table.delete_many([ct.c_uint64(i) for i in stale])
-            for i in stale:
-                del self._last_used[i]
-        self._drain += 1
-        return len(stale)
-
-
 class CpuProfile(Probe[CpuProfileConfig]):
     name = "cpu_profile"
     summary = "sampled on-CPU stacks (kernel + user) of every process, counted in the kernel"
@@ -162,17 +99,12 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self.symbolizer = symbolizer or Symbolizer()
         self.period_ns = 1_000_000_000 // config.frequency
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
-        self._user_stacks: InternedStacks | None = None
-        self._kernel_stacks: InternedStacks | None = None
+        self._stacks: StackSamples | None = None  # made from the compiled program
         self._python: PythonUnwinder | None = None
         self.unwind: UnwindLoader | None = None
-        self._keys = self._values = struct.Struct("")  # made from the compiled program
         # the symbolizer is shared by the collecting thread and the thread that reads the
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
-        # (tgid, kernel, user, python stack ids) -> frames: a hot stack is symbolized once
-        self._stack_cache: dict[tuple[int, int, int, int], tuple[Frame, ...]] = {}
-        self._workloads: dict[tuple[int, bytes, int], Workload] = {}
 
     def program_flags(self) -> list[str]:
         c = self.config
@@ -190,21 +122,12 @@ class CpuProfile(Probe[CpuProfileConfig]):
         return self.config.frequency
 
     def prepare(self, program: Program) -> None:
-        samples = program.map("samples")
-        try:
-            self._keys = unpacker(samples.key_type, SAMPLE_KEY_FIELDS)
-            self._values = unpacker(samples.value_type, SAMPLE_VALUE_FIELDS)
-        except ValueError as exc:
-            raise EngineError(f"cpu_profile: the compiled samples map is not what the "
-                              f"decoder reads: {exc} (a bug: report it)") from exc
-        retain = max(1, math.ceil(RETAIN_S / self.config.interval))
-        self._user_stacks = InternedStacks(program.map("user_stacks"),
-                                           self.config.user_stack_entries, retain)
-        self._kernel_stacks = InternedStacks(program.map("kernel_stacks"),
-                                             self.config.kernel_stack_entries, retain)
+        c = self.config
+        self._stacks = StackSamples(program, self.name, SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS,
+                                    c.interval, c.user_stack_entries, c.kernel_stack_entries)
         self._python = PythonUnwinder(program.map("py_procs"), program.map("py_layouts"),
                                       program.map("py_codes"), program.map("py_stacks"),
-                                      retain)
+                                      self._stacks.user.retain_drains)
         self.unwind = UnwindLoader(KernelUnwindTables(
             program.map("unwind_rows"), program.map("unwind_tables"),
             program.map("unwind_procs")))
@@ -229,30 +152,23 @@ class CpuProfile(Probe[CpuProfileConfig]):
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        assert self._user_stacks is not None and self._kernel_stacks is not None
+        assert self._stacks is not None
         began = time.monotonic()
-        keys, values = self._program.map("samples").drain_bytes()
-        evicted = {"user_stack_lost": 0, "kernel_stack_lost": 0}
-        samples = [self.decode(key, value, evicted) for key, value in zip(
-            self._keys.iter_unpack(keys), self._values.iter_unpack(values), strict=True)]
-        self._user_stacks.end_drain()
-        self._kernel_stacks.end_drain()
+        samples = [self.decode(key, value) for key, value in self._stacks.drain()]
+        fill = self._stacks.end_drain(len(samples))
         if self._python is not None:
             with self._symbols_lock:
                 self._python.end_drain()
         if self.unwind is not None:
             self.unwind.sampled({s.workload.pid for s in samples})
         grown = self.take_stats()
-        for name, n in evicted.items():
+        for name, n in self._stacks.evicted.items():
             grown[name] += n
         lost = self.lost(grown)
         took = time.monotonic() - began
         if took > self.config.interval:
             log.info("cpu_profile: symbolizing %d stacks took %.2fs (longer than the %.2fs "
                      "interval)", len(samples), took, self.config.interval)
-        fill = {"samples": (len(samples), self.max_samples),
-                "user_stacks": (len(self._user_stacks), self.config.user_stack_entries),
-                "kernel_stacks": (len(self._kernel_stacks), self.config.kernel_stack_entries)}
         if self.unwind is not None:
             tables = self.unwind.tables
             fill["unwind_rows"] = (tables.rows_used, self.config.unwind_table_rows)
@@ -262,27 +178,17 @@ class CpuProfile(Probe[CpuProfileConfig]):
                           map_fill=fill)
 
     def decode(self, key: tuple[int, int, int, int, int, int, int, bytes],
-               value: tuple[int, int], evicted: dict[str, int]) -> StackSample:
+               value: tuple[int, int]) -> StackSample:
         """One samples entry (SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS) -> a symbolized
         sample."""
-        assert self._user_stacks is not None and self._kernel_stacks is not None
+        assert self._stacks is not None
         tgid, tid, user_id, kernel_id, python_id, user_err, kernel_err, raw_comm = key
         count, cgroup_id = value
-        lost = [part for part, err in (("user", user_err), ("kernel", kernel_err))
-                if err and err != -errno.EFAULT]
-        if user_id:
-            self._user_stacks.use(user_id)
-        if kernel_id:
-            self._kernel_stacks.use(kernel_id)
-        frames = self._stack_cache.get((tgid, kernel_id, user_id, python_id))
+        lost = stack_errors(user_err, kernel_err)
+        # (tgid, kernel, user, python stack ids) -> frames: a hot stack is symbolized once
+        frames = self._stacks.frames((tgid, kernel_id, user_id, python_id), kernel_id, user_id)
         if frames is None:
-            kernel_addrs = self._kernel_stacks.addresses(kernel_id) if kernel_id else ()
-            user_addrs = self._user_stacks.addresses(user_id) if user_id else ()
-            # a stack deleted under a late sample, and no longer cached: lost, not faked
-            for part, addrs in (("kernel", kernel_addrs), ("user", user_addrs)):
-                if addrs is None:
-                    lost.append(part)
-                    evicted[f"{part}_stack_lost"] += count
+            kernel_addrs, user_addrs = self._stacks.addresses(kernel_id, user_id, count, lost)
             with self._symbols_lock:
                 kernel = (self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs
                           else [])
@@ -296,15 +202,8 @@ class CpuProfile(Probe[CpuProfileConfig]):
             # than the rest of a Python process's symbolization)
             if kernel_addrs is not None and user_addrs is not None and all(
                     f.function or final_without_name(f) for f in frames):
-                if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
-                    self._stack_cache.pop(next(iter(self._stack_cache)))
-                self._stack_cache[(tgid, kernel_id, user_id, python_id)] = frames
-        workload = self._workloads.get((tgid, raw_comm, cgroup_id))
-        if workload is None:
-            if len(self._workloads) >= STACK_CACHE_ENTRIES:
-                self._workloads.clear()
-            workload = self._workloads[(tgid, raw_comm, cgroup_id)] = Workload(
-                tgid, raw_comm.split(b"\0", 1)[0].decode(errors="replace"), cgroup_id)
+                self._stacks.keep((tgid, kernel_id, user_id, python_id), frames)
+        workload = self._stacks.workload(tgid, raw_comm, cgroup_id)
         return StackSample(
             workload=workload,
             thread_id=tid,
@@ -324,7 +223,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
             self.unwind.close()
             self.unwind = None
         super().stop()
-        self._user_stacks = self._kernel_stacks = None
+        self._stacks = None
         if self._python is not None:
             self._python.close()
             self._python = None

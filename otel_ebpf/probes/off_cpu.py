@@ -5,7 +5,7 @@ again, adds the time it was away to its (thread, stacks) key: the drained sums a
 samples whose values are nanoseconds off the CPU, exported with sample type `off_cpu` /
 `nanoseconds` (the OpenTelemetry eBPF profiler's naming, so backends that read its
 profiles read these). Stacks are interned by content (probes/stacks.h) and read, cached
-and aged as the CPU profile's are (cpu_profile.InternedStacks).
+and aged as every stacks.h program's are (probes/stacks.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import platform
-import struct
 import threading
 from collections import Counter
 from typing import Any
@@ -25,12 +24,11 @@ from pydantic import Field
 from otel_ebpf.config_base import Duration, ProfilesProbeConfig
 from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.engine import EngineError, Program
-from otel_ebpf.kernel.maps import unpacker
-from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample, Workload
+from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample
 from otel_ebpf.probes.base import Hook, Probe, Signal
-from otel_ebpf.probes.cpu_profile import RETAIN_S, STACK_CACHE_ENTRIES, InternedStacks
 from otel_ebpf.probes.runqueue_latency import MIN_KERNEL, kernel_release
-from otel_ebpf.symbolize.symbols import Frame, Symbolizer
+from otel_ebpf.probes.stacks import StackSamples, stack_errors
+from otel_ebpf.symbolize.symbols import Symbolizer
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +86,8 @@ class OffCpu(Probe[OffCpuConfig]):
                  select_cgroups: bool = False) -> None:
         super().__init__(config, select_cgroups=select_cgroups)
         self.symbolizer = symbolizer or Symbolizer()
-        self._user_stacks: InternedStacks | None = None
-        self._kernel_stacks: InternedStacks | None = None
-        self._keys = self._values = struct.Struct("")
+        self._stacks: StackSamples | None = None  # made from the compiled program
         self._symbols_lock = threading.Lock()
-        self._stack_cache: dict[tuple[int, int, int], tuple[Frame, ...]] = {}
-        self._workloads: dict[tuple[int, bytes, int], Workload] = {}
         # every counter of the program since start, dropped-by-design ones included
         self.totals: Counter[str] = Counter()
 
@@ -126,18 +120,9 @@ class OffCpu(Probe[OffCpuConfig]):
         return [*flags, f"-DTASK_MM_OFF={mm}"]
 
     def prepare(self, program: Program) -> None:
-        samples = program.map("samples")
-        try:
-            self._keys = unpacker(samples.key_type, SAMPLE_KEY_FIELDS)
-            self._values = unpacker(samples.value_type, SAMPLE_VALUE_FIELDS)
-        except ValueError as exc:
-            raise EngineError(f"off_cpu: the compiled samples map is not what the decoder "
-                              f"reads: {exc} (a bug: report it)") from exc
-        retain = max(1, math.ceil(RETAIN_S / self.config.interval))
-        self._user_stacks = InternedStacks(program.map("user_stacks"),
-                                           self.config.user_stack_entries, retain)
-        self._kernel_stacks = InternedStacks(program.map("kernel_stacks"),
-                                             self.config.kernel_stack_entries, retain)
+        c = self.config
+        self._stacks = StackSamples(program, self.name, SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS,
+                                    c.interval, c.user_stack_entries, c.kernel_stack_entries)
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
@@ -154,43 +139,27 @@ class OffCpu(Probe[OffCpuConfig]):
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        assert self._user_stacks is not None and self._kernel_stacks is not None
-        keys, values = self._program.map("samples").drain_bytes()
-        evicted = {"user_stack_lost": 0, "kernel_stack_lost": 0}
-        samples = [self.decode(key, value, evicted) for key, value in zip(
-            self._keys.iter_unpack(keys), self._values.iter_unpack(values), strict=True)]
-        self._user_stacks.end_drain()
-        self._kernel_stacks.end_drain()
+        assert self._stacks is not None
+        samples = [self.decode(key, value) for key, value in self._stacks.drain()]
+        fill = self._stacks.end_drain(len(samples))
         grown = self.take_stats()
         self.totals.update(grown)
-        for name, n in evicted.items():
+        for name, n in self._stacks.evicted.items():
             grown[name] += n
-        fill = {"samples": (len(samples), self.config.max_samples),
-                "user_stacks": (len(self._user_stacks), self.config.user_stack_entries),
-                "kernel_stacks": (len(self._kernel_stacks), self.config.kernel_stack_entries)}
         return Collection(self.name, samples=samples, lost_events=self.lost(grown),
                           period_ns=1, profile_type=self.profile_type, map_fill=fill)
 
     def decode(self, key: tuple[int, int, int, int, int, int, bytes],
-               value: tuple[int, int, int], evicted: dict[str, int]) -> StackSample:
+               value: tuple[int, int, int]) -> StackSample:
         """One samples entry -> a symbolized sample whose count is nanoseconds off-CPU."""
-        assert self._user_stacks is not None and self._kernel_stacks is not None
+        assert self._stacks is not None
         tgid, tid, user_id, kernel_id, user_err, kernel_err, raw_comm = key
         total_ns, _waits, cgroup_id = value
-        lost = [part for part, err in (("user", user_err), ("kernel", kernel_err))
-                if err and err != -errno.EFAULT]
-        if user_id:
-            self._user_stacks.use(user_id)
-        if kernel_id:
-            self._kernel_stacks.use(kernel_id)
-        frames = self._stack_cache.get((tgid, kernel_id, user_id))
+        lost = stack_errors(user_err, kernel_err)
+        frames = self._stacks.frames((tgid, kernel_id, user_id), kernel_id, user_id)
         if frames is None:
-            kernel_addrs = self._kernel_stacks.addresses(kernel_id) if kernel_id else ()
-            user_addrs = self._user_stacks.addresses(user_id) if user_id else ()
-            for part, addrs in (("kernel", kernel_addrs), ("user", user_addrs)):
-                if addrs is None:  # deleted under a late wait: lost, not faked
-                    lost.append(part)
-                    evicted[f"{part}_stack_lost"] += 1
+            # a lost stack counts once per wait key (its nanoseconds are not events)
+            kernel_addrs, user_addrs = self._stacks.addresses(kernel_id, user_id, 1, lost)
             with self._symbols_lock:
                 kernel = (self.symbolizer.kernel_frames(kernel_addrs) if kernel_addrs
                           else [])
@@ -200,18 +169,11 @@ class OffCpu(Probe[OffCpuConfig]):
             frames = tuple(kernel + user)  # leaf first: the kernel part sits on top
             if kernel_addrs is not None and user_addrs is not None and all(
                     f.function for f in frames):
-                if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
-                    self._stack_cache.pop(next(iter(self._stack_cache)))
-                self._stack_cache[(tgid, kernel_id, user_id)] = frames
-        workload = self._workloads.get((tgid, raw_comm, cgroup_id))
-        if workload is None:
-            if len(self._workloads) >= STACK_CACHE_ENTRIES:
-                self._workloads.clear()
-            workload = self._workloads[(tgid, raw_comm, cgroup_id)] = Workload(
-                tgid, raw_comm.split(b"\0", 1)[0].decode(errors="replace"), cgroup_id)
+                self._stacks.keep((tgid, kernel_id, user_id), frames)
+        workload = self._stacks.workload(tgid, raw_comm, cgroup_id)
         return StackSample(workload=workload, thread_id=tid, thread_name=workload.comm,
                            frames=frames, count=total_ns, lost_stacks=tuple(lost))
 
     def stop(self) -> None:
         super().stop()
-        self._user_stacks = self._kernel_stacks = None
+        self._stacks = None

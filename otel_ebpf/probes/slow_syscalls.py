@@ -29,8 +29,8 @@ from otel_ebpf.config_base import Duration, Strict
 from otel_ebpf.kernel.engine import Program
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import AttributeValue, SpanRecord, Workload
-from otel_ebpf.probes.cpu_profile import RETAIN_S, InternedStacks
 from otel_ebpf.probes.series import workload_of
+from otel_ebpf.probes.stacks import RETAIN_S, InternedStacks
 from otel_ebpf.symbolize.frames import Frame
 from otel_ebpf.symbolize.symbols import Symbolizer
 

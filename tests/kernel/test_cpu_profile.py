@@ -16,7 +16,8 @@ from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.profiles import build_profiles_request
 from otel_ebpf.kernel.engine import BpfMap, Engine
 from otel_ebpf.model import Identity, StackSample
-from otel_ebpf.probes.cpu_profile import CpuProfile, CpuProfileConfig, InternedStacks
+from otel_ebpf.probes.cpu_profile import CpuProfile, CpuProfileConfig
+from otel_ebpf.probes.stacks import InternedStacks
 from tests.helpers.processes import reap
 
 pytestmark = pytest.mark.kernel
