@@ -45,7 +45,6 @@ from bench.profile import (
     LOOP_BIN,
     LOOP_SRC,
     ON_SETTLE,
-    SLOWDOWN_EXPORT_INTERVAL,
     TOGGLE_SETTLE,
     CpuLoop,
     PerfToggle,
@@ -62,6 +61,9 @@ PY_LOOP = BENCH_DIR / "py_loop.py"
 PYTHON = "/usr/bin/python3"
 SLOWDOWN_TARGET = 1.01
 AGENT_CPU_TARGET = 1.0  # % of one core
+# the agent exports as it does by default (exporter.interval): the CPU figure is what a
+# user's agent at 99 Hz costs, and the windows see its exports at their real rate
+EXPORT_INTERVAL = "10s"
 
 
 class PyLoops:
@@ -120,7 +122,7 @@ def alternate(loop: CpuLoop | PyLoops, workdir: Path, name: str, endpoint: str,
     windows: list[Window] = []
     runs = ns = 0
     life = ON_SETTLE + count * (window + TOGGLE_SETTLE + 0.5) + cpu_seconds + 120
-    with running_agent(workdir, name, HZ, endpoint, SLOWDOWN_EXPORT_INTERVAL, life) as (
+    with running_agent(workdir, name, HZ, endpoint, EXPORT_INTERVAL, life) as (
             agent, prog_ids), bpf_run_time_stats():
         with PerfToggle(agent.pid) as toggle:
             time.sleep(ON_SETTLE)
@@ -199,7 +201,7 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
     print("(BPF us/sample: every sample of the machine over the on windows, kernel BPF "
           "run-time stats; agent CPU: utime+stime per second over "
           f"{args.pyprofile_cpu_seconds:g}s after the windows, sampling on, exporting every "
-          f"{SLOWDOWN_EXPORT_INTERVAL})")
+          f"{EXPORT_INTERVAL}, the default)")
     print()
     print(f"target: {'python slowdown at 99 Hz <= 1.01':<40} "
           f"{verdict(python_slowdown <= SLOWDOWN_TARGET, f'{python_slowdown:.4f}')}")

@@ -8,9 +8,11 @@ samples costs one Location, one Function and one string.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +34,8 @@ from otel_ebpf.export.queue import Entry
 from otel_ebpf.model import AttributeValue, Identity, ProfileType, StackSample, Workload
 from otel_ebpf.symbolize.frames import Frame
 from otel_ebpf.symbolize.frames import Mapping as MappingInfo
+
+log = logging.getLogger(__name__)
 
 BUILD_ID_ATTRIBUTE = "process.executable.build_id.gnu"
 FRAME_TYPE_ATTRIBUTE = "profile.frame.type"
@@ -297,8 +301,12 @@ class ProfileExport:
                     folded[stack] = folded.get(stack, 0) + count
             write_atomically(self.folded_path, "\n".join(folded_lines(folded)))
         if self.delivery is not None:
+            began = time.monotonic()
             request = build_profiles_request(samples, identity_of, period_ns, start, end,
                                              profile_type=profile_type).SerializeToString()
+            log.debug("profiles: %s request of %d samples, %d bytes, built in %.1f ms",
+                      profile_type.sample_type, len(samples), len(request),
+                      (time.monotonic() - began) * 1000)
             self.delivery.offer([Entry.shared(request, len(request),
                                               profiles_by_workload(samples, identity_of))])
 
