@@ -116,7 +116,7 @@ class KernelUnwindTables:
         self._identities: OrderedDict[FileKey, str | FileKey] = OrderedDict()
         # (device, inode) as a process's maps give it -> (its path there, its file's key)
         self._inodes: OrderedDict[tuple[int, int], tuple[str, str | FileKey]] = OrderedDict()
-        self._cache = cache
+        self.cache = cache  # compiled tables on disk (None: off)
         self._processes: dict[int, _Process] = {}
         self.stats = UnwindStats()
         # whether a table may be compiled now (UnwindLoader holds compiles to a CPU share);
@@ -187,7 +187,7 @@ class KernelUnwindTables:
             return _Known(loaded)
         if key in self._no_table:
             return _Known(None)
-        cached = self._cache.load(key) if self._cache is not None else None
+        cached = self.cache.load(key) if self.cache is not None else None
         if cached is None:
             return None
         self.stats.files_cached += 1
@@ -201,8 +201,8 @@ class KernelUnwindTables:
         began = time.monotonic()
         try:
             table = cfi.compile_file(file, self._area.size // MAX_TABLE_SHARE)
-            if self._cache is not None:
-                self._cache.store(key, table)
+            if self.cache is not None:
+                self.cache.store(key, table)
         except cfi.CfiError as exc:
             log.debug("unwind: %s: %s", path, exc)
             table = None
