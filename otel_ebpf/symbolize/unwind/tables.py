@@ -65,7 +65,7 @@ class _Loaded:
     users: set[int]  # the processes whose mappings name it
 
     def bias(self, start: int, offset: int) -> int | None:
-        return cfi.UnwindTable(b"", self.segments).bias(start, offset)
+        return cfi.bias(self.segments, start, offset)
 
 
 class _Known(NamedTuple):
