@@ -142,6 +142,36 @@ def test_a_file_replaced_under_its_path_is_opened_again(
         old.wait()
 
 
+def test_a_new_file_on_an_old_inode_is_opened(
+        maps: tuple[BpfMap, BpfMap, BpfMap], tmp_path: Path) -> None:
+    # a program rebuilt: the linker unlinks the old file and the new one may get its
+    # inode number back; here the same inode is rewritten, which is what that looks like
+    # from the maps (same path, same device and inode, another file)
+    binary = tmp_path / "app"
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    shutil.copy(sleep, binary)
+    unwind = KernelUnwindTables(*maps)
+    old = started([str(binary), "120"])
+    try:
+        assert unwind.add_process(old.pid)
+    finally:
+        old.kill()
+        old.wait()
+    opened = unwind.stats.files_opened
+    inode = binary.stat().st_ino
+    with open(binary, "r+b") as f:  # not running any more: no ETXTBSY
+        f.write(f.read())  # twice the size: another file
+    assert binary.stat().st_ino == inode
+    new = started([str(binary), "120"])
+    try:
+        assert unwind.add_process(new.pid)
+        assert unwind.stats.files_opened == opened + 1
+    finally:
+        new.kill()
+        new.wait()
+
+
 def test_a_restart_takes_the_tables_from_the_disk_cache_without_budget(
         maps: tuple[BpfMap, BpfMap, BpfMap], sleepers: list[subprocess.Popen[bytes]],
         tmp_path: Path) -> None:

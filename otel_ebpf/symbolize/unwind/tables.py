@@ -10,13 +10,11 @@ frame pointers there, and are counted), and files are keyed by (device, inode, m
 size), so a file replaced on disk is compiled again. Compiled tables are kept on disk
 (disk.py): a restart compiles nothing it compiled before.
 
-A mapping is resolved first by the (device, inode) and path /proc/<pid>/maps gives it,
-remembered from the last time that file was opened: a new process whose files are all
-known opens none of them (under a churn of short-lived processes, opening every mapped
-file of each was the unwinder's main cost). A file rewritten in place (same inode, which
-the kernel refuses for a running executable, ETXTBSY, and installers avoid by renaming a
-new file over the old) keeps its old table until the agent restarts. Not thread-safe:
-the probe serializes calls.
+A mapping is resolved first by a stat of its path as the process sees it: when that is
+still the mapped inode and a file of the same (device, inode, mtime, size) was opened
+before, its key is known, and a new process whose files are all known opens none of them
+(under a churn of short-lived processes, opening every mapped file of each was the
+unwinder's main cost). Not thread-safe: the probe serializes calls.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ _TABLE = struct.Struct("=IIII")
 REFRESH_S = 5.0  # a process's maps are reread at most this often (dlopen, exec, pid reuse)
 MAX_NO_TABLE = 4096  # files remembered as having no usable table
 MAX_IDENTITIES = 8192  # file keys remembered with their build id
-MAX_INODES = 8192  # mapped (device, inode)s remembered with their file's key
 NO_TABLE = 0xFFFFFFFF  # a mapping without a table (anonymous, vDSO): frame pointers there
 # One file's rows take at most this share of the array: a few huge libraries (LLVM's, 1M
 # rows) would otherwise evict every other table in turn (frame pointers do there).
@@ -114,8 +111,6 @@ class KernelUnwindTables:
         self._files: OrderedDict[str | FileKey, _Loaded] = OrderedDict()
         self._no_table: OrderedDict[str | FileKey, None] = OrderedDict()
         self._identities: OrderedDict[FileKey, str | FileKey] = OrderedDict()
-        # (device, inode) as a process's maps give it -> (its path there, its file's key)
-        self._inodes: OrderedDict[tuple[int, int], tuple[str, str | FileKey]] = OrderedDict()
         self.cache = cache  # compiled tables on disk (None: off)
         self._processes: dict[int, _Process] = {}
         self.stats = UnwindStats()
@@ -152,12 +147,10 @@ class KernelUnwindTables:
 
     def _table(self, pid: int, start: int, end: int, path: str, dev: int, inode: int
                ) -> _Loaded | None:
-        seen = self._inodes.get((dev, inode)) if inode else None
-        if seen is not None and seen[0] == path:
-            self._inodes.move_to_end((dev, inode))
-            known = self._known(seen[1])
-            if known is not None:
-                return known.loaded
+        seen = self._seen(pid, path, inode)
+        known = self._known(seen) if seen is not None else None
+        if known is not None:
+            return known.loaded
         file = elf.open_mapped(pid, start, end, path, dev, inode)
         if file is None:
             return None
@@ -165,11 +158,6 @@ class KernelUnwindTables:
         with file:
             st = os.fstat(file.fileno())
             key = self._identity_of(file, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-            if inode:
-                self._inodes[(dev, inode)] = (path, key)
-                self._inodes.move_to_end((dev, inode))
-                while len(self._inodes) > MAX_INODES:
-                    self._inodes.popitem(last=False)
             known = self._known(key)
             if known is not None:
                 return known.loaded
@@ -225,9 +213,28 @@ class KernelUnwindTables:
         self._files[key] = loaded
         return loaded
 
+    def _seen(self, pid: int, path: str, inode: int) -> str | FileKey | None:
+        """The key of the mapped file, without opening it: when its path still names the
+        mapped inode (a stat) and a file of that (device, inode, mtime, size) was opened
+        before. A new file that took a freed inode number (a program rebuilt: the linker
+        unlinks the old file first) differs in mtime or size, and is opened."""
+        try:
+            st = os.stat(f"/proc/{pid}/root{path}")  # the process's view: its container's
+        except (OSError, ValueError):
+            return None
+        if st.st_ino != inode:
+            return None  # replaced since it was mapped (or deleted)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        identity = self._identities.get(key)
+        if identity is not None:
+            self._identities.move_to_end(key)
+        return identity
+
     def _identity_of(self, file: BinaryIO, key: FileKey) -> str | FileKey:
         identity = self._identities.get(key)
-        if identity is None:
+        if identity is not None:
+            self._identities.move_to_end(key)
+        else:
             identity = elf.file_build_id(file) or key
             file.seek(0)
             self._identities[key] = identity
