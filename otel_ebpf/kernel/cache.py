@@ -42,12 +42,19 @@ _HEADER_MARKERS = ("include/generated/autoconf.h", "include/generated/uapi/linux
                    "include/config/kernel.release")
 
 
-def directory() -> Path | None:
-    """programs/ under $OTEL_EBPF_CACHE_DIR (default /var/cache/otel-ebpf), or None when
-    $OTEL_EBPF_COMPILE_CACHE is off."""
+def root() -> Path | None:
+    """$OTEL_EBPF_CACHE_DIR (default /var/cache/otel-ebpf), or None when
+    $OTEL_EBPF_COMPILE_CACHE is off (which turns off every cache of compiled things under
+    it: programs, unwind tables)."""
     if os.environ.get("OTEL_EBPF_COMPILE_CACHE", "").lower() in ("off", "no", "false", "0"):
         return None
-    return Path(os.environ.get("OTEL_EBPF_CACHE_DIR") or DEFAULT_ROOT) / "programs"
+    return Path(os.environ.get("OTEL_EBPF_CACHE_DIR") or DEFAULT_ROOT)
+
+
+def directory() -> Path | None:
+    """programs/ under root(), or None when the cache is off."""
+    top = root()
+    return None if top is None else top / "programs"
 
 
 def _file_digest(path: Path) -> str:
@@ -73,7 +80,7 @@ def environment(header_tree: Path | None) -> dict[str, str]:
     return env
 
 
-def _owned_privately(st: os.stat_result) -> bool:
+def owned_privately(st: os.stat_result) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
@@ -108,8 +115,8 @@ class ImageCache:
         path = self._path(key)
         try:
             with open(path, "rb") as f:
-                if not (_owned_privately(os.fstat(f.fileno()))
-                        and _owned_privately(os.stat(self.directory))):
+                if not (owned_privately(os.fstat(f.fileno()))
+                        and owned_privately(os.stat(self.directory))):
                     log.warning("compile cache: ignoring %s, which others could write", path)
                     return None
                 entry = json.loads(f.read())

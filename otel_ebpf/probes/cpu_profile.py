@@ -23,6 +23,7 @@ from otel_ebpf.probes.base import Hook, Probe, Signal
 from otel_ebpf.probes.stacks import StackSamples, stack_errors
 from otel_ebpf.symbolize.python.unwinder import PythonUnwinder, merge
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
+from otel_ebpf.symbolize.unwind import disk as unwind_disk
 from otel_ebpf.symbolize.unwind.loader import UnwindLoader
 from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 
@@ -130,7 +131,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
                                       self._stacks.user.retain_drains)
         self.unwind = UnwindLoader(KernelUnwindTables(
             program.map("unwind_rows"), program.map("unwind_tables"),
-            program.map("unwind_procs")))
+            program.map("unwind_procs"), unwind_disk.default()))
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from otel_ebpf.kernel.callbacks import func_info_btf, link_callback
 from otel_ebpf.symbolize.unwind import cfi
-from otel_ebpf.symbolize.unwind.tables import RowArea
+from otel_ebpf.symbolize.unwind.rowarea import RowArea
 
 HELPERS = Path(__file__).parent.parent / "helpers"
 LIBC = Path("/lib/x86_64-linux-gnu/libc.so.6")

@@ -37,7 +37,7 @@ from otel_ebpf.symbolize.unwind.records import (
 
 __all__ = ["CFA_END", "CFA_NONE", "CFA_PLT", "CFA_RBP", "CFA_RSP", "CFA_UNSUPPORTED",
            "KIND_NAMES", "RBP_SAME", "RBP_UNKNOWN", "ROW", "CfiError", "Row", "TooLarge",
-           "UnwindTable", "compile_file", "decode_row"]
+           "UnwindTable", "bias", "compile_file", "decode_row"]
 
 ROW = struct.Struct("<IHBb")
 PF_X = 1
@@ -64,10 +64,7 @@ class UnwindTable:
     def bias(self, map_start: int, map_offset: int) -> int | None:
         """address - bias = the file's virtual address, for a mapping of this file that
         starts at `map_start` with file offset `map_offset`; None if no segment holds it."""
-        for p_offset, p_vaddr, p_filesz in self.segments:
-            if p_offset <= map_offset < p_offset + max(p_filesz, 1):
-                return map_start - map_offset + p_offset - p_vaddr
-        return None
+        return bias(self.segments, map_start, map_offset)
 
     def row_for(self, vaddr: int) -> Row | None:
         """The row covering `vaddr` (what the BPF search finds), None before the first."""
@@ -81,6 +78,15 @@ class UnwindTable:
         if lo == 0:
             return None
         return decode_row(self.rows, lo - 1)
+
+
+def bias(segments: tuple[tuple[int, int, int], ...], map_start: int, map_offset: int
+         ) -> int | None:
+    """UnwindTable.bias, from a table's segments alone."""
+    for p_offset, p_vaddr, p_filesz in segments:
+        if p_offset <= map_offset < p_offset + max(p_filesz, 1):
+            return map_start - map_offset + p_offset - p_vaddr
+    return None
 
 
 def decode_row(rows: bytes, index: int) -> Row:

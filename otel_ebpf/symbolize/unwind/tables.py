@@ -7,8 +7,14 @@ file's rows are one copy, not a syscall each); a file's run of rows is found thr
 {first, count, generation}. The array is the bound (`max_rows`, 8 bytes a row): a file
 that does not fit evicts the least recently used files' runs (their processes fall back to
 frame pointers there, and are counted), and files are keyed by (device, inode, mtime,
-size), so a file replaced on disk is compiled again. Not thread-safe: the probe serializes
-calls.
+size), so a file replaced on disk is compiled again. Compiled tables are kept on disk
+(disk.py): a restart compiles nothing it compiled before.
+
+A mapping is resolved first by a stat of its path as the process sees it: when that is
+still the mapped inode and a file of the same (device, inode, mtime, size) was opened
+before, its key is known, and a new process whose files are all known opens none of them
+(under a churn of short-lived processes, opening every mapped file of each was the
+unwinder's main cost). Not thread-safe: the probe serializes calls.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from otel_ebpf.kernel.maps import BpfMap
 from otel_ebpf.symbolize import elf
 from otel_ebpf.symbolize.symbols import parse_maps
-from otel_ebpf.symbolize.unwind import cfi
+from otel_ebpf.symbolize.unwind import cfi, disk, procfs
+from otel_ebpf.symbolize.unwind.disk import FileKey
+from otel_ebpf.symbolize.unwind.rowarea import RowArea
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,6 @@ REFRESH_S = 5.0  # a process's maps are reread at most this often (dlopen, exec,
 MAX_NO_TABLE = 4096  # files remembered as having no usable table
 MAX_IDENTITIES = 8192  # file keys remembered with their build id
 NO_TABLE = 0xFFFFFFFF  # a mapping without a table (anonymous, vDSO): frame pointers there
-FileKey = tuple[int, int, int, int]  # device, inode, mtime, size
 # One file's rows take at most this share of the array: a few huge libraries (LLVM's, 1M
 # rows) would otherwise evict every other table in turn (frame pointers do there).
 MAX_TABLE_SHARE = 4
@@ -56,12 +62,16 @@ class _Loaded:
     users: set[int]  # the processes whose mappings name it
 
     def bias(self, start: int, offset: int) -> int | None:
-        return cfi.UnwindTable(b"", self.segments).bias(start, offset)
+        return cfi.bias(self.segments, start, offset)
+
+
+class _Known(NamedTuple):
+    loaded: _Loaded | None  # None: the file has no usable table
 
 
 @dataclass(slots=True)
 class _Process:
-    identity: tuple[int, int, int]
+    identity: procfs.Identity
     read_at: float  # when its maps were read
     checked_at: float  # when it was last found alive and the same process
     files: list[_Loaded]
@@ -73,6 +83,8 @@ class UnwindStats:
     """Cumulative counters: files compiled, rows written, evictions, failures."""
 
     files_compiled: int = 0
+    files_cached: int = 0  # tables (or no-table findings) read from the disk cache
+    files_opened: int = 0  # mapped files opened (a known (device, inode) is not)
     files_without_table: int = 0
     tables_evicted: int = 0
     table_too_large: int = 0
@@ -82,43 +94,11 @@ class UnwindStats:
     compile_seconds: float = 0.0
 
 
-class RowArea:
-    """Extents of the row array: first-fit allocation, freed extents merged."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free: list[tuple[int, int]] = [(0, size)]  # (first, count), sorted
-
-    def allocate(self, count: int) -> int | None:
-        for i, (first, free) in enumerate(self._free):
-            if free >= count:
-                if free == count:
-                    del self._free[i]
-                else:
-                    self._free[i] = (first + count, free - count)
-                return first
-        return None
-
-    def release(self, first: int, count: int) -> None:
-        self._free.append((first, count))
-        self._free.sort()
-        merged: list[tuple[int, int]] = []
-        for start, n in self._free:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + n)
-            else:
-                merged.append((start, n))
-        self._free = merged
-
-    @property
-    def used(self) -> int:
-        return self.size - sum(n for _, n in self._free)
-
-
 class KernelUnwindTables:
     """The unwind maps of one loaded program, filled per file and per process."""
 
-    def __init__(self, rows: BpfMap, tables: BpfMap, procs: BpfMap) -> None:
+    def __init__(self, rows: BpfMap, tables: BpfMap, procs: BpfMap,
+                 cache: disk.TableCache | None = None) -> None:
         self._rows_map, self._tables, self._procs = rows, tables, procs
         if rows.value_size != cfi.ROW.size:
             raise ValueError(f"unwind_rows holds {rows.value_size}-byte rows; the compiler "
@@ -131,6 +111,7 @@ class KernelUnwindTables:
         self._files: OrderedDict[str | FileKey, _Loaded] = OrderedDict()
         self._no_table: OrderedDict[str | FileKey, None] = OrderedDict()
         self._identities: OrderedDict[FileKey, str | FileKey] = OrderedDict()
+        self.cache = cache  # compiled tables on disk (None: off)
         self._processes: dict[int, _Process] = {}
         self.stats = UnwindStats()
         # whether a table may be compiled now (UnwindLoader holds compiles to a CPU share);
@@ -166,46 +147,94 @@ class KernelUnwindTables:
 
     def _table(self, pid: int, start: int, end: int, path: str, dev: int, inode: int
                ) -> _Loaded | None:
+        seen = self._seen(pid, path, inode)
+        known = self._known(seen) if seen is not None else None
+        if known is not None:
+            return known.loaded
         file = elf.open_mapped(pid, start, end, path, dev, inode)
         if file is None:
             return None
+        self.stats.files_opened += 1
         with file:
             st = os.fstat(file.fileno())
             key = self._identity_of(file, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-            loaded = self._files.get(key)
-            if loaded is not None:
-                self._files.move_to_end(key)
-                return loaded
-            if key in self._no_table:
-                return None
+            known = self._known(key)
+            if known is not None:
+                return known.loaded
             if not self.may_compile():
                 self._deferred = True  # over the compile budget: later
                 return None
-            began = time.monotonic()
-            try:
-                table = cfi.compile_file(file, self._area.size // MAX_TABLE_SHARE)
-            except cfi.CfiError as exc:
-                log.debug("unwind: %s: %s", path, exc)
-                table = None
-            except cfi.TooLarge as exc:
-                log.debug("unwind: %s: too large (%s)", path, exc)
-                self.stats.table_too_large += 1
-                table = None
-            self.stats.compile_seconds += time.monotonic() - began
-            self.stats.files_compiled += 1
-            loaded = self._load(table) if table is not None else None
-            if loaded is None:
-                self.stats.files_without_table += 1
-                self._no_table[key] = None
-                while len(self._no_table) > MAX_NO_TABLE:
-                    self._no_table.popitem(last=False)
-                return None
-            self._files[key] = loaded
-            return loaded
+            return self._compile(file, key, path)
+
+    def _known(self, key: str | FileKey) -> _Known | None:
+        """The file's table if loaded, or known to be missing, or in the disk cache
+        (loaded now: reading it costs no compile budget); None: it must be compiled."""
+        loaded = self._files.get(key)
+        if loaded is not None:
+            self._files.move_to_end(key)
+            return _Known(loaded)
+        if key in self._no_table:
+            return _Known(None)
+        cached = self.cache.load(key) if self.cache is not None else None
+        if cached is None:
+            return None
+        self.stats.files_cached += 1
+        table = cached.table
+        if table is not None and len(table) > self._area.size // MAX_TABLE_SHARE:
+            self.stats.table_too_large += 1
+            table = None
+        return _Known(self._add_file(key, table))
+
+    def _compile(self, file: BinaryIO, key: str | FileKey, path: str) -> _Loaded | None:
+        began = time.monotonic()
+        try:
+            table = cfi.compile_file(file, self._area.size // MAX_TABLE_SHARE)
+            if self.cache is not None:
+                self.cache.store(key, table)
+        except cfi.CfiError as exc:
+            log.debug("unwind: %s: %s", path, exc)
+            table = None
+        except cfi.TooLarge as exc:  # a matter of the configured size: not stored
+            log.debug("unwind: %s: too large (%s)", path, exc)
+            self.stats.table_too_large += 1
+            table = None
+        self.stats.compile_seconds += time.monotonic() - began
+        self.stats.files_compiled += 1
+        return self._add_file(key, table)
+
+    def _add_file(self, key: str | FileKey, table: cfi.UnwindTable | None) -> _Loaded | None:
+        loaded = self._load(table) if table is not None else None
+        if loaded is None:
+            self.stats.files_without_table += 1
+            self._no_table[key] = None
+            while len(self._no_table) > MAX_NO_TABLE:
+                self._no_table.popitem(last=False)
+            return None
+        self._files[key] = loaded
+        return loaded
+
+    def _seen(self, pid: int, path: str, inode: int) -> str | FileKey | None:
+        """The key of the mapped file, without opening it: when its path still names the
+        mapped inode (a stat) and a file of that (device, inode, mtime, size) was opened
+        before. A new file that took a freed inode number (a program rebuilt: the linker
+        unlinks the old file first) differs in mtime or size, and is opened."""
+        try:
+            st = os.stat(f"/proc/{pid}/root{path}")  # the process's view: its container's
+        except (OSError, ValueError):
+            return None
+        if st.st_ino != inode:
+            return None  # replaced since it was mapped (or deleted)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        identity = self._identities.get(key)
+        if identity is not None:
+            self._identities.move_to_end(key)
+        return identity
 
     def _identity_of(self, file: BinaryIO, key: FileKey) -> str | FileKey:
         identity = self._identities.get(key)
-        if identity is None:
+        if identity is not None:
+            self._identities.move_to_end(key)
+        else:
             identity = elf.file_build_id(file) or key
             file.seek(0)
             self._identities[key] = identity
@@ -254,12 +283,12 @@ class KernelUnwindTables:
     def add_process(self, pid: int) -> bool:
         """Write the process's mappings (compiling the tables of files not seen yet);
         False when it is gone or its entry cannot be written."""
-        identity = _identity(pid)
-        try:
-            entries = parse_maps(Path(f"/proc/{pid}/maps").read_text())
-        except OSError:
-            return False
+        identity = procfs.identity(pid)  # first: the maps read next are that process's
         if identity is None:
+            return False
+        try:
+            entries = parse_maps(procfs.read(f"/proc/{pid}/maps"))
+        except OSError:
             return False
         self._deferred = False
         # every executable mapping, those without a table too (anonymous JIT code, the
@@ -323,11 +352,13 @@ class KernelUnwindTables:
                 self.add_process(pid)
             elif now - known.checked_at >= REFRESH_S:
                 known.checked_at = now
-                if _identity(pid) != known.identity:
+                if procfs.identity(pid) != known.identity:
                     self.add_process(pid)
         for pid in [p for p, proc in self._processes.items()
                     if now - proc.checked_at >= REFRESH_S and p not in pids]:
-            if _identity(pid) != self._processes[pid].identity:
+            # not sampled: only whether it is gone (or its pid reused) matters here; an
+            # exec is noticed when it is sampled again
+            if procfs.start_time(pid) != self._processes[pid].identity[0]:
                 self.forget(pid)
             else:
                 self._processes[pid].checked_at = now
@@ -356,13 +387,3 @@ class KernelUnwindTables:
         known = self._processes.get(pid)
         return known is not None and known.complete
 
-
-def _identity(pid: int) -> tuple[int, int, int] | None:
-    # (start time, executable's dev, inode): a reused pid or an exec changes it
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        start_time = int(stat[stat.rindex(")") + 2:].split()[19])
-        exe = os.stat(f"/proc/{pid}/exe")
-    except (OSError, ValueError, IndexError):
-        return None
-    return start_time, exe.st_dev, exe.st_ino
