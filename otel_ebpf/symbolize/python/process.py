@@ -113,13 +113,11 @@ FileKey = tuple[int, int, int, int]  # device, inode, mtime, size
 
 class Detector:
     """Python processes among the processes it is shown; each file examined once, and
-    opened once: a mapping whose (device, inode) was seen before is answered from memory
-    (a file is replaced by a new inode, not rewritten in place while it is mapped), so a
-    process of known files costs a read of its maps and no open."""
+    opened once: a process of known files costs a read of its maps and a stat per file,
+    no open (as the unwinder's KernelUnwindTables._seen)."""
 
     def __init__(self, max_files: int = 1024) -> None:
         self._files: OrderedDict[FileKey, Interpreter | None] = OrderedDict()
-        self._by_mapping: OrderedDict[tuple[int, int], FileKey] = OrderedDict()
         self._max = max_files
 
     def detect(self, pid: int) -> PythonProcess | None:
@@ -157,23 +155,25 @@ class Detector:
 
     def _examine(self, pid: int, start: int, end: int, path: str, dev: int, inode: int
                  ) -> Interpreter | None:
-        key = self._by_mapping.get((dev, inode))
-        if key is not None and key in self._files:
-            self._files.move_to_end(key)
-            return self._files[key]
+        try:  # the path as the process sees it, still naming the mapped inode
+            st = os.stat(f"/proc/{pid}/root{path}")
+            if st.st_ino == inode:
+                seen = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+                if seen in self._files:
+                    self._files.move_to_end(seen)
+                    return self._files[seen]
+        except (OSError, ValueError):
+            pass
         file = open_mapped(pid, start, end, path, dev, inode)
         if file is None:
             return None
         with file:
             st = os.fstat(file.fileno())
             key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-            self._by_mapping[(dev, inode)] = key
             if key in self._files:
                 self._files.move_to_end(key)
                 return self._files[key]
             interp = self._files[key] = examine(file, path)
         while len(self._files) > self._max:
             self._files.popitem(last=False)
-        while len(self._by_mapping) > self._max:
-            self._by_mapping.popitem(last=False)
         return interp
