@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from otel_ebpf.symbolize import elf
+from otel_ebpf.symbolize import elf, procfs
 from otel_ebpf.symbolize.elf import ElfSymbols
 from otel_ebpf.symbolize.frames import KERNEL, NATIVE, Frame, Mapping
 from otel_ebpf.symbolize.kallsyms import KALLSYMS, SYSFS, KernelSymbols
@@ -138,21 +138,6 @@ class _Snapshot:
         return None
 
 
-def _identity(pid: int) -> tuple[int, int, int] | None:
-    # (start time, executable's dev, inode): the pid is reused across processes and an
-    # exec keeps the start time but replaces every mapping.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        start_time = int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        exe = os.stat(f"/proc/{pid}/exe")
-    except OSError:
-        return start_time, 0, 0  # kernel thread, or the executable is not reachable
-    return start_time, exe.st_dev, exe.st_ino
-
-
 class ProcessMaps:
     """Mapping snapshots per process (pid, identity), kept until forgotten; bounded LRU."""
 
@@ -166,7 +151,7 @@ class ProcessMaps:
         """Read the process's mappings now unless a snapshot of this same process is kept
         (a reused pid or an exec replaces it); None when it is gone and none was kept."""
         kept = self.kept(pid)
-        identity = _identity(pid)
+        identity = procfs.identity(pid)
         if identity is None or (kept is not None and kept.identity == identity):
             return kept
         return self._read(pid, identity) or kept
@@ -180,7 +165,7 @@ class ProcessMaps:
     def refresh(self, pid: int) -> _Snapshot | None:
         """Reread the mappings of a kept process that is still alive (dlopen since)."""
         kept = self.kept(pid)
-        if kept is not None and _identity(pid) == kept.identity:
+        if kept is not None and procfs.identity(pid) == kept.identity:
             return self._read(pid, kept.identity, kept) or kept
         if kept is not None:
             kept.checked_at = time.monotonic()  # gone or replaced: this is all there is
@@ -189,7 +174,7 @@ class ProcessMaps:
     def _read(self, pid: int, identity: tuple[int, int, int],
               previous: _Snapshot | None = None) -> _Snapshot | None:
         try:
-            entries = parse_maps(Path(f"/proc/{pid}/maps").read_text())
+            entries = parse_maps(procfs.read(f"/proc/{pid}/maps"))
         except OSError:
             return None
         # a refresh keeps the regions that did not change (their files, tables, frames):

@@ -15,13 +15,13 @@ import re
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.hash import ELFHashSection, GNUHashSection
 
+from otel_ebpf.symbolize import procfs
 from otel_ebpf.symbolize.elf import open_mapped
 from otel_ebpf.symbolize.python.layouts import (
     DEBUG_OFFSETS_SIZE,
@@ -122,7 +122,7 @@ class Detector:
 
     def detect(self, pid: int) -> PythonProcess | None:
         try:
-            text = Path(f"/proc/{pid}/maps").read_text()
+            text = procfs.read(f"/proc/{pid}/maps")
         except OSError:
             return None
         # per mapped file: its lowest-offset mapping, and whether any of it is executable

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from otel_ebpf.kernel.maps import BpfMap
-from otel_ebpf.symbolize import elf
+from otel_ebpf.symbolize import elf, procfs
 from otel_ebpf.symbolize.symbols import parse_maps
-from otel_ebpf.symbolize.unwind import cfi, disk, procfs
+from otel_ebpf.symbolize.unwind import cfi, disk
 from otel_ebpf.symbolize.unwind.disk import FileKey
 from otel_ebpf.symbolize.unwind.rowarea import RowArea
 
@@ -284,7 +284,7 @@ class KernelUnwindTables:
         """Write the process's mappings (compiling the tables of files not seen yet);
         False when it is gone or its entry cannot be written."""
         identity = procfs.identity(pid)  # first: the maps read next are that process's
-        if identity is None:
+        if identity is None or identity[1:] == procfs.NO_EXECUTABLE:
             return False
         try:
             entries = parse_maps(procfs.read(f"/proc/{pid}/maps"))

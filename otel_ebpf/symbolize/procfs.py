@@ -1,12 +1,13 @@
-"""What the unwinder reads of a process in /proc, with as few system calls as it takes:
-a new process costs these reads, and a churn of short-lived ones makes them add up
-(Path.read_text takes 6-7 calls where open, read and close do)."""
+"""What the symbolizer and the unwinder read of a process in /proc, with as few system
+calls as it takes: a new process costs these reads, and a churn of short-lived ones makes
+them add up (Path.read_text takes 6-7 calls where open, read and close do)."""
 
 from __future__ import annotations
 
 import os
 
 Identity = tuple[int, int, int]  # start time, the executable's device and inode
+NO_EXECUTABLE = (0, 0)  # the (device, inode) of a process without a reachable executable
 
 
 def read(path: str) -> str:
@@ -35,12 +36,14 @@ def start_time(pid: int) -> int | None:
 
 
 def identity(pid: int) -> Identity | None:
-    """(start time, executable's device, inode): a reused pid or an exec changes it."""
+    """(start time, executable's device, inode): a reused pid or an exec changes it.
+    (start time, *NO_EXECUTABLE) for a kernel thread or an executable that cannot be
+    reached; None when the process is gone."""
     started = start_time(pid)
     if started is None:
         return None
     try:
         exe = os.stat(f"/proc/{pid}/exe")
     except OSError:
-        return None
+        return started, *NO_EXECUTABLE
     return started, exe.st_dev, exe.st_ino
