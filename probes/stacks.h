@@ -4,7 +4,7 @@
  * stacks never compete for one slot (the kernel's stack_trace map buckets by hash and
  * refuses the second stack of a bucket; at 99 Hz that lost up to ~1 % of user stacks) and
  * an id names the same addresses for as long as it lives, which lets user space cache it
- * (otel_ebpf/probes/cpu_profile.py InternedStacks reads and ages these maps).
+ * (otel_ebpf/probes/stacks.py InternedStacks reads and ages these maps).
  *
  * Maps:  user_stacks    hash (not preallocated), USER_STACK_ENTRIES stacks of up to
  *        kernel_stacks  MAX_STACK_DEPTH (127, perf's default) addresses, 1 KiB each, leaf

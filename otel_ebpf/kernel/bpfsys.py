@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import fcntl
+import functools
 import os
 import platform
 import struct
@@ -254,6 +255,13 @@ def perf_event_enable(fd: int) -> None:
 
 def perf_event_disable(fd: int) -> None:
     fcntl.ioctl(fd, IOC_DISABLE, 0)
+
+
+@functools.cache
+def possible_cpus() -> int:
+    """How many slots a per-CPU map value has: the possible CPUs, fixed at boot (read once,
+    not at every drain)."""
+    return len(cpus("possible"))
 
 
 def cpus(kind: str) -> list[int]:

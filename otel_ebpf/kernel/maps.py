@@ -69,7 +69,7 @@ class BpfMap:
 
     def percpu_sums(self) -> list[int]:
         """For a per-CPU array of counters: the per-index totals over all CPUs."""
-        ncpus = len(bpfsys.cpus("possible"))
+        ncpus = bpfsys.possible_cpus()
         stride = (self.value_size + 7) // 8 * 8
         buf = (ct.c_ubyte * (stride * ncpus))()
         sums = []
