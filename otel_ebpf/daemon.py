@@ -35,7 +35,7 @@ from otel_ebpf.health import HealthReporter
 from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.memory import trim_periodically
-from otel_ebpf.model import Collection, SpanRecord, Workload
+from otel_ebpf.model import Collection, ProfileType, SpanRecord, StackSample, Workload
 from otel_ebpf.probe_host import ProbeHost, Routes
 from otel_ebpf.probes import PROBE_TYPES, ProbeContext, Signal, build
 from otel_ebpf.probes.cpu_profile import ON_CPU
@@ -162,10 +162,12 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
     if Signal.SPANS in signals:
         spans = SpansSignal(SpanExport(shipper("traces"), config.exporter, identity.resolver),
                             metrics)
+    stacks = RecentStacks() if config.endpoints.enabled else None  # the live page's
     if Signal.PROFILES in signals:
         delivery = profiles_delivery(ProfilesSender(config.exporter), config.exporter,
                                      identity.sample_resolver) if exporting else None
-        profiles = ProfilesSignal(ProfileExport(delivery, _folded_path(config), start_ns),
+        profiles = ProfilesSignal(ProfileExport(delivery, _folded_path(config), start_ns,
+                                                _live_flame(stacks)),
                                   identity, config.exporter.interval, metrics.counters)
     summary = None
     if config.summary.enabled:
@@ -173,9 +175,8 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
                                 lambda w: _process_name(identity, w), out)
     context = ProbeContext(syscalls, select_cgroups=bool(
         config.identity.filter.model_dump(exclude_defaults=True)))
-    stacks = RecentStacks() if config.endpoints.enabled else None  # the live page's
     host = ProbeHost(config, engine, build(config, context),
-                     _routes(metrics, spans, profiles, summary, stacks), identity.selection)
+                     _routes(metrics, spans, profiles, summary), identity.selection)
     endpoints = (None if stacks is None
                  else Endpoints(config.endpoints, host, metrics, identity, stacks))
     reloader = Reloader(load_config, lambda c: build(c, context),
@@ -186,8 +187,7 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
 
 
 def _routes(metrics: MetricsSignal, spans: SpansSignal | None,
-            profiles: ProfilesSignal | None, summary: SummaryReport | None,
-            stacks: RecentStacks | None = None) -> Routes:
+            profiles: ProfilesSignal | None, summary: SummaryReport | None) -> Routes:
     def collection(c: Collection) -> None:
         metrics.absorb(c)
         if summary is not None:
@@ -199,12 +199,22 @@ def _routes(metrics: MetricsSignal, spans: SpansSignal | None,
     def samples(c: Collection) -> None:
         if profiles is not None:
             profiles.add(c)
-        if stacks is not None and c.samples and c.profile_type == ON_CPU:
-            stacks.add(c.samples)  # the live page's flame graph, of CPU samples
 
     span_route: Callable[[list[SpanRecord]], None] = spans.offer if spans else ignore
     return Routes(collection, samples, span_route)
 
+
+
+def _live_flame(stacks: RecentStacks | None
+                ) -> Callable[[ProfileType, list[StackSample]], None] | None:
+    """The live page's flame graph: each window of CPU samples as the export takes it."""
+    if stacks is None:
+        return None
+
+    def add(profile_type: ProfileType, samples: list[StackSample]) -> None:
+        if profile_type == ON_CPU:
+            stacks.add(samples)
+    return add
 
 
 def _folded_path(config: Config) -> Path | None:

@@ -5,8 +5,10 @@ agent's own health.
 Latency and retransmits are read from the cumulative store at each request (the page
 turns successive reads into rates and heatmap columns). CPU samples are kept here, in
 slots of SLOT_S seconds over the last WINDOW_S: the export windows are emptied every
-export, and the page should show minutes, not seconds. The slots are bounded
-(MAX_STACKS distinct stacks each; beyond, samples are counted as dropped).
+export, and the page should show minutes, not seconds. A slot keeps the profile windows
+built in it as they are (already merged per thread and stack), and merges them only when
+the page asks: nothing is hashed per sample for a page nobody may be viewing. The slots
+are bounded (MAX_STACKS samples each; beyond, samples are counted as dropped).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from otel_ebpf.aggregate import Series
@@ -23,7 +25,7 @@ from otel_ebpf.model import Identity, StackSample, Workload
 
 WINDOW_S = 300.0
 SLOT_S = 10.0
-MAX_STACKS = 20_000  # distinct (process, stack) per slot
+MAX_STACKS = 20_000  # samples (each a distinct thread and stack of its window) per slot
 FLAME_MIN_SHARE = 0.005  # frames under 0.5 % of the samples are left out of the graph
 TOP_SERIES = 40  # syscall series sent to the page, by calls
 TOP_PEERS = 10
@@ -32,8 +34,8 @@ StackKey = tuple[Workload, tuple[Any, ...]]
 
 
 class RecentStacks:
-    """CPU stack samples of the last WINDOW_S seconds. Thread-safe: the profiler's drain
-    thread adds, a request reads."""
+    """CPU stack samples of the last WINDOW_S seconds. Thread-safe: the profile windows
+    are added on the export's thread, a request reads."""
 
     def __init__(self, window_s: float = WINDOW_S, slot_s: float = SLOT_S,
                  max_stacks: int = MAX_STACKS,
@@ -42,32 +44,30 @@ class RecentStacks:
         self.max_stacks = max_stacks
         self.dropped = 0
         self._clock = clock
-        self._slots: deque[tuple[int, dict[StackKey, int]]] = deque(
+        self._slots: deque[tuple[int, list[StackSample]]] = deque(
             maxlen=max(1, int(window_s / slot_s)))
         self.window_s = slot_s * (self._slots.maxlen or 1)
         self._lock = threading.Lock()
 
-    def add(self, samples: Iterable[StackSample]) -> None:
+    def add(self, samples: Sequence[StackSample]) -> None:
         slot = int(self._clock() // self.slot_s)
         with self._lock:
             if not self._slots or self._slots[-1][0] != slot:
-                self._slots.append((slot, {}))
-            counts = self._slots[-1][1]
-            for s in samples:
-                key = (s.workload, s.frames)
-                if key in counts or len(counts) < self.max_stacks:
-                    counts[key] = counts.get(key, 0) + s.count
-                else:
-                    self.dropped += s.count
+                self._slots.append((slot, []))
+            kept = self._slots[-1][1]
+            room = max(0, self.max_stacks - len(kept))
+            kept.extend(samples[:room])
+            self.dropped += sum(s.count for s in samples[room:])
 
     def totals(self) -> dict[StackKey, int]:
         oldest = int(self._clock() // self.slot_s) - (self._slots.maxlen or 1) + 1
-        merged: dict[StackKey, int] = {}
         with self._lock:
-            for slot, counts in self._slots:
-                if slot >= oldest:
-                    for key, n in counts.items():
-                        merged[key] = merged.get(key, 0) + n
+            slots = [list(samples) for slot, samples in self._slots if slot >= oldest]
+        merged: dict[StackKey, int] = {}
+        for samples in slots:
+            for s in samples:
+                key = (s.workload, s.frames)
+                merged[key] = merged.get(key, 0) + s.count
         return merged
 
 

@@ -259,10 +259,13 @@ class ProfileExport:
     Samples may be added from another thread than the one flushing."""
 
     def __init__(self, delivery: Delivery[bytes] | None, folded_path: Path | None,
-                 start_ns: int) -> None:
+                 start_ns: int,
+                 on_window: Callable[[ProfileType, list[StackSample]], None] | None = None
+                 ) -> None:
         self.delivery = delivery
         self.folded_path = folded_path
         self.start_ns = start_ns
+        self.on_window = on_window  # each window's merged samples (the live page's)
         self.windows: dict[ProfileType, ProfileWindow] = {}
         self._lock = threading.Lock()
 
@@ -285,6 +288,8 @@ class ProfileExport:
                      for kind, window in self.windows.items()]
         for profile_type, period_ns, samples, start, end in taken:
             if samples:
+                if self.on_window is not None:
+                    self.on_window(profile_type, samples)
                 self._flush(identity_of, profile_type, period_ns, samples, start, end)
 
     def _flush(self, identity_of: Callable[[Workload], Identity], profile_type: ProfileType,

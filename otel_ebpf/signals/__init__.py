@@ -17,12 +17,13 @@ if TYPE_CHECKING:
 
 def needed(config: Config, names: Iterable[str] | None = None) -> frozenset[Signal]:
     """The signals of these probes (default: all) that need a unit: metrics always;
-    spans when they are exported; profiles when they are exported or written as folded
-    stacks."""
+    spans when they are exported; profiles when they are exported, written as folded
+    stacks or shown on the live page (its flame graph is fed from the profile windows)."""
     wanted: set[Signal] = {Signal.METRICS}
     for name in PROBE_TYPES if names is None else names:
         section = config.probes.section(name)
-        folded = isinstance(section, ProfilesProbeConfig) and section.folded_path is not None
+        kept = config.endpoints.enabled or (isinstance(section, ProfilesProbeConfig)
+                                            and section.folded_path is not None)
         wanted |= {signal for signal in PROBE_TYPES[name].produces(section)
-                   if config.exporter.enabled or (signal is Signal.PROFILES and folded)}
+                   if config.exporter.enabled or (signal is Signal.PROFILES and kept)}
     return frozenset(wanted)

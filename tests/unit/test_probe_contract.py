@@ -105,10 +105,12 @@ def test_signals_are_wired_as_the_probes_declare_them() -> None:
     assert needed(config()) == everything
     no_slow = {"syscall_latency": {"slow_spans": {"enabled": False}}}
     assert needed(config(probes=no_slow)) == {Signal.METRICS, Signal.PROFILES}
-    # nothing exported: profiles only where folded stacks are written
-    assert needed(config(exporter={"enabled": False})) == {Signal.METRICS}
-    folded = config(exporter={"enabled": False},
-                    probes={"cpu_profile": {"folded_path": "/tmp/f"}})
+    # nothing exported: profiles only for the live page's flame graph or where folded
+    # stacks are written
+    assert needed(config(exporter={"enabled": False})) == {Signal.METRICS, Signal.PROFILES}
+    quiet = {"exporter": {"enabled": False}, "endpoints": {"enabled": False}}
+    assert needed(config(**quiet)) == {Signal.METRICS}
+    folded = config(**quiet, probes={"cpu_profile": {"folded_path": "/tmp/f"}})
     assert needed(folded) == {Signal.METRICS, Signal.PROFILES}
     assert needed(config(), ["tcp_retransmit"]) == {Signal.METRICS}
 
