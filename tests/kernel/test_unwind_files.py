@@ -38,9 +38,9 @@ def _map(map_type: int, value_size: int, max_entries: int, flags: int = 0) -> in
         "unwind_test", -1)
 
 
-def new_maps() -> tuple[BpfMap, BpfMap, BpfMap]:
+def new_maps(rows: int = 1 << 20) -> tuple[BpfMap, BpfMap, BpfMap]:
     """The three maps of probes/user_stack.h, as the program declares them."""
-    return (BpfMap(_map(_ARRAY, cfi.ROW.size, 1 << 20, _MMAPABLE), ct.c_uint32,
+    return (BpfMap(_map(_ARRAY, cfi.ROW.size, rows, _MMAPABLE), ct.c_uint32,
                    _bytes(cfi.ROW.size)),
             BpfMap(_map(_ARRAY, tables._TABLE.size, 1024), ct.c_uint32,
                    _bytes(tables._TABLE.size)),
@@ -214,3 +214,24 @@ def test_a_corrupt_entry_is_compiled_again(
         assert mappings(again[2], pid) == mappings(maps[2], pid)
     finally:
         close(again)
+
+
+def test_a_table_too_large_for_the_budget_is_not_compiled_at_each_start(
+        sleepers: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """A library past the row budget is remembered on disk with its size: a restart does
+    not compile it again (seconds and tens of MB for the largest), a larger budget does."""
+    pid = sleepers[0].pid
+    runs: list[tables.UnwindStats] = []
+    for rows in (4096, 4096, 1 << 20):  # 1,024 rows a file (libc has ~24k), then 262,144
+        made = new_maps(rows)
+        try:
+            unwinder = KernelUnwindTables(*made, cache=TableCache(tmp_path))
+            assert unwinder.add_process(pid)
+            runs.append(unwinder.stats)
+        finally:
+            close(made)
+    first, restart, larger = runs
+    assert first.table_too_large >= 1 and first.files_compiled >= first.table_too_large
+    assert restart.files_compiled == 0
+    assert restart.table_too_large == first.table_too_large
+    assert larger.table_too_large == 0 and larger.files_compiled == first.table_too_large

@@ -55,6 +55,15 @@ def test_a_file_without_a_table_is_remembered_as_such(tmp_path: Path) -> None:
     assert cache.load(BUILD_ID) is None
 
 
+def test_a_table_too_large_is_remembered_with_its_size(tmp_path: Path) -> None:
+    cache = TableCache(tmp_path)
+    cache.store(BUILD_ID, None, too_large_rows=300_000)
+    assert cache.load(BUILD_ID) == Cached(None, 300_000)
+    path = entry(tmp_path, BUILD_ID)
+    path.write_bytes(path.read_bytes() + b"x")  # a body where none belongs: damaged
+    assert cache.load(BUILD_ID) is None
+
+
 def test_keys_are_names_only_and_carry_the_compiler_version(table: cfi.UnwindTable,
                                                             tmp_path: Path) -> None:
     assert disk.entry_name("../../etc/passwd") is None

@@ -106,7 +106,11 @@ class CfiError(Exception):
 
 
 class TooLarge(Exception):
-    """The file's table would take more rows than allowed."""
+    """The file's table would take more rows than allowed: `rows` of them (at least)."""
+
+    def __init__(self, rows: int, why: str) -> None:
+        super().__init__(why)
+        self.rows = rows
 
 
 def compile_file(file: BinaryIO, max_rows: int = 1 << 32) -> UnwindTable | None:
@@ -125,8 +129,9 @@ def compile_file(file: BinaryIO, max_rows: int = 1 << 32) -> UnwindTable | None:
         eh = elf.get_section_by_name(".eh_frame")
         debug = elf.get_section_by_name(".debug_frame")
         sections = [s for s in (eh, debug) if s is not None and s["sh_type"] != "SHT_NOBITS"]
-        if sum(s["sh_size"] for s in sections) * _MIN_ROWS_PER_BYTE > max_rows:
-            raise TooLarge(f"{sum(s['sh_size'] for s in sections)} bytes of CFI")
+        cfi_bytes = sum(s["sh_size"] for s in sections)
+        if cfi_bytes * _MIN_ROWS_PER_BYTE > max_rows:
+            raise TooLarge(int(cfi_bytes * _MIN_ROWS_PER_BYTE), f"{cfi_bytes} bytes of CFI")
         fdes: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
         if eh is not None and eh["sh_type"] != "SHT_NOBITS":
             fdes += Parser(eh.data(), eh["sh_addr"], eh_frame=True).fdes()
@@ -143,7 +148,7 @@ def compile_file(file: BinaryIO, max_rows: int = 1 << 32) -> UnwindTable | None:
         return None
     table = UnwindTable(_pack(fdes), segments)
     if len(table) > max_rows:
-        raise TooLarge(f"{len(table)} rows")
+        raise TooLarge(len(table), f"{len(table)} rows")
     return table
 
 

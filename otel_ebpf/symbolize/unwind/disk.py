@@ -63,9 +63,12 @@ VERSION = _compiler_version()
 
 
 class Cached(NamedTuple):
-    """A hit: the file's table, or None when it has none."""
+    """A hit: the file's table, or None when it has none; or, for a file whose table
+    was too large for the row budget it was compiled for, the rows it takes (at least):
+    a larger budget compiles it again, a smaller one need not."""
 
     table: cfi.UnwindTable | None
+    too_large_rows: int = 0
 
 
 def default() -> TableCache | None:
@@ -83,27 +86,36 @@ def entry_name(key: str | FileKey) -> str | None:
     return f"f{dev:x}-{inode:x}-{mtime:x}-{size:x}.{VERSION}.rows"
 
 
-def encode(table: cfi.UnwindTable | None) -> bytes:
+_NO_TABLE, _TABLE, _TOO_LARGE = 0, 1, 2  # the header's kind of entry
+
+
+def encode(table: cfi.UnwindTable | None, too_large_rows: int = 0) -> bytes:
+    if too_large_rows:  # no body: the header's row field holds the count
+        return _HEAD.pack(_MAGIC, FORMAT, _TOO_LARGE, 0, too_large_rows, zlib.crc32(b""))
     segments = b"".join(_SEGMENT.pack(*s) for s in table.segments) if table else b""
     rows = table.rows if table else b""
     body = segments + rows
-    return _HEAD.pack(_MAGIC, FORMAT, table is not None, len(segments) // _SEGMENT.size,
-                      len(rows), zlib.crc32(body)) + body
+    return _HEAD.pack(_MAGIC, FORMAT, _TABLE if table else _NO_TABLE,
+                      len(segments) // _SEGMENT.size, len(rows), zlib.crc32(body)) + body
 
 
 def decode(data: bytes) -> Cached:
     """The entry in `data`; ValueError when it is not a whole, intact entry."""
     if len(data) < _HEAD.size:
         raise ValueError("truncated header")
-    magic, fmt, has_table, n_segments, n_rows, crc = _HEAD.unpack_from(data)
+    magic, fmt, kind, n_segments, n_rows, crc = _HEAD.unpack_from(data)
     body = data[_HEAD.size:]
-    if magic != _MAGIC or fmt != FORMAT:
+    if magic != _MAGIC or fmt != FORMAT or kind not in (_NO_TABLE, _TABLE, _TOO_LARGE):
         raise ValueError("not an entry of this format")
+    if kind == _TOO_LARGE:
+        if body or n_segments or not n_rows or zlib.crc32(b"") != crc:
+            raise ValueError("damaged")
+        return Cached(None, n_rows)
     if len(body) != n_segments * _SEGMENT.size + n_rows or n_rows % cfi.ROW.size:
         raise ValueError("truncated")
     if zlib.crc32(body) != crc:
         raise ValueError("checksum mismatch")
-    if not has_table:
+    if kind == _NO_TABLE:
         return Cached(None)
     split = n_segments * _SEGMENT.size
     segments = tuple(_SEGMENT.unpack_from(body, i) for i in range(0, split, _SEGMENT.size))
@@ -145,13 +157,15 @@ class TableCache:
         finally:
             os.close(fd)
 
-    def store(self, key: str | FileKey, table: cfi.UnwindTable | None) -> None:
-        """Keep a file's table (None: it has none); a failure only costs a compile later."""
+    def store(self, key: str | FileKey, table: cfi.UnwindTable | None,
+              too_large_rows: int = 0) -> None:
+        """Keep a file's table (None: it has none; with `too_large_rows`: the rows it
+        takes, past the budget); a failure only costs a compile later."""
         name = entry_name(key)
         if name is None:
             return
         tmp: str | None = None
-        data = encode(table)
+        data = encode(table, too_large_rows)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self._directory_trusted():

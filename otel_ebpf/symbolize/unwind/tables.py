@@ -176,11 +176,12 @@ class KernelUnwindTables:
         if key in self._no_table:
             return _Known(None)
         cached = self.cache.load(key) if self.cache is not None else None
-        if cached is None:
-            return None
+        budget = self._area.size // MAX_TABLE_SHARE
+        if cached is None or 0 < cached.too_large_rows <= budget:
+            return None  # not cached, or too large only for a smaller budget than this one
         self.stats.files_cached += 1
         table = cached.table
-        if table is not None and len(table) > self._area.size // MAX_TABLE_SHARE:
+        if cached.too_large_rows or (table is not None and len(table) > budget):
             self.stats.table_too_large += 1
             table = None
         return _Known(self._add_file(key, table))
@@ -194,9 +195,13 @@ class KernelUnwindTables:
         except cfi.CfiError as exc:
             log.debug("unwind: %s: %s", path, exc)
             table = None
-        except cfi.TooLarge as exc:  # a matter of the configured size: not stored
+        except cfi.TooLarge as exc:
             log.debug("unwind: %s: too large (%s)", path, exc)
             self.stats.table_too_large += 1
+            # stored with its size, so that a restart does not spend seconds and tens of MB
+            # on it again, and a larger budget compiles it
+            if self.cache is not None:
+                self.cache.store(key, None, too_large_rows=exc.rows)
             table = None
         self.stats.compile_seconds += time.monotonic() - began
         self.stats.files_compiled += 1
