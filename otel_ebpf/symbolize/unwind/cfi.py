@@ -29,9 +29,11 @@ from otel_ebpf.symbolize.unwind.records import (
     CFA_RBP,
     CFA_RSP,
     CFA_UNSUPPORTED,
+    FDE_ROW,
     KIND_NAMES,
     RBP_SAME,
     RBP_UNKNOWN,
+    Fde,
     Parser,
 )
 
@@ -132,7 +134,7 @@ def compile_file(file: BinaryIO, max_rows: int = 1 << 32) -> UnwindTable | None:
         cfi_bytes = sum(s["sh_size"] for s in sections)
         if cfi_bytes * _MIN_ROWS_PER_BYTE > max_rows:
             raise TooLarge(int(cfi_bytes * _MIN_ROWS_PER_BYTE), f"{cfi_bytes} bytes of CFI")
-        fdes: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
+        fdes: list[Fde] = []
         if eh is not None and eh["sh_type"] != "SHT_NOBITS":
             fdes += Parser(eh.data(), eh["sh_addr"], eh_frame=True).fdes()
         if debug is not None and debug["sh_type"] != "SHT_NOBITS":
@@ -152,7 +154,7 @@ def compile_file(file: BinaryIO, max_rows: int = 1 << 32) -> UnwindTable | None:
     return table
 
 
-def _pack(fdes: list[tuple[int, int, list[tuple[int, int, int, int]]]]) -> bytes:
+def _pack(fdes: list[Fde]) -> bytes:
     """Rows of every FDE, sorted; a no-information row where an FDE ends and no other
     starts; a row equal to the one before it dropped."""
     fdes.sort(key=lambda f: f[0])
@@ -162,7 +164,7 @@ def _pack(fdes: list[tuple[int, int, list[tuple[int, int, int, int]]]]) -> bytes
     for n, (start, end, rows) in enumerate(fdes):
         if start <= last_pc:  # overlapping FDEs (broken or duplicate): keep the first
             continue
-        for pc, kind, cfa8, rbp8 in rows:
+        for pc, kind, cfa8, rbp8 in FDE_ROW.iter_unpack(rows):
             if pc >= end or pc > 0xFFFFFFFF:
                 break
             rule = (kind, cfa8, rbp8)
