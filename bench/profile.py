@@ -284,6 +284,27 @@ def running_agent(workdir: Path, name: str, hz: int, endpoint: str, interval: st
             agent.stop()
 
 
+def alternating_windows(loop: CpuLoop, agent: AgentProcess, prog_ids: set[int], count: int,
+                        window: float) -> tuple[list[Window], int, int]:
+    """`count` windows of the loop's work, the agent's sampling off and on in turn (from
+    outside, after ON_SETTLE; left on after); and the BPF program's runs and ns over the
+    on windows (kernel run-time statistics, where they are enabled)."""
+    windows: list[Window] = []
+    runs = ns = 0
+    with PerfToggle(agent.pid) as toggle:
+        time.sleep(ON_SETTLE)
+        for i in range(count):
+            on = i % 2 == 1
+            toggle.set(on)
+            time.sleep(TOGGLE_SETTLE)
+            runs0, ns0 = prog_run_stats(prog_ids)
+            windows.append(measure_window(loop, window, agent, on, prog_ids))
+            runs1, ns1 = prog_run_stats(prog_ids)
+            if on:
+                runs, ns = runs + runs1 - runs0, ns + ns1 - ns0
+    return windows, runs, ns
+
+
 def slowdown_phase(args: argparse.Namespace, loop: CpuLoop, workdir: Path, endpoint: str,
                    frequencies: tuple[int, ...] = (*FREQUENCIES, CALIBRATION_HZ)
                    ) -> dict[int, list[Window]]:
@@ -299,13 +320,7 @@ def slowdown_phase(args: argparse.Namespace, loop: CpuLoop, workdir: Path, endpo
         windows: list[Window] = []
         with running_agent(workdir, f"agent-{hz}hz", hz, endpoint, SLOWDOWN_EXPORT_INTERVAL,
                            life) as (agent, prog_ids):
-            with PerfToggle(agent.pid) as toggle:
-                time.sleep(ON_SETTLE)
-                for i in range(count):
-                    on = i % 2 == 1
-                    toggle.set(on)
-                    time.sleep(TOGGLE_SETTLE)
-                    windows.append(measure_window(loop, w, agent, on, prog_ids))
+            windows, _, _ = alternating_windows(loop, agent, prog_ids, count, w)
             stop_agent(agent, prog_ids)
         out[hz] = windows
         print(f"{hz:>4} Hz: " + " ".join(

@@ -36,7 +36,6 @@ from bench.common import (
     import_bcc,
     machine_lines,
     otlp_sink,
-    prog_run_stats,
     require,
     task_schedstat,
     verdict,
@@ -47,10 +46,9 @@ from bench.profile import (
     ON_SETTLE,
     TOGGLE_SETTLE,
     CpuLoop,
-    PerfToggle,
     Reading,
     Window,
-    measure_window,
+    alternating_windows,
     running_agent,
     slowdown_of,
     stop_agent,
@@ -119,26 +117,13 @@ def alternate(loop: CpuLoop | PyLoops, workdir: Path, name: str, endpoint: str,
     come first: by then its start-up work, symbolizing every process of the machine, is
     done)."""
     count = 2 * pairs + 1
-    windows: list[Window] = []
-    runs = ns = 0
     life = ON_SETTLE + count * (window + TOGGLE_SETTLE + 0.5) + cpu_seconds + 120
     with running_agent(workdir, name, HZ, endpoint, EXPORT_INTERVAL, life) as (
             agent, prog_ids), bpf_run_time_stats():
-        with PerfToggle(agent.pid) as toggle:
-            time.sleep(ON_SETTLE)
-            for i in range(count):
-                on = i % 2 == 1
-                toggle.set(on)
-                time.sleep(TOGGLE_SETTLE)
-                r0, n0 = prog_run_stats(prog_ids)
-                windows.append(measure_window(loop, window, agent, on, prog_ids))
-                r1, n1 = prog_run_stats(prog_ids)
-                if on:
-                    runs, ns = runs + r1 - r0, ns + n1 - n0
-            toggle.set(True)
-            cpu0, t0 = agent.cpu_seconds(), time.monotonic()
-            time.sleep(cpu_seconds)
-            cpu_pct = (agent.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
+        windows, runs, ns = alternating_windows(loop, agent, prog_ids, count, window)
+        cpu0, t0 = agent.cpu_seconds(), time.monotonic()  # sampling on
+        time.sleep(cpu_seconds)
+        cpu_pct = (agent.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
         stop_agent(agent, prog_ids)
     return windows, runs, ns, cpu_pct
 
