@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 _BATCH = 512  # entries per lookup-and-delete round: bounds the copy buffers
 _UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+FILL_LIMIT = 0.75  # above this share of its capacity, a DrainAged map keeps one drain's keys
 
 
 class BpfMap:
@@ -175,6 +176,37 @@ def _fit(obj: Any, ctype: Any, size: int) -> Any:
         return ctype(value)
     raise ValueError(f"a {type(obj).__name__} of {ct.sizeof(obj)} bytes where the map "
                      f"holds {size}")
+
+
+class DrainAged:
+    """The u64 keys user space holds in a content-addressed BPF hash (interned stacks):
+    each one is deleted from the kernel once no drain used it for `retain_drains` drains,
+    and above FILL_LIMIT of `capacity` every key the last drain did not use goes, so that
+    new entries keep finding room."""
+
+    def __init__(self, table: BpfMap, capacity: int, retain_drains: int) -> None:
+        self.table, self.capacity, self.retain_drains = table, capacity, retain_drains
+        self._last_used: dict[int, int] = {}  # key -> drain: the keys the kernel holds
+        self._drain = 0
+
+    def __len__(self) -> int:
+        """The keys the kernel map holds."""
+        return len(self._last_used)
+
+    def use(self, key: int) -> None:
+        self._last_used[key] = self._drain
+
+    def age(self) -> list[int]:
+        """End a drain: delete the kernel's entries no drain used lately; their keys."""
+        retain = (self.retain_drains if len(self._last_used) < FILL_LIMIT * self.capacity
+                  else 0)
+        stale = [k for k, drain in self._last_used.items() if self._drain - drain > retain]
+        if stale:
+            self.table.delete_many([ct.c_uint64(k) for k in stale])
+            for k in stale:
+                del self._last_used[k]
+        self._drain += 1
+        return stale
 
 
 def update_set_map(table: BpfMap, current: set[int], wanted: set[int]) -> set[int]:

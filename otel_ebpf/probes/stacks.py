@@ -17,39 +17,27 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 from otel_ebpf.kernel.engine import BpfMap, EngineError, Program
-from otel_ebpf.kernel.maps import unpacker
+from otel_ebpf.kernel.maps import DrainAged, unpacker
 from otel_ebpf.model import Workload
 from otel_ebpf.symbolize.frames import Frame
 
 STACK_CACHE_ENTRIES = 16384  # symbolized stacks kept across drains (hot stacks recur)
 RETAIN_S = 30.0  # a stack no sample used for this long leaves the kernel's map
-FILL_LIMIT = 0.75  # above this share of a stack map, keep only the last drain's stacks
 
 
-class InternedStacks:
+class InternedStacks(DrainAged):
     """User space's half of a content-addressed stack map (user_stacks or kernel_stacks).
 
     Addresses are cached per id (as compact arrays, at most as many as the kernel map
     holds); the kernel's copy of a stack is deleted once no sample used it for
-    `retain_drains` drains (sooner when the map fills up), so a stack that comes back is
-    re-interned under the same id and the cache likely still holds it: even a sample taken
-    while its stack was being deleted decodes.
+    `retain_drains` drains (sooner when the map fills up: DrainAged), so a stack that
+    comes back is re-interned under the same id and the cache likely still holds it: even
+    a sample taken while its stack was being deleted decodes.
     """
 
-    def __len__(self) -> int:
-        """The stacks the kernel map holds."""
-        return len(self._last_used)
-
     def __init__(self, table: BpfMap, capacity: int, retain_drains: int) -> None:
-        self.table = table
-        self.capacity = capacity
-        self.retain_drains = retain_drains
+        super().__init__(table, capacity, retain_drains)
         self._addresses: dict[int, array[int]] = {}
-        self._last_used: dict[int, int] = {}  # id -> drain; the stacks the kernel holds
-        self._drain = 0
-
-    def use(self, stack_id: int) -> None:
-        self._last_used[stack_id] = self._drain
 
     def addresses(self, stack_id: int) -> array[int] | None:
         """The stack's addresses, leaf first; None if the kernel no longer has it."""
@@ -68,15 +56,7 @@ class InternedStacks:
 
     def end_drain(self) -> int:
         """Delete the kernel's copies of the stacks no sample used lately; how many."""
-        retain = (self.retain_drains if len(self._last_used) < FILL_LIMIT * self.capacity
-                  else 0)
-        stale = [i for i, drain in self._last_used.items() if self._drain - drain > retain]
-        if stale:
-            self.table.delete_many([ct.c_uint64(i) for i in stale])
-            for i in stale:
-                del self._last_used[i]
-        self._drain += 1
-        return len(stale)
+        return len(self.age())
 
 
 class StackSamples:

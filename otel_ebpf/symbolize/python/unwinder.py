@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from otel_ebpf.kernel.maps import BpfMap
+from otel_ebpf.kernel.maps import BpfMap, DrainAged
 from otel_ebpf.symbolize.frames import CPYTHON, Frame
 from otel_ebpf.symbolize.python.code import (
     CodeInfo,
@@ -42,7 +42,6 @@ EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
 MAX_LAYOUTS = 16  # py_layouts entries
 CODE_CACHE = 16384  # named code objects kept (per process and code address)
 MAX_PROCESSES = 4096  # Python processes known (py_procs holds as many)
-FILL_LIMIT = 0.75
 
 
 class PythonUnwinder:
@@ -51,7 +50,8 @@ class PythonUnwinder:
     def __init__(self, procs: BpfMap, layouts: BpfMap, codes: BpfMap, stacks: BpfMap,
                  retain_drains: int) -> None:
         self._procs_map, self._layouts_map, self._codes_map = procs, layouts, codes
-        self._stacks_map, self._retain = stacks, retain_drains
+        self._stacks_map = stacks
+        self._stack_ages = DrainAged(stacks, stacks.max_entries, retain_drains)
         self._detector = Detector()
         self._layout_ids: dict[Layout, int] = {}
         self._procs: dict[int, PythonProcess] = {}
@@ -65,8 +65,6 @@ class PythonUnwinder:
         # stack id -> its frames named (ids include the process): the common case, a
         # stack seen again, costs one lookup instead of a line-table walk per frame
         self._named: dict[int, list[tuple[Frame, bool]]] = {}
-        self._last_used: dict[int, int] = {}
-        self._drain = 0
 
     # -- processes --------------------------------------------------------------------------
 
@@ -124,7 +122,7 @@ class PythonUnwinder:
     def stack(self, stack_id: int) -> tuple[PyFrame, ...] | None:
         """The Python frames (leaf first) of an interned stack; None if the kernel no
         longer has it."""
-        self._last_used[stack_id] = self._drain
+        self._stack_ages.use(stack_id)
         known = self._stacks.get(stack_id)
         if known is None:
             value = self._stacks_map.get(ct.c_uint64(stack_id))
@@ -140,21 +138,14 @@ class PythonUnwinder:
 
     def end_drain(self) -> None:
         """Delete the kernel's copies of the stacks no sample used lately."""
-        retain = (self._retain if len(self._last_used) < FILL_LIMIT * self._stacks_map.max_entries
-                  else 0)
-        stale = [i for i, d in self._last_used.items() if self._drain - d > retain]
-        if stale:
-            self._stacks_map.delete_many([ct.c_uint64(i) for i in stale])
-            for i in stale:
-                del self._last_used[i]
-                self._named.pop(i, None)
-        self._drain += 1
+        for stack_id in self._stack_ages.age():
+            self._named.pop(stack_id, None)
 
     def named(self, pid: int, stack_id: int) -> list[tuple[Frame, bool]]:
         """The Python frames of an interned stack, named, with their entry flags."""
         known = self._named.get(stack_id)
         if known is not None:
-            self._last_used[stack_id] = self._drain
+            self._stack_ages.use(stack_id)
             return known
         stack = self.stack(stack_id)
         if not stack:
