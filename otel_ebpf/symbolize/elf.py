@@ -25,6 +25,8 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 from elftools.elf.segments import NoteSegment
 
+from otel_ebpf.symbolize.procfs import FileKey, file_key
+
 STT_FUNC = 2
 STT_GNU_IFUNC = 10
 SHN_UNDEF = 0
@@ -114,15 +116,14 @@ class ElfCache:
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._max_files, self._max_bytes, self._debug_root = max_files, max_bytes, debug_root
         self.nbytes = 0
-        self._files: OrderedDict[tuple[int, int, int, int], ElfSymbols | None] = OrderedDict()
+        self._files: OrderedDict[FileKey, ElfSymbols | None] = OrderedDict()
         # Weak: a table lives as long as the LRU or a process snapshot holds it.
         self._by_build_id: WeakValueDictionary[str, ElfSymbols] = WeakValueDictionary()
         self.hits = self.misses = self.errors = self.evictions = 0
 
     @staticmethod
-    def _key(file: BinaryIO) -> tuple[int, int, int, int]:
-        st = os.fstat(file.fileno())
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    def _key(file: BinaryIO) -> FileKey:
+        return file_key(os.fstat(file.fileno()))
 
     def cached(self, file: BinaryIO) -> tuple[bool, ElfSymbols | None]:
         """(True, table) when this file's table is loaded already; never loads."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 Identity = tuple[int, int, int]  # start time, the executable's device and inode
+FileKey = tuple[int, int, int, int]  # a file's device, inode, mtime (ns) and size
 NO_EXECUTABLE = (0, 0)  # the (device, inode) of a process without a reachable executable
 
 
@@ -47,3 +48,21 @@ def identity(pid: int) -> Identity | None:
     except OSError:
         return started, *NO_EXECUTABLE
     return started, exe.st_dev, exe.st_ino
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    """What tells one file from another, a rewritten one included."""
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def mapped_file_key(pid: int, path: str, inode: int) -> FileKey | None:
+    """The key of the file mapped from `path` in process `pid`, without opening it: a
+    stat of the path as the process sees it (its container's root), when that still
+    names the mapped inode; None when it does not (replaced or deleted since) or cannot
+    be reached. A new file on a freed inode number (a program rebuilt) differs in mtime
+    or size, so a key seen before names the same file."""
+    try:
+        st = os.stat(f"/proc/{pid}/root{path}")
+    except (OSError, ValueError):
+        return None
+    return file_key(st) if st.st_ino == inode else None

@@ -23,6 +23,7 @@ from elftools.elf.hash import ELFHashSection, GNUHashSection
 
 from otel_ebpf.symbolize import procfs
 from otel_ebpf.symbolize.elf import open_mapped
+from otel_ebpf.symbolize.procfs import FileKey
 from otel_ebpf.symbolize.python.layouts import (
     DEBUG_OFFSETS_SIZE,
     Layout,
@@ -108,9 +109,6 @@ def examine(file: BinaryIO, path: str) -> Interpreter | None:
         return None
 
 
-FileKey = tuple[int, int, int, int]  # device, inode, mtime, size
-
-
 class Detector:
     """Python processes among the processes it is shown; each file examined once, and
     opened once: a process of known files costs a read of its maps and a stat per file,
@@ -155,21 +153,15 @@ class Detector:
 
     def _examine(self, pid: int, start: int, end: int, path: str, dev: int, inode: int
                  ) -> Interpreter | None:
-        try:  # the path as the process sees it, still naming the mapped inode
-            st = os.stat(f"/proc/{pid}/root{path}")
-            if st.st_ino == inode:
-                seen = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-                if seen in self._files:
-                    self._files.move_to_end(seen)
-                    return self._files[seen]
-        except (OSError, ValueError):
-            pass
+        seen = procfs.mapped_file_key(pid, path, inode)
+        if seen is not None and seen in self._files:
+            self._files.move_to_end(seen)
+            return self._files[seen]
         file = open_mapped(pid, start, end, path, dev, inode)
         if file is None:
             return None
         with file:
-            st = os.fstat(file.fileno())
-            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            key = procfs.file_key(os.fstat(file.fileno()))
             if key in self._files:
                 self._files.move_to_end(key)
                 return self._files[key]

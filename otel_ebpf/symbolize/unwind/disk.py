@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from otel_ebpf.kernel import cache as program_cache
+from otel_ebpf.symbolize.procfs import FileKey
 from otel_ebpf.symbolize.unwind import cfi, records
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ _HEAD = struct.Struct("<4sHHII I")  # magic, format, has table, segments, row by
 _MAGIC = b"OEUT"
 _SEGMENT = struct.Struct("<QQQ")
 _BUILD_ID = re.compile(r"[0-9a-f]{8,128}")
-FileKey = tuple[int, int, int, int]  # device, inode, mtime (ns), size
 
 
 def _compiler_version() -> str:

@@ -32,9 +32,9 @@ from typing import BinaryIO, NamedTuple
 
 from otel_ebpf.kernel.maps import BpfMap
 from otel_ebpf.symbolize import elf, procfs
+from otel_ebpf.symbolize.procfs import FileKey
 from otel_ebpf.symbolize.symbols import parse_maps
 from otel_ebpf.symbolize.unwind import cfi, disk
-from otel_ebpf.symbolize.unwind.disk import FileKey
 from otel_ebpf.symbolize.unwind.rowarea import RowArea
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ class KernelUnwindTables:
             return None
         self.stats.files_opened += 1
         with file:
-            st = os.fstat(file.fileno())
-            key = self._identity_of(file, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+            key = self._identity_of(file, procfs.file_key(os.fstat(file.fileno())))
             known = self._known(key)
             if known is not None:
                 return known.loaded
@@ -219,19 +218,11 @@ class KernelUnwindTables:
         return loaded
 
     def _seen(self, pid: int, path: str, inode: int) -> str | FileKey | None:
-        """The key of the mapped file, without opening it: when its path still names the
-        mapped inode (a stat) and a file of that (device, inode, mtime, size) was opened
-        before. A new file that took a freed inode number (a program rebuilt: the linker
-        unlinks the old file first) differs in mtime or size, and is opened."""
-        try:
-            st = os.stat(f"/proc/{pid}/root{path}")  # the process's view: its container's
-        except (OSError, ValueError):
-            return None
-        if st.st_ino != inode:
-            return None  # replaced since it was mapped (or deleted)
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        identity = self._identities.get(key)
-        if identity is not None:
+        """The identity of the mapped file without opening it: known when a file of its
+        key (procfs.mapped_file_key) was opened before."""
+        key = procfs.mapped_file_key(pid, path, inode)
+        identity = self._identities.get(key) if key is not None else None
+        if identity is not None and key is not None:
             self._identities.move_to_end(key)
         return identity
 
