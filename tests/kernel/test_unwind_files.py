@@ -4,6 +4,7 @@ from the disk cache, compiling none, even with no compile budget."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
 import shutil
@@ -71,6 +72,24 @@ def started(command: list[str]) -> subprocess.Popen[bytes]:
     return proc
 
 
+@contextlib.contextmanager
+def running(command: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A process started (libc mapped) for the block, killed after it."""
+    proc = started(command)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def copy_of_sleep(path: Path) -> Path:
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    shutil.copy(sleep, path)
+    return path
+
+
 @pytest.fixture
 def sleepers() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Two processes of one executable, mapped (libc and all) before they are used."""
@@ -117,29 +136,17 @@ def test_a_process_whose_files_are_known_opens_none(
 def test_a_file_replaced_under_its_path_is_opened_again(
         maps: tuple[BpfMap, BpfMap, BpfMap], tmp_path: Path) -> None:
     # an installer writes the new file beside the old and renames it over: a new inode
-    binary = tmp_path / "sleep"
-    sleep = shutil.which("sleep")
-    assert sleep is not None
-    shutil.copy(sleep, binary)
+    binary = copy_of_sleep(tmp_path / "sleep")
     unwind = KernelUnwindTables(*maps)
-    old = started([str(binary), "120"])
-    try:
+    with running([str(binary), "120"]) as old:
         assert unwind.add_process(old.pid)
         opened, compiled = unwind.stats.files_opened, unwind.stats.files_compiled
-        shutil.copy(sleep, tmp_path / "sleep.new")
-        os.replace(tmp_path / "sleep.new", binary)
-        new = started([str(binary), "120"])
-        try:
+        os.replace(copy_of_sleep(tmp_path / "sleep.new"), binary)
+        with running([str(binary), "120"]) as new:
             assert unwind.add_process(new.pid) and unwind.complete(new.pid)
             # the new inode is opened; its build id is the old one's: no compile
             assert unwind.stats.files_opened == opened + 1
             assert unwind.stats.files_compiled == compiled
-        finally:
-            new.kill()
-            new.wait()
-    finally:
-        old.kill()
-        old.wait()
 
 
 def test_a_new_file_on_an_old_inode_is_opened(
@@ -147,29 +154,18 @@ def test_a_new_file_on_an_old_inode_is_opened(
     # a program rebuilt: the linker unlinks the old file and the new one may get its
     # inode number back; here the same inode is rewritten, which is what that looks like
     # from the maps (same path, same device and inode, another file)
-    binary = tmp_path / "app"
-    sleep = shutil.which("sleep")
-    assert sleep is not None
-    shutil.copy(sleep, binary)
+    binary = copy_of_sleep(tmp_path / "app")
     unwind = KernelUnwindTables(*maps)
-    old = started([str(binary), "120"])
-    try:
+    with running([str(binary), "120"]) as old:
         assert unwind.add_process(old.pid)
-    finally:
-        old.kill()
-        old.wait()
     opened = unwind.stats.files_opened
     inode = binary.stat().st_ino
     with open(binary, "r+b") as f:  # not running any more: no ETXTBSY
         f.write(f.read())  # twice the size: another file
     assert binary.stat().st_ino == inode
-    new = started([str(binary), "120"])
-    try:
+    with running([str(binary), "120"]) as new:
         assert unwind.add_process(new.pid)
         assert unwind.stats.files_opened == opened + 1
-    finally:
-        new.kill()
-        new.wait()
 
 
 def test_a_restart_takes_the_tables_from_the_disk_cache_without_budget(
