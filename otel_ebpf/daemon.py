@@ -44,6 +44,7 @@ from otel_ebpf.signals import needed
 from otel_ebpf.signals.metrics import MetricsSignal
 from otel_ebpf.signals.profiles import ProfilesSignal
 from otel_ebpf.signals.spans import SpansSignal
+from otel_ebpf.symbolize.unwind.shared import SharedUnwinder
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,10 @@ def build_agent(config: Config, engine: Engine, syscalls: SyscallTable,
     if config.summary.enabled:
         summary = SummaryReport(config.summary.top, config.summary.interval,
                                 lambda w: _process_name(identity, w), out)
+    profile = config.probes.cpu_profile  # sizes the unwinder every stack probe shares
     context = ProbeContext(syscalls, select_cgroups=bool(
-        config.identity.filter.model_dump(exclude_defaults=True)))
+        config.identity.filter.model_dump(exclude_defaults=True)), unwinder=SharedUnwinder(
+            profile.unwind_table_rows, profile.unwind_processes))
     host = ProbeHost(config, engine, build(config, context),
                      _routes(metrics, spans, profiles, summary), identity.selection)
     endpoints = (None if stacks is None

@@ -21,6 +21,8 @@
  *             samples       hash (preallocated), MAX_SAMPLES keys; drained by user space.
  *                           Full: the wait is lost (map_full).
  *             user_stacks, kernel_stacks, stack_scratch: stacks.h.
+ *             unwind_*      the DWARF unwinder's tables (user_stack.h), shared with every
+ *                           program that unwinds (otel_ebpf/symbolize/unwind/shared.py).
  *             capture_rate  per-CPU array (1): the rate limiter's state.
  *             seen_tgids    LRU hash (8192): processes announced to user space, with their
  *                           mm: an exec (a new mm) is announced again, since the off-CPU
@@ -35,7 +37,8 @@
  *             (and, when it had been recorded, a delete and a hash update with two
  *             atomics); per switch-out of a blocked user task, a probe read (its mm), the
  *             limiter's compare-and-swap, two stack walks with a hash of each (a 1 KiB copy
- *             for a new stack), its comm and cgroup, an LRU lookup and an LRU update. See the
+ *             for a new stack; the user walk is user_stack.h's, 3-6 us for 3..36 frames),
+ *             its comm and cgroup, an LRU lookup and an LRU update. See the
  *             README (Off-CPU profiles) for the figures measured by bench/offcpu.py.
  *
  * Compile-time switches (cflags from otel_ebpf/probes/off_cpu.py): TASKS, MAX_SAMPLES,
@@ -45,7 +48,6 @@
 #define TASK_COMM_LEN 16
 #define TASK_RUNNING 0
 #define TASK_DEAD 0x80
-#include "stacks.h"
 #include "rate_limit.h"
 
 struct sample_key {
@@ -83,7 +85,13 @@ enum probe_stat {
     STAT_TASKS_FULL = 5,       /* a blocked task that could not be tracked: wait lost */
     STAT_ANNOUNCE_LOST = 6,    /* the new-process ring buffer was full */
     STAT_WAITS = 7,            /* waits recorded (long enough), for rates */
-    STAT_COUNT = 8,
+    /* user stacks kept but cut short (user_stack.h, enum unwind_reason, in its order) */
+    STAT_UNWIND_NOT_READY = 8,
+    STAT_UNWIND_UNSUPPORTED = 9,
+    STAT_UNWIND_READ_FAILED = 10,
+    STAT_UNWIND_TRUNCATED = 11,
+    STAT_UNWIND_BAD_FRAME = 12,
+    STAT_COUNT = 13,
 };
 
 BPF_TABLE("lru_hash", u64, struct blocked_task, blocked, TASKS);
@@ -93,6 +101,11 @@ BPF_TABLE("lru_hash", u32, u64, seen_tgids, 8192);
 BPF_RINGBUF_OUTPUT(new_tgids, 16);
 #include "probe_stats.h"
 #include "cgroup_filter.h"
+/* user stacks unwound with DWARF CFI (user_stack.h; the maps are the CPU profiler's,
+ * shared), its reasons counted from here */
+#define UNWIND_USER_STACKS
+#define UNWIND_STAT_FIRST STAT_UNWIND_NOT_READY
+#include "stacks.h"
 
 #ifndef ERRNO_AGAIN
 #define ERRNO_AGAIN 11  /* errno values are ABI */

@@ -51,12 +51,15 @@
  *             slow_events   ring buffer (perf buffer before 5.8) of slow-call events.
  *             user_stacks   with SLOW_STACKS (stacks.h): the user stacks of slow calls,
  *                           STACK_ENTRIES, interned by content; user space ages them out.
+ *             unwind_*      with SLOW_STACKS: the DWARF unwinder's tables (user_stack.h),
+ *                           shared with the profilers (otel_ebpf/symbolize/unwind/shared.py).
  * Emits:      with SLOW_EVENTS, one event per timed call slower than its syscall's
  *             threshold, at most SLOW_RATE per second (burst SLOW_BURST); calls refused by
  *             the limit or by a full buffer are counted in probe_stats. With SLOW_STACKS,
  *             the event names the user stack that made the call, walked at the exit (the
  *             saved user registers are still the caller's there), only for an event that
- *             passed the limit: one stack walk and a hash lookup per slow call.
+ *             passed the limit: one stack walk (user_stack.h, 3-6 us) and a hash lookup
+ *             per slow call.
  * Cost:       per call that stays on the CPU: enter - a per-CPU array lookup, the current
  *             task, three stores, a countdown and one array lookup (timed_once); exit - the
  *             per-CPU lookup, one compare, the generation, a scan of 8 slots and an add.
@@ -160,7 +163,13 @@ enum probe_stat {
     STAT_NO_MEMORY = 5,     /* calls lost: the kernel had no memory for their new key */
     STAT_TIMING_LOST = 6,   /* a timed call whose key could not be inserted (counted still) */
     STAT_SLOW_STACK_LOST = 7,  /* a slow call's user stack not recorded (map full, walk) */
-    STAT_COUNT = 8,
+    /* slow calls' user stacks kept but cut short (user_stack.h, enum unwind_reason) */
+    STAT_UNWIND_NOT_READY = 8,
+    STAT_UNWIND_UNSUPPORTED = 9,
+    STAT_UNWIND_READ_FAILED = 10,
+    STAT_UNWIND_TRUNCATED = 11,
+    STAT_UNWIND_BAD_FRAME = 12,
+    STAT_COUNT = 13,
 };
 
 BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
@@ -195,6 +204,9 @@ struct slow_event {
 #ifdef SLOW_STACKS
 #define STACKS_USER_ONLY
 #define USER_STACK_ENTRIES STACK_ENTRIES
+/* unwound with DWARF CFI (user_stack.h; the maps are shared with the profilers) */
+#define UNWIND_USER_STACKS
+#define UNWIND_STAT_FIRST STAT_UNWIND_NOT_READY
 #include "stacks.h"
 #endif
 

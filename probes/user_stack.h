@@ -34,6 +34,7 @@
  */
 #ifndef OTEL_EBPF_USER_STACK_H
 #define OTEL_EBPF_USER_STACK_H
+#include <asm/ptrace.h> /* struct pt_regs: the task's user registers */
 
 #ifndef UNWIND_ROWS
 #define UNWIND_ROWS (1 << 20)

@@ -211,6 +211,23 @@ class Program:
                                       spec.value_type or ct.c_int)
         return self._maps[name]
 
+    def adopt_map(self, name: str, fd: int) -> None:
+        """Use the map `fd` (a duplicate of it) in place of this program's own `name`, so
+        programs share it: before any function is loaded, and of the same kind (type, key
+        and value sizes, flags); its size may differ."""
+        if self._progs:
+            raise EngineError(f"{self.name}: {name} adopted after a function was loaded")
+        index = self._map_index[name]
+        mine, theirs = bpfsys.map_info(self._map_fds[index]), bpfsys.map_info(fd)
+        differ = [k for k in ("type", "key_size", "value_size", "flags")
+                  if mine[k] != theirs[k]]
+        if differ:
+            raise EngineError(f"{self.name}: cannot share {name}: its {', '.join(differ)} "
+                              "differ from the program's declaration")
+        own, self._map_fds[index] = self._map_fds[index], os.dup(fd)
+        os.close(own)
+        self._maps.pop(name, None)
+
     def open_event_buffer(self, name: str, handle: Callable[[Any], None], *, perf: bool,
                           pages: int = 64) -> None:
         """Deliver each event of a BPF_RINGBUF_OUTPUT (or BPF_PERF_OUTPUT) map to `handle`

@@ -14,7 +14,7 @@ import abc
 import enum
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 from otel_ebpf.config_base import ProbeConfig
@@ -23,6 +23,7 @@ from otel_ebpf.kernel.engine import Engine, EngineError, Program, bpf_source, up
 from otel_ebpf.kernel.syscalls import SyscallTable
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, Setting, SpanRecord
 from otel_ebpf.probes.stats import stat_names
+from otel_ebpf.symbolize.unwind.shared import SharedUnwinder
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,13 @@ class Hook:
 
 @dataclass(frozen=True)
 class ProbeContext:
-    """What the agent hands every probe it builds: the syscall names of this kernel, and
-    whether the workload filter (identity.filter) asks for in-kernel cgroup filtering."""
+    """What the agent hands every probe it builds: the syscall names of this kernel,
+    whether the workload filter (identity.filter) asks for in-kernel cgroup filtering, and
+    the user-stack unwinder the stack probes share."""
 
     syscalls: SyscallTable
     select_cgroups: bool = False
+    unwinder: SharedUnwinder = field(default_factory=SharedUnwinder)
 
 
 @functools.cache

@@ -15,17 +15,17 @@ from typing import Any
 
 from pydantic import Field
 
-from otel_ebpf.config_base import Duration, ProfilesProbeConfig
+from otel_ebpf.config_base import Duration, ProbeConfig, ProfilesProbeConfig
 from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.engine import Program
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample
-from otel_ebpf.probes.base import Hook, Probe, Signal
+from otel_ebpf.probes.base import Hook, Probe, ProbeContext, Signal
 from otel_ebpf.probes.stacks import StackSamples, stack_errors
 from otel_ebpf.symbolize.python.unwinder import PythonUnwinder, merge
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
-from otel_ebpf.symbolize.unwind import disk as unwind_disk
+from otel_ebpf.symbolize.unwind import shared as unwind_shared
 from otel_ebpf.symbolize.unwind.loader import UnwindLoader
-from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
+from otel_ebpf.symbolize.unwind.shared import UNWIND_LOST, SharedUnwinder
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,6 @@ SAMPLE_KEY_FIELDS = ("tgid", "tid", "user_stack", "kernel_stack", "python_stack"
                      "user_stack_err", "kernel_stack_err", "comm")
 SAMPLE_VALUE_FIELDS = ("count", "cgroup_id")
 
-# enum unwind_reason of probes/user_stack.h, as counted by cpu_profile.bpf.c
-UNWIND_LOST = ("unwind_not_ready", "unwind_unsupported", "unwind_read_failed",
-               "unwind_truncated", "unwind_bad_frame")
 # the CPython walk's (probes/python_stack.h): the Python frames cut short or missing
 PYTHON_LOST = ("py_truncated", "py_read_failed", "py_thread_lost", "py_stack_lost")
 
@@ -59,10 +56,14 @@ class CpuProfileConfig(ProfilesProbeConfig):
     max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
     user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
     # rows of DWARF unwind tables held in the kernel (8 bytes each, preallocated: the
-    # default is 8 MiB, the tables of ~30 large binaries such as libc, python, libcrypto)
-    unwind_table_rows: int = Field(default=1 << 20, ge=1 << 10, le=1 << 24)
+    # default is 8 MiB, the tables of ~30 large binaries such as libc, python, libcrypto);
+    # this and unwind_processes size the unwinder every stack probe shares (off_cpu's,
+    # slow-call stacks'), whether or not this probe is enabled
+    unwind_table_rows: int = Field(default=unwind_shared.DEFAULT_ROWS, ge=1 << 10,
+                                   le=1 << 24)
     # processes whose executable mappings the kernel unwinder knows (~4 KiB each, as used)
-    unwind_processes: int = Field(default=4096, ge=64, le=1 << 16)
+    unwind_processes: int = Field(default=unwind_shared.DEFAULT_PROCESSES, ge=64,
+                                  le=1 << 16)
     kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     # distinct CPython stacks held in the kernel (~800 bytes each, allocated as used)
     python_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
@@ -92,12 +93,16 @@ class CpuProfile(Probe[CpuProfileConfig]):
                   *UNWIND_LOST)
     filters_cgroups = True
     profile_type = ON_CPU
-    wired_at_start = ("folded_path",)  # the profile export's
+    # the profile export's, and the shared unwinder's sizes
+    wired_at_start = ("folded_path", "unwind_table_rows", "unwind_processes")
 
     def __init__(self, config: CpuProfileConfig, symbolizer: Symbolizer | None = None,
-                 select_cgroups: bool = False) -> None:
+                 select_cgroups: bool = False, unwinder: SharedUnwinder | None = None
+                 ) -> None:
         super().__init__(config, select_cgroups=select_cgroups)
         self.symbolizer = symbolizer or Symbolizer()
+        self.unwinder = unwinder or SharedUnwinder()
+        self.unwinder.size(config.unwind_table_rows, config.unwind_processes)
         self.period_ns = 1_000_000_000 // config.frequency
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
         self._stacks: StackSamples | None = None  # made from the compiled program
@@ -107,14 +112,18 @@ class CpuProfile(Probe[CpuProfileConfig]):
         # new-process announcements; held per sample, so announcements are never starved
         self._symbols_lock = threading.Lock()
 
+    @classmethod
+    def create(cls, config: ProbeConfig, context: ProbeContext) -> CpuProfile:
+        assert isinstance(config, CpuProfileConfig)
+        return cls(config, select_cgroups=context.select_cgroups, unwinder=context.unwinder)
+
     def program_flags(self) -> list[str]:
         c = self.config
         flags = [f"-DSAMPLE_HZ={c.frequency}", f"-DMAX_SAMPLES={self.max_samples}",
                  f"-DUSER_STACK_ENTRIES={c.user_stack_entries}",
                  f"-DKERNEL_STACK_ENTRIES={c.kernel_stack_entries}",
                  f"-DPY_STACK_ENTRIES={c.python_stack_entries}",
-                 f"-DUNWIND_ROWS={c.unwind_table_rows}", f"-DUNWIND_PROCS={c.unwind_processes}",
-                 *task_offset_flags()]
+                 *unwind_shared.COMPILE_FLAGS, *task_offset_flags()]
         if c.keep_idle:
             flags.append("-DKEEP_IDLE")
         return flags
@@ -129,9 +138,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
         self._python = PythonUnwinder(program.map("py_procs"), program.map("py_layouts"),
                                       program.map("py_codes"), program.map("py_stacks"),
                                       self._stacks.user.retain_drains)
-        self.unwind = UnwindLoader(KernelUnwindTables(
-            program.map("unwind_rows"), program.map("unwind_tables"),
-            program.map("unwind_procs"), unwind_disk.default()))
+        self.unwind = self.unwinder.join(program)
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
@@ -170,10 +177,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
         if took > self.config.interval:
             log.info("cpu_profile: symbolizing %d stacks took %.2fs (longer than the %.2fs "
                      "interval)", len(samples), took, self.config.interval)
-        if self.unwind is not None:
-            tables = self.unwind.tables
-            fill["unwind_rows"] = (tables.rows_used, self.config.unwind_table_rows)
-            fill["unwind_processes"] = (tables.processes, self.config.unwind_processes)
+        fill.update(self.unwinder.fill(self._program))
         return Collection(self.name, samples=samples, lost_events=lost,
                           period_ns=self.period_ns, profile_type=self.profile_type,
                           map_fill=fill)
@@ -220,9 +224,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
         return self._python.named(tgid, python_id)
 
     def stop(self) -> None:
-        if self.unwind is not None:
-            self.unwind.close()
-            self.unwind = None
+        if self.unwind is not None and self._program is not None:
+            self.unwinder.leave(self._program)
+        self.unwind = None
         super().stop()
         self._stacks = None
         if self._python is not None:

@@ -21,14 +21,17 @@ from typing import Any
 
 from pydantic import Field
 
-from otel_ebpf.config_base import Duration, ProfilesProbeConfig
+from otel_ebpf.config_base import Duration, ProbeConfig, ProfilesProbeConfig
 from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.engine import EngineError, Program
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample
-from otel_ebpf.probes.base import Hook, Probe, Signal
+from otel_ebpf.probes.base import Hook, Probe, ProbeContext, Signal
 from otel_ebpf.probes.runqueue_latency import MIN_KERNEL, kernel_release
 from otel_ebpf.probes.stacks import StackSamples, stack_errors
 from otel_ebpf.symbolize.symbols import Symbolizer
+from otel_ebpf.symbolize.unwind import shared as unwind_shared
+from otel_ebpf.symbolize.unwind.loader import UnwindLoader
+from otel_ebpf.symbolize.unwind.shared import UNWIND_LOST, SharedUnwinder
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +79,28 @@ class OffCpu(Probe[OffCpuConfig]):
     signals = frozenset({Signal.PROFILES})
     exports = (OFF_CPU_TIME,)
     # `short` waits are dropped by design and `waits` is a total; rate_limited waits keep
-    # their time but lose their stacks
+    # their time but lose their stacks; user stacks cut short are counted by why
     lost_stats = ("rate_limited", "user_stack_lost", "kernel_stack_lost", "map_full",
-                  "tasks_full", "announce_lost")
+                  "tasks_full", "announce_lost", *UNWIND_LOST)
     filters_cgroups = True
     profile_type = OFF_CPU
 
     def __init__(self, config: OffCpuConfig, symbolizer: Symbolizer | None = None,
-                 select_cgroups: bool = False) -> None:
+                 select_cgroups: bool = False, unwinder: SharedUnwinder | None = None
+                 ) -> None:
         super().__init__(config, select_cgroups=select_cgroups)
         self.symbolizer = symbolizer or Symbolizer()
+        self.unwinder = unwinder or SharedUnwinder()
+        self.unwind: UnwindLoader | None = None
         self._stacks: StackSamples | None = None  # made from the compiled program
         self._symbols_lock = threading.Lock()
         # every counter of the program since start, dropped-by-design ones included
         self.totals: Counter[str] = Counter()
+
+    @classmethod
+    def create(cls, config: ProbeConfig, context: ProbeContext) -> OffCpu:
+        assert isinstance(config, OffCpuConfig)
+        return cls(config, select_cgroups=context.select_cgroups, unwinder=context.unwinder)
 
     def program_flags(self) -> list[str]:
         if kernel_release() < MIN_KERNEL:
@@ -117,17 +128,20 @@ class OffCpu(Probe[OffCpuConfig]):
                 f"{self.name}: cannot find a task's address space on this kernel: {exc} "
                 "(it reads task_struct.mm at its offset in /sys/kernel/btf/vmlinux, "
                 "CONFIG_DEBUG_INFO_BTF=y). Set probes.off_cpu.enabled: false") from exc
-        return [*flags, f"-DTASK_MM_OFF={mm}"]
+        return [*flags, *unwind_shared.COMPILE_FLAGS, f"-DTASK_MM_OFF={mm}"]
 
     def prepare(self, program: Program) -> None:
         c = self.config
         self._stacks = StackSamples(program, self.name, SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS,
                                     c.interval, c.user_stack_entries, c.kernel_stack_entries)
+        self.unwind = self.unwinder.join(program)
         program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
     def _on_new_tgid(self, event: Any) -> None:
         with self._symbols_lock:
             self.symbolizer.remember(int(event.tgid))
+        if self.unwind is not None:
+            self.unwind.add(int(event.tgid))
 
     def poll_spans(self) -> list[Any]:
         # not spans: new-process announcements, read as they come so that short-lived
@@ -142,6 +156,9 @@ class OffCpu(Probe[OffCpuConfig]):
         assert self._stacks is not None
         samples = [self.decode(key, value) for key, value in self._stacks.drain()]
         fill = self._stacks.end_drain(len(samples))
+        if self.unwind is not None:
+            self.unwind.sampled({s.workload.pid for s in samples})
+        fill.update(self.unwinder.fill(self._program))
         grown = self.take_stats()
         self.totals.update(grown)
         for name, n in self._stacks.evicted.items():
@@ -175,5 +192,8 @@ class OffCpu(Probe[OffCpuConfig]):
                            frames=frames, count=total_ns, lost_stacks=tuple(lost))
 
     def stop(self) -> None:
+        if self.unwind is not None and self._program is not None:
+            self.unwinder.leave(self._program)
+        self.unwind = None
         super().stop()
         self._stacks = None

@@ -33,6 +33,9 @@ from otel_ebpf.probes.series import workload_of
 from otel_ebpf.probes.stacks import RETAIN_S, InternedStacks
 from otel_ebpf.symbolize.frames import Frame
 from otel_ebpf.symbolize.symbols import Symbolizer
+from otel_ebpf.symbolize.unwind import shared as unwind_shared
+from otel_ebpf.symbolize.unwind.loader import UnwindLoader
+from otel_ebpf.symbolize.unwind.shared import SharedUnwinder
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +145,8 @@ def cflags(config: SlowSpansConfig, table: SyscallTable, perf: bool) -> list[str
     if perf:
         flags.append("-DUSE_PERF_BUFFER")
     if config.stacks:
-        flags += ["-DSLOW_STACKS", f"-DSTACK_ENTRIES={config.stack_entries}"]
+        flags += ["-DSLOW_STACKS", f"-DSTACK_ENTRIES={config.stack_entries}",
+                  *unwind_shared.COMPILE_FLAGS]
     return flags
 
 
@@ -177,8 +181,11 @@ class SlowCallStream:
     """Owns the event buffer of a loaded syscall_latency program."""
 
     def __init__(self, config: SlowSpansConfig, table: SyscallTable, clock: MonotonicClock,
-                 perf: bool, aggregation: str) -> None:
+                 perf: bool, aggregation: str, unwinder: SharedUnwinder | None = None
+                 ) -> None:
         self.config = config
+        self.unwinder = unwinder or SharedUnwinder()
+        self._unwind: UnwindLoader | None = None
         self.aggregation = aggregation
         self.table = table
         self.clock = clock
@@ -203,11 +210,21 @@ class SlowCallStream:
             # aged by drains of the probe (end_interval), at most every interval
             self._stacks = InternedStacks(program.map("user_stacks"),
                                           self.config.stack_entries, 1)
+            # the profilers' unwinder: a process they loaded is walked whole here too, and
+            # the process of a slow call is loaded for its next ones
+            self._unwind = self.unwinder.join(program)
             self._symbolizer = self._symbolizer or Symbolizer()
             self._warm(self._symbolizer)
         program.open_event_buffer("slow_events", self._on_event, perf=self.perf,
                                   pages=buffer_pages(self.config.buffer_size))
         self._program = program
+
+    def detach(self) -> None:
+        """The program stops: leave the shared unwinder."""
+        if self._unwind is not None and self._program is not None:
+            self.unwinder.leave(self._program)
+        self._unwind = None
+        self._program = None
 
     @staticmethod
     def _warm(symbolizer: Symbolizer) -> None:
@@ -242,6 +259,8 @@ class SlowCallStream:
             return []
         self._program.poll_event_buffers()
         calls, self._pending = self._pending, []
+        if self._unwind is not None and calls:
+            self._unwind.sampled({call.tgid for call in calls if call.user_stack})
         return [span for call in calls if (span := self.to_span(call)) is not None]
 
     def to_span(self, call: SlowCall) -> SpanRecord | None:

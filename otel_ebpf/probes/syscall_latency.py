@@ -46,6 +46,7 @@ from otel_ebpf.probes.slow_syscalls import (
 )
 from otel_ebpf.probes.slow_syscalls import cflags as slow_cflags
 from otel_ebpf.probes.syscall_sampling import Estimate, FastCallEstimator, Interval
+from otel_ebpf.symbolize.unwind.shared import UNWIND_LOST, SharedUnwinder
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +102,24 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
     )
     signals = frozenset({Signal.METRICS, Signal.SPANS})
     exports = (SYSCALL_DURATION,)
+    # and the slow calls' user stacks cut short, by why (probes/user_stack.h)
     lost_stats = ("map_full", "no_start", "rate_limited", "buffer_full",
-                  "no_task_storage", "no_memory", "timing_lost", "slow_stack_lost")
+                  "no_task_storage", "no_memory", "timing_lost", "slow_stack_lost",
+                  *UNWIND_LOST)
     filters_cgroups = True
     wired_at_start = ("slow_spans.exemplars_per_series",)  # the series store's
 
     def __init__(self, config: SyscallLatencyConfig, syscalls: SyscallTable,
                  clock: MonotonicClock | None = None, perf_buffer: bool | None = None,
-                 select_cgroups: bool = False) -> None:
+                 select_cgroups: bool = False, unwinder: SharedUnwinder | None = None
+                 ) -> None:
         super().__init__(config, select_cgroups=select_cgroups)
         self.syscalls = syscalls
         self.slow: SlowCallStream | None = None
         if config.slow_spans.enabled:
             perf = not ring_buffer_supported() if perf_buffer is None else perf_buffer
             self.slow = SlowCallStream(config.slow_spans, syscalls, clock or MonotonicClock(),
-                                       perf, config.aggregation)
+                                       perf, config.aggregation, unwinder)
         self._terminal_reads_seen = 0
         self._stacks_lost_seen = 0
         self._forgotten_seen = 0
@@ -125,7 +129,8 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
     @classmethod
     def create(cls, config: ProbeConfig, context: ProbeContext) -> SyscallLatency:
         assert isinstance(config, SyscallLatencyConfig)
-        return cls(config, context.syscalls, select_cgroups=context.select_cgroups)
+        return cls(config, context.syscalls, select_cgroups=context.select_cgroups,
+                   unwinder=context.unwinder)
 
     @classmethod
     def produces(cls, config: ProbeConfig) -> frozenset[Signal]:
@@ -227,6 +232,11 @@ class SyscallLatency(Probe[SyscallLatencyConfig]):
 
     def poll_spans(self) -> list[SpanRecord]:
         return self.slow.poll() if self.slow is not None else []
+
+    def stop(self) -> None:
+        if self.slow is not None:
+            self.slow.detach()
+        super().stop()
 
     def settings(self) -> list[Setting]:
         return [Setting(SAMPLE_PERIOD, {"probe": self.name}, self.config.sample_period)]

@@ -4,8 +4,11 @@ own with the probe's in-kernel filter on it (the machine is shared).
 
 What must hold: the waits sum to the 2.0 s slept (each wait is measured from the switch
 that took the thread off the CPU to the one that gave it back: the sleep, its timer slack
-and its wake-up latency), >= 95 % of that time is on stacks through wait_for_tick and
-main, with the kernel's nanosleep frames on top, and every wait was counted once.
+and its wake-up latency), >= 95 % of that time is on whole stacks - pause_once, the
+direct caller of libc's nanosleep (libc keeps no frame pointer: it takes the DWARF
+unwinder), through wait_for_tick to main - with the kernel's nanosleep frames on top, and
+every wait was counted once. Only the waits before the unwinder loaded the process (its
+first, announced by it) may lack pause_once.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Running:
         self._thread.start()
 
     def _poll(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(0.01):  # the daemon reads them as they come
             self.probe.poll_spans()
 
     def collect(self) -> list[StackSample]:
@@ -95,6 +98,13 @@ def test_blocked_time_is_on_the_stack_that_waited(profiler: Running, cgroup: Pat
     assert abs(total - slept) <= 0.05 * slept, (total, profiler.lost)
     through = [s for s in mine if "wait_for_tick" in names(s) and "main" in names(s)]
     assert sum(s.count for s in through) >= 0.95 * total, [(names(s), s.count) for s in mine]
+    # whole: every wait but those counted unwind_not_ready (each one 50 ms sleep) has
+    # pause_once, the direct caller of libc, on its stack
+    whole = sum(s.count for s in through if names(s)[names(s).index("wait_for_tick") - 1]
+                == "pause_once")
+    not_ready = profiler.lost.get("unwind_not_ready", 0)
+    assert total - whole <= not_ready * 1.2 * SLEEP_MS * 1_000_000, (
+        whole, total, profiler.lost, [(names(s), s.count) for s in mine])
     for s in through:
         kinds = [f.kind for f in s.frames]
         assert kinds == sorted(kinds, key=lambda k: k != "kernel"), kinds  # kernel on top
@@ -103,7 +113,9 @@ def test_blocked_time_is_on_the_stack_that_waited(profiler: Running, cgroup: Pat
         assert any("nanosleep" in n for n in kernel), kernel
         (tick,) = [f for f in s.frames if f.function == "wait_for_tick"]
         assert tick.mapping is not None and tick.mapping.path.endswith("off_cpu_target")
-    assert not profiler.lost, profiler.lost
+    # the forked child's wait before its exec and the first wait after it
+    assert set(profiler.lost) <= {"unwind_not_ready"}, profiler.lost
+    assert profiler.lost.get("unwind_not_ready", 0) <= 3, profiler.lost
 
 
 def test_short_waits_are_dropped_and_counted(engine: Engine, cgroup: Path,
