@@ -38,8 +38,9 @@
  *             atomics); per switch-out of a blocked user task, a probe read (its mm), the
  *             limiter's compare-and-swap, two stack walks with a hash of each (a 1 KiB copy
  *             for a new stack; the user walk is user_stack.h's, 3-6 us for 3..36 frames),
- *             its comm and cgroup, an LRU lookup and an LRU update. See the
- *             README (Off-CPU profiles) for the figures measured by bench/offcpu.py.
+ *             its comm and cgroup, an LRU lookup and an LRU update. Measured by
+ *             bench/run.py --suite offcpu: 145 ns a run on the defaults, 515 ns when every
+ *             switch-out walks both (short) stacks, 30 ns for an empty program (README).
  *
  * Compile-time switches (cflags from otel_ebpf/probes/off_cpu.py): TASKS, MAX_SAMPLES,
  * USER_STACK_ENTRIES, KERNEL_STACK_ENTRIES, MIN_BLOCK_NS, RATE_INTERVAL_NS, RATE_BURST,
