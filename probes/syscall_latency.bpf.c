@@ -533,14 +533,20 @@ int on_sys_exit(struct bpf_raw_tracepoint_args *ctx)
     if (!c)
         return 0;
     u64 task = bpf_get_current_task();
-    u32 nr;
+    u32 nr, gen;
+    /* one call of record() below, not one per branch: it walks the stack of a slow call,
+     * and the verifier checks each inlined copy of that walk on its own */
+    u32 timed = 0, offcpu = 0, exact = 1;
+    u64 start_ns = 0;
     if (c->task == task) {
         /* the common case: the call never left this CPU */
         c->task = 0;
         nr = c->nr;
-        u32 gen = own(c, task);
-        if (c->sampled)
-            record(ctx, c, gen, nr, c->enter_ns, bpf_ktime_get_ns(), 0, 1);
+        gen = own(c, task);
+        if (c->sampled) {
+            timed = 1;
+            start_ns = c->enter_ns;
+        }
     } else {
 #if defined(FILTER_TGID) || defined(FILTER_COMM) || defined(FILTER_CGROUP)
         if (!wanted())
@@ -554,11 +560,14 @@ int on_sys_exit(struct bpf_raw_tracepoint_args *ctx)
             return 0;
         }
         nr = s->nr;
-        u32 exact = s->flags & CALL_ENTRY_EXACT ? 1 : 0;
+        exact = s->flags & CALL_ENTRY_EXACT ? 1 : 0;
         s->flags = 0;
-        u32 gen = own(c, task);
-        record(ctx, c, gen, nr, s->start_ns, bpf_ktime_get_ns(), 1, exact);
+        gen = own(c, task);
+        timed = offcpu = 1;
+        start_ns = s->start_ns;
     }
+    if (timed)
+        record(ctx, c, gen, nr, start_ns, bpf_ktime_get_ns(), offcpu, exact);
     count_call(c, nr);
 #ifdef NR_EXECVE
     /* a successful exec changes the executable: recompute the identity */
