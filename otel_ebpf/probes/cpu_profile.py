@@ -101,8 +101,9 @@ class CpuProfile(Probe[CpuProfileConfig]):
                  ) -> None:
         super().__init__(config, select_cgroups=select_cgroups)
         self.symbolizer = symbolizer or Symbolizer()
-        self.unwinder = unwinder or SharedUnwinder()
-        self.unwinder.size(config.unwind_table_rows, config.unwind_processes)
+        # the agent's is shared with the other stack probes, sized from this config
+        self.unwinder = unwinder or SharedUnwinder(config.unwind_table_rows,
+                                                   config.unwind_processes)
         self.period_ns = 1_000_000_000 // config.frequency
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
         self._stacks: StackSamples | None = None  # made from the compiled program

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from otel_ebpf.kernel import bpfsys
-from otel_ebpf.kernel.engine import Program
+from otel_ebpf.kernel.engine import EngineError, Program
 from otel_ebpf.kernel.maps import BpfMap
 from otel_ebpf.symbolize.unwind import cfi
 from otel_ebpf.symbolize.unwind import disk as unwind_disk
@@ -107,27 +107,28 @@ class SharedUnwinder:
         """The loader, while a program uses the maps."""
         return self._loader
 
-    def size(self, rows: int, processes: int) -> None:
-        """Set the sizes (the CPU profiler's config), before the maps exist."""
-        with self._lock:
-            if self._maps is None:
-                self.rows, self.processes = rows, processes
-            elif (rows, processes) != (self.rows, self.processes):
-                log.warning("unwind: new table sizes (%d rows, %d processes) take a "
-                            "restart; keeping %d rows, %d processes",
-                            rows, processes, self.rows, self.processes)
-
     def join(self, program: Program) -> UnwindLoader:
         """Make `program` walk stacks with the shared maps (before it loads a function);
         the loader to announce its new processes and drains to."""
         with self._lock:
             if self._maps is None:
-                self._maps = create_maps(self.rows, self.processes)
+                try:
+                    self._maps = create_maps(self.rows, self.processes)
+                except OSError as exc:
+                    raise EngineError(
+                        f"{program.name}: cannot create the unwind tables ({self.rows} rows "
+                        f"of 8 bytes, {self.processes} processes): {exc}. Lower "
+                        "probes.cpu_profile.unwind_table_rows") from exc
                 self._loader = UnwindLoader(KernelUnwindTables(
                     *self._maps, unwind_disk.default()))
             assert self._loader is not None
-            for shape, shared in zip(_SHAPES, self._maps, strict=True):
-                program.adopt_map(shape.name, shared.fd)
+            try:
+                for shape, shared in zip(_SHAPES, self._maps, strict=True):
+                    program.adopt_map(shape.name, shared.fd)
+            except EngineError:
+                if not self._members:
+                    self._close()
+                raise
             self._members.append(program)
             return self._loader
 
@@ -146,11 +147,14 @@ class SharedUnwinder:
         with self._lock:
             if program in self._members:
                 self._members.remove(program)
-            if self._members or self._maps is None:
-                return
-            loader, maps = self._loader, self._maps
-            self._loader, self._maps = None, None
+            if not self._members:
+                self._close()
+
+    def _close(self) -> None:
+        """The loader and the maps, closed (the lock held)."""
+        loader, maps = self._loader, self._maps
+        self._loader, self._maps = None, None
         if loader is not None:
             loader.close()
-        for m in maps:
+        for m in maps or ():
             os.close(m.fd)
