@@ -286,7 +286,9 @@ static __always_inline void python_stack(u32 tgid, u32 tid, u64 *id)
         /* a new stack: name the code objects it holds that are new to this process */
 #pragma clang loop unroll(disable)
         for (u32 i = 0; i < PY_MAX_FRAMES; i++) {
-            if (i >= n)
+            /* the depth read from the map at each step, as above: compared with a local
+             * copy, its range narrowed per iteration and the verifier's work doubled */
+            if (i >= st->depth)
                 break;
             py_remember_code(tgid, st->code[i], l);
         }

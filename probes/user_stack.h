@@ -27,7 +27,11 @@
  * rbp sits just below). Without a row the frame-pointer step (rbp -> saved rbp, return
  * address above it). Bounded: MAX_STACK_DEPTH frames. The callback is linked into the
  * program by the engine (otel_ebpf/kernel/callbacks.py: BCC 0.26 cannot).
- * Cost: 3.1-6.0 us a sample of 3..36 frames (bench/run.py --suite unwind; README).
+ * Cost: 3.1-6.0 us a sample of 3..36 frames (bench/run.py --suite unwind; README). At
+ * load, the verifier walks the callback as a loop: ~90k instructions processed for
+ * syscall_latency's on_sys_exit, ~330k for cpu_profile's on_cpu_sample with the CPython
+ * walk (0.1-0.25 s; keeping the searches' bounds in unwind_state cut them from 575k and
+ * 900k of the kernel's 1M limit).
  *
  * stacks.h includes it (UNWIND_USER_STACKS) after struct stack; count_stat (probe_stats.h)
  * must be defined first when UNWIND_STAT_FIRST is.
@@ -119,6 +123,11 @@ struct unwind_state {
     u64 map_bias;
     u32 table_first;
     u32 table_count;
+    /* a binary search's bounds, kept here rather than in locals: the verifier then sees
+     * unknown values at each step rather than ranges narrowed per path, and the states
+     * of a step's two outcomes prune each other */
+    u32 lo;
+    u32 hi;
     u64 ips[MAX_STACK_DEPTH];
 };
 BPF_PERCPU_ARRAY(unwind_state, struct unwind_state, 1);
@@ -130,19 +139,20 @@ static __always_inline int unwind_find_mapping(struct unwind_state *s, u64 pc)
     struct unwind_proc *proc = unwind_procs.lookup(&s->tgid);
     if (!proc)
         return -1;
-    u32 lo = 0, hi = proc->count;
-    if (hi > UNWIND_MAPPINGS)
-        hi = UNWIND_MAPPINGS;
+    s->lo = 0;
+    s->hi = proc->count < UNWIND_MAPPINGS ? proc->count : UNWIND_MAPPINGS;
 #pragma clang loop unroll(disable)
     for (int step = 0; step < UNWIND_MAPPING_STEPS; step++) {
+        u32 lo = s->lo, hi = s->hi;
         if (lo >= hi)
             break;
         u32 mid = (lo + hi) / 2;
         if (proc->mappings[mid & (UNWIND_MAPPINGS - 1)].start <= pc)
-            lo = mid + 1;
+            s->lo = mid + 1;
         else
-            hi = mid;
+            s->hi = mid;
     }
+    u32 lo = s->lo;
     struct unwind_mapping *m = &proc->mappings[(lo - 1) & (UNWIND_MAPPINGS - 1)];
     if (lo == 0 || pc >= m->end) {
         s->missed = 1;
@@ -177,9 +187,11 @@ static __always_inline struct unwind_row *unwind_find_row(struct unwind_state *s
     if (rel >> 32)
         return NULL;
     u32 first = s->table_first;
-    u32 lo = first, hi = first + s->table_count;
+    s->lo = first;
+    s->hi = first + s->table_count;
 #pragma clang loop unroll(disable)
     for (int step = 0; step < UNWIND_ROW_STEPS; step++) {
+        u32 lo = s->lo, hi = s->hi;
         if (lo >= hi)
             break;
         u32 mid = lo + (hi - lo) / 2;
@@ -187,10 +199,11 @@ static __always_inline struct unwind_row *unwind_find_row(struct unwind_state *s
         if (!row)
             return NULL;
         if (row->pc <= (u32)rel)
-            lo = mid + 1;
+            s->lo = mid + 1;
         else
-            hi = mid;
+            s->hi = mid;
     }
+    u32 lo = s->lo;
     if (lo == first)
         return NULL;
     lo -= 1;
