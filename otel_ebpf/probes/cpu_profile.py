@@ -9,22 +9,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
-from typing import Any
 
 from pydantic import Field
 
-from otel_ebpf.config_base import Duration, ProbeConfig, ProfilesProbeConfig
 from otel_ebpf.kernel import btf as kbtf
 from otel_ebpf.kernel.engine import Program
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample
-from otel_ebpf.probes.base import Hook, Probe, ProbeContext, Signal
-from otel_ebpf.probes.stacks import StackSamples, stack_errors
+from otel_ebpf.probes.base import Hook
+from otel_ebpf.probes.profiler import StackProfileConfig, StackProfiler
+from otel_ebpf.probes.stacks import stack_errors
 from otel_ebpf.symbolize.python.unwinder import PythonUnwinder, merge
 from otel_ebpf.symbolize.symbols import Frame, Symbolizer
 from otel_ebpf.symbolize.unwind import shared as unwind_shared
-from otel_ebpf.symbolize.unwind.loader import UnwindLoader
 from otel_ebpf.symbolize.unwind.shared import UNWIND_LOST, SharedUnwinder
 
 log = logging.getLogger(__name__)
@@ -46,15 +43,12 @@ PROFILE_SAMPLES = MetricDescriptor(
 ON_CPU = ProfileType("samples", "count", "cpu", "nanoseconds")
 
 
-class CpuProfileConfig(ProfilesProbeConfig):
+class CpuProfileConfig(StackProfileConfig):
     # a prime, so sampling does not run in lockstep with periodic work
     frequency: int = Field(default=19, ge=1, le=10_000)
-    # how often the kernel's sample counts are drained
-    interval: Duration = 1.0
     # keys of the in-kernel sample counts: null sizes it from frequency x CPUs x interval
     # (a drain walks every bucket, so an oversized map costs CPU on every drain)
     max_samples: int | None = Field(default=None, ge=64, le=1 << 20)
-    user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
     # rows of DWARF unwind tables held in the kernel (8 bytes each, preallocated: the
     # default is 8 MiB, the tables of ~30 large binaries such as libc, python, libcrypto);
     # this and unwind_processes size the unwinder every stack probe shares (off_cpu's,
@@ -64,7 +58,6 @@ class CpuProfileConfig(ProfilesProbeConfig):
     # processes whose executable mappings the kernel unwinder knows (~4 KiB each, as used)
     unwind_processes: int = Field(default=unwind_shared.DEFAULT_PROCESSES, ge=64,
                                   le=1 << 16)
-    kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     # distinct CPython stacks held in the kernel (~800 bytes each, allocated as used)
     python_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     keep_idle: bool = False
@@ -79,44 +72,33 @@ def samples_map_size(config: CpuProfileConfig, cpus: int) -> int:
     return min(1 << 20, 1 << math.ceil(math.log2(wanted)))
 
 
-class CpuProfile(Probe[CpuProfileConfig]):
+class CpuProfile(StackProfiler[CpuProfileConfig]):
     name = "cpu_profile"
     summary = "sampled on-CPU stacks (kernel + user) of every process, counted in the kernel"
     config_class = CpuProfileConfig
     hooks = (Hook("perf_event", None, "on_cpu_sample", note="software cpu-clock, one per CPU"),)
-    signals = frozenset({Signal.PROFILES})
     exports = (PROFILE_SAMPLES,)
     # idle samples are dropped by design and `samples` is a total
     lost_stats = ("user_stack_lost", "kernel_stack_lost", "map_full", "announce_lost",
                   *PYTHON_LOST,
                   # user stacks kept but cut short (probes/user_stack.h)
                   *UNWIND_LOST)
-    filters_cgroups = True
     profile_type = ON_CPU
+    sample_key_fields = SAMPLE_KEY_FIELDS
+    sample_value_fields = SAMPLE_VALUE_FIELDS
     # the profile export's, and the shared unwinder's sizes
     wired_at_start = ("folded_path", "unwind_table_rows", "unwind_processes")
 
     def __init__(self, config: CpuProfileConfig, symbolizer: Symbolizer | None = None,
                  select_cgroups: bool = False, unwinder: SharedUnwinder | None = None
                  ) -> None:
-        super().__init__(config, select_cgroups=select_cgroups)
-        self.symbolizer = symbolizer or Symbolizer()
-        # the agent's is shared with the other stack probes, sized from this config
-        self.unwinder = unwinder or SharedUnwinder(config.unwind_table_rows,
-                                                   config.unwind_processes)
+        # the agent's unwinder is sized from this section (daemon.py); without one, so is
+        # this probe's own
+        super().__init__(config, symbolizer, select_cgroups, unwinder or SharedUnwinder(
+            config.unwind_table_rows, config.unwind_processes))
         self.period_ns = 1_000_000_000 // config.frequency
         self.max_samples = samples_map_size(config, os.cpu_count() or 1)
-        self._stacks: StackSamples | None = None  # made from the compiled program
         self._python: PythonUnwinder | None = None
-        self.unwind: UnwindLoader | None = None
-        # the symbolizer is shared by the collecting thread and the thread that reads the
-        # new-process announcements; held per sample, so announcements are never starved
-        self._symbols_lock = threading.Lock()
-
-    @classmethod
-    def create(cls, config: ProbeConfig, context: ProbeContext) -> CpuProfile:
-        assert isinstance(config, CpuProfileConfig)
-        return cls(config, select_cgroups=context.select_cgroups, unwinder=context.unwinder)
 
     def program_flags(self) -> list[str]:
         c = self.config
@@ -133,53 +115,30 @@ class CpuProfile(Probe[CpuProfileConfig]):
         return self.config.frequency
 
     def prepare(self, program: Program) -> None:
-        c = self.config
-        self._stacks = StackSamples(program, self.name, SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS,
-                                    c.interval, c.user_stack_entries, c.kernel_stack_entries)
+        super().prepare(program)
+        assert self._stacks is not None
         self._python = PythonUnwinder(program.map("py_procs"), program.map("py_layouts"),
                                       program.map("py_codes"), program.map("py_stacks"),
                                       self._stacks.user.retain_drains)
-        self.unwind = self.unwinder.join(program)
-        program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
 
-    def _on_new_tgid(self, event: Any) -> None:
-        with self._symbols_lock:
-            self.symbolizer.remember(int(event.tgid))
-            if self._python is not None:
-                self._python.on_new_process(int(event.tgid))
-        if self.unwind is not None:
-            self.unwind.add(int(event.tgid))
-
-    def poll_spans(self) -> list[Any]:
-        # not spans: the new-process announcements, read as they come (and on another
-        # thread than collect) so that short-lived processes have their maps captured
-        # while they live
-        if self._program is not None:
-            self._program.poll_event_buffers()
-        return []
+    def remember(self, tgid: int) -> None:
+        super().remember(tgid)
+        if self._python is not None:
+            self._python.on_new_process(tgid)
 
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        assert self._stacks is not None
         began = time.monotonic()
-        samples = [self.decode(key, value) for key, value in self._stacks.drain()]
-        fill = self._stacks.end_drain(len(samples))
+        samples, fill, grown = self.drain()
         if self._python is not None:
             with self._symbols_lock:
                 self._python.end_drain()
-        if self.unwind is not None:
-            self.unwind.sampled({s.workload.pid for s in samples})
-        grown = self.take_stats()
-        for name, n in self._stacks.evicted.items():
-            grown[name] += n
-        lost = self.lost(grown)
         took = time.monotonic() - began
         if took > self.config.interval:
             log.info("cpu_profile: symbolizing %d stacks took %.2fs (longer than the %.2fs "
                      "interval)", len(samples), took, self.config.interval)
-        fill.update(self.unwinder.fill(self._program))
-        return Collection(self.name, samples=samples, lost_events=lost,
+        return Collection(self.name, samples=samples, lost_events=self.lost(grown),
                           period_ns=self.period_ns, profile_type=self.profile_type,
                           map_fill=fill)
 
@@ -225,11 +184,7 @@ class CpuProfile(Probe[CpuProfileConfig]):
         return self._python.named(tgid, python_id)
 
     def stop(self) -> None:
-        if self.unwind is not None and self._program is not None:
-            self.unwinder.leave(self._program)
-        self.unwind = None
         super().stop()
-        self._stacks = None
         if self._python is not None:
             self._python.close()
             self._python = None

@@ -15,22 +15,20 @@ import logging
 import math
 import os
 import platform
-import threading
 from collections import Counter
-from typing import Any
 
 from pydantic import Field
 
-from otel_ebpf.config_base import Duration, ProbeConfig, ProfilesProbeConfig
+from otel_ebpf.config_base import Duration
 from otel_ebpf.kernel import btf as kbtf
-from otel_ebpf.kernel.engine import EngineError, Program
+from otel_ebpf.kernel.engine import EngineError
 from otel_ebpf.model import Collection, MetricDescriptor, ProfileType, StackSample
-from otel_ebpf.probes.base import Hook, Probe, ProbeContext, Signal
+from otel_ebpf.probes.base import Hook
+from otel_ebpf.probes.profiler import StackProfileConfig, StackProfiler
 from otel_ebpf.probes.runqueue_latency import MIN_KERNEL, kernel_release
-from otel_ebpf.probes.stacks import StackSamples, stack_errors
+from otel_ebpf.probes.stacks import stack_errors
 from otel_ebpf.symbolize.symbols import Symbolizer
 from otel_ebpf.symbolize.unwind import shared as unwind_shared
-from otel_ebpf.symbolize.unwind.loader import UnwindLoader
 from otel_ebpf.symbolize.unwind.shared import UNWIND_LOST, SharedUnwinder
 
 log = logging.getLogger(__name__)
@@ -50,11 +48,10 @@ OFF_CPU_TIME = MetricDescriptor(
 OFF_CPU = ProfileType("off_cpu", "nanoseconds", "off_cpu", "nanoseconds")
 
 
-class OffCpuConfig(ProfilesProbeConfig):
+class OffCpuConfig(StackProfileConfig):
     # opt-in: it walks two stacks at every blocking context switch (README: Off-CPU
     # profiles, the measured cost)
     enabled: bool = False
-    interval: Duration = 1.0  # drain period
     # waits shorter than this are dropped (counted): most are ping-pongs nobody waits on
     min_block: Duration = 0.001
     # stack captures a second, the machine's total, each CPU its share; a wait whose
@@ -65,42 +62,30 @@ class OffCpuConfig(ProfilesProbeConfig):
     max_samples: int = Field(default=8192, ge=256, le=1 << 20)
     # tasks off the CPU at once that can be tracked (least recently blocked evicted)
     max_tasks: int = Field(default=16384, ge=1024, le=1 << 20)
-    user_stack_entries: int = Field(default=16384, ge=256, le=1 << 20)
-    kernel_stack_entries: int = Field(default=4096, ge=256, le=1 << 20)
     keep_kernel_threads: bool = False
 
 
-class OffCpu(Probe[OffCpuConfig]):
+class OffCpu(StackProfiler[OffCpuConfig]):
     name = "off_cpu"
     summary = ("off-CPU profiles: the kernel + user stacks of blocked threads, weighted by "
                "the time until they ran again, summed in the kernel")
     config_class = OffCpuConfig
     hooks = (Hook("raw_tracepoint", "sched/sched_switch", "on_switch"),)
-    signals = frozenset({Signal.PROFILES})
     exports = (OFF_CPU_TIME,)
     # `short` waits are dropped by design and `waits` is a total; rate_limited waits keep
     # their time but lose their stacks; user stacks cut short are counted by why
     lost_stats = ("rate_limited", "user_stack_lost", "kernel_stack_lost", "map_full",
                   "tasks_full", "announce_lost", *UNWIND_LOST)
-    filters_cgroups = True
     profile_type = OFF_CPU
+    sample_key_fields = SAMPLE_KEY_FIELDS
+    sample_value_fields = SAMPLE_VALUE_FIELDS
 
     def __init__(self, config: OffCpuConfig, symbolizer: Symbolizer | None = None,
                  select_cgroups: bool = False, unwinder: SharedUnwinder | None = None
                  ) -> None:
-        super().__init__(config, select_cgroups=select_cgroups)
-        self.symbolizer = symbolizer or Symbolizer()
-        self.unwinder = unwinder or SharedUnwinder()
-        self.unwind: UnwindLoader | None = None
-        self._stacks: StackSamples | None = None  # made from the compiled program
-        self._symbols_lock = threading.Lock()
+        super().__init__(config, symbolizer, select_cgroups, unwinder)
         # every counter of the program since start, dropped-by-design ones included
         self.totals: Counter[str] = Counter()
-
-    @classmethod
-    def create(cls, config: ProbeConfig, context: ProbeContext) -> OffCpu:
-        assert isinstance(config, OffCpuConfig)
-        return cls(config, select_cgroups=context.select_cgroups, unwinder=context.unwinder)
 
     def program_flags(self) -> list[str]:
         if kernel_release() < MIN_KERNEL:
@@ -130,39 +115,11 @@ class OffCpu(Probe[OffCpuConfig]):
                 "CONFIG_DEBUG_INFO_BTF=y). Set probes.off_cpu.enabled: false") from exc
         return [*flags, *unwind_shared.COMPILE_FLAGS, f"-DTASK_MM_OFF={mm}"]
 
-    def prepare(self, program: Program) -> None:
-        c = self.config
-        self._stacks = StackSamples(program, self.name, SAMPLE_KEY_FIELDS, SAMPLE_VALUE_FIELDS,
-                                    c.interval, c.user_stack_entries, c.kernel_stack_entries)
-        self.unwind = self.unwinder.join(program)
-        program.open_event_buffer("new_tgids", self._on_new_tgid, perf=False)
-
-    def _on_new_tgid(self, event: Any) -> None:
-        with self._symbols_lock:
-            self.symbolizer.remember(int(event.tgid))
-        if self.unwind is not None:
-            self.unwind.add(int(event.tgid))
-
-    def poll_spans(self) -> list[Any]:
-        # not spans: new-process announcements, read as they come so that short-lived
-        # processes have their maps captured while they live (as cpu_profile)
-        if self._program is not None:
-            self._program.poll_event_buffers()
-        return []
-
     def collect(self) -> Collection:
         if self._program is None:
             return Collection(self.name)
-        assert self._stacks is not None
-        samples = [self.decode(key, value) for key, value in self._stacks.drain()]
-        fill = self._stacks.end_drain(len(samples))
-        if self.unwind is not None:
-            self.unwind.sampled({s.workload.pid for s in samples})
-        fill.update(self.unwinder.fill(self._program))
-        grown = self.take_stats()
+        samples, fill, grown = self.drain()
         self.totals.update(grown)
-        for name, n in self._stacks.evicted.items():
-            grown[name] += n
         return Collection(self.name, samples=samples, lost_events=self.lost(grown),
                           period_ns=1, profile_type=self.profile_type, map_fill=fill)
 
@@ -190,10 +147,3 @@ class OffCpu(Probe[OffCpuConfig]):
         workload = self._stacks.workload(tgid, raw_comm, cgroup_id)
         return StackSample(workload=workload, thread_id=tid, thread_name=workload.comm,
                            frames=frames, count=total_ns, lost_stacks=tuple(lost))
-
-    def stop(self) -> None:
-        if self.unwind is not None and self._program is not None:
-            self.unwinder.leave(self._program)
-        self.unwind = None
-        super().stop()
-        self._stacks = None

@@ -131,6 +131,6 @@ def test_a_registry_line_names_a_probe_of_its_module() -> None:
     from otel_ebpf.probes import _probe_type
 
     assert _probe_type("tcp_retransmit:TcpRetransmit").name == "tcp_retransmit"
-    for entry in ("cpu_profile:ON_CPU", "cpu_profile:Probe"):  # not a probe; not its name
+    for entry in ("cpu_profile:ON_CPU", "cpu_profile:StackProfiler"):  # not a probe; unnamed
         with pytest.raises(TypeError, match=entry):
             _probe_type(entry)
