@@ -15,37 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from otel_ebpf.kernel import bpfsys
 from otel_ebpf.kernel.maps import BpfMap
-from otel_ebpf.symbolize.unwind import cfi, tables
+from otel_ebpf.symbolize.unwind import tables
 from otel_ebpf.symbolize.unwind.disk import TableCache
+from otel_ebpf.symbolize.unwind.shared import create_maps
 from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 
 pytestmark = pytest.mark.kernel
 
-_ARRAY, _HASH, _MMAPABLE = 2, 1, 0x400
-_PROC_VALUE = tables._PROC_HEAD.size + tables.MAX_MAPPINGS * tables._MAPPING.size
-
-
-def _bytes(n: int) -> type[ct.Structure]:
-    return type(f"Bytes{n}", (ct.Structure,), {"_fields_": [("b", ct.c_ubyte * n)]})
-
-
-def _map(map_type: int, value_size: int, max_entries: int, flags: int = 0) -> int:
-    return bpfsys.map_create({
-        "type": map_type, "key_size": 4, "value_size": value_size,
-        "max_entries": max_entries, "flags": flags, "btf_id": 0, "btf_key_type_id": 0,
-        "btf_value_type_id": 0, "btf_vmlinux_value_type_id": 0, "map_extra": 0},
-        "unwind_test", -1)
-
-
 def new_maps(rows: int = 1 << 20) -> tuple[BpfMap, BpfMap, BpfMap]:
-    """The three maps of probes/user_stack.h, as the program declares them."""
-    return (BpfMap(_map(_ARRAY, cfi.ROW.size, rows, _MMAPABLE), ct.c_uint32,
-                   _bytes(cfi.ROW.size)),
-            BpfMap(_map(_ARRAY, tables._TABLE.size, 1024), ct.c_uint32,
-                   _bytes(tables._TABLE.size)),
-            BpfMap(_map(_HASH, _PROC_VALUE, 64), ct.c_uint32, _bytes(_PROC_VALUE)))
+    """The three maps of probes/user_stack.h, as the agent makes them."""
+    return create_maps(rows, 64)
 
 
 def close(maps: tuple[BpfMap, BpfMap, BpfMap]) -> None:
