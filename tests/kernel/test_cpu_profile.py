@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,52 +14,21 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 from otel_ebpf.enrich.process import ProcessEnricher
 from otel_ebpf.export.profiles import build_profiles_request
 from otel_ebpf.kernel.engine import BpfMap, Engine
-from otel_ebpf.model import Identity, StackSample
+from otel_ebpf.model import Identity
 from otel_ebpf.probes.cpu_profile import CpuProfile, CpuProfileConfig
 from otel_ebpf.probes.stacks import InternedStacks
 from tests.helpers.processes import reap
+from tests.helpers.profiling import Running, names, running, samples_of
 
 pytestmark = pytest.mark.kernel
 
 HZ = 997  # many samples in a few seconds: 75 % +- 5 points is then > 4 sigma
 
 
-class Running:
-    """The probe started, with its event buffer polled as the daemon does."""
-
-    def __init__(self, probe: CpuProfile) -> None:
-        self.probe = probe
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.1):
-            self.probe.poll_spans()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @pytest.fixture
-def profiler(engine: Engine) -> Iterator[Running]:
-    probe = CpuProfile(CpuProfileConfig(frequency=HZ))
-    probe.start(engine)
-    running = Running(probe)
-    try:
-        yield running
-    finally:
-        running.stop()
-        probe.stop()
-
-
-def samples_of(pid: int, samples: list[StackSample]) -> list[StackSample]:
-    return [s for s in samples if s.workload.pid == pid]
-
-
-def names(sample: StackSample) -> list[str | None]:
-    return [f.function for f in sample.frames]
+def profiler(engine: Engine) -> Iterator[Running[CpuProfile]]:
+    with running(engine, CpuProfile(CpuProfileConfig(frequency=HZ))) as polled:
+        yield polled
 
 
 def test_three_to_one_split_with_full_user_stacks(profiler: Running, cpu_hot: Path) -> None:

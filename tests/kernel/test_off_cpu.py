@@ -13,7 +13,6 @@ first, announced by it) may lack pause_once.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from otel_ebpf.model import StackSample
 from otel_ebpf.probes.off_cpu import OFF_CPU, OffCpu, OffCpuConfig
 from tests.conftest import build_helper
 from tests.helpers.cgroups import own_cgroup, run_in
+from tests.helpers.profiling import names, running
 
 pytestmark = pytest.mark.kernel
 
@@ -36,21 +36,13 @@ def off_cpu_target() -> Path:
     return build_helper("off_cpu_target")
 
 
-class Running:
-    """The probe started on one cgroup, its new-process announcements polled as the
-    daemon does, its samples collected."""
+class Collected:
+    """The probe's samples and lost events, collection after collection."""
 
     def __init__(self, probe: OffCpu) -> None:
         self.probe = probe
         self.samples: list[StackSample] = []
         self.lost: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.01):  # the daemon reads them as they come
-            self.probe.poll_spans()
 
     def collect(self) -> list[StackSample]:
         collection = self.probe.collect()
@@ -60,10 +52,6 @@ class Running:
         self.samples += collection.samples
         return self.samples
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 @pytest.fixture
 def cgroup() -> Iterator[Path]:
@@ -72,23 +60,14 @@ def cgroup() -> Iterator[Path]:
 
 
 @pytest.fixture
-def profiler(engine: Engine, cgroup: Path) -> Iterator[Running]:
+def profiler(engine: Engine, cgroup: Path) -> Iterator[Collected]:
     probe = OffCpu(OffCpuConfig(enabled=True), select_cgroups=True)
-    probe.start(engine)
-    probe.set_cgroup_filter({cgroup_id(str(cgroup))})
-    running = Running(probe)
-    try:
-        yield running
-    finally:
-        running.stop()
-        probe.stop()
+    with running(engine, probe):
+        probe.set_cgroup_filter({cgroup_id(str(cgroup))})
+        yield Collected(probe)
 
 
-def names(sample: StackSample) -> list[str | None]:
-    return [f.function for f in sample.frames]
-
-
-def test_blocked_time_is_on_the_stack_that_waited(profiler: Running, cgroup: Path,
+def test_blocked_time_is_on_the_stack_that_waited(profiler: Collected, cgroup: Path,
                                                   off_cpu_target: Path) -> None:
     pid, out = run_in(cgroup, [off_cpu_target, "sleeps", str(SLEEPS), str(SLEEP_MS)])
     assert out.strip() == "done"

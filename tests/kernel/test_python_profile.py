@@ -22,8 +22,8 @@ from otel_ebpf.kernel.engine import Engine
 from otel_ebpf.model import Identity, StackSample
 from otel_ebpf.probes.cpu_profile import CpuProfile, CpuProfileConfig
 from tests.helpers.processes import paused, reap
+from tests.helpers.profiling import Running, running, samples_of
 from tests.helpers.pythons import DEBIAN_PYTHON, interpreters
-from tests.kernel.test_cpu_profile import Running, samples_of
 
 pytestmark = pytest.mark.kernel
 
@@ -43,14 +43,9 @@ def function_lines(path: Path, name: str) -> set[int]:
 def started(engine: Engine) -> Iterator[Running]:
     # room for every other process of a busy shared machine between two drains: a
     # Python stack differs per line, so each sample of a busy interpreter may be a key
-    probe = CpuProfile(CpuProfileConfig(frequency=HZ, max_samples=1 << 14))
-    probe.start(engine)
-    running = Running(probe)
-    try:
-        yield running
-    finally:
-        running.stop()
-        probe.stop()
+    with running(engine, CpuProfile(CpuProfileConfig(frequency=HZ, max_samples=1 << 14))
+                 ) as polled:
+        yield polled
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def collect_for(running: Running, pid: int, cpu: float) -> list[StackSample]:
+def collect_for(profiler: Running, pid: int, cpu: float) -> list[StackSample]:
     """The samples of `pid` until it used `cpu` seconds of CPU (a loaded machine gives it
     less than the wall time), drained every half second as the daemon drains every
     interval (one drain of many seconds would overflow the samples map: Python stacks
@@ -74,7 +69,7 @@ def collect_for(running: Running, pid: int, cpu: float) -> list[StackSample]:
     samples: list[StackSample] = []
     while cpu_seconds(pid) < cpu:
         time.sleep(0.5)
-        collection = running.probe.collect()
+        collection = profiler.probe.collect()
         assert "map_full" not in collection.lost_events, collection.lost_events
         samples += samples_of(pid, collection.samples)
     return samples

@@ -23,7 +23,7 @@ from otel_ebpf.probes.cpu_profile import (
 from otel_ebpf.symbolize.unwind.tables import REFRESH_S
 from tests.conftest import build_binary
 from tests.helpers.processes import reap
-from tests.kernel.test_cpu_profile import Running, names, samples_of
+from tests.helpers.profiling import Running, names, running, samples_of
 
 pytestmark = pytest.mark.kernel
 
@@ -61,15 +61,9 @@ def mixed_app_dl(libnofp: Path) -> Path:
 def profiler(engine: Engine) -> Iterator[Running]:
     # room for drains held up by symbolizing what the rest of a busy machine runs, whose
     # whole stacks at 25 x the default rate are mostly distinct
-    probe = CpuProfile(CpuProfileConfig(frequency=HZ, max_samples=1 << 15,
-                                        user_stack_entries=1 << 17))
-    probe.start(engine)
-    running = Running(probe)
-    try:
-        yield running
-    finally:
-        running.stop()
-        probe.stop()
+    with running(engine, CpuProfile(CpuProfileConfig(
+            frequency=HZ, max_samples=1 << 15, user_stack_entries=1 << 17))) as polled:
+        yield polled
 
 
 def steady_run(profiler: Running, binary: Path, seconds: float, *extra: str,
