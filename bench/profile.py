@@ -66,7 +66,6 @@ import shlex
 import statistics
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -87,14 +86,13 @@ from bench.common import (
     cpu_list,
     fmt,
     foreign_perf_event_programs,
-    heading,
     import_bcc,
     last_counter_values,
-    machine_lines,
     otlp_sink,
     prog_ids_of,
     prog_run_stats,
     require,
+    suite_heading,
     task_schedstat,
     verdict,
     wait_programs_gone,
@@ -517,20 +515,26 @@ def report(slowdown: dict[int, list[Window]], cpu: CpuPhase, cpus: int) -> None:
 # -- the suite ---------------------------------------------------------------------------
 
 
-def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
-    require("gcc", "taskset", "bpftool")
+def loop_setup(title: str, machine_shown: bool, binary: Path, cflags: str,
+               *tools: str) -> tuple[int, list[int]]:
+    """The set-up of a suite that times the loop (LOOP_SRC) on a CPU of its own: the tools
+    checked, the loop built into `binary` with `cflags`, this process and the sink's
+    threads moved to the other CPUs (not the agent: it runs anywhere), the heading printed.
+    The loop's CPU and the others."""
+    require("gcc", "taskset", "bpftool", *tools)
     bcc = import_bcc()
-    build_c(LOOP_SRC, LOOP_BIN, "-fno-omit-frame-pointer")
+    build_c(LOOP_SRC, binary, cflags)
     loop_cpu, rest = choose_cpus()
     if not rest:
         raise BenchError("needs two CPUs: one for the loop, one for the bench and the sink")
-    os.sched_setaffinity(0, rest)  # this process and the sink's threads; not the agent
+    os.sched_setaffinity(0, rest)
+    suite_heading(title, bcc, machine_shown)
+    return loop_cpu, rest
 
-    heading("profile: the CPU profiler (issue #3)")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    if not machine_shown:
-        for line in machine_lines(bcc):
-            print(line)
+
+def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
+    loop_cpu, rest = loop_setup("profile: the CPU profiler (issue #3)", machine_shown,
+                                LOOP_BIN, "-fno-omit-frame-pointer")
     print(f"loop:    taskset -c {loop_cpu} {LOOP_BIN} COUNTER MAX_S  (bench and sink on CPUs "
           f"{cpu_list(rest)}; the agent on any CPU)")
     print("method:  per frequency one agent, its sampling switched off and on (perf event "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,26 +28,20 @@ from bench.common import (
     BENCH_DIR,
     BenchError,
     bpf_run_time_stats,
-    build_c,
-    choose_cpus,
     cpu_list,
-    heading,
-    import_bcc,
-    machine_lines,
     otlp_sink,
-    require,
     task_schedstat,
     verdict,
 )
 from bench.profile import (
     LOOP_BIN,
-    LOOP_SRC,
     ON_SETTLE,
     TOGGLE_SETTLE,
     CpuLoop,
     Reading,
     Window,
     alternating_windows,
+    loop_setup,
     running_agent,
     slowdown_of,
     stop_agent,
@@ -139,19 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
-    require("gcc", "taskset", "bpftool", PYTHON)
-    bcc = import_bcc()
-    build_c(LOOP_SRC, LOOP_BIN, "-fno-omit-frame-pointer")
-    loop_cpu, rest = choose_cpus()
-    if not rest:
-        raise BenchError("needs two CPUs: one for the loops, one for the bench and the sink")
-    import os
-    os.sched_setaffinity(0, rest)
-    heading("pyprofile: the CPython unwinder of the CPU profiler (issue #12)")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    if not machine_shown:
-        for line in machine_lines(bcc):
-            print(line)
+    loop_cpu, rest = loop_setup("pyprofile: the CPython unwinder of the CPU profiler "
+                                "(issue #12)", machine_shown, LOOP_BIN,
+                                "-fno-omit-frame-pointer", PYTHON)
     print(f"method:  as the profile suite, at {HZ} Hz, {2 * args.pyprofile_pairs + 1} windows "
           f"of {args.pyprofile_window:g}s per workload, loops on CPU {loop_cpu}, bench and "
           f"sink on {cpu_list(rest)}")

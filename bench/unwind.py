@@ -30,7 +30,6 @@ Per-sample unwinding cost, agent CPU (target <= 1 % of one core), kernel memory
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -40,24 +39,18 @@ from typing import Any
 from bench.common import (
     BUILD_DIR,
     AgentProcess,
-    BenchError,
     bpftool_json,
-    build_c,
-    choose_cpus,
     cpu_list,
-    import_bcc,
     otlp_sink,
-    require,
-    suite_heading,
     verdict,
 )
 from bench.profile import (
     CALIBRATION_HZ,
-    LOOP_SRC,
     SLOWDOWN_TARGET,
     CpuLoop,
     CpuPhase,
     cpu_phase,
+    loop_setup,
     slowdown_of,
     slowdown_phase,
 )
@@ -145,15 +138,8 @@ def report(slowdown: dict[int, Any], cpu: CpuPhase, cpus: int, maps: dict[str, i
 
 
 def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
-    require("gcc", "taskset", "bpftool")
-    bcc = import_bcc()
-    build_c(LOOP_SRC, NOFP_BIN, "-fomit-frame-pointer")
-    loop_cpu, rest = choose_cpus()
-    if not rest:
-        raise BenchError("needs two CPUs: one for the loop, one for the bench and the sink")
-    os.sched_setaffinity(0, rest)
-    suite_heading("unwind: user stacks without frame pointers (issue #13)", bcc,
-                  machine_shown)
+    loop_cpu, rest = loop_setup("unwind: user stacks without frame pointers (issue #13)",
+                                machine_shown, NOFP_BIN, "-fomit-frame-pointer")
     print(f"loop:    taskset -c {loop_cpu} {NOFP_BIN} COUNTER MAX_S  (gcc -O2 "
           f"-fomit-frame-pointer; bench and sink on CPUs {cpu_list(rest)})")
     started = time.monotonic()
