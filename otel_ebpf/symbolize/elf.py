@@ -25,6 +25,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 from elftools.elf.segments import NoteSegment
 
+from otel_ebpf.symbolize.names import PackedNames
 from otel_ebpf.symbolize.procfs import FileKey, file_key
 
 STT_FUNC = 2
@@ -52,7 +53,8 @@ class ElfSymbols:
     `source` says where the names came from ("symtab", "debuginfo", "minidebuginfo",
     "dynsym" or "none"), so a caller can tell a stripped file from a missing function.
     Names stay undecoded in the string table until looked up: decoding 100k names up front
-    would double the load time and memory for the few hundred that samples ever hit.
+    would double the load time and memory for the few hundred that samples ever hit; the
+    table itself is held compressed (otel_ebpf.symbolize.names).
     """
 
     __slots__ = ("__weakref__", "_name_at", "_names", "_segments", "_sizes", "_starts",
@@ -64,8 +66,9 @@ class ElfSymbols:
         self.source = source
         self._segments = segments  # (p_offset, p_vaddr, p_filesz) of executable PT_LOADs
         if table is None:
-            table = _Table(array("Q"), array("L"), array("L"), b"")
-        self._starts, self._sizes, self._name_at, self._names = table
+            table = _Table(array("Q"), array("I"), array("I"), b"")
+        self._starts, self._sizes, self._name_at = table.starts, table.sizes, table.name_at
+        self._names = PackedNames(table.names)
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -73,7 +76,7 @@ class ElfSymbols:
     @property
     def nbytes(self) -> int:
         """Memory held by the table (what the cache's byte budget counts)."""
-        return (len(self._names) + self._starts.itemsize * len(self._starts)
+        return (self._names.nbytes + self._starts.itemsize * len(self._starts)
                 + (self._sizes.itemsize + self._name_at.itemsize) * len(self._sizes))
 
     def vaddr_for_offset(self, file_offset: int) -> int | None:
@@ -89,14 +92,14 @@ class ElfSymbols:
         # start miss; the enclosing one is a few entries back.
         for j in range(i, max(i - _MAX_BACKSCAN, -1), -1):
             if vaddr < self._starts[j] + self._sizes[j]:
-                return _text(self._names, self._name_at[j]), self._starts[j]
+                return self._names.text(self._name_at[j]), self._starts[j]
         return None
 
 
 class _Table(NamedTuple):
     starts: array[int]  # Q
-    sizes: array[int]  # L
-    name_at: array[int]  # L, into names
+    sizes: array[int]  # I (4 bytes: sizes are capped at _MAX_SIZE)
+    name_at: array[int]  # I, into names
     names: bytes  # NUL-terminated function names
 
 
@@ -302,7 +305,7 @@ def _extents(raw: list[tuple[int, int, int, int, int]], strtab: bytes) -> _Table
     # without any size it stops at the next function or at its section's end. Only the
     # kept names are copied out of the string table (which also holds every object,
     # file and section name), NUL-terminated, into a table of their own.
-    table = _Table(array("Q"), array("L"), array("L"), b"")
+    table = _Table(array("Q"), array("I"), array("I"), b"")
     names = bytearray()
     i, count = 0, len(raw)
     while i < count:
@@ -316,6 +319,8 @@ def _extents(raw: list[tuple[int, int, int, int, int]], strtab: bytes) -> _Table
             name_at = min(group, key=lambda g: _alias_preference(_text(strtab, g[4]), g[3]))[4]
         next_start = raw[j][0] if j < count else limit
         end = start + size if size else min(limit, next_start)
+        if len(names) > _MAX_SIZE:
+            break  # 4 GiB of names (offsets are 32-bit): no binary's; the rest is left out
         table.starts.append(start)
         table.sizes.append(min(end - start, _MAX_SIZE))
         table.name_at.append(len(names))

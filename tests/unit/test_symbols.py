@@ -383,9 +383,9 @@ def test_kallsyms_table_is_compact() -> None:
     if not kernel.usable:
         pytest.skip("kallsyms addresses are hidden (not root, or kptr_restrict)")
     symbols = len(kernel._starts)
-    held = sum(sys.getsizeof(part) for part in
-               (kernel._starts, kernel._offsets, kernel._names, kernel._module))
-    assert held < 64 * symbols  # flat arrays, not one Python object per symbol
+    held = kernel._names.nbytes + sum(sys.getsizeof(part) for part in
+                                      (kernel._starts, kernel._offsets, kernel._module))
+    assert held < 24 * symbols  # flat arrays (8 + 4 + 2 bytes), the names compressed
 
 
 def test_symbol_tables_are_bounded_in_bytes() -> None:
