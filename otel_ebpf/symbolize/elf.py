@@ -1,8 +1,9 @@
 """Function symbols and load layout of one ELF file, for user-space symbolization.
 
-pyelftools reads the headers, notes and sections; the symbol entries themselves are decoded
-with `struct.iter_unpack` because walking them through pyelftools costs ~20 µs each, which is
-seconds for binaries like node (100k+ symbols) instead of tens of milliseconds.
+otel_ebpf.symbolize.elfread reads the headers, notes and sections; the symbol entries are
+decoded with `struct.iter_unpack`: walking them through pyelftools cost ~20 µs each, which is
+seconds for binaries like node (100k+ symbols) instead of tens of milliseconds, and finding
+a section by name through it parsed every hash table of the file.
 """
 
 from __future__ import annotations
@@ -20,11 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 from weakref import WeakValueDictionary
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import NoteSection
-from elftools.elf.segments import NoteSegment
-
+from otel_ebpf.symbolize.elfread import EM_ARM, PT_LOAD, ElfFile, notes_build_id
 from otel_ebpf.symbolize.names import PackedNames
 from otel_ebpf.symbolize.procfs import FileKey, file_key
 
@@ -33,7 +30,6 @@ STT_GNU_IFUNC = 10
 SHN_UNDEF = 0
 SHN_LORESERVE = 0xFF00
 PF_X = 1
-NT_GNU_BUILD_ID = 3
 _BIND_RANK = {1: 0, 10: 1, 2: 1, 0: 2}  # GLOBAL, GNU_UNIQUE, WEAK, LOCAL
 # Nesting is shallow (a function with a few labelled parts); looking further back for an
 # enclosing function would only cost time on every miss.
@@ -193,28 +189,28 @@ def load(file: BinaryIO, known: Callable[[str], ElfSymbols | None] | None = None
     (.gnu_debugdata) when available, then from .dynsym.
     """
     try:
-        elf = ELFFile(file)
-        build_id = _build_id(elf)
+        elf = ElfFile(file)
+        build_id = elf.build_id()
         if build_id is not None and known is not None:
             cached = known(build_id)
             if cached is not None and cached.source in _FULL:
                 return cached  # same link output: same layout, and names need no re-read
-        segments = [(s["p_offset"], s["p_vaddr"], s["p_filesz"]) for s in elf.iter_segments()
-                    if s["p_type"] == "PT_LOAD" and s["p_flags"] & PF_X]
+        segments = [(s.offset, s.vaddr, s.filesz) for s in elf.segments
+                    if s.type == PT_LOAD and s.flags & PF_X]
         for source, read in _SOURCES:
             table = read(elf, build_id, debug_root)
             if table is not None:
                 return ElfSymbols(build_id, source, segments, table)
         return ElfSymbols(build_id, "none", segments)
-    except (ELFError, struct.error, OSError, ValueError, lzma.LZMAError) as exc:
+    except (struct.error, OSError, ValueError, IndexError, lzma.LZMAError) as exc:
         raise ElfReadError(str(exc) or type(exc).__name__) from exc
 
 
-def _from_symtab(elf: ELFFile, build_id: str | None, debug_root: Path | None) -> _Table | None:
+def _from_symtab(elf: ElfFile, build_id: str | None, debug_root: Path | None) -> _Table | None:
     return _functions(elf, ".symtab")
 
 
-def _from_debuginfo(elf: ELFFile, build_id: str | None, debug_root: Path | None
+def _from_debuginfo(elf: ElfFile, build_id: str | None, debug_root: Path | None
                     ) -> _Table | None:
     if build_id is None or debug_root is None or len(build_id) < 3:
         return None
@@ -222,23 +218,23 @@ def _from_debuginfo(elf: ELFFile, build_id: str | None, debug_root: Path | None
     if not path.is_file():
         return None
     with path.open("rb") as f:
-        return _functions(ELFFile(f), ".symtab")
+        return _functions(ElfFile(f), ".symtab")
 
 
-def _from_minidebuginfo(elf: ELFFile, build_id: str | None, debug_root: Path | None
+def _from_minidebuginfo(elf: ElfFile, build_id: str | None, debug_root: Path | None
                         ) -> _Table | None:
-    section = elf.get_section_by_name(".gnu_debugdata")
+    section = elf.section(".gnu_debugdata")
     if section is None:
         return None
-    return _functions(ELFFile(BytesIO(lzma.decompress(section.data()))), ".symtab")
+    return _functions(ElfFile(BytesIO(lzma.decompress(elf.data(section)))), ".symtab")
 
 
-def _from_dynsym(elf: ELFFile, build_id: str | None, debug_root: Path | None) -> _Table | None:
+def _from_dynsym(elf: ElfFile, build_id: str | None, debug_root: Path | None) -> _Table | None:
     return _functions(elf, ".dynsym")
 
 
 # In order of preference; a later source is read only when the earlier ones had no function.
-_SOURCES: tuple[tuple[str, Callable[[ELFFile, str | None, Path | None], _Table | None]], ...] = (
+_SOURCES: tuple[tuple[str, Callable[[ElfFile, str | None, Path | None], _Table | None]], ...] = (
     ("symtab", _from_symtab), ("debuginfo", _from_debuginfo),
     ("minidebuginfo", _from_minidebuginfo), ("dynsym", _from_dynsym))
 
@@ -246,43 +242,30 @@ _SOURCES: tuple[tuple[str, Callable[[ELFFile, str | None, Path | None], _Table |
 def file_build_id(file: BinaryIO) -> str | None:
     """The GNU build id of an open ELF file; None without one or when it is not ELF."""
     try:
-        return _build_id(ELFFile(file))
-    except (ELFError, struct.error, OSError, ValueError):
+        return ElfFile(file).build_id()
+    except (struct.error, OSError, ValueError, IndexError):
         return None
 
 
-def _build_id(elf: ELFFile) -> str | None:
-    section = elf.get_section_by_name(".note.gnu.build-id")
-    holders: list[NoteSection | NoteSegment] = []
-    if isinstance(section, NoteSection):
-        holders.append(section)
-    else:  # section headers stripped: the note is still in a PT_NOTE segment
-        holders.extend(s for s in elf.iter_segments() if isinstance(s, NoteSegment))
-    for holder in holders:
-        for note in holder.iter_notes():
-            if note["n_type"] == "NT_GNU_BUILD_ID" and isinstance(note["n_desc"], str):
-                return note["n_desc"]
-    return None
-
-
-def _functions(elf: ELFFile, name: str) -> _Table | None:
+def _functions(elf: ElfFile, name: str) -> _Table | None:
     """The defined functions in symbol table section `name`, or None when it has none."""
-    section = elf.get_section_by_name(name)
-    if section is None or section["sh_entsize"] == 0:
+    section = elf.section(name)
+    if section is None or section.entsize == 0:
         return None
     order = "<" if elf.little_endian else ">"
     if elf.elfclass == 64:
         layout, fields = order + "IBBHQQ", (0, 1, 3, 4, 5)
     else:
         layout, fields = order + "IIIBBH", (0, 3, 5, 1, 2)
-    if struct.calcsize(layout) != section["sh_entsize"]:
+    if struct.calcsize(layout) != section.entsize:
         return None
-    thumb = elf["e_machine"] == "EM_ARM"  # bit 0 of an ARM function address marks Thumb
-    section_ends = [s["sh_addr"] + s["sh_size"] for s in elf.iter_sections()]
+    thumb = elf.machine == EM_ARM  # bit 0 of an ARM function address marks Thumb
+    section_ends = [s.addr + s.size for s in elf.sections]
     reserved = min(SHN_LORESERVE, len(section_ends))
     raw: list[tuple[int, int, int, int, int]] = []  # value, size, section end, bind, name
     n_i, info_i, shndx_i, value_i, size_i = fields
-    for entry in struct.iter_unpack(layout, section.data()):
+    data = elf.data(section)
+    for entry in struct.iter_unpack(layout, data[:len(data) - len(data) % section.entsize]):
         info, shndx, value = entry[info_i], entry[shndx_i], entry[value_i]
         if info & 0xF not in (STT_FUNC, STT_GNU_IFUNC) or shndx == SHN_UNDEF or value == 0:
             continue
@@ -297,7 +280,7 @@ def _functions(elf: ELFFile, name: str) -> _Table | None:
     if not raw:
         return None
     raw.sort(key=itemgetter(0))
-    return _extents(raw, elf.get_section(section["sh_link"]).data())
+    return _extents(raw, elf.data(elf.sections[section.link]))
 
 
 def _extents(raw: list[tuple[int, int, int, int, int]], strtab: bytes) -> _Table:
@@ -358,14 +341,4 @@ def load_vdso() -> tuple[int, ElfSymbols] | None:
 
 def build_id_from_notes(data: bytes) -> str | None:
     """The GNU build id in raw ELF notes in native byte order, as in /sys/kernel/notes."""
-    at = 0
-    while at + 12 <= len(data):
-        namesz, descsz, kind = struct.unpack_from("=III", data, at)
-        at += 12
-        name = data[at:at + namesz]
-        at += (namesz + 3) & ~3
-        desc = data[at:at + descsz]
-        at += (descsz + 3) & ~3
-        if kind == NT_GNU_BUILD_ID and name.rstrip(b"\0") == b"GNU" and desc:
-            return desc.hex()
-    return None
+    return notes_build_id(data)
