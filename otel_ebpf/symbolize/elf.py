@@ -11,6 +11,7 @@ from __future__ import annotations
 import lzma
 import os
 import struct
+import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
@@ -109,7 +110,7 @@ class ElfCache:
     """Symbol tables by file identity (dev, inode, mtime, size), least recently used first
     out once there are `max_files` of them or they hold `max_bytes` together (the newest
     one always stays); files of the same build id share one table. The counters feed
-    self-metrics."""
+    self-metrics. Thread-safe: the probes' symbolizers share one (shared())."""
 
     def __init__(self, max_files: int = 512, debug_root: Path | None = DEBUG_ROOT,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
@@ -119,6 +120,7 @@ class ElfCache:
         # Weak: a table lives as long as the LRU or a process snapshot holds it.
         self._by_build_id: WeakValueDictionary[str, ElfSymbols] = WeakValueDictionary()
         self.hits = self.misses = self.errors = self.evictions = 0
+        self._lock = threading.Lock()
 
     @staticmethod
     def _key(file: BinaryIO) -> FileKey:
@@ -127,6 +129,10 @@ class ElfCache:
     def cached(self, file: BinaryIO) -> tuple[bool, ElfSymbols | None]:
         """(True, table) when this file's table is loaded already; never loads."""
         key = self._key(file)
+        with self._lock:
+            return self._cached(key)
+
+    def _cached(self, key: FileKey) -> tuple[bool, ElfSymbols | None]:
         if key in self._files:
             self.hits += 1
             self._files.move_to_end(key)
@@ -136,10 +142,11 @@ class ElfCache:
     def get(self, file: BinaryIO) -> ElfSymbols | None:
         """The table of the open `file`; None for a file that is not readable ELF."""
         key = self._key(file)
-        if key in self._files:
-            self.hits += 1
-            self._files.move_to_end(key)
-            return self._files[key]
+        with self._lock:  # held while loading: another thread wanting it waits, not loads
+            known, table = self._cached(key)
+            return table if known else self._load(key, file)
+
+    def _load(self, key: FileKey, file: BinaryIO) -> ElfSymbols | None:
         self.misses += 1
         try:
             table: ElfSymbols | None = load(file, self._by_build_id.get, self._debug_root)
@@ -156,6 +163,21 @@ class ElfCache:
             self.nbytes -= evicted.nbytes if evicted is not None else 0
             self.evictions += 1
         return table
+
+
+_shared: ElfCache | None = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> ElfCache:
+    """The process's one cache on the defaults: every probe's symbolizer reads a binary's
+    table once and holds one copy of it (the CPU profile and slow-call stacks sample many
+    of the same binaries)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = ElfCache()
+        return _shared
 
 
 def open_mapped(pid: int, start: int, end: int, path: str, dev: int, inode: int

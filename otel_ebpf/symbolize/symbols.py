@@ -220,12 +220,14 @@ class Symbolizer:
     """Frames for the raw addresses of sampled stacks. Stacks are leaf first: every address
     after the first is a return address and is looked up one byte back."""
 
-    def __init__(self, max_files: int = 512, max_processes: int = 4096,
+    def __init__(self, max_files: int | None = None, max_processes: int = 4096,
                  kallsyms: Path = KALLSYMS, sysfs: Path | None = SYSFS,
                  debug_root: Path | None = elf.DEBUG_ROOT,
                  reload_after: float = 30.0) -> None:
+        # the symbol tables: the process's shared cache, unless other bounds are asked for
         self._stats = SymbolizerStats()
-        self._files = elf.ElfCache(max_files, debug_root)
+        self._files = (elf.shared() if max_files is None and debug_root == elf.DEBUG_ROOT
+                       else elf.ElfCache(max_files or 512, debug_root))
         self._maps = ProcessMaps(self._files, self._stats, max_processes)
         self._kallsyms, self._sysfs, self._reload_after = kallsyms, sysfs, reload_after
         self._kernel: KernelSymbols | None = None

@@ -268,6 +268,20 @@ def test_refresh_of_unchanged_maps_keeps_the_snapshot(run: dict[str, Target],
     assert after.file_misses == before.file_misses
 
 
+def test_symbolizers_share_one_table_per_binary(run: dict[str, Target]) -> None:
+    # the probes' symbolizers (CPU profile, slow-call stacks) read a binary's table once
+    target = run["debug"]
+    first, second = Symbolizer(sysfs=None), Symbolizer(sysfs=None)
+    frame, = first.user_frames(target.pid, [target.leaf])
+    misses = first.stats().file_misses
+    again, = second.user_frames(target.pid, [target.leaf])
+    assert frame.function == again.function == "sym_target_leaf"
+    assert second.stats().file_misses == misses  # the same cache: found, not loaded
+    own = Symbolizer(max_files=8, sysfs=None)  # other bounds: a cache of its own
+    assert own.user_frames(target.pid, [target.leaf])[0].function == "sym_target_leaf"
+    assert own.stats().file_misses > 0
+
+
 def test_parse_maps() -> None:
     text = (
         "55d0c0000000-55d0c0001000 r--p 00000000 fd:01 1234  /usr/bin/prog\n"
