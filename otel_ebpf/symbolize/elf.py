@@ -102,8 +102,9 @@ class _Table(NamedTuple):
 
 _MAX_SIZE = (1 << 32) - 1
 # What the symbol tables of a node's busy binaries take (libc, python, a JIT runtime, a few
-# large C++ servers hold 1-6 MB each); past it the least recently used are read again.
-DEFAULT_MAX_BYTES = 24 << 20
+# large C++ servers: 1-6 MB each as raw names, 0.3-1.5 MB as held, names compressed); past it
+# the least recently used are read again. One cache serves every probe (shared()).
+DEFAULT_MAX_BYTES = 12 << 20
 
 
 class ElfCache:
