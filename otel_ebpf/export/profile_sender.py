@@ -17,10 +17,9 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import grpc
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceResponse,
 )
@@ -39,6 +38,9 @@ from otel_ebpf.export.spill import Spill
 from otel_ebpf.export.spool import Spool
 from otel_ebpf.export.transport import GRPC_STATUS, HTTP_STATUS, classify
 from otel_ebpf.selfmetrics import PROFILES_DROPPED, PROFILES_QUEUED, DeliveryMetrics, Resolver
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 HTTP_PATH = "/v1development/profiles"
@@ -65,6 +67,8 @@ class ProfilesSender:
         self._export: grpc.UnaryUnaryMultiCallable[bytes, Any] | None = None
 
     def _grpc_export(self) -> grpc.UnaryUnaryMultiCallable[bytes, Any]:
+        import grpc  # only with protocol grpc: the library holds ~18 MB once imported
+
         if self._export is None:
             url = urlparse(self.endpoint if "://" in self.endpoint else f"//{self.endpoint}")
             target = url.netloc or url.path
@@ -109,6 +113,8 @@ class ProfilesSender:
         return outcome
 
     def _send_grpc(self, request: bytes) -> Outcome:
+        import grpc
+
         metadata = tuple((k.lower(), v) for k, v in self.config.headers.items())
         try:
             self._grpc_export()(request, timeout=self.config.timeout, metadata=metadata)

@@ -15,8 +15,9 @@ from typing import BinaryIO, NamedTuple
 MAGIC = b"\x7fELF"
 SHT_NOTE, SHT_NOBITS = 7, 8
 PT_LOAD, PT_NOTE = 1, 4
-SHN_XINDEX = 0xFFFF
-EM_ARM = 40
+PF_X = 1
+SHN_UNDEF, SHN_XINDEX = 0, 0xFFFF
+EM_ARM, EM_X86_64 = 40, 62
 NT_GNU_BUILD_ID = 3
 _MAX_TABLE = 1 << 22  # bytes of a section or program header table: 65k entries of 64 bytes
 
@@ -120,6 +121,36 @@ class ElfFile:
                 if found is not None:
                     return found
         return None
+
+
+def symbol_value(elf: ElfFile, name: str, table: str = ".dynsym") -> int | None:
+    """The value of the defined symbol `name` in symbol table `table` (the dynamic one: what
+    a file exports), or None. One scan of the table for the entry naming the string's
+    offset: no name is decoded."""
+    section = elf.section(table)
+    if section is None or section.entsize == 0 or not 0 < section.link < len(elf.sections):
+        return None
+    strtab = elf.data(elf.sections[section.link])
+    # every place the string ends the way `name` does: linkers store a name that is the
+    # tail of another (PyDict_Next in _PyDict_Next) inside it
+    wanted = name.encode() + b"\0"
+    offsets = set()
+    at = strtab.find(wanted)
+    while at >= 0:
+        offsets.add(at)
+        at = strtab.find(wanted, at + 1)
+    if not offsets:
+        return None
+    wide = elf.elfclass == 64
+    layout = elf.order + ("IBBHQQ" if wide else "IIIBBH")
+    name_i, shndx_i, value_i = (0, 3, 4) if wide else (0, 5, 1)
+    if struct.calcsize(layout) != section.entsize:
+        return None
+    data = elf.data(section)
+    for entry in struct.iter_unpack(layout, data[:len(data) - len(data) % section.entsize]):
+        if entry[name_i] in offsets and entry[shndx_i] != SHN_UNDEF and entry[value_i]:
+            return int(entry[value_i])
+    return None
 
 
 def notes_build_id(data: bytes, order: str = "=", align: int = 4) -> str | None:

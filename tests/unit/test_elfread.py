@@ -12,7 +12,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 
 from otel_ebpf.symbolize import elf
-from otel_ebpf.symbolize.elfread import SHT_NOBITS, SHT_NOTE, ElfFile
+from otel_ebpf.symbolize.elfread import SHT_NOBITS, SHT_NOTE, ElfFile, symbol_value
 
 FILES = [Path(p) for p in ("/usr/bin/python3.11", "/lib/x86_64-linux-gnu/libc.so.6",
                            "/lib/x86_64-linux-gnu/libstdc++.so.6", "/bin/ls",
@@ -40,6 +40,27 @@ def test_tables_and_build_id_match_pyelftools(path: Path) -> None:
         dynsym = ours.section(".dynsym")
         assert dynsym is not None
         assert ours.data(dynsym) == theirs.get_section_by_name(".dynsym").data()
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if p.exists()], ids=str)
+def test_exported_symbols_match_pyelftools(path: Path) -> None:
+    """symbol_value finds what the dynamic symbol table exports, as pyelftools' lookup does
+    (how a CPython interpreter's _PyRuntime and Py_Version are found)."""
+    with path.open("rb") as f, path.open("rb") as g:
+        ours, theirs = ElfFile(f), ELFFile(g)
+        table = theirs.get_section_by_name(".dynsym")
+        defined = {sym.name: sym["st_value"] for sym in table.iter_symbols()
+                   if sym.name and sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"]}
+        undefined = {sym.name for sym in table.iter_symbols()
+                     if sym.name and sym["st_shndx"] == "SHN_UNDEF"} - set(defined)
+        for name in sorted(defined)[:: max(1, len(defined) // 50)]:
+            assert symbol_value(ours, name) == defined[name], name
+        for name in sorted(undefined)[:10]:
+            assert symbol_value(ours, name) is None, name
+        assert symbol_value(ours, "no_such_symbol_anywhere") is None
+    if path.name.startswith("python3"):
+        with path.open("rb") as f:
+            assert symbol_value(ElfFile(f), "_PyRuntime")
 
 
 def test_build_id_from_segments_without_section_headers(tmp_path: Path) -> None:

@@ -17,12 +17,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.hash import ELFHashSection, GNUHashSection
-
 from otel_ebpf.symbolize import procfs
 from otel_ebpf.symbolize.elf import open_mapped
+from otel_ebpf.symbolize.elfread import PT_LOAD, ElfFile, symbol_value
 from otel_ebpf.symbolize.procfs import FileKey
 from otel_ebpf.symbolize.python.layouts import (
     DEBUG_OFFSETS_SIZE,
@@ -52,23 +49,11 @@ class PythonProcess:
     path: str  # the file holding the interpreter
 
 
-def _file_read(elf: ELFFile, file: BinaryIO, vaddr: int, size: int) -> bytes | None:
-    for seg in elf.iter_segments():
-        if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= vaddr and \
-                vaddr + size <= seg["p_vaddr"] + seg["p_filesz"]:
-            file.seek(vaddr - seg["p_vaddr"] + seg["p_offset"])
+def _file_read(elf: ElfFile, file: BinaryIO, vaddr: int, size: int) -> bytes | None:
+    for seg in elf.segments:
+        if seg.type == PT_LOAD and seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
+            file.seek(vaddr - seg.vaddr + seg.offset)
             return file.read(size)
-    return None
-
-
-def _symbol(elf: ELFFile, name: str) -> int | None:
-    for section_name in (".gnu.hash", ".hash"):
-        section = elf.get_section_by_name(section_name)
-        if isinstance(section, GNUHashSection | ELFHashSection):
-            sym = section.get_symbol(name)
-            if sym is not None and sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"]:
-                return int(sym["st_value"])
-            return None
     return None
 
 
@@ -76,12 +61,12 @@ def examine(file: BinaryIO, path: str) -> Interpreter | None:
     """The CPython interpreter in this ELF file, or None (not one, or a version this
     unwinder has no layout for)."""
     try:
-        elf = ELFFile(file)
-        runtime = _symbol(elf, "_PyRuntime")
+        elf = ElfFile(file)
+        runtime = symbol_value(elf, "_PyRuntime")
         if runtime is None:
             return None
         version: tuple[int, int] | None = None
-        at = _symbol(elf, "Py_Version")
+        at = symbol_value(elf, "Py_Version")
         raw = _file_read(elf, file, at, 4) if at is not None else None
         if raw is not None:
             hex_version = struct.unpack("<I", raw)[0]
@@ -99,13 +84,12 @@ def examine(file: BinaryIO, path: str) -> Interpreter | None:
             layout = layout_for(version)
         if layout is None:
             return None
-        loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        loads = [s for s in elf.segments if s.type == PT_LOAD]
         if not loads:
             return None
-        first = min(loads, key=lambda s: s["p_offset"])
-        return Interpreter(runtime, (first["p_vaddr"] - first["p_offset"]) & ~(_PAGE - 1),
-                           layout)
-    except (ELFError, struct.error, OSError, ValueError):
+        first = min(loads, key=lambda s: s.offset)
+        return Interpreter(runtime, (first.vaddr - first.offset) & ~(_PAGE - 1), layout)
+    except (struct.error, OSError, ValueError):
         return None
 
 

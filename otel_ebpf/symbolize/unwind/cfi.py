@@ -7,9 +7,9 @@ caller's rbp was saved (CFA + N, unchanged, unknown) and whether the frame is th
 one (return address undefined, as in _start). The return address is at CFA - 8 on x86_64.
 Rows are 8 bytes (struct unwind_row): u32 pc, u16 CFA offset / 8, u8 kind, s8 rbp offset /8.
 
-pyelftools finds the sections and segments; records.py decodes the records and their
-instructions: pyelftools' per-instruction objects cost ~6 s for python3.11's 10k FDEs (and
-it rejects some of libc's opcodes), that loop 0.27 s.
+symbolize/elfread.py finds the sections and segments; records.py decodes the records and
+their instructions (pyelftools' per-instruction objects cost ~6 s for python3.11's 10k FDEs,
+and it rejects some of libc's opcodes; that loop takes 0.27 s).
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
+from otel_ebpf.symbolize.elfread import EM_X86_64, PF_X, PT_LOAD, SHT_NOBITS, ElfFile
 from otel_ebpf.symbolize.unwind.records import (
     CFA_END,
     CFA_NONE,
@@ -42,7 +40,6 @@ __all__ = ["CFA_END", "CFA_NONE", "CFA_PLT", "CFA_RBP", "CFA_RSP", "CFA_UNSUPPOR
            "UnwindTable", "bias", "compile_file", "decode_row"]
 
 ROW = struct.Struct("<IHBb")
-PF_X = 1
 
 
 class Row(NamedTuple):
@@ -120,31 +117,31 @@ def compile_file(file: BinaryIO, max_rows: int = 1 << 32) -> UnwindTable | None:
     code (which keeps frame pointers). TooLarge when it would exceed `max_rows`, judged
     from the size of its CFI before compiling it where that size says so already."""
     try:
-        elf = ELFFile(file)
-        if elf["e_machine"] != "EM_X86_64" or elf.elfclass != 64:
+        elf = ElfFile(file)
+        if elf.machine != EM_X86_64 or elf.elfclass != 64:
             return None
-        if elf.get_section_by_name(".gopclntab") is not None:
+        if elf.section(".gopclntab") is not None:
             return None
-        segments = tuple((s["p_offset"], s["p_vaddr"], s["p_filesz"])
-                         for s in elf.iter_segments()
-                         if s["p_type"] == "PT_LOAD" and s["p_flags"] & PF_X)
-        eh = elf.get_section_by_name(".eh_frame")
-        debug = elf.get_section_by_name(".debug_frame")
-        sections = [s for s in (eh, debug) if s is not None and s["sh_type"] != "SHT_NOBITS"]
-        cfi_bytes = sum(s["sh_size"] for s in sections)
+        segments = tuple((s.offset, s.vaddr, s.filesz) for s in elf.segments
+                         if s.type == PT_LOAD and s.flags & PF_X)
+        eh = elf.section(".eh_frame")
+        debug = elf.section(".debug_frame")
+        eh = eh if eh is not None and eh.type != SHT_NOBITS else None
+        debug = debug if debug is not None and debug.type != SHT_NOBITS else None
+        cfi_bytes = sum(s.size for s in (eh, debug) if s is not None)
         if cfi_bytes * _MIN_ROWS_PER_BYTE > max_rows:
             raise TooLarge(int(cfi_bytes * _MIN_ROWS_PER_BYTE), f"{cfi_bytes} bytes of CFI")
         fdes: list[Fde] = []
-        if eh is not None and eh["sh_type"] != "SHT_NOBITS":
-            fdes += Parser(eh.data(), eh["sh_addr"], eh_frame=True).fdes()
-        if debug is not None and debug["sh_type"] != "SHT_NOBITS":
+        if eh is not None:
+            fdes += Parser(elf.data(eh), eh.addr, eh_frame=True).fdes()
+        if debug is not None:
             covered = sorted((start, end) for start, end, _ in fdes)
             starts = [c[0] for c in covered]
-            for start, end, rows in Parser(debug.data(), 0, eh_frame=False).fdes():
+            for start, end, rows in Parser(elf.data(debug), 0, eh_frame=False).fdes():
                 i = bisect_right(starts, start) - 1
                 if i < 0 or start >= covered[i][1]:  # .eh_frame's rows win where both are
                     fdes.append((start, end, rows))
-    except (ELFError, struct.error, OSError, ValueError, IndexError) as exc:
+    except (struct.error, OSError, ValueError, IndexError) as exc:
         raise CfiError(str(exc) or type(exc).__name__) from exc
     if not fdes:
         return None
