@@ -666,7 +666,7 @@ def run_suite(args: argparse.Namespace, machine_shown: bool) -> int:
         sink = stack.enter_context(otlp_sink())
         # the embedded defaults, but for where to export; a cold compile cache of its own,
         # so that the start-up peak is a first start's, whatever ran before
-        config = f"exporter:\n  endpoint: {sink.endpoint}\n"
+        config = f"exporter:\n  endpoint: {sink.endpoint}\n  protocol: grpc\n"
         env = {"OTEL_EBPF_CACHE_DIR": str(Path(tmp) / "cache")}
         with AgentProcess(config, Path(tmp), "agent-churn", life, extra_env=env) as agent:
             run = ChurnRun(args, agent, sink, execs, cgroup)

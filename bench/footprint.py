@@ -245,7 +245,7 @@ def defaults_config(endpoint: str, probes: bool = True) -> str:
     from otel_ebpf.config import ProbesConfig
 
     config: dict[str, object] = {"log_level": "info",
-                                 "exporter": {"endpoint": endpoint, "insecure": True}}
+                                 "exporter": {"endpoint": endpoint}}
     if not probes:
         config["probes"] = {name: {"enabled": False} for name in ProbesConfig.model_fields}
     return yaml.safe_dump(config)
@@ -253,13 +253,14 @@ def defaults_config(endpoint: str, probes: bool = True) -> str:
 
 @contextlib.contextmanager
 def collector() -> Iterator[str]:
-    """rotel on loopback, forwarding to the in-process sink: its OTLP/gRPC endpoint."""
+    """rotel on loopback, forwarding to the in-process sink: its OTLP/HTTP endpoint (the
+    agent's default protocol)."""
     if str(REPO_DIR) not in sys.path:
         sys.path.insert(0, str(REPO_DIR))
     from tests.peers.rotel import RotelCollector
 
     with otlp_sink() as sink, RotelCollector(sink.endpoint) as rotel:
-        yield rotel.grpc_endpoint
+        yield rotel.http_endpoint
 
 
 def measure(args: argparse.Namespace, endpoint: str, workdir: Path,

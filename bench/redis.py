@@ -463,7 +463,7 @@ def agent_config_text(endpoint: str, only: str | None) -> str:
     default measured."""
     import yaml
 
-    config: dict[str, Any] = {"exporter": {"endpoint": endpoint}}
+    config: dict[str, Any] = {"exporter": {"endpoint": endpoint, "protocol": "grpc"}}
     if only is not None:
         config["probes"] = {p: {"enabled": False} for p in PROBES if p != only}
     return yaml.safe_dump(config, sort_keys=False)

@@ -56,10 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="stop cleanly after this long, e.g. 30s or 5m (default: run until "
                           "signalled)")
     run.add_argument("--otlp-endpoint", metavar="URL",
-                     help="OTLP endpoint (default http://localhost:4317 for grpc, :4318 for "
-                          "http/protobuf)")
+                     help="OTLP endpoint (default http://localhost:4318 for http/protobuf, "
+                          ":4317 for grpc)")
     run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
-                     help="OTLP transport (default grpc)")
+                     help="OTLP transport (default http/protobuf)")
     run.add_argument("--export-interval", type=_duration_arg, metavar="DURATION",
                      help="how often metrics and profiles are exported (default 10s); "
                           "spans go out as soon as a batch fills, or every 0.5s")

@@ -105,9 +105,11 @@ class QueueConfig(_Strict):
 
 class ExporterConfig(_Strict):
     enabled: bool = True
-    # None: the OTLP default for the protocol (localhost:4317 gRPC, localhost:4318 HTTP)
+    # None: the OTLP default for the protocol (localhost:4318 HTTP, localhost:4317 gRPC)
     endpoint: str | None = None
-    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    # the OpenTelemetry specification's default transport; gRPC also holds gRPC's ~10 MB
+    # library and its threads in the agent
+    protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
     headers: dict[str, str] = Field(default_factory=dict)
     insecure: bool | None = None
     compression: Literal["none", "gzip", "deflate"] | None = None

@@ -185,7 +185,7 @@ def test_daemonset_privileges_mounts_and_resources(rendered: list[dict[str, Any]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == \
-        "http://otel-collector.observability.svc:4317"
+        "http://otel-collector.observability.svc:4318"
     assert env["OTEL_EBPF_CACHE_DIR"]["value"] == "/var/cache/otel-ebpf"
     assert c["resources"] == {"requests": {"cpu": "50m", "memory": "200Mi"},
                               "limits": {"cpu": "1", "memory": "512Mi"}}

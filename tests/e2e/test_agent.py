@@ -220,7 +220,7 @@ def test_slow_calls_arrive_as_spans_linked_by_exemplars(
         "filter": {"comms": ["slowpoke", "slow_workload"]},
         "slow_spans": {"include": ["nanosleep", "clock_nanosleep"], "stacks": False}}})
     agent = agent_factory("--export-interval", "1s", config_text=config,
-                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
+                          env=rotel.grpc_env)
     agent.wait_for_log("probe syscall_latency attached")
     proc = subprocess.run([str(slow_workload), "sleeps", "5", "50", "100"], check=True,
                           capture_output=True, text=True, timeout=30)
@@ -272,7 +272,7 @@ def test_profiles_reach_the_opentelemetry_collector(
     folded = tmp_path / "cpu.folded"
     agent = agent_factory("--export-interval", "1s", "--profiles-folded", str(folded),
                           config_text=agent_config({"cpu_profile": {"frequency": 499}}),
-                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
+                          env=otelcol.grpc_env)
     agent.wait_for_log("probe cpu_profile attached")
     proc = subprocess.Popen([str(cpu_hot), "split", "2"], stdout=subprocess.DEVNULL)
 
@@ -322,7 +322,7 @@ def test_python_frames_reach_the_opentelemetry_collector(agent_factory, otelcol)
 
     agent = agent_factory("--export-interval", "1s",
                           config_text=agent_config({"cpu_profile": {"frequency": 499}}),
-                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
+                          env=otelcol.grpc_env)
     agent.wait_for_log("probe cpu_profile attached")
     script = Path(__file__).parent.parent / "fixtures" / "python" / "split.py"
     proc = subprocess.Popen(["/usr/bin/python3", str(script), "600"])
@@ -361,7 +361,7 @@ def test_collector_without_profiles_is_reported_once(
     config = agent_config({"syscall_latency": {"interval": "500ms"},
                            "cpu_profile": {"frequency": 499}})
     agent = agent_factory("--export-interval", "500ms", config_text=config,
-                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
+                          env=rotel.grpc_env)
     agent.wait_for_log("probe cpu_profile attached")
     subprocess.run([str(cpu_hot), "split", "1.5"], capture_output=True, check=True, timeout=30)
 

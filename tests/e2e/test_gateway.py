@@ -111,7 +111,7 @@ def test_metrics_spans_and_profiles_pass_through_the_gateway(
     config = tmp_path / "gateway-agent.yaml"
     config.write_text(CONFIG)
     agent = AgentProcess(tmp_path, "--config", str(config), "--export-interval", "1s",
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": gateway.grpc_endpoint})
+                         env=gateway.grpc_env)
     try:
         agent.wait_for_log(f" running: probes {', '.join(DEFAULT_PROBES)}", timeout=120)
         pid, out = run_in(cgroup, [syscall_workload, N_GETPPID, K_SLEEPS, SLEEP_MS])

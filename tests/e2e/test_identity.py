@@ -87,7 +87,8 @@ def test_same_container_identity_on_metrics_spans_and_profiles(
 ) -> None:
     config = agent_config({"syscall_latency": SYSCALLS, "cpu_profile": {"frequency": 199}})
     agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint})
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint,
+                              "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     helpers: dict[str, subprocess.Popen[str]] = {}
     try:
         agent.wait_for_log(" running: probes")  # every probe: they attach side by side
@@ -160,7 +161,8 @@ def test_workload_filter_selects_containers_in_the_kernel(
     config = agent_config({"syscall_latency": SYSCALLS, "cpu_profile": {"frequency": 199}},
                           identity={"filter": {"container_ids": [docker_id[:12]]}})
     agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint})
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint,
+                              "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     try:
         agent.wait_for_log("workload filter: ")
         pids = {}
@@ -195,7 +197,7 @@ def test_resource_attributes_through_rotel(
     path, container_id, pod_uid = cgroups["containerd"]
     agent = AgentProcess(tmp_path, "--export-interval", "1s",
                          config_text=agent_config({"syscall_latency": SYSCALLS}),
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint,
+                         env={**rotel.grpc_env,
                               "OTEL_RESOURCE_ATTRIBUTES": "k8s.cluster.name=e2e"})
     try:
         agent.wait_for_log("probe syscall_latency attached")

@@ -267,7 +267,8 @@ def test_agent_in_the_image_exports_a_containers_identity(
     # the image's own configuration; rotel listens on the host's loopback
     agent = Running(agent_argv(image, cache, agent_name, [
         "run", "--config", "/etc/otel-ebpf/otel-ebpf.yaml", "--duration", "20s",
-        "--export-interval", "2s", "--otlp-endpoint", rotel.grpc_endpoint]), image.env)
+        "--export-interval", "2s", "--otlp-endpoint", rotel.grpc_endpoint,
+        "--otlp-protocol", "grpc"]), image.env)
     try:
         assert agent.wait_for("running: probes", timeout=300), "".join(agent.lines)
         # a second container running a workload whose syscalls are known; it stays until

@@ -93,7 +93,7 @@ def test_installed_agent_exports_through_rotel(
     syscall_workload: Path,
 ) -> None:
     agent = AgentProcess(tmp_path, "--duration", "3s", "--export-interval", "1s",
-                         "--otlp-endpoint", rotel.grpc_endpoint,
+                         "--otlp-endpoint", rotel.grpc_endpoint, "--otlp-protocol", "grpc",
                          program=[str(venv / "bin" / "otel-ebpf")], cwd=elsewhere)
     try:
         agent.wait_for_log("probe syscall_latency attached", timeout=120)

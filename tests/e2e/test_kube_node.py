@@ -160,7 +160,8 @@ def overlay(directory: Path, node: Node, endpoint: str, cache: Path) -> str:
         "images": [{"name": "otel-ebpf", "newName": name, "newTag": tag}],
         "patches": [{"path": "node.yaml"}],
     }))
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "KUBERNETES_SERVICE_HOST": LOOPBACK,
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+           "KUBERNETES_SERVICE_HOST": LOOPBACK,
            "KUBERNETES_SERVICE_PORT": str(node.api.port), "OTEL_METRIC_EXPORT_INTERVAL": "2000"}
     (directory / "node.yaml").write_text(yaml.safe_dump({
         "apiVersion": "apps/v1", "kind": "DaemonSet",

@@ -98,7 +98,7 @@ def test_agent_names_pods_listed_and_watched_from_a_real_api_server(
         identity={"kubernetes": {"token_path": str(token), "ca_path": str(kube_api.ca_path),
                                  "labels": ["version"]}})
     agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config, env={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint, "NODE_NAME": node,
+        **rotel.grpc_env, "NODE_NAME": node,
         # what the kubelet puts in every container's environment
         "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(kube_api.port)})
     procs: list[subprocess.Popen[str]] = []

@@ -112,7 +112,7 @@ def test_the_listed_capabilities_run_every_probe_export_and_restart_from_the_cac
         rotel: RotelCollector, otlp_sink: OtlpSink, cgroup: Path, syscall_workload: Path,
         cpu_hot: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint}
+    env = rotel.grpc_env
     folded = tmp_path / "cpu.folded"
     agent = start_agent(tmp_path, LISTED, CONFIG, cache, env)
     try:

@@ -74,7 +74,7 @@ def test_off_cpu_profile_and_slow_call_stack_reach_the_collector(
 
     binary = build_helper("off_cpu_target")
     agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=CONFIG,
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
+                         env=otelcol.grpc_env)
     # every probe attached and their event buffers read (new processes announced): the
     # helpers are then symbolized from maps read while they live
     agent.wait_for_log(" running: probes", timeout=90)

@@ -208,7 +208,7 @@ def test_a_span_storm_during_an_outage_stays_within_the_queue_bound(
                            "rate_per_second": rate, "burst": rate}}},
         exporter={"queue": {"spans": {"max_items": 1_000_000, "max_bytes": max_bytes}}})
     agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
+                         env=rotel.grpc_env)
     agent.wait_for_log("probe syscall_latency attached")
     peak: list[int] = []
 
@@ -274,7 +274,7 @@ def test_profiles_of_an_outage_reach_the_collector_after_it(
     folded = tmp_path / "cpu.folded"
     agent = AgentProcess(tmp_path, "--export-interval", "1s", "--profiles-folded", str(folded),
                          config_text=agent_config({"cpu_profile": {"frequency": 499}}),
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otelcol.grpc_endpoint})
+                         env=otelcol.grpc_env)
     agent.wait_for_log("probe cpu_profile attached")
     otelcol.wait_for_export("profiles", timeout=30)  # the way works before the outage
 

@@ -39,7 +39,7 @@ def start_agent(tmp_path: Path, rotel: RotelCollector, cgroup: Path, spool: Path
         exporter={"queue": {"spool_directory": str(spool),
                             "spans": {"max_items": 8, "max_spool_bytes": spool_bytes}}})
     agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
+                         env=rotel.grpc_env)
     agent.wait_for_log("probe syscall_latency attached")
     return agent
 

@@ -50,7 +50,7 @@ def tcp_agent(tmp_path: Path, rotel: RotelCollector) -> Iterator[AgentProcess]:
     config = agent_config({"tcp_retransmit": {"interval": "1s", "aggregation": "connection",
                                               "owner": "process"}})
     agent = AgentProcess(tmp_path, "--export-interval", "1s", config_text=config,
-                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": rotel.grpc_endpoint})
+                         env=rotel.grpc_env)
     try:
         yield agent
     finally:

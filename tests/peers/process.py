@@ -158,6 +158,13 @@ class CollectorPeer:
         return f"http://{self.grpc_target}"
 
     @property
+    def grpc_env(self) -> dict[str, str]:
+        """An agent's environment for exporting here over OTLP/gRPC (its default is
+        http/protobuf)."""
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.grpc_endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+
+    @property
     def http_endpoint(self) -> str:
         """OTLP/HTTP base URL; append ``/v1/metrics``, ``/v1/traces``, ..."""
         return f"http://{LOOPBACK}:{self.http_port}"

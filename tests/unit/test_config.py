@@ -20,7 +20,9 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)  # no config/otel-ebpf.yaml here
     config, source = cfg.load(env={})
     assert source is None
-    assert config.exporter.resolved_endpoint() == "http://localhost:4317"
+    # OTLP/HTTP, the OpenTelemetry specification's default transport
+    assert config.exporter.protocol == "http/protobuf"
+    assert config.exporter.resolved_endpoint() == "http://localhost:4318"
     assert config.probes.syscall_latency.enabled
     assert config.probes.syscall_latency.aggregation == "workload"
     assert config.probes.syscall_latency.sample_period == 64
@@ -52,9 +54,9 @@ def test_durations_and_precedence(tmp_path: Path) -> None:
     assert config.exporter.endpoint == "http://flag:1"  # the flag beats both
 
 
-def test_http_protocol_default_endpoint() -> None:
-    config, _ = cfg.load(env={"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
-    assert config.exporter.resolved_endpoint() == "http://localhost:4318"
+def test_grpc_protocol_default_endpoint() -> None:
+    config, _ = cfg.load(env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert config.exporter.resolved_endpoint() == "http://localhost:4317"
 
 
 def test_resource_attributes_and_headers_from_env(tmp_path: Path) -> None:

@@ -52,8 +52,8 @@ def resolver(workloads: Iterable[Workload]) -> object:
 
 
 def exporter_config(endpoint: str) -> ExporterConfig:
-    return ExporterConfig(endpoint=endpoint, insecure=True, interval=0.1, timeout=2,
-                          retry={"initial_backoff": "50ms", "max_backoff": "100ms"})
+    return ExporterConfig(endpoint=endpoint, protocol="grpc", insecure=True, interval=0.1,
+                          timeout=2, retry={"initial_backoff": "50ms", "max_backoff": "100ms"})
 
 
 def shipper(config: ExporterConfig, signal: str) -> OtlpShipper:

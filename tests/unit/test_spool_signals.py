@@ -49,7 +49,7 @@ def test_spans_decoded_from_their_request_encode_to_the_same_request() -> None:
 
 
 def exporter_config(port: int, spool: Path) -> ExporterConfig:
-    return ExporterConfig(endpoint=f"http://127.0.0.1:{port}", timeout=2.0,
+    return ExporterConfig(endpoint=f"http://127.0.0.1:{port}", protocol="grpc", timeout=2.0,
                           queue=QueueConfig(spool_directory=str(spool)))
 
 
