@@ -86,7 +86,7 @@ def expected(workloads: int = WORKLOADS) -> dict[tuple[int, str], int]:
 
 
 def metrics_export(store: CumulativeStore, endpoint: str, **config: Any) -> MetricsExport:
-    exporter_config = ExporterConfig(endpoint=endpoint, insecure=True, **config)
+    exporter_config = ExporterConfig(endpoint=endpoint, protocol="grpc", insecure=True, **config)
     shipper = OtlpShipper(make_otlp_exporter(exporter_config), endpoint)
     return MetricsExport(store, shipper, lambda _: identity_of, exporter_config, 1_000)
 
