@@ -22,15 +22,20 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 from weakref import WeakValueDictionary
 
-from otel_ebpf.symbolize.elfread import EM_ARM, PT_LOAD, ElfFile, notes_build_id
+from otel_ebpf.symbolize.elfread import (
+    EM_ARM,
+    PF_X,
+    PT_LOAD,
+    SHN_UNDEF,
+    ElfFile,
+    symbol_entries,
+)
 from otel_ebpf.symbolize.names import PackedNames
 from otel_ebpf.symbolize.procfs import FileKey, file_key
 
 STT_FUNC = 2
 STT_GNU_IFUNC = 10
-SHN_UNDEF = 0
 SHN_LORESERVE = 0xFF00
-PF_X = 1
 _BIND_RANK = {1: 0, 10: 1, 2: 1, 0: 2}  # GLOBAL, GNU_UNIQUE, WEAK, LOCAL
 # Nesting is shallow (a function with a few labelled parts); looking further back for an
 # enclosing function would only cost time on every miss.
@@ -273,22 +278,17 @@ def file_build_id(file: BinaryIO) -> str | None:
 def _functions(elf: ElfFile, name: str) -> _Table | None:
     """The defined functions in symbol table section `name`, or None when it has none."""
     section = elf.section(name)
-    if section is None or section.entsize == 0:
+    if section is None:
         return None
-    order = "<" if elf.little_endian else ">"
-    if elf.elfclass == 64:
-        layout, fields = order + "IBBHQQ", (0, 1, 3, 4, 5)
-    else:
-        layout, fields = order + "IIIBBH", (0, 3, 5, 1, 2)
-    if struct.calcsize(layout) != section.entsize:
+    table = symbol_entries(elf, section)
+    if table is None:
         return None
+    entries, (n_i, info_i, shndx_i, value_i, size_i) = table
     thumb = elf.machine == EM_ARM  # bit 0 of an ARM function address marks Thumb
     section_ends = [s.addr + s.size for s in elf.sections]
     reserved = min(SHN_LORESERVE, len(section_ends))
     raw: list[tuple[int, int, int, int, int]] = []  # value, size, section end, bind, name
-    n_i, info_i, shndx_i, value_i, size_i = fields
-    data = elf.data(section)
-    for entry in struct.iter_unpack(layout, data[:len(data) - len(data) % section.entsize]):
+    for entry in entries:
         info, shndx, value = entry[info_i], entry[shndx_i], entry[value_i]
         if info & 0xF not in (STT_FUNC, STT_GNU_IFUNC) or shndx == SHN_UNDEF or value == 0:
             continue
@@ -360,8 +360,3 @@ def load_vdso() -> tuple[int, ElfSymbols] | None:
         return end - start, load(BytesIO(image), debug_root=None)
     except (OSError, ElfReadError):
         return None
-
-
-def build_id_from_notes(data: bytes) -> str | None:
-    """The GNU build id in raw ELF notes in native byte order, as in /sys/kernel/notes."""
-    return notes_build_id(data)

@@ -10,6 +10,7 @@ the symbols of newly seen binaries was most of the agent's CPU at rest on a busy
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
 MAGIC = b"\x7fELF"
@@ -141,16 +142,30 @@ def symbol_value(elf: ElfFile, name: str, table: str = ".dynsym") -> int | None:
         at = strtab.find(wanted, at + 1)
     if not offsets:
         return None
-    wide = elf.elfclass == 64
-    layout = elf.order + ("IBBHQQ" if wide else "IIIBBH")
-    name_i, shndx_i, value_i = (0, 3, 4) if wide else (0, 5, 1)
-    if struct.calcsize(layout) != section.entsize:
+    symbols = symbol_entries(elf, section)
+    if symbols is None:
         return None
-    data = elf.data(section)
-    for entry in struct.iter_unpack(layout, data[:len(data) - len(data) % section.entsize]):
+    entries, (name_i, _, shndx_i, value_i, _) = symbols
+    for entry in entries:
         if entry[name_i] in offsets and entry[shndx_i] != SHN_UNDEF and entry[value_i]:
             return int(entry[value_i])
     return None
+
+
+def symbol_entries(elf: ElfFile, section: Section
+                   ) -> tuple[Iterator[tuple[int, ...]], tuple[int, int, int, int, int]] | None:
+    """The raw entries of symbol table `section` and where each holds st_name, st_info,
+    st_shndx, st_value and st_size (the 32- and 64-bit layouts order them differently);
+    None when its entry size is not ELF's. Raw, not reordered: a table has 100k entries."""
+    if elf.elfclass == 64:
+        layout, fields = "IBBHQQ", (0, 1, 3, 4, 5)
+    else:
+        layout, fields = "IIIBBH", (0, 3, 5, 1, 2)
+    entry = struct.Struct(elf.order + layout)
+    if section.entsize != entry.size:
+        return None
+    data = elf.data(section)
+    return entry.iter_unpack(data[:len(data) - len(data) % entry.size]), fields
 
 
 def notes_build_id(data: bytes, order: str = "=", align: int = 4) -> str | None:

@@ -15,7 +15,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from pathlib import Path
 
-from otel_ebpf.symbolize import elf
+from otel_ebpf.symbolize.elfread import notes_build_id
 from otel_ebpf.symbolize.frames import KERNEL, Frame, Mapping
 from otel_ebpf.symbolize.names import PackedNames
 
@@ -146,6 +146,6 @@ def _kernel_build_id(module: str, sysfs: Path | None) -> str | None:
     notes = (sysfs / "module" / module / "notes" / ".note.gnu.build-id" if module
              else sysfs / "kernel" / "notes")
     try:
-        return elf.build_id_from_notes(notes.read_bytes())
+        return notes_build_id(notes.read_bytes())  # native byte order
     except OSError:
         return None

@@ -16,7 +16,6 @@ disk cache).
 from __future__ import annotations
 
 import ctypes as ct
-import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from otel_ebpf.symbolize.unwind.tables import (
     MAX_MAPPINGS,
     KernelUnwindTables,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_ROWS = 1 << 20  # 8 MiB: the tables of ~30 large binaries (libc, python, libcrypto)
 DEFAULT_PROCESSES = 4096
