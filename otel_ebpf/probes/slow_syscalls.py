@@ -259,8 +259,18 @@ class SlowCallStream:
             return []
         self._program.poll_event_buffers()
         calls, self._pending = self._pending, []
-        if self._unwind is not None and calls:
-            self._unwind.sampled({call.tgid for call in calls if call.user_stack})
+        if self._unwind is not None:
+            # a process of a slow call not (wholly) loaded yet is loaded for its next calls
+            # (one missing a table again when the compile budget allows: sampled); a loaded
+            # one costs a dict lookup here, not a wake-up of the loader at every poll
+            tables, incomplete = self._unwind.tables, set()
+            for tgid in {call.tgid for call in calls if call.user_stack}:
+                if not tables.knows(tgid):
+                    self._unwind.add(tgid)
+                elif not tables.complete(tgid):
+                    incomplete.add(tgid)
+            if incomplete:
+                self._unwind.sampled(incomplete)
         return [span for call in calls if (span := self.to_span(call)) is not None]
 
     def to_span(self, call: SlowCall) -> SpanRecord | None:
