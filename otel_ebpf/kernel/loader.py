@@ -113,8 +113,9 @@ def maps_btf(map_fds: list[int]) -> str | None:
     return None
 
 
-def _die_with_parent() -> None:
-    """A compile outliving the agent (killed mid-start) would only waste a CPU."""
+def die_with_parent() -> None:
+    """A compiler process outliving the agent (killed mid-start) would only waste a CPU
+    (the unwind tables' compiler process uses it too)."""
     with contextlib.suppress(OSError, AttributeError):
         ct.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the agent was gone before we asked
@@ -122,7 +123,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    die_with_parent()
     sock = socket.socket(fileno=int(argv[1]))
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything BCC or clang prints joins the diagnostics

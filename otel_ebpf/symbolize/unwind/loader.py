@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from otel_ebpf.symbolize.unwind import worker
 from otel_ebpf.symbolize.unwind.tables import KernelUnwindTables
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,14 @@ class UnwindLoader:
 
     def _run(self) -> None:
         while True:
+            self.tables.rest()
             with self._wake:
-                while not (self._pending or self._sampled or self._stopping):
-                    self._wake.wait()
+                if not (self._pending or self._sampled or self._stopping):
+                    self._wake.wait(worker.IDLE_S)  # then rest() again
                 if self._stopping:
                     return
+                if not (self._pending or self._sampled):
+                    continue
                 pid = self._pending.popitem(last=False)[0] if self._pending else None
                 sampled: set[int] = set()
                 if pid is None:

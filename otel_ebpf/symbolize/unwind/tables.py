@@ -36,6 +36,7 @@ from otel_ebpf.symbolize.procfs import FileKey
 from otel_ebpf.symbolize.symbols import parse_maps
 from otel_ebpf.symbolize.unwind import cfi, disk
 from otel_ebpf.symbolize.unwind.rowarea import RowArea
+from otel_ebpf.symbolize.unwind.worker import CompileWorker
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class KernelUnwindTables:
         # a process whose files had to wait is loaded without their tables, then again
         self.may_compile: Callable[[], bool] = lambda: True
         self._deferred = False
+        self.compiler = CompileWorker()  # compiles in a child process (worker.py)
 
     @property
     def rows_used(self) -> int:
@@ -131,7 +133,12 @@ class KernelUnwindTables:
                                                         * _MAPPING.size))
 
     def close(self) -> None:
-        """Nothing held: the maps are the program's."""
+        """Stop the compiler process (the maps are the program's)."""
+        self.compiler.close()
+
+    def rest(self) -> None:
+        """Between requests: the compiler process exits once idle."""
+        self.compiler.rest()
 
     def _write_rows(self, first: int, rows: bytes) -> None:
         """Copy rows into the array through a mapping of just their pages (unmapped
@@ -188,7 +195,7 @@ class KernelUnwindTables:
     def _compile(self, file: BinaryIO, key: str | FileKey, path: str) -> _Loaded | None:
         began = time.monotonic()
         try:
-            table = cfi.compile_file(file, self._area.size // MAX_TABLE_SHARE)
+            table = self.compiler.compile(file, self._area.size // MAX_TABLE_SHARE)
             if self.cache is not None:
                 self.cache.store(key, table)
         except cfi.CfiError as exc:
@@ -202,7 +209,10 @@ class KernelUnwindTables:
             if self.cache is not None:
                 self.cache.store(key, None, too_large_rows=exc.rows)
             table = None
-        self.stats.compile_seconds += time.monotonic() - began
+        took = time.monotonic() - began
+        log.debug("unwind: %s compiled in %.3fs (%d rows)", path, took,
+                  len(table) if table is not None else 0)
+        self.stats.compile_seconds += took
         self.stats.files_compiled += 1
         return self._add_file(key, table)
 
