@@ -143,9 +143,9 @@ def _kernel_context(cache_reads: bool = True) -> tuple[Any, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import build_agent
     from otel_ebpf.export.spool import SpoolError
-    from otel_ebpf.memory import limit_arenas
+    from otel_ebpf.memory import configure_malloc
 
-    limit_arenas()
+    configure_malloc()
 
     overrides = _overrides(args)
     config = _load_config(args, overrides)
