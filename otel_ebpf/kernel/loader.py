@@ -17,11 +17,9 @@ to stderr; a failure is {"error": "..."} on stdout and exit status 1.
 from __future__ import annotations
 
 import base64
-import contextlib
 import ctypes as ct
 import json
 import os
-import signal
 import socket
 import struct
 import sys
@@ -31,10 +29,10 @@ from typing import Any
 
 from otel_ebpf.kernel import bpfsys
 from otel_ebpf.kernel.ctypes_json import describe
+from otel_ebpf.kernel.lifetime import die_with_parent
 
 _LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots
 _PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
-_PR_SET_PDEATHSIG = 1
 
 
 def relocations(insns: bytes, index_of_fd: dict[int, int]) -> list[list[int]]:
@@ -111,15 +109,6 @@ def maps_btf(map_fds: list[int]) -> str | None:
         except (OSError, ValueError):  # an fd closed meanwhile (the scandir's own)
             continue
     return None
-
-
-def die_with_parent() -> None:
-    """A compiler process outliving the agent (killed mid-start) would only waste a CPU
-    (the unwind tables' compiler process uses it too)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ct.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the agent was gone before we asked
-        os._exit(1)
 
 
 def main(argv: list[str]) -> int:

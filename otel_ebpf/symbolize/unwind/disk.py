@@ -4,11 +4,10 @@ minutes would otherwise spend seconds of the compile budget on them again).
 
 One file per mapped file, `<root>/unwind/<key>.<version>.rows`: the key is the file's
 build id, else its (device, inode, mtime, size); the version covers the row encoding and
-the compiler's own source, so a changed compiler never reads an old table. An entry is a
-header (magic, format, whether the file has a table at all, segment count, row bytes,
-CRC-32 of the rest), the executable segments and the rows. What has no table (no CFI, Go
-code) is kept too; a table too large for the configured row array is not (that depends
-on the configuration, not the file).
+the compiler's own source, so a changed compiler never reads an old table. An entry is
+the table's bytes as entry.py encodes them (header, segments, rows, CRC-32). What has no
+table (no CFI, Go code) is kept too; a table too large for the configured row array is
+not (that depends on the configuration, not the file).
 
 The same trust rules as the program cache (otel_ebpf.kernel.cache): written by the agent
 only, mode 0600 in a 0700 directory it owns; an entry or directory anyone else could
@@ -25,33 +24,27 @@ import hashlib
 import logging
 import os
 import re
-import struct
 import tempfile
 import time
-import zlib
 from pathlib import Path
-from typing import NamedTuple
 
 from otel_ebpf.kernel import cache as program_cache
 from otel_ebpf.symbolize.procfs import FileKey
-from otel_ebpf.symbolize.unwind import cfi, records
+from otel_ebpf.symbolize.unwind import cfi, entry, records
+from otel_ebpf.symbolize.unwind.entry import FORMAT, Cached, decode, encode
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the entry's layout changes
 MAX_BYTES = 256 << 20
 _TRIM_TO = 0.9  # of the bound, so that a full cache is not trimmed at every store
 _STALE_TMP_S = 3600.0  # a temporary file this old is a write that died midway
-_HEAD = struct.Struct("<4sHHII I")  # magic, format, has table, segments, row bytes, crc32
-_MAGIC = b"OEUT"
-_SEGMENT = struct.Struct("<QQQ")
 _BUILD_ID = re.compile(r"[0-9a-f]{8,128}")
 
 
 def _compiler_version() -> str:
     """FORMAT and a digest of the compiler's source: a table from other code is a miss."""
     digest = hashlib.sha256(str(FORMAT).encode())
-    for module in (cfi, records):
+    for module in (cfi, entry, records):
         try:
             digest.update(Path(module.__file__ or "").read_bytes())
         except OSError:
@@ -60,15 +53,6 @@ def _compiler_version() -> str:
 
 
 VERSION = _compiler_version()
-
-
-class Cached(NamedTuple):
-    """A hit: the file's table, or None when it has none; or, for a file whose table
-    was too large for the row budget it was compiled for, the rows it takes (at least):
-    a larger budget compiles it again, a smaller one need not."""
-
-    table: cfi.UnwindTable | None
-    too_large_rows: int = 0
 
 
 def default() -> TableCache | None:
@@ -84,42 +68,6 @@ def entry_name(key: str | FileKey) -> str | None:
         return f"{key}.{VERSION}.rows" if _BUILD_ID.fullmatch(key) else None
     dev, inode, mtime, size = key
     return f"f{dev:x}-{inode:x}-{mtime:x}-{size:x}.{VERSION}.rows"
-
-
-_NO_TABLE, _TABLE, _TOO_LARGE = 0, 1, 2  # the header's kind of entry
-
-
-def encode(table: cfi.UnwindTable | None, too_large_rows: int = 0) -> bytes:
-    if too_large_rows:  # no body: the header's row field holds the count
-        return _HEAD.pack(_MAGIC, FORMAT, _TOO_LARGE, 0, too_large_rows, zlib.crc32(b""))
-    segments = b"".join(_SEGMENT.pack(*s) for s in table.segments) if table else b""
-    rows = table.rows if table else b""
-    body = segments + rows
-    return _HEAD.pack(_MAGIC, FORMAT, _TABLE if table else _NO_TABLE,
-                      len(segments) // _SEGMENT.size, len(rows), zlib.crc32(body)) + body
-
-
-def decode(data: bytes) -> Cached:
-    """The entry in `data`; ValueError when it is not a whole, intact entry."""
-    if len(data) < _HEAD.size:
-        raise ValueError("truncated header")
-    magic, fmt, kind, n_segments, n_rows, crc = _HEAD.unpack_from(data)
-    body = data[_HEAD.size:]
-    if magic != _MAGIC or fmt != FORMAT or kind not in (_NO_TABLE, _TABLE, _TOO_LARGE):
-        raise ValueError("not an entry of this format")
-    if kind == _TOO_LARGE:
-        if body or n_segments or not n_rows or zlib.crc32(b"") != crc:
-            raise ValueError("damaged")
-        return Cached(None, n_rows)
-    if len(body) != n_segments * _SEGMENT.size + n_rows or n_rows % cfi.ROW.size:
-        raise ValueError("truncated")
-    if zlib.crc32(body) != crc:
-        raise ValueError("checksum mismatch")
-    if kind == _NO_TABLE:
-        return Cached(None)
-    split = n_segments * _SEGMENT.size
-    segments = tuple(_SEGMENT.unpack_from(body, i) for i in range(0, split, _SEGMENT.size))
-    return Cached(cfi.UnwindTable(body[split:], segments))
 
 
 class TableCache:

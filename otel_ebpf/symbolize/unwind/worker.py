@@ -7,19 +7,15 @@ read the same tables from the disk cache (bench/run.py --suite footprint).
 
 One child serves a run of compiles (a first start compiles dozens of files in a few
 seconds) and exits once idle for IDLE_S: the unwind loader calls `rest()` between its
-requests. The child gets each file as a descriptor (SCM_RIGHTS), so it opens nothing, and
-answers with the table in the disk cache's encoding (disk.encode: header, segments, rows,
-CRC-32). Should the child fail to start or die, the file is compiled in the agent, as
+requests. The child (child.py) gets each file as a descriptor (SCM_RIGHTS), so it opens
+nothing, and answers with the table in the disk cache's encoding (entry.py). Should the child fail to start or die, the file is compiled in the agent, as
 before, and that is logged once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -27,19 +23,15 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from otel_ebpf.symbolize.unwind import cfi, disk
+from otel_ebpf.symbolize.unwind import cfi, child, entry
 
 log = logging.getLogger(__name__)
 
 IDLE_S = 2.0  # the child exits after this long without a compile
 COMPILE_TIMEOUT_S = 120.0  # libLLVM's 5 MB of CFI take 3 s; past this the child is stuck
-_REQUEST = struct.Struct("<Q")  # max rows (the file comes as a descriptor)
-_REPLY = struct.Struct("<BI")  # status, payload bytes
-_OK, _TOO_LARGE, _CFI_ERROR = 0, 1, 2
-_ROWS = struct.Struct("<Q")
 _ROOT = str(Path(__file__).resolve().parents[3])  # where `import otel_ebpf` finds this tree
 _BOOT = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
-         "from otel_ebpf.symbolize.unwind.worker import serve; serve(int(sys.argv[1]))")
+         "from otel_ebpf.symbolize.unwind.child import serve; serve(int(sys.argv[1]))")
 
 
 class WorkerFailed(Exception):
@@ -89,19 +81,21 @@ class CompileWorker:
     def _ask(self, file: BinaryIO, max_rows: int) -> cfi.UnwindTable | None:
         sock = self._sock if self._sock is not None else self._start()
         try:
-            socket.send_fds(sock, [_REQUEST.pack(max_rows)], [file.fileno()])
-            status, size = _REPLY.unpack(_read(sock, _REPLY.size))
-            payload = _read(sock, size)
+            socket.send_fds(sock, [child.REQUEST.pack(max_rows)], [file.fileno()])
+            status, size = child.REPLY.unpack(child.read_exactly(sock, child.REPLY.size))
+            payload = child.read_exactly(sock, size)
+        except child.Closed:
+            raise WorkerFailed("it exited") from None
         except OSError as exc:  # a timeout too
             raise WorkerFailed(str(exc) or type(exc).__name__) from exc
         self._used_at = time.monotonic()
-        if status == _TOO_LARGE:
-            raise cfi.TooLarge(_ROWS.unpack_from(payload)[0],
-                               payload[_ROWS.size:].decode(errors="replace"))
-        if status == _CFI_ERROR:
+        if status == child.TOO_LARGE:
+            raise cfi.TooLarge(child.ROWS.unpack_from(payload)[0],
+                               payload[child.ROWS.size:].decode(errors="replace"))
+        if status == child.CFI_ERROR:
             raise cfi.CfiError(payload.decode(errors="replace"))
         try:
-            return disk.decode(payload).table
+            return entry.decode(payload).table
         except ValueError as exc:
             raise WorkerFailed(f"its answer was damaged: {exc}") from exc
 
@@ -134,42 +128,3 @@ class CompileWorker:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-
-
-def _read(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise WorkerFailed("it exited")
-        data += chunk
-    return bytes(data)
-
-
-# -- the child ---------------------------------------------------------------------------
-
-
-def serve(fd: int) -> None:
-    """The child's loop: a request per file until the agent closes the socket."""
-    from otel_ebpf.kernel.loader import die_with_parent
-
-    die_with_parent()
-    with socket.socket(fileno=fd) as sock:
-        while True:
-            try:
-                head, fds, _, _ = socket.recv_fds(sock, _REQUEST.size, 1)
-            except OSError:
-                return
-            if not head or not fds:
-                return
-            head += _read(sock, _REQUEST.size - len(head))
-            (max_rows,) = _REQUEST.unpack(head)
-            with os.fdopen(fds[0], "rb") as file:
-                try:
-                    status, payload = _OK, disk.encode(cfi.compile_file(file, max_rows))
-                except cfi.TooLarge as exc:
-                    status, payload = _TOO_LARGE, _ROWS.pack(exc.rows) + str(exc).encode()
-                except cfi.CfiError as exc:
-                    status, payload = _CFI_ERROR, str(exc).encode()
-            with contextlib.suppress(OSError):
-                sock.sendall(_REPLY.pack(status, len(payload)) + payload)
