@@ -20,6 +20,7 @@ from otel_ebpf.kernel.cache import ImageCache
 from otel_ebpf.kernel.engine import Engine, EngineError
 from otel_ebpf.model import ExpHistogramDelta
 from otel_ebpf.probes.syscall_latency import SyscallFilter, SyscallLatency, SyscallLatencyConfig
+from otel_ebpf.symbolize.unwind import worker
 
 pytestmark = pytest.mark.kernel
 
@@ -48,7 +49,8 @@ def _compiler_rss_kb(pid: int) -> int:
 
 def test_the_running_agent_maps_no_compiler(tmp_path: Path) -> None:
     # every default probe, compiled for real (no cache): the agent must hold none of
-    # LLVM, clang or BCC once attached, and no compiler process may be left
+    # LLVM, clang or BCC once attached, and no compiler process may be left (the unwind
+    # tables' one only while it compiles)
     config = tmp_path / "agent.yaml"
     config.write_text("exporter:\n  enabled: false\nsummary:\n  enabled: false\n")
     env = dict(os.environ, OTEL_EBPF_COMPILE_CACHE="off")
@@ -72,6 +74,15 @@ def test_the_running_agent_maps_no_compiler(tmp_path: Path) -> None:
                   if any(lib in line for lib in COMPILER_LIBS)]
         assert mapped == [], mapped
         assert _compiler_rss_kb(proc.pid) == 0
+        # no BCC compiler left; the unwind tables' compiler process, which maps none of
+        # LLVM either, exits once idle
+        for kid in _children(proc.pid):
+            with contextlib.suppress(OSError):
+                assert "kernel.loader" not in Path(f"/proc/{kid}/cmdline").read_text()
+                assert _compiler_rss_kb(kid) == 0
+        deadline = time.monotonic() + worker.IDLE_S + 30
+        while _children(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert _children(proc.pid) == []
         assert "probe cpu_profile attached" in "".join(log)
     finally:

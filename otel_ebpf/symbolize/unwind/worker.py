@@ -8,8 +8,9 @@ read the same tables from the disk cache (bench/run.py --suite footprint).
 One child serves a run of compiles (a first start compiles dozens of files in a few
 seconds) and exits once idle for IDLE_S: the unwind loader calls `rest()` between its
 requests. The child (child.py) gets each file as a descriptor (SCM_RIGHTS), so it opens
-nothing, and answers with the table in the disk cache's encoding (entry.py). Should the child fail to start or die, the file is compiled in the agent, as
-before, and that is logged once.
+nothing, and answers with the table in the disk cache's encoding (entry.py). Should the
+child fail to start or die, the file is compiled in the agent, as before, and that is
+logged once.
 """
 
 from __future__ import annotations
