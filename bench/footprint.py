@@ -30,8 +30,8 @@ UNIMPLEMENTED, a real "collector without profiles" that the agent reports once.
              seconds after that point, as a percentage of one core, with its children's
              (those reaped in the window: cutime + cstime; those alive: schedstat)
   floor      the same agent and exporter with every probe disabled, at the same point: what
-             Python, gRPC, the OpenTelemetry SDK and the agent's own modules hold before
-             any probe or data (skip it with --footprint-no-floor)
+             Python, the OpenTelemetry SDK, pydantic, the endpoints server and the
+             agent's own modules hold before any probe or data (skip it with --footprint-no-floor)
 
 RSS right after attaching is printed too: what the agent holds once the engine is done,
 before the probes' data (series, symbol tables, export buffers) grows with the node's
@@ -371,7 +371,7 @@ def report(f: Figures, warm: Figures, floor: Smaps | None) -> None:
     if floor is not None:
         print(f"floor:      {mb(floor.rss_kb)} RSS = {mb(floor.anon_kb)} anonymous + "
               f"{mb(floor.rss_kb - floor.anon_kb)} file-backed and other, with every probe "
-              "disabled (Python, gRPC, the SDK, the agent's modules)")
+              "disabled (Python, the SDK, pydantic, the endpoints server, the agent's modules)")
     print(f"cpu:        {f.cpu_pct:.2f} % of one core at rest")
     w = warm.steady
     print(f"restart:    steady {mb(w.rss_kb)} RSS = {mb(w.anon_kb)} anonymous + "
