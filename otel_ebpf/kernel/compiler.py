@@ -24,20 +24,18 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from otel_ebpf.kernel.cache import ImageCache
 from otel_ebpf.kernel.callbacks import CALLBACK_PREFIX, link_callback
 from otel_ebpf.kernel.ctypes_json import build
+from otel_ebpf.kernel.lifetime import boot
 
 log = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT_S = 300.0
 _MAX_FDS = 253  # SCM_MAX_FD
-_ROOT = str(Path(__file__).resolve().parents[2])  # where `import otel_ebpf` finds this tree
-_BOOT = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
-         "from otel_ebpf.kernel.loader import run; run()")
+_BOOT = boot("otel_ebpf.kernel.loader", "run")
 
 
 class CompileError(RuntimeError):

@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import struct
+import sys
 
 from otel_ebpf.kernel.lifetime import die_with_parent
 from otel_ebpf.symbolize.unwind import cfi, entry
@@ -55,3 +56,8 @@ def serve(fd: int) -> None:
                     status, payload = CFI_ERROR, str(exc).encode()
             with contextlib.suppress(OSError):
                 sock.sendall(REPLY.pack(status, len(payload)) + payload)
+
+
+def run() -> None:
+    """The process's entry: the socket's fd is argv[1]."""
+    serve(int(sys.argv[1]))

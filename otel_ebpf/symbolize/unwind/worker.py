@@ -21,18 +21,16 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import BinaryIO
 
+from otel_ebpf.kernel.lifetime import boot
 from otel_ebpf.symbolize.unwind import cfi, child, entry
 
 log = logging.getLogger(__name__)
 
 IDLE_S = 2.0  # the child exits after this long without a compile
 COMPILE_TIMEOUT_S = 120.0  # libLLVM's 5 MB of CFI take 3 s; past this the child is stuck
-_ROOT = str(Path(__file__).resolve().parents[3])  # where `import otel_ebpf` finds this tree
-_BOOT = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
-         "from otel_ebpf.symbolize.unwind.child import serve; serve(int(sys.argv[1]))")
+_BOOT = boot("otel_ebpf.symbolize.unwind.child", "run")
 
 
 class WorkerFailed(Exception):
