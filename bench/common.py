@@ -359,11 +359,29 @@ class HookWatch:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after "pid (comm) ": field 3 is [0]."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (all its threads, dead ones included), seconds."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "; field 3 is [0]
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """cutime + cstime: the CPU of the process's children it has waited for, seconds."""
+    fields = _stat_fields(pid)
+    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+
+
+def threads_run_seconds(pid: int) -> float:
+    """The run time of every live thread of the process (schedstat, ns): short bursts
+    counted as they ran, not as the 10 ms ticks /proc/PID/stat samples."""
+    return sum(int((task / "schedstat").read_text().split()[0]) / 1e9
+               for task in Path(f"/proc/{pid}/task").iterdir())
 
 
 def task_schedstat(pid: int) -> tuple[float, float]:
@@ -464,10 +482,7 @@ class AgentProcess:
         CPUs kept busy by loops, ticks charge whole ticks to whoever runs at the tick).
         Threads that ended are not included; the agent's threads live as long as it."""
         try:
-            total = 0.0
-            for task in Path(f"/proc/{self.pid}/task").iterdir():
-                total += int((task / "schedstat").read_text().split()[0]) / 1e9
-            return total
+            return threads_run_seconds(self.pid)
         except (OSError, ValueError, IndexError) as exc:
             raise BenchError(f"the agent exited early ({self.proc.poll()})\n"
                              + self.log_tail()) from exc

@@ -60,14 +60,15 @@ from pathlib import Path
 import yaml
 
 from bench.common import (
-    CLK_TCK,
     REPO_DIR,
     AgentProcess,
     BenchError,
     import_bcc,
     otlp_sink,
+    reaped_children_cpu_seconds,
     require,
     suite_heading,
+    threads_run_seconds,
     verdict,
 )
 
@@ -150,13 +151,10 @@ def pss_kb(pid: int) -> int:
 def children_cpu_seconds(pid: int) -> float:
     """CPU time of pid's children: those reaped (cutime + cstime of /proc/PID/stat) and
     those alive (every thread's schedstat)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()  # field 3 is [0]
-    total = (int(fields[13]) + int(fields[14])) / CLK_TCK
+    total = reaped_children_cpu_seconds(pid)
     for kid in descendants(pid):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for task in Path(f"/proc/{kid}/task").iterdir():
-                total += int((task / "schedstat").read_text().split()[0]) / 1e9
+        with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
+            total += threads_run_seconds(kid)
     return total
 
 
