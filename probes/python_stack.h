@@ -17,13 +17,18 @@
  * first line copied into py_codes, so a process that exited before the collection is
  * still named. Lines come from the line tables read by user space while it lives.
  *
+ * A code object is recorded as a word: its address in the low PY_ADDRESS_BITS (user
+ * addresses fit) and a 16-bit stamp of its first line and name pointer above. A freed
+ * code object's address is soon another's (pymalloc hands the same block out again), so
+ * by address alone both stacks and py_codes would name the new one after the old.
+ *
  * What it gives up on keeps what it has and is counted: STAT_PY_TRUNCATED (deeper than
  * PY_MAX_FRAMES), STAT_PY_READ_FAILED (a pointer that could not be read: a thread state
  * or frame being torn down), STAT_PY_THREAD_LOST (no thread state within PY_MAX_THREADS),
  * STAT_PY_STACK_LOST (py_stacks full).
  *
  * Cost (Python processes only; others pay one hash lookup): a cached thread state is
- * 1 read to check it; per frame 3-4 user-memory reads; one multiply-xor per frame; a
+ * 1 read to check it; per frame 5-6 user-memory reads; one multiply-xor per frame; a
  * lookup of py_codes per frame (about 10 reads and a copy for a code object seen first).
  *
  * The program defines those STAT_ values, PY_STACK_ENTRIES, and TASK_FSBASE_OFF (the
@@ -33,6 +38,8 @@
 #define OTEL_EBPF_PYTHON_STACK_H
 
 #define PY_MAX_FRAMES 64
+#define PY_ADDRESS_BITS 48
+#define PY_ADDRESS_MASK ((1ULL << PY_ADDRESS_BITS) - 1)
 #define PY_MAX_THREADS 32
 #define PY_NAME_LEN 64
 #define PY_FILE_LEN 128
@@ -74,7 +81,7 @@ struct py_proc {
 };
 
 struct py_stack {
-    u64 code[PY_MAX_FRAMES];     /* leaf first */
+    u64 code[PY_MAX_FRAMES];     /* leaf first; stamped words (py_code_word) */
     s32 instr[PY_MAX_FRAMES];    /* f_lasti, or bytes from co_code_adaptive */
     u64 entries;                 /* bit i: frame i is the first of an eval-loop call */
     u32 depth;
@@ -84,7 +91,7 @@ struct py_stack {
 struct py_code_key {
     u32 tgid;
     u32 pad;
-    u64 code;
+    u64 code;                    /* the stamped word */
 };
 
 struct py_code_info {
@@ -154,11 +161,25 @@ static __always_inline u64 py_thread_state(struct py_proc *proc, struct py_layou
 }
 
 /* Copy the name, file and first line of a code object not seen before in this process. */
-static __always_inline void py_remember_code(u32 tgid, u64 code, struct py_layout *l)
+/* The code object at `code` as a stamped word; its address alone when the first line and
+ * name cannot be read (a stamp of their zeros). Mirrored by code_word() in
+ * otel_ebpf/symbolize/python/code.py. */
+static __always_inline u64 py_code_word(u64 code, struct py_layout *l)
 {
-    struct py_code_key key = {.tgid = tgid, .code = code};
+    s32 first = 0;
+    u64 name = 0;
+    bpf_probe_read_user(&first, sizeof(first), (void *)(code + l->code_firstlineno));
+    bpf_probe_read_user(&name, sizeof(name), (void *)(code + l->code_name));
+    u64 stamp = ((u32)first ^ (name >> 4) ^ (name >> 20) ^ (name >> 36)) & 0xffff;
+    return code | (stamp ? stamp : 1) << PY_ADDRESS_BITS;
+}
+
+static __always_inline void py_remember_code(u32 tgid, u64 word, struct py_layout *l)
+{
+    struct py_code_key key = {.tgid = tgid, .code = word};
     if (py_codes.lookup(&key))
         return;
+    u64 code = word & PY_ADDRESS_MASK;
     u32 zero = 0;
     struct py_code_info *info = py_code_scratch.lookup(&zero);
     if (!info)
@@ -254,8 +275,11 @@ static __always_inline void python_stack(u32 tgid, u32 tid, u64 *id)
         } else {
             bpf_probe_read_user(&instr, sizeof(instr), (void *)(frame + l->frame_instr));
         }
+        if (code >> PY_ADDRESS_BITS)
+            failed = 1;          /* no user address: not a code object */
         if (failed || !code)
             break;
+        code = py_code_word(code, l);
         slot &= PY_MAX_FRAMES - 1;
         st->code[slot] = code;
         st->instr[slot] = instr;

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.kernel
 HZ = 499
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 SPLIT = FIXTURES / "python" / "split.py"
+REUSE = FIXTURES / "python" / "reuse.py"
 
 
 def function_lines(path: Path, name: str) -> set[int]:
@@ -166,6 +167,40 @@ def test_a_process_gone_before_the_collection_is_still_named(profiler: Running) 
         if {"hot_a", "hot_b"} & {f.function for f in python}:
             assert python[-1].function == "<module>" and python[-1].file == str(SPLIT)
             assert python[-1].start_line == 1
+
+
+@pytest.mark.parametrize("alive", [False, True], ids=["gone", "alive"])
+def test_a_reused_code_address_keeps_each_code_objects_name(profiler: Running,
+                                                             alive: bool) -> None:
+    # `first` runs, is freed, and `secnd` takes its block: by address alone, the kernel's
+    # copy (a process gone) or the live object (a process alive) names both alike
+    proc = subprocess.Popen([str(DEBIAN_PYTHON), str(REUSE), "0.6", *(["stay"] * alive)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline(), "no code object took the freed one's address"
+    if not alive:
+        proc.stdin.close()
+        reap(proc)
+    collection = profiler.probe.collect()
+    if alive:
+        proc.stdin.close()
+        reap(proc)
+    assert proc.returncode == 0
+    assert "map_full" not in collection.lost_events, collection.lost_events
+    by_name = {"first": 0, "secnd": 0}
+    for s in samples_of(proc.pid, collection.samples):
+        hot = [f for f in s.frames if f.kind == "cpython" and f.file == "<reuse>"]
+        if hot:
+            (frame,) = hot
+            assert (frame.function, frame.start_line) in {("first", 1), ("secnd", 20)}, \
+                frame
+            by_name[frame.function] += s.count
+            if alive and frame.function == "secnd":  # read live: the stamp matched
+                assert frame.line in range(20, 25), frame
+    # the same work for the same CPU time (0.6 s each)
+    assert sum(by_name.values()) >= 0.8 * 1.2 * HZ, by_name
+    share = by_name["first"] / sum(by_name.values())
+    assert abs(share - 0.5) <= 0.1, by_name
 
 
 def test_a_thread_busy_in_c_under_python_code_shows_both(profiler: Running) -> None:

@@ -20,6 +20,23 @@ from otel_ebpf.symbolize.python.layouts import INSTR_POINTER, Layout
 
 MAX_STRING = 4096
 MAX_LINETABLE = 1 << 20
+ADDRESS_BITS = 48  # PY_ADDRESS_BITS: a code word's address; a stamp above it
+
+
+def code_word(code: int, firstlineno: int, name: int) -> int:
+    """The word the kernel records for the code object at `code` with this first line
+    and name pointer (py_code_word in probes/python_stack.h): the address and a stamp
+    that tells a reused address's new code object from the freed one."""
+    stamp = ((firstlineno & 0xFFFFFFFF) ^ name >> 4 ^ name >> 20 ^ name >> 36) & 0xFFFF
+    return code | (stamp or 1) << ADDRESS_BITS
+
+
+def code_address(word: int) -> int:
+    return word & ((1 << ADDRESS_BITS) - 1)
+
+
+class Replaced(ValueError):
+    """The code object the kernel saw at an address is gone; another one lives there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +93,18 @@ def read_bytes(mem: ProcessMemory, obj: int, layout: Layout) -> bytes:
     return mem.read(obj + layout.bytes_data, size) if size else b""
 
 
-def read_code(mem: ProcessMemory, code: int, layout: Layout) -> CodeInfo:
+def read_code(mem: ProcessMemory, word: int, layout: Layout) -> CodeInfo:
     """A code object's name (qualified where the version has co_qualname), file, first
-    line and line table. Raises OSError or ValueError when it cannot be read."""
+    line and line table, from a code word the kernel recorded (or a bare address, which
+    is not checked). Raises OSError or ValueError when it cannot be read, Replaced when
+    the object at the address is not the one the word stamps."""
+    code = code_address(word)
+    firstlineno = mem.i32(code + layout.code_firstlineno)
+    if word != code and code_word(code, firstlineno, mem.u64(code + layout.code_name)) != word:
+        raise Replaced(f"code object at {code:#x} replaced in {mem.pid}")
     name = read_str(mem, mem.u64(code + layout.code_qualname), layout)
     filename = read_str(mem, mem.u64(code + layout.code_filename), layout)
-    return CodeInfo(name, filename, mem.i32(code + layout.code_firstlineno),
+    return CodeInfo(name, filename, firstlineno,
                     read_bytes(mem, mem.u64(code + layout.code_linetable), layout))
 
 

@@ -3,9 +3,10 @@ Python (py_procs, py_layouts), reads back the interned Python stacks (py_stacks)
 their code objects and merges them into the native stacks.
 
 Naming: a live process's code objects are read from its memory (qualified name, file and
-the line of the instruction, from the line table); a process gone by the collection is
-named from what the kernel copied when it first saw each code object (py_codes: name,
-file, first line; the line is then unknown, 0).
+the line of the instruction, from the line table); a process gone by the collection, or a
+code object freed since (its address now another's: the kernel's stamp tells), is named
+from what the kernel copied when it first saw each code object (py_codes: name, file,
+first line; the line is then unknown, 0).
 
 Merging: each eval-loop C frame (_PyEval_EvalFrameDefault) of the native stack is
 replaced by the Python frames it ran: 3.8-3.10 one frame per call, 3.11+ the frames up to
