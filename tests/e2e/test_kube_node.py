@@ -315,12 +315,13 @@ def test_a_workload_pod_is_counted_exactly_under_its_pod(deployed: Deployed,
         (p for p in node.pods(WORKLOAD_NS, "app=getppid") if ready(p)), None), timeout=120)
     node.wait("the workload's 'done'", lambda: "done" in node.kubelet.container_logs(
         WORKLOAD_NS, "getppid", "work"), timeout=60)
-    node.wait(f"a getppid count of {N_GETPPID} under pod getppid", lambda: any(
-        p.count == N_GETPPID for _, p in getppid_points(deployed.sink, "getppid")),
-        timeout=60)
+    # the container's name comes with the kubelet's status update, which the watch may
+    # deliver after the first export of the count: wait for both
+    resource = node.wait(f"a getppid count of {N_GETPPID} under container work", lambda: next(
+        (r for r, p in getppid_points(deployed.sink, "getppid")
+         if p.count == N_GETPPID and "k8s.container.name" in r), None), timeout=60)
     points = getppid_points(deployed.sink, "getppid")
     assert max(p.count for _, p in points) == N_GETPPID  # exact, never more
-    resource = points[-1][0]
     (status,) = node.api.get("pod", "getppid", WORKLOAD_NS)["status"]["containerStatuses"]
     assert status["restartCount"] == 0, status
     assert {f"containerd://{r['container.id']}" for r, _ in points} == {status["containerID"]}
@@ -337,8 +338,9 @@ def test_the_agent_names_its_own_pod(deployed: Deployed) -> None:
     name = deployed.pod["metadata"]["name"]
 
     def own() -> list[dict[str, Any]]:
+        # with its container's name, which may come after the pod's (see above)
         return [r for r, _ in deployed.sink.metrics_points("linux.syscall.duration")
-                if r.get("k8s.pod.name") == name]
+                if r.get("k8s.pod.name") == name and "k8s.container.name" in r]
 
     resources = deployed.node.wait(f"a series under the agent's pod {name}", own, timeout=60)
     resource = resources[-1]
