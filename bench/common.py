@@ -380,8 +380,18 @@ def reaped_children_cpu_seconds(pid: int) -> float:
 def threads_run_seconds(pid: int) -> float:
     """The run time of every live thread of the process (schedstat, ns): short bursts
     counted as they ran, not as the 10 ms ticks /proc/PID/stat samples."""
-    return sum(int((task / "schedstat").read_text().split()[0]) / 1e9
-               for task in Path(f"/proc/{pid}/task").iterdir())
+    return sum(run for _, run in threads_run(pid).values())
+
+
+def threads_run(pid: int) -> dict[int, tuple[str, float]]:
+    """Each live thread's name (comm) and run time in seconds (schedstat), by tid; a
+    thread that ends meanwhile is left out."""
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            run = int((task / "schedstat").read_text().split()[0]) / 1e9
+            out[int(task.name)] = ((task / "comm").read_text().strip(), run)
+    return out
 
 
 def task_schedstat(pid: int) -> tuple[float, float]:

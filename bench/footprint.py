@@ -68,6 +68,7 @@ from bench.common import (
     reaped_children_cpu_seconds,
     require,
     suite_heading,
+    threads_run,
     threads_run_seconds,
     verdict,
 )
@@ -253,10 +254,17 @@ class Figures:
     steady: Smaps
     children_kb: int  # RSS of the agent's children alive at the steady point
     cpu_pct: float
+    cpu_by_thread: dict[str, float]  # % of one core by thread name, and "children"
 
     @property
     def steady_kb(self) -> int:
         return self.steady.rss_kb + self.children_kb
+
+
+def busiest(by_thread: dict[str, float], n: int = 6) -> str:
+    """The threads (kernel names, see otel_ebpf/kernel/threads.py) that used the most."""
+    top = sorted(by_thread.items(), key=lambda kv: -kv[1])[:n]
+    return "by thread " + ", ".join(f"{name} {pct:.2f}" for name, pct in top)
 
 
 def defaults_config(endpoint: str, probes: bool = True) -> str:
@@ -297,20 +305,24 @@ def measure(args: argparse.Namespace, endpoint: str, workdir: Path,
         steady = smaps(agent.pid)
         children_kb = sum(map(rss_kb, descendants(agent.pid)))
 
-        def cpu() -> float:
-            return agent.cpu_seconds() + children_cpu_seconds(agent.pid)
-
-        cpu0, t0 = cpu(), time.monotonic()
+        threads0, kids0 = threads_run(agent.pid), children_cpu_seconds(agent.pid)
+        t0 = time.monotonic()
         time.sleep(args.footprint_cpu_window)
-        cpu_pct = (cpu() - cpu0) / (time.monotonic() - t0) * 100
         if not agent.alive():
             raise BenchError(f"the agent died\n{agent.log_tail()}")
+        threads1, kids1 = threads_run(agent.pid), children_cpu_seconds(agent.pid)
+        window = time.monotonic() - t0
+        by_thread = {"children": (kids1 - kids0) / window * 100}
+        for tid, (name, run) in threads1.items():
+            ran = run - threads0.get(tid, (name, 0.0))[1]
+            by_thread[name] = by_thread.get(name, 0.0) + ran / window * 100
+        cpu_pct = sum(by_thread.values())
         _stop(agent)
         lines = [line.split(": ", 1)[-1] for line in agent.log if " attached (" in line]
         command = shlex.join(agent.command[3:])
     return Figures(attached, attached_rss, lines, agent_peak, sampler.child_peak_kb,
                    len(sampler.children_seen), sampler.tree_peak_kb, sampler.tree_peak_pss_kb,
-                   steady, children_kb, cpu_pct), command
+                   steady, children_kb, cpu_pct, by_thread), command
 
 
 def attach_seconds(args: argparse.Namespace, endpoint: str, workdir: Path,
@@ -370,11 +382,12 @@ def report(f: Figures, warm: Figures, floor: Smaps | None) -> None:
         print(f"floor:      {mb(floor.rss_kb)} RSS = {mb(floor.anon_kb)} anonymous + "
               f"{mb(floor.rss_kb - floor.anon_kb)} file-backed and other, with every probe "
               "disabled (Python, the SDK, pydantic, the endpoints server, the agent's modules)")
-    print(f"cpu:        {f.cpu_pct:.2f} % of one core at rest")
+    print(f"cpu:        {f.cpu_pct:.2f} % of one core at rest; {busiest(f.cpu_by_thread)}")
     w = warm.steady
     print(f"restart:    steady {mb(w.rss_kb)} RSS = {mb(w.anon_kb)} anonymous + "
           f"{mb(w.rss_kb - w.anon_kb)} file-backed and other, children {mb(warm.children_kb)}"
           f"; cpu {warm.cpu_pct:.2f} % of one core at rest")
+    print(f"            restart's cpu: {busiest(warm.cpu_by_thread)}")
     print()
     for label, run in (("first start", f), ("restart", warm)):
         print(f"steady RSS  {label} " + verdict(

@@ -143,9 +143,11 @@ def _kernel_context(cache_reads: bool = True) -> tuple[Any, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import build_agent
     from otel_ebpf.export.spool import SpoolError
+    from otel_ebpf.kernel.threads import name_new_threads
     from otel_ebpf.memory import configure_malloc
 
     configure_malloc()
+    name_new_threads()
 
     overrides = _overrides(args)
     config = _load_config(args, overrides)

@@ -74,6 +74,10 @@ def test_the_running_agent_maps_no_compiler(tmp_path: Path) -> None:
                   if any(lib in line for lib in COMPILER_LIBS)]
         assert mapped == [], mapped
         assert _compiler_rss_kb(proc.pid) == 0
+        # its threads carry their names in the kernel (top -H tells them apart)
+        comms = {(task / "comm").read_text().strip()
+                 for task in Path(f"/proc/{proc.pid}/task").iterdir()}
+        assert {"collect-cpu_pro", "collect-syscall", "events", "unwind-loader"} <= comms, comms
         # no BCC compiler left; the unwind tables' compiler process, which maps none of
         # LLVM either, exits once idle
         for kid in _children(proc.pid):
