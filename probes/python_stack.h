@@ -160,9 +160,8 @@ static __always_inline u64 py_thread_state(struct py_proc *proc, struct py_layou
     return 0;
 }
 
-/* Copy the name, file and first line of a code object not seen before in this process. */
-/* The code object at `code` as a stamped word; its address alone when the first line and
- * name cannot be read (a stamp of their zeros). Mirrored by code_word() in
+/* The code object at `code` as a stamped word (a stamp is never 0: a bare address is
+ * user space's own walk); what cannot be read counts as zero. Mirrored by code_word() in
  * otel_ebpf/symbolize/python/code.py. */
 static __always_inline u64 py_code_word(u64 code, struct py_layout *l)
 {
@@ -174,6 +173,7 @@ static __always_inline u64 py_code_word(u64 code, struct py_layout *l)
     return code | (stamp ? stamp : 1) << PY_ADDRESS_BITS;
 }
 
+/* Copy the name, file and first line of a code object not seen before in this process. */
 static __always_inline void py_remember_code(u32 tgid, u64 word, struct py_layout *l)
 {
     struct py_code_key key = {.tgid = tgid, .code = word};
